@@ -1,0 +1,189 @@
+"""Pieces shared by the ST-Adapter Triton kernels: row addressing, the tile GEMM, the temporal
+conv window, and the launch-time choices (dot precision, interpreter, tile configs).
+
+Layout conventions used by every kernel:
+- A "token tensor" is viewed as (F, L, C) with F = B*T frames; its spatial token n = f*S + s
+  lives at row (f, P + s). Flat work buffers (g, h, dh: (N, Ca) with N = F*S) use the same
+  addressing with P = 0, stride_f = S*Ca, stride_l = Ca, so one helper serves both.
+- Offsets are computed in int64 so tensors over 2**31 elements address correctly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# triton.jit decides at decoration time whether it builds an interpreted function, so this flag
+# is fixed at import. CPU tensors can only run the kernels in that mode.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+# Widest temporal kernel the window in _conv_window_step holds (taps r0..r8, partials q0..q7).
+MAX_FUSED_KT = 9
+
+
+@triton.jit
+def _row_offsets(n, S, P, stride_f, stride_l):
+    """Element offset of spatial token n (= f*S + s) at row (f, P + s); int64."""
+    n = n.to(tl.int64)
+    f = n // S
+    s = n - f * S
+    return f * stride_f + (s + P) * stride_l
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc += a @ b with a cast to b's dtype first (autocast: fp32 x against fp16 weights)."""
+    a = a.to(b.dtype)
+    if DOT_FP32:
+        # Only set under TRITON_INTERPRET=1 with 16-bit operands: the interpreter's bf16 tl.dot
+        # multiplies raw bit patterns (triton-lang/triton#11584). Upcasting after the cast above
+        # gives the exact products + fp32 accumulation a tensor-core MMA computes.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _gemm_rows_tile(
+    a_ptr, a_row_off, mask_m, stride_ak,  # A rows: a_ptr + a_row_off[m] + k * stride_ak
+    w_ptr, stride_wo, stride_wi,  # W (O, K): w_ptr + o * stride_wo + k * stride_wi
+    offs_o, mask_o, K,
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """fp32 tile A[rows, :] @ W[offs_o, :]^T, (BLOCK_M, BLOCK_O). Masked rows/cols give 0."""
+    acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        mask_k = k < K
+        a = tl.load(
+            a_ptr + a_row_off[:, None] + k[None, :].to(tl.int64) * stride_ak,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + offs_o[None, :] * stride_wo + k[:, None] * stride_wi,
+            mask=mask_o[None, :] & mask_k[:, None],
+            other=0.0,
+        )
+        acc = _mma(a, w, acc, DOT_FP32, INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _load_tap(wc_ptr, offs_c, mask_c, j: tl.constexpr, KT: tl.constexpr, REVERSE: tl.constexpr):
+    """Tap j of the depthwise temporal kernel wc (Ca, KT) as a (BLOCK_C,) fp32 vector; 0 past KT."""
+    if j < KT:
+        if REVERSE:
+            col = KT - 1 - j
+        else:
+            col = j
+        tap = tl.load(wc_ptr + offs_c * KT + col, mask=mask_c, other=0.0).to(tl.float32)
+    else:
+        tap = tl.zeros(offs_c.shape, dtype=tl.float32)
+    return tap
+
+
+@triton.jit
+def _conv_window_step(h, q0, q1, q2, q3, q4, q5, q6, q7,
+                      r0, r1, r2, r3, r4, r5, r6, r7, r8, KT: tl.constexpr):
+    """One step of a sliding-window temporal stencil, frame by frame, each input frame once.
+
+    Frame t_in's tile h contributes r_j * h to output frame t_in - KT//2 + j. The partials
+    q_i hold output frame t_in - KT//2 + 1 + i before this step; the step returns the finished
+    output frame t_in - KT//2 and shifts the window. With r_j = wc[KT-1-j] this is the forward
+    conv (g_t = sum_j wc_j h_{t+j-p}); with r_j = wc[j] it is its transpose (dh from dg).
+    Unused partials stay zero and the compiler drops them (KT is a compile-time constant).
+    """
+    out = q0 + r0[None, :] * h
+    if KT > 2:
+        q0 = q1 + r1[None, :] * h
+    if KT > 3:
+        q1 = q2 + r2[None, :] * h
+    if KT > 4:
+        q2 = q3 + r3[None, :] * h
+    if KT > 5:
+        q3 = q4 + r4[None, :] * h
+    if KT > 6:
+        q4 = q5 + r5[None, :] * h
+    if KT > 7:
+        q5 = q6 + r6[None, :] * h
+    if KT > 8:
+        q6 = q7 + r7[None, :] * h
+    # the newest partial: output frame t_in + KT//2 sees only this frame so far
+    if KT == 2:
+        q0 = r1[None, :] * h
+    if KT == 3:
+        q1 = r2[None, :] * h
+    if KT == 4:
+        q2 = r3[None, :] * h
+    if KT == 5:
+        q3 = r4[None, :] * h
+    if KT == 6:
+        q4 = r5[None, :] * h
+    if KT == 7:
+        q5 = r6[None, :] * h
+    if KT == 8:
+        q6 = r7[None, :] * h
+    if KT == 9:
+        q7 = r8[None, :] * h
+    return out, q0, q1, q2, q3, q4, q5, q6, q7
+
+
+def dot_flags(compute_dtype: torch.dtype) -> tuple[bool, str]:
+    """(DOT_FP32, INPUT_PRECISION) for tl.dot on operands of ``compute_dtype``.
+
+    fp32 follows torch.backends.cuda.matmul.allow_tf32 (torch's matmul is IEEE fp32 unless it is
+    set; tl.dot would otherwise use TF32 and miss fp32 parity).
+    """
+    if INTERPRET:
+        return compute_dtype != torch.float32, "ieee"
+    if compute_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return False, "tf32"
+    return False, "ieee"
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch options of one kernel. Field names match the kernels' constexprs."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+
+    def launch_kwargs(self) -> dict:
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+@functools.lru_cache(maxsize=None)
+def device_arch(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return major * 10 + minor
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def arch_of(tensor: torch.Tensor) -> int:
+    """Compute capability as 80 / 90 / ...; the interpreter is treated as sm_90 for config picks."""
+    if tensor.device.type != "cuda":
+        return 90
+    return device_arch(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device())
+
+
+def sm_count(tensor: torch.Tensor) -> int:
+    if tensor.device.type != "cuda":
+        return 4
+    return num_sms(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device())

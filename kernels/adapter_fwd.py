@@ -1,0 +1,307 @@
+"""Fused ST-Adapter forward in Triton: two kernels instead of eager's five plus two permutes.
+
+1. adapter_down_conv_fwd_kernel: g = conv_t(x_s Wd^T + bd) + bc. A program owns a block of
+   spatial positions x a block of adapter channels for a run of frames of one clip, walks the
+   frames in order and keeps the temporal stencil in registers (_conv_window_step), so h never
+   goes to memory and each h tile is computed once (plus a KT//2-frame halo per run).
+2. adapter_up_residual_fwd_kernel: out = x + g Wu^T + bu on the spatial rows, prefix rows
+   copied, over all B*T*L rows so prefix passthrough needs no extra launch. Run with
+   a = dh and W = Wd^T (strides swapped), no bias, it is also the backward's dgrad: dx = dO + dh Wd.
+
+Shapes: x (B*T, L, C); g, h (B*T*S, Ca) with S = L - P spatial tokens per frame.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    TileConfig,
+    _conv_window_step,
+    _gemm_rows_tile,
+    _load_tap,
+    _row_offsets,
+    arch_of,
+    dot_flags,
+    sm_count,
+)
+
+
+@triton.jit
+def adapter_down_conv_fwd_kernel(
+    x_ptr, wd_ptr, bd_ptr, wc_ptr, bc_ptr, g_ptr, h_ptr,
+    T, S, P, C, CA,
+    frames_per_prog,  # output frames owned by one program (a run of one clip)
+    n_tchunks,  # runs per clip = cdiv(T, frames_per_prog)
+    stride_xf, stride_xl, stride_xc,  # x viewed as (B*T, L, C)
+    stride_wd_o, stride_wd_i,  # fc1.weight (Ca, C)
+    KT: tl.constexpr,
+    HAS_BD: tl.constexpr, HAS_BC: tl.constexpr,
+    STORE_H: tl.constexpr,  # backward recompute also wants h (for the conv-weight gradient)
+    BLOCK_M: tl.constexpr,  # spatial positions per tile
+    BLOCK_N: tl.constexpr,  # adapter channels per tile
+    BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    PAD: tl.constexpr = KT // 2
+    pid_ca = tl.program_id(0)  # fastest: programs sharing an x tile run together (L2 reuse)
+    pid_s = tl.program_id(1)
+    pid_bt = tl.program_id(2)
+    b = pid_bt // n_tchunks
+    t0 = (pid_bt % n_tchunks) * frames_per_prog
+    t1 = tl.minimum(t0 + frames_per_prog, T)
+
+    offs_s = pid_s * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ca = pid_ca * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_s = offs_s < S
+    mask_ca = offs_ca < CA
+    mask_out = mask_s[:, None] & mask_ca[None, :]
+
+    # forward conv: the window wants taps reversed (see _conv_window_step)
+    r0 = _load_tap(wc_ptr, offs_ca, mask_ca, 0, KT, True)
+    r1 = _load_tap(wc_ptr, offs_ca, mask_ca, 1, KT, True)
+    r2 = _load_tap(wc_ptr, offs_ca, mask_ca, 2, KT, True)
+    r3 = _load_tap(wc_ptr, offs_ca, mask_ca, 3, KT, True)
+    r4 = _load_tap(wc_ptr, offs_ca, mask_ca, 4, KT, True)
+    r5 = _load_tap(wc_ptr, offs_ca, mask_ca, 5, KT, True)
+    r6 = _load_tap(wc_ptr, offs_ca, mask_ca, 6, KT, True)
+    r7 = _load_tap(wc_ptr, offs_ca, mask_ca, 7, KT, True)
+    r8 = _load_tap(wc_ptr, offs_ca, mask_ca, 8, KT, True)
+    if HAS_BD:
+        bd = tl.load(bd_ptr + offs_ca, mask=mask_ca, other=0.0).to(tl.float32)
+    if HAS_BC:
+        bc = tl.load(bc_ptr + offs_ca, mask=mask_ca, other=0.0).to(tl.float32)
+
+    q0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    q1 = q0
+    q2 = q0
+    q3 = q0
+    q4 = q0
+    q5 = q0
+    q6 = q0
+    q7 = q0
+    # flat (N, Ca) buffers: spatial token n = frame * S + s
+    buf_rows = offs_s.to(tl.int64) * CA
+    for t_in in range(t0 - PAD, t1 + PAD):
+        h = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        # frames outside the clip are the conv's zero padding: h = 0 there, bias included
+        if (t_in >= 0) & (t_in < T):
+            frame = b * T + t_in
+            x_rows = frame.to(tl.int64) * stride_xf + (offs_s + P).to(tl.int64) * stride_xl
+            h = _gemm_rows_tile(
+                x_ptr, x_rows, mask_s, stride_xc, wd_ptr, stride_wd_o, stride_wd_i,
+                offs_ca, mask_ca, C, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION,
+            )
+            if HAS_BD:
+                h += bd[None, :]
+            if STORE_H:
+                if (t_in >= t0) & (t_in < t1):
+                    h_out = h_ptr + frame.to(tl.int64) * S * CA + buf_rows[:, None] + offs_ca[None, :]
+                    tl.store(h_out, h.to(h_ptr.dtype.element_ty), mask=mask_out)
+        g, q0, q1, q2, q3, q4, q5, q6, q7 = _conv_window_step(
+            h, q0, q1, q2, q3, q4, q5, q6, q7, r0, r1, r2, r3, r4, r5, r6, r7, r8, KT
+        )
+        t_out = t_in - PAD
+        if t_out >= t0:
+            if HAS_BC:
+                g += bc[None, :]
+            frame_out = (b * T + t_out).to(tl.int64)
+            g_out = g_ptr + frame_out * S * CA + buf_rows[:, None] + offs_ca[None, :]
+            tl.store(g_out, g.to(g_ptr.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit
+def adapter_up_residual_fwd_kernel(
+    res_ptr, a_ptr, w_ptr, bias_ptr, out_ptr,
+    n_rows, L, P, S, K, NOUT,
+    stride_rf, stride_rl, stride_rc,  # residual viewed as (B*T, L, NOUT); may be strided
+    stride_an,  # a: (B*T*S, K), row stride; unit column stride
+    stride_wo, stride_wi,  # W (NOUT, K); pass Wd's strides swapped to multiply by Wd
+    HAS_BIAS: tl.constexpr,
+    SUBTRACT: tl.constexpr,  # out = res - (a W^T + bias): rebuilds x from an in-place output
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """out (B*T*L, NOUT), contiguous: res + [row is spatial] * (a[token] @ W^T + bias)."""
+    pid_n = tl.program_id(0)  # fastest: programs sharing an `a` tile run together
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    f = rows64 // L
+    l_idx = rows64 - f * L
+    spatial = mask_m & (l_idx >= P)
+    token = f * S + (l_idx - P)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < NOUT
+
+    acc = _gemm_rows_tile(
+        a_ptr, token * stride_an, spatial, 1, w_ptr, stride_wo, stride_wi,
+        offs_n, mask_n, K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION,
+    )
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    acc = tl.where(spatial[:, None], acc, 0.0)
+    mask = mask_m[:, None] & mask_n[None, :]
+    res = tl.load(
+        res_ptr + f[:, None] * stride_rf + l_idx[:, None] * stride_rl + offs_n[None, :].to(tl.int64) * stride_rc,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
+    if SUBTRACT:
+        out = res - acc
+    else:
+        out = res + acc
+    tl.store(out_ptr + rows64[:, None] * NOUT + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Tile configurations. Chosen to compile without register spills on sm_80 and sm_90 (checked by
+# tests/test_aot_compile.py with ptxas -v); every (kernel, arch, dtype class, KT) the launchers
+# can pick is listed by `all_configs()` so the AOT test covers exactly what the dispatch uses.
+# --------------------------------------------------------------------------------------------
+
+def down_conv_config(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    """Kernel 1 holds h plus KT-1 fp32 partials of BLOCK_M x BLOCK_N: wider KT, smaller tile."""
+    wide = compute_dtype == torch.float32
+    if kt <= 3:
+        m, n = 64, 64
+    elif kt <= 5:
+        m, n = 64, 32
+    else:
+        m, n = 32, 32
+    return TileConfig(m, n, 32 if wide else 64, num_warps=8 if kt <= 5 else 4, num_stages=3 if arch >= 90 else 2)
+
+
+def up_residual_config(compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    wide = compute_dtype == torch.float32
+    return TileConfig(128, 128, 32 if wide else 64, num_warps=8, num_stages=3 if arch >= 90 else 2)
+
+
+def frames_per_program(num_frames: int, kt: int, programs_per_frame_run: int, sms: int) -> int:
+    """Frames one down-conv program walks. Whole clips when the grid already fills the GPU;
+    shorter runs (each recomputing a KT//2 halo on both sides) when the batch is small, e.g.
+    B=4, T=32. A run stays >= 2*KT frames so the halo costs at most half of the useful work."""
+    want_runs = max(1, triton.cdiv(2 * sms, max(programs_per_frame_run, 1)))
+    runs = min(want_runs, max(1, num_frames // (2 * kt)))
+    return triton.cdiv(num_frames, runs)
+
+
+def _interpret_override() -> Optional[int]:
+    env = os.environ.get("ST_ADAPTER_FRAMES_PER_PROGRAM")
+    return int(env) if env else None
+
+
+def down_conv_forward(
+    x: torch.Tensor,
+    num_frames: int,
+    num_prefix_tokens: int,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    conv_taps: torch.Tensor,
+    conv_bias: Optional[torch.Tensor],
+    *,
+    store_h: bool = False,
+    frames_per_prog: Optional[int] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """g (and h if store_h) as (B*T*S, Ca) buffers in the weights' dtype.
+
+    x: (B*T, L, C) any strides; fc1_weight (Ca, C); conv_taps (Ca, KT) contiguous.
+    """
+    bt, seq_len, c = x.shape
+    ca = fc1_weight.shape[0]
+    kt = conv_taps.shape[1]
+    s = seq_len - num_prefix_tokens
+    b = bt // num_frames
+    dtype = fc1_weight.dtype
+    g = torch.empty((bt * s, ca), device=x.device, dtype=dtype)
+    h = torch.empty((bt * s, ca), device=x.device, dtype=dtype) if store_h else None
+    if g.numel() == 0:
+        return g, h
+    cfg = down_conv_config(kt, dtype, arch_of(x))
+    grid_ca = triton.cdiv(ca, cfg.BLOCK_N)
+    grid_s = triton.cdiv(s, cfg.BLOCK_M)
+    fpp = frames_per_prog or _interpret_override() or frames_per_program(
+        num_frames, kt, grid_ca * grid_s * b, sm_count(x)
+    )
+    fpp = max(1, min(fpp, num_frames))
+    n_tchunks = triton.cdiv(num_frames, fpp)
+    dot_fp32, precision = dot_flags(dtype)
+    grid = (grid_ca, grid_s, b * n_tchunks)
+    adapter_down_conv_fwd_kernel[grid](
+        x, fc1_weight, fc1_bias if fc1_bias is not None else fc1_weight,
+        conv_taps, conv_bias if conv_bias is not None else conv_taps,
+        g, h if h is not None else g,
+        num_frames, s, num_prefix_tokens, c, ca, fpp, n_tchunks,
+        x.stride(0), x.stride(1), x.stride(2),
+        fc1_weight.stride(0), fc1_weight.stride(1),
+        KT=kt, HAS_BD=fc1_bias is not None, HAS_BC=conv_bias is not None, STORE_H=store_h,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+        **cfg.launch_kwargs(),
+    )
+    return g, h
+
+
+def up_residual_forward(
+    res: torch.Tensor,
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    num_prefix_tokens: int,
+    *,
+    subtract: bool = False,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """res (B*T, L, NOUT) +/- [spatial] (a @ weight^T + bias); a (B*T*S, K); weight (NOUT, K)
+    with any strides (pass fc1.weight.t() to multiply by fc1.weight). Returns a contiguous
+    (B*T, L, NOUT) tensor of res's dtype (``out`` if given)."""
+    bt, seq_len, nout = res.shape
+    k = a.shape[1]
+    s = seq_len - num_prefix_tokens
+    if out is None:
+        out = torch.empty((bt, seq_len, nout), device=res.device, dtype=res.dtype)
+    n_rows = bt * seq_len
+    if out.numel() == 0:
+        return out
+    cfg = up_residual_config(weight.dtype, arch_of(res))
+    dot_fp32, precision = dot_flags(weight.dtype)
+    grid = (triton.cdiv(nout, cfg.BLOCK_N), triton.cdiv(n_rows, cfg.BLOCK_M))
+    adapter_up_residual_fwd_kernel[grid](
+        res, a, weight, bias if bias is not None else weight, out,
+        n_rows, seq_len, num_prefix_tokens, s, k, nout,
+        res.stride(0), res.stride(1), res.stride(2),
+        a.stride(0),
+        weight.stride(0), weight.stride(1),
+        HAS_BIAS=bias is not None, SUBTRACT=subtract,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+        **cfg.launch_kwargs(),
+    )
+    return out
+
+
+def adapter_forward(
+    x: torch.Tensor,
+    num_frames: int,
+    num_prefix_tokens: int,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    conv_taps: torch.Tensor,
+    conv_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    *,
+    frames_per_prog: Optional[int] = None,
+) -> torch.Tensor:
+    """Fused forward: (B*T, L, C) -> new (B*T, L, C) tensor of x's dtype."""
+    g, _ = down_conv_forward(
+        x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
+        frames_per_prog=frames_per_prog,
+    )
+    return up_residual_forward(x, g, fc2_weight, fc2_bias, num_prefix_tokens)

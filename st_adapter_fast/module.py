@@ -1,0 +1,86 @@
+"""nn.Module wrapper: STAdapter, state-dict compatible with the official ST-Adapter ``Adapter``."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .ops import BACKEND_NAMES, st_adapter
+
+__all__ = ["STAdapter"]
+
+
+def _triple(k: Union[int, Sequence[int]]) -> Tuple[int, int, int]:
+    if isinstance(k, int):
+        return (k, 1, 1)
+    k = tuple(int(v) for v in k)
+    if len(k) != 3:
+        raise ValueError(f"kernel_size must be an int kt or (kt, kh, kw), got {k}")
+    return k
+
+
+class STAdapter(nn.Module):
+    """fc1 (C -> Ca) -> depthwise Conv3d over (T, H, W) -> fc2 (Ca -> C), added to the spatial
+    tokens of x; prefix tokens pass through.
+
+    Parameters match the official ``Adapter`` (fc1, conv, fc2; conv weight, all biases zero at
+    init, so a fresh adapter is the identity). ``forward(x, num_frames)``: x (B*T, L, C) ->
+    (B*T, L, C), a new tensor unless ``inplace``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        adapter_channels: int,
+        kernel_size: Union[int, Sequence[int]] = (3, 1, 1),
+        num_prefix_tokens: int = 1,
+        backend: str = "auto",
+        *,
+        grid_size: Optional[Sequence[int]] = None,
+        inplace: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        kernel_size = _triple(kernel_size)
+        if any(k < 1 or k % 2 == 0 for k in kernel_size):
+            raise ValueError(f"kernel_size must be odd and positive in every dim, got {kernel_size}")
+        if backend not in BACKEND_NAMES:
+            from .backends import available_backends
+
+            if backend not in available_backends():
+                raise ValueError(f"unknown backend {backend!r}; expected one of {BACKEND_NAMES}")
+        factory = dict(device=device, dtype=dtype)
+        self.fc1 = nn.Linear(in_channels, adapter_channels, **factory)
+        self.conv = nn.Conv3d(
+            adapter_channels, adapter_channels, kernel_size=kernel_size, stride=1,
+            padding=tuple(k // 2 for k in kernel_size), groups=adapter_channels, **factory,
+        )
+        self.fc2 = nn.Linear(adapter_channels, in_channels, **factory)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.grid_size = tuple(grid_size) if grid_size is not None else None
+        self.inplace = inplace
+        self.backend = backend
+        nn.init.constant_(self.conv.weight, 0.0)
+        nn.init.constant_(self.conv.bias, 0.0)
+        nn.init.constant_(self.fc1.bias, 0.0)
+        nn.init.constant_(self.fc2.bias, 0.0)
+
+    @property
+    def kernel_size(self) -> Tuple[int, int, int]:
+        return tuple(self.conv.kernel_size)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        return st_adapter(
+            x, num_frames,
+            self.fc1.weight, self.fc1.bias, self.conv.weight, self.conv.bias,
+            self.fc2.weight, self.fc2.bias,
+            num_prefix_tokens=self.num_prefix_tokens, grid_size=self.grid_size,
+            inplace=self.inplace, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"num_prefix_tokens={self.num_prefix_tokens}, kernel_size={self.kernel_size}, "
+                f"backend={self.backend!r}, inplace={self.inplace}")

@@ -1,0 +1,312 @@
+"""The functional ST-Adapter op: input checks, backend dispatch, autocast, and the fused path
+registered with torch.library (custom_op + register_fake + register_autograd), so
+torch.compile(fullgraph=True) traces it as one opaque op and torch.library.opcheck passes.
+
+Only x and the parameters are saved for backward; the backend recomputes h and g.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backends as _backends
+from ._reference import infer_grid, reference
+
+__all__ = ["st_adapter", "resolve_backend", "check_inputs"]
+
+BACKEND_NAMES = ("auto", "reference", "triton", "cuda")
+
+
+# ------------------------------------------------------------------------------ input checks
+def _describe(t: Optional[Tensor]) -> str:
+    if t is None:
+        return "None"
+    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+def check_inputs(
+    x: Tensor,
+    num_frames: int,
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    num_prefix_tokens: int,
+    grid_size: Optional[Sequence[int]],
+) -> Tuple[int, int, Tuple[int, int, int]]:
+    """Validate a call; returns (C, Ca, kernel_size). Raises TypeError / ValueError that name the
+    expected and the actual shapes, dtypes and devices."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (B*T, L, C), got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape (B*T, L, C) (3 dims), got {tuple(x.shape)} ({x.dim()} dims)")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, numbers.Integral):
+        raise TypeError(f"num_frames must be an int, got {type(num_frames).__name__}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    bt, seq_len, c = x.shape
+    if bt % num_frames != 0:
+        raise ValueError(
+            f"x.shape[0] = B*T = {bt} is not divisible by num_frames = {num_frames}"
+        )
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, numbers.Integral):
+        raise TypeError(f"num_prefix_tokens must be an int, got {type(num_prefix_tokens).__name__}")
+    if not 0 <= num_prefix_tokens <= seq_len:
+        raise ValueError(f"num_prefix_tokens must be in [0, L={seq_len}], got {num_prefix_tokens}")
+    infer_grid(seq_len - num_prefix_tokens, grid_size)
+
+    named = {
+        "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "conv_weight": conv_weight,
+        "conv_bias": conv_bias, "fc2_weight": fc2_weight, "fc2_bias": fc2_bias,
+    }
+    for name, t in named.items():
+        if t is None and name.endswith("bias"):
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if fc1_weight.dim() != 2 or fc1_weight.shape[1] != c:
+        raise ValueError(f"fc1_weight must have shape (Ca, C={c}), got {tuple(fc1_weight.shape)}")
+    ca = fc1_weight.shape[0]
+    if conv_weight.dim() != 5 or conv_weight.shape[0] != ca or conv_weight.shape[1] != 1:
+        raise ValueError(
+            f"conv_weight must have shape (Ca={ca}, 1, kt, kh, kw) (depthwise), got {tuple(conv_weight.shape)}"
+        )
+    kernel_size = tuple(int(k) for k in conv_weight.shape[2:])
+    if any(k % 2 == 0 for k in kernel_size):
+        raise ValueError(f"kernel size must be odd in every dim (padding k//2 keeps shapes), got {kernel_size}")
+    if fc2_weight.dim() != 2 or tuple(fc2_weight.shape) != (c, ca):
+        raise ValueError(f"fc2_weight must have shape (C={c}, Ca={ca}), got {tuple(fc2_weight.shape)}")
+    for name, t, n in (("fc1_bias", fc1_bias, ca), ("conv_bias", conv_bias, ca), ("fc2_bias", fc2_bias, c)):
+        if t is not None and tuple(t.shape) != (n,):
+            raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+
+    params = [t for t in named.values() if t is not None]
+    for name, t in named.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share a device")
+    dtypes = {t.dtype for t in params}
+    if len(dtypes) != 1:
+        detail = ", ".join(f"{n}={t.dtype}" for n, t in named.items() if t is not None)
+        raise TypeError(f"all adapter parameters must share one dtype, got {detail}")
+    (pdtype,) = dtypes
+    if not pdtype.is_floating_point:
+        raise TypeError(f"adapter parameters must be floating point, got {pdtype}")
+    if pdtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"x is {x.dtype} but the adapter parameters are {pdtype}; cast one of them "
+            f"or run under torch.autocast"
+        )
+    return c, ca, kernel_size
+
+
+# ---------------------------------------------------------------------------- backend choice
+_WARNED: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+def resolve_backend(
+    backend: str, x: Tensor, kernel_size: Sequence[int], compute_dtype: torch.dtype
+) -> str:
+    """The backend that runs this call: 'reference' or a registered fused backend.
+
+    An explicitly named backend that cannot run it raises ValueError/RuntimeError with the
+    reason; 'auto' takes the first fused backend that can (on CUDA tensors), else the reference,
+    warning once per case when a CUDA call falls back.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend == "reference":
+        return backend
+    if backend != "auto":
+        impl = _backends.get_backend(backend)  # ValueError for unknown names
+        reason = impl.unavailable_reason(x, kernel_size, compute_dtype)
+        if reason is not None:
+            raise RuntimeError(f"backend={backend!r} cannot run this call: {reason}")
+        return backend
+    if x.device.type != "cuda":
+        return "reference"  # CPU: eager PyTorch is the fast path (the interpreter is for tests)
+    reasons = []
+    for name in _backends.available_backends():
+        if name == "reference":
+            continue
+        impl = _backends.get_backend(name)
+        if not impl.auto:
+            continue
+        reason = impl.unavailable_reason(x, kernel_size, compute_dtype)
+        if reason is None:
+            return name
+        reasons.append(f"{name}: {reason}")
+    _warn_once("st_adapter: no fused backend covers this case, using the reference ("
+               + "; ".join(reasons) + ")")
+    return "reference"
+
+
+# ------------------------------------------------------------------- registered fused op
+def _taps(conv_weight: Tensor) -> Tensor:
+    """(Ca, 1, kt, 1, 1) depthwise temporal kernel -> contiguous (Ca, kt)."""
+    return conv_weight.reshape(conv_weight.shape[0], conv_weight.shape[2]).contiguous()
+
+
+@torch.library.custom_op("st_adapter_fast::fused_adapter", mutates_args=())
+def fused_adapter(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    num_frames: int,
+    num_prefix_tokens: int,
+    backend: str,
+) -> Tensor:
+    """Fused forward with a named backend. x: (B*T, L, C) -> new (B*T, L, C), x's dtype."""
+    impl = _backends.get_backend(backend)
+    return impl.forward(
+        x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, _taps(conv_weight), conv_bias,
+        fc2_weight, fc2_bias,
+    )
+
+
+@fused_adapter.register_fake
+def _fused_adapter_fake(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias,
+                        num_frames, num_prefix_tokens, backend):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("st_adapter_fast::fused_adapter_backward", mutates_args=())
+def fused_adapter_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    num_frames: int,
+    num_prefix_tokens: int,
+    backend: str,
+) -> List[Tensor]:
+    """[dx, dfc1_w, dfc1_b, dconv_w, dconv_b, dfc2_w, dfc2_b] in the inputs' dtypes; the grad of
+    an absent bias is an empty tensor (the autograd formula turns it into None)."""
+    impl = _backends.get_backend(backend)
+    dx, dwd, dbd, dtaps, dbc, dwu, dbu = impl.backward(
+        grad_out, x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, _taps(conv_weight),
+        conv_bias, fc2_weight, fc2_bias,
+    )
+    pdtype = fc1_weight.dtype
+    empty = fc1_weight.new_empty((0,))
+
+    def cast(t: Optional[Tensor]) -> Tensor:
+        return empty if t is None else t.to(pdtype)
+
+    return [
+        dx.to(x.dtype), cast(dwd), cast(dbd), cast(dtaps).reshape(conv_weight.shape), cast(dbc),
+        cast(dwu), cast(dbu),
+    ]
+
+
+@fused_adapter_backward.register_fake
+def _fused_adapter_backward_fake(grad_out, x, fc1_weight, fc1_bias, conv_weight, conv_bias,
+                                 fc2_weight, fc2_bias, num_frames, num_prefix_tokens, backend):
+    def like(t):
+        return fc1_weight.new_empty((0,)) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    return [
+        torch.empty(x.shape, dtype=x.dtype, device=x.device), like(fc1_weight), like(fc1_bias),
+        like(conv_weight), like(conv_bias), like(fc2_weight), like(fc2_bias),
+    ]
+
+
+def _setup_context(ctx, inputs, output):
+    x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, t, p, backend = inputs
+    # Only x and the parameters: h, g and the conv input are recomputed in backward.
+    ctx.save_for_backward(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias)
+    ctx.num_frames, ctx.num_prefix_tokens, ctx.backend = t, p, backend
+    ctx.has_bias = (fc1_bias is not None, conv_bias is not None, fc2_bias is not None)
+
+
+def _backward(ctx, grad_out):
+    x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias = ctx.saved_tensors
+    dx, dwd, dbd, dwc, dbc, dwu, dbu = fused_adapter_backward(
+        grad_out, x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias,
+        ctx.num_frames, ctx.num_prefix_tokens, ctx.backend,
+    )
+    has_bd, has_bc, has_bu = ctx.has_bias
+    return (
+        dx, dwd, dbd if has_bd else None, dwc, dbc if has_bc else None, dwu,
+        dbu if has_bu else None, None, None, None,
+    )
+
+
+fused_adapter.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------- public function
+def st_adapter(
+    x: Tensor,
+    num_frames: int,
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    *,
+    num_prefix_tokens: int = 1,
+    grid_size: Optional[Sequence[int]] = None,
+    inplace: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """ST-Adapter: ``x[:, P:] + fc2(conv3d(fc1(x[:, P:])))``, prefix tokens passed through.
+
+    Args:
+        x: (B*T, L, C) with the frames of a clip contiguous (row b*T + t); any strides.
+        num_frames: T.
+        fc1_weight (Ca, C), fc1_bias (Ca,), conv_weight (Ca, 1, kt, kh, kw), conv_bias (Ca,),
+        fc2_weight (C, Ca), fc2_bias (C,): the official Adapter's parameters (biases may be None).
+        num_prefix_tokens: P tokens per frame (CLS, registers) left unchanged.
+        grid_size: (H, W) of the L - P spatial tokens; a square is inferred when None.
+        inplace: write the result into x and return x, like the official module. Autograd
+            works as for any in-place op (x must not be a leaf that requires grad).
+        backend: "auto" | "reference" | "triton" | "cuda" (see README's backend table).
+
+    Under torch.autocast the parameters are cast to the autocast dtype (their grads stay in
+    their own dtype) and the result keeps x's dtype, as the official module's in-place add does.
+    """
+    c, ca, kernel_size = check_inputs(
+        x, num_frames, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias,
+        num_prefix_tokens, grid_size,
+    )
+    params = [fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias]
+    if torch.is_autocast_enabled(x.device.type):
+        cast_to = torch.get_autocast_dtype(x.device.type)
+        params = [p.to(cast_to) if p is not None else None for p in params]
+    compute_dtype = params[0].dtype
+    name = resolve_backend(backend, x, kernel_size, compute_dtype)
+    if name == "reference":
+        return reference(x, num_frames, *params, num_prefix_tokens=num_prefix_tokens,
+                         grid_size=grid_size, inplace=inplace)
+    if x.numel() == 0:
+        return x if inplace else x.clone()
+    out = fused_adapter(x, *params, num_frames, num_prefix_tokens, name)
+    if inplace:
+        x.copy_(out)
+        return x
+    return out
