@@ -12,4 +12,20 @@ from .ops import st_adapter
 
 __version__ = "0.1.0"
 
-__all__ = ["STAdapter", "st_adapter", "reference", "available_backends", "register_backend", "__version__"]
+# Helpers with heavier imports load on first use: `import st_adapter_fast` stays torch-only.
+_LAZY = {
+    "inject_st_adapters": "st_adapter_fast.inject",
+    "verify_model": "st_adapter_fast.verify",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'st_adapter_fast' has no attribute {name!r}")
+
+
+__all__ = ["STAdapter", "st_adapter", "reference", "available_backends", "register_backend",
+           "__version__", *_LAZY]
