@@ -1,0 +1,196 @@
+"""Adapters under torch.distributed: DDP and FSDP2 (fully_shard) on 2 CPU ranks with gloo.
+
+Each rank trains the tiny video CLIP (frozen backbone, trainable ST-Adapters) on its half of a
+global batch; the result must match single-process training on the whole batch: same
+all-reduced gradients on both ranks, same loss, same parameters after N SGD steps (fp32
+tolerance), frozen parameters untouched and without gradients. Ranks are started with
+torch.multiprocessing (spawn) and talk over 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from helpers import TOLERANCES, requires_interpreter
+from tiny_clip import (
+    TinyConfig, build_model, frozen_state, make_batch, strip_wrapper_prefix, trainable_grads,
+    trainable_state,
+)
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with the gloo backend")
+
+WORLD_SIZE = 2
+LOCAL_BATCH = 2
+LR = 0.5  # large enough that N steps move every adapter parameter visibly
+SPAWN_TIMEOUT_S = 240
+
+
+# ----------------------------------------------------------------------------------- ranks
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wrap(model: torch.nn.Module, wrapper: str) -> torch.nn.Module:
+    if wrapper == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    if wrapper == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        # one FSDP group per residual block (frozen and trainable parameters mixed), then the rest
+        for block in model.blocks:
+            fully_shard(block)
+        return fully_shard(model)
+    raise ValueError(f"wrapper must be 'ddp' or 'fsdp', got {wrapper!r}")
+
+
+def train(model: torch.nn.Module, cfg: TinyConfig, steps: int, rank: int, world_size: int):
+    """SGD with momentum on the global batches of `steps` seeds; this rank takes its slice.
+    Returns (per-step losses, gradients after the first backward)."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=0.9)
+    losses, first_grads = [], None
+    for step in range(steps):
+        video, labels = make_batch(cfg, LOCAL_BATCH * WORLD_SIZE, seed=1000 + step)
+        per_rank = video.shape[0] // world_size
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        loss = F.cross_entropy(model(video[mine]), labels[mine])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if first_grads is None:
+            first_grads = trainable_grads(model)
+        opt.step()
+        losses.append(loss.detach().clone())
+    return torch.stack(losses), first_grads
+
+
+def _rank_main(rank: int, port: int, wrapper: str, backend: str, steps: int, out_dir: str) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only, never the host's NIC
+    torch.set_num_threads(1)  # two ranks share the CI machine's two cores
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=SPAWN_TIMEOUT_S),
+    )
+    try:
+        cfg = TinyConfig()
+        model = build_model(cfg, backend)
+        frozen_before = frozen_state(model)
+        wrapped = _wrap(model, wrapper)
+        losses, first_grads = train(wrapped, cfg, steps, rank, WORLD_SIZE)
+        frozen_grads = [n for n, p in wrapped.named_parameters() if not p.requires_grad and p.grad is not None]
+        result = {
+            "losses": losses,
+            "first_grads": strip_wrapper_prefix(first_grads),
+            "params": strip_wrapper_prefix(trainable_state(wrapped)),
+            "frozen_before": frozen_before,
+            "frozen_after": strip_wrapper_prefix(frozen_state(wrapped)),
+            "frozen_with_grad": frozen_grads,
+        }
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_two_ranks(wrapper: str, backend: str, steps: int, out_dir: Path) -> list:
+    """Start WORLD_SIZE ranks, wait (bounded: a hung collective must not hang CI), load results."""
+    ctx = mp.start_processes(
+        _rank_main, args=(_free_port(), wrapper, backend, steps, str(out_dir)),
+        nprocs=WORLD_SIZE, join=False, start_method="spawn",
+    )
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not ctx.join(timeout=1.0):  # raises ProcessRaisedException with the rank's traceback
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"{wrapper} ranks did not finish within {SPAWN_TIMEOUT_S} s")
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+
+
+# --------------------------------------------------------------------------------- checks
+def assert_close_fp32(got: dict, want: dict, what: str) -> None:
+    """fp32 training-state comparison with the fp32 backstop of tests/helpers.py (relative to the
+    largest |value| of each tensor): only reduction order differs between the runs."""
+    assert got.keys() == want.keys(), f"{what}: names differ: {sorted(got)} vs {sorted(want)}"
+    rel = TOLERANCES[torch.float32].backstop
+    failures = []
+    for name, w in want.items():
+        err = (got[name] - w).abs().max().item()
+        bound = rel * w.abs().max().item()
+        if not err <= bound:
+            failures.append(f"{name}: max err {err:.3e} > {bound:.3e}")
+    assert not failures, f"{what}:\n  " + "\n  ".join(failures)
+
+
+def single_process(backend: str, steps: int):
+    cfg = TinyConfig()
+    model = build_model(cfg, backend)
+    losses, first_grads = train(model, cfg, steps, rank=0, world_size=1)
+    return losses, first_grads, trainable_state(model)
+
+
+def local_only_grads(backend: str) -> dict:
+    """Rank 0's gradient WITHOUT the all-reduce: proves the ranks' batches differ, so matching the
+    global gradient really needs the reduction."""
+    cfg = TinyConfig()
+    model = build_model(cfg, backend)
+    video, labels = make_batch(cfg, LOCAL_BATCH * WORLD_SIZE, seed=1000)
+    F.cross_entropy(model(video[:LOCAL_BATCH]), labels[:LOCAL_BATCH]).backward()
+    return trainable_grads(model)
+
+
+def check_against_single_process(ranks: list, backend: str, steps: int) -> None:
+    want_losses, want_grads, want_params = single_process(backend, steps)
+    adapter_names = {n for n in want_params}
+    assert adapter_names and all(".adapter_" in n for n in adapter_names), sorted(adapter_names)
+
+    for r, res in enumerate(ranks):
+        assert set(res["params"]) == adapter_names, f"rank {r} trains {sorted(res['params'])}"
+        assert not res["frozen_with_grad"], f"rank {r}: frozen params got grads: {res['frozen_with_grad']}"
+        for name, before in res["frozen_before"].items():
+            assert torch.equal(res["frozen_after"][name], before), f"rank {r}: frozen {name} changed"
+    # all-reduced: both ranks hold bit-identical gradients and parameters
+    for key in ("first_grads", "params"):
+        for name, t in ranks[0][key].items():
+            assert torch.equal(t, ranks[1][key][name]), f"{key}[{name}] differs between ranks"
+
+    mean_loss = torch.stack([res["losses"] for res in ranks]).mean(0)
+    assert torch.allclose(mean_loss, want_losses, rtol=1e-5, atol=1e-6), (mean_loss, want_losses)
+    assert_close_fp32(ranks[0]["first_grads"], want_grads, "all-reduced grads vs single process")
+    assert_close_fp32(ranks[0]["params"], want_params, f"params after {steps} steps vs single process")
+
+    # the test is not vacuous: local grads are far from the global ones, params moved
+    local = local_only_grads(backend)
+    rel = TOLERANCES[torch.float32].backstop
+    far = [n for n in want_grads if (local[n] - want_grads[n]).abs().max() > 100 * rel * want_grads[n].abs().max()]
+    assert len(far) == len(want_grads), f"rank-local grads already match the global ones for {set(want_grads) - set(far)}"
+    initial = trainable_state(build_model(TinyConfig(), backend))
+    for name, p in want_params.items():
+        assert not torch.allclose(p, initial[name], rtol=1e-3, atol=1e-4), f"{name} did not move"
+
+
+# ---------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_two_ranks_match_single_process_reference_backend(wrapper, tmp_path):
+    steps = 3
+    ranks = run_two_ranks(wrapper, "reference", steps, tmp_path)
+    check_against_single_process(ranks, "reference", steps)
+
+
+@requires_interpreter
+def test_ddp_two_ranks_match_single_process_triton_backend(tmp_path):
+    """The fused custom op (Triton interpreter) under DDP: its parameter grads flow into DDP's
+    gradient buckets like any autograd leaf's."""
+    steps = 2
+    ranks = run_two_ranks("ddp", "triton", steps, tmp_path)
+    check_against_single_process(ranks, "triton", steps)
