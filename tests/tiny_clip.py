@@ -15,6 +15,7 @@ from typing import Dict, Iterator, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from st_adapter_fast import STAdapter
 
@@ -76,6 +77,8 @@ class TinyVideoCLIP(nn.Module):
     def __init__(self, cfg: TinyConfig = TinyConfig(), backend: str = "reference"):
         super().__init__()
         self.cfg = cfg
+        # wrap every residual block in torch.utils.checkpoint (non-reentrant) when training
+        self.activation_checkpointing = False
         self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.randn(cfg.width) * 0.5)
         self.positional_embedding = nn.Parameter(torch.randn(1 + cfg.grid ** 2, cfg.width) * 0.5)
@@ -90,7 +93,10 @@ class TinyVideoCLIP(nn.Module):
         cls = self.class_embedding.expand(x.shape[0], 1, -1)
         x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding)  # (B*T, L, C)
         for block in self.blocks:
-            x = block(x, t)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, t, use_reentrant=False)
+            else:
+                x = block(x, t)
         # Pool all tokens, not CLS alone as CLIP does: with CLS pooling the last block's pre-MLP
         # adapter (spatial tokens only, no attention after it) gets an all-zero gradient.
         return self.head(self.ln_post(x).mean(1).view(b, t, -1).mean(1))
