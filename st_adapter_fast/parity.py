@@ -58,15 +58,18 @@ def tolerance_for(dtype: torch.dtype) -> Tol:
         raise ValueError(f"no parity tolerance for {dtype}; expected one of {list(TOLERANCES)}") from None
 
 
-def bound(eager_err: Optional[float], scale: float, tol: Tol) -> float:
+def bound(eager_err: Optional[float], scale: float, tol: Tol, *, backstop: bool = True) -> float:
     """Largest error allowed for a tensor whose float64 reference has max|.| = scale.
 
     eager_err=None (no eager-in-dtype run to compare with) leaves only the backstop.
+    backstop=False drops the ceiling: for whole models (verify_model), where a deep network or a
+    gradient that cancels to ~0 can put eager PyTorch's own error above it.
     A zero-scale tensor (e.g. an all-zero grad) must come back exactly zero.
     """
     if eager_err is None:
         return max(tol.backstop * scale, 0.0)
-    return max(min(tol.ratio * eager_err + tol.floor * scale, tol.backstop * scale), 0.0)
+    relative = tol.ratio * eager_err + tol.floor * scale
+    return max(min(relative, tol.backstop * scale) if backstop else relative, 0.0)
 
 
 @dataclasses.dataclass
@@ -100,8 +103,10 @@ def compare(
     ref64: Dict[str, torch.Tensor],
     eager: Optional[Dict[str, torch.Tensor]],
     dtype: torch.dtype,
+    *,
+    backstop: bool = True,
 ) -> List[TensorError]:
-    """Apply THE rule to every tensor in ref64 (float64 CPU tensors, same shapes)."""
+    """Apply THE rule to every tensor in ref64 (float64 tensors, same shapes; see ``bound``)."""
     tol = tolerance_for(dtype)
     results = []
     for name, want in ref64.items():
@@ -112,7 +117,7 @@ def compare(
         scale = want.abs().max().item() if want.numel() else 0.0
         err = _max_abs_diff(got[name], want)
         eager_err = _max_abs_diff(eager[name], want) if eager is not None else None
-        limit = bound(eager_err, scale, tol)
+        limit = bound(eager_err, scale, tol, backstop=backstop)
         rel = (lambda e: None if e is None else (e / scale if scale > 0 else (0.0 if e == 0 else float("inf"))))
         results.append(TensorError(
             name=name, err=err, rel_err=rel(err), eager_err=eager_err, eager_rel_err=rel(eager_err),
@@ -201,7 +206,7 @@ def parity_grid(quick: bool = False) -> List[Case]:
             Case(batch=1, frames=17, grid=(2, 3), prefix=2, channels=40, adapter_channels=24,
                  kernel=(5, 1, 1), noncontiguous=True),
             Case(batch=3, frames=1, grid=(5, 7), prefix=0, channels=72, adapter_channels=20,
-                 kernel=(1, 1, 1), bias=True),
+                 kernel=(1, 1, 1), bias=False),
             Case(batch=1, frames=8, grid=(3, 5), prefix=1, channels=24, adapter_channels=12, kernel=(3, 1, 1)),
         ]
     # (grid, C, Ca): spatial 9, 35, 143, 6 tokens; no C or Ca a power of two
