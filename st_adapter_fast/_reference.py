@@ -77,6 +77,8 @@ def reference(
     ca = fc1_weight.shape[0]
     kernel = tuple(conv_weight.shape[2:])
 
+    if bt == 0 or h_grid * w_grid == 0:  # nothing to adapt (conv3d rejects empty grids)
+        return x if inplace else x.clone()
     x_id = x
     xs = x[:, p:, :]
     xs = F.linear(xs, fc1_weight, fc1_bias)  # (B*T, S, Ca)

@@ -211,13 +211,13 @@ def fused_adapter_backward(
         conv_bias, fc2_weight, fc2_bias,
     )
     pdtype = fc1_weight.dtype
-    empty = fc1_weight.new_empty((0,))
 
     def cast(t: Optional[Tensor]) -> Tensor:
-        return empty if t is None else t.to(pdtype)
+        # outputs may not alias each other: a fresh empty tensor per absent bias
+        return fc1_weight.new_empty((0,)) if t is None else t.to(pdtype)
 
     return [
-        dx.to(x.dtype), cast(dwd), cast(dbd), cast(dtaps).reshape(conv_weight.shape), cast(dbc),
+        dx.to(x.dtype), cast(dwd), cast(dbd), cast(dtaps).contiguous().reshape(conv_weight.shape), cast(dbc),
         cast(dwu), cast(dbu),
     ]
 
@@ -305,8 +305,13 @@ def st_adapter(
                          grid_size=grid_size, inplace=inplace)
     if x.numel() == 0:
         return x if inplace else x.clone()
-    out = fused_adapter(x, *params, num_frames, num_prefix_tokens, name)
-    if inplace:
-        x.copy_(out)
-        return x
-    return out
+    if not inplace:
+        return fused_adapter(x, *params, num_frames, num_prefix_tokens, name)
+    # In place: the op saves its input for backward, so under autograd it gets a copy of x
+    # (x itself is overwritten below); without autograd x is read directly.
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, *params)
+    )
+    out = fused_adapter(x.clone() if needs_grad else x, *params, num_frames, num_prefix_tokens, name)
+    x.copy_(out)
+    return x

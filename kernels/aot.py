@@ -1,0 +1,261 @@
+"""Ahead-of-time compile checks for the Triton kernels, on a machine with no GPU.
+
+`dispatch_variants(arch)` runs the real launchers on meta tensors for the target shapes, with
+every kernel replaced by a recorder, so the variants checked are exactly the (kernel,
+constexprs, tile config, argument specialisation) the GPU dispatch picks -- not a hand-kept list.
+`compile_variant` then compiles one for sm_80 / sm_90 with triton.compile (the JIT's own
+specialisation rules: ints equal to 1 become constexprs, pointers and multiples of 16 get
+divisibility hints) and runs Triton's bundled ptxas -v on the PTX to read registers, spills
+and the "wgmma serialized" warning.
+
+Run as a script (no TRITON_INTERPRET) to print a table:  python -m st_adapter_fast.kernels.aot
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+import triton
+
+from . import _common, adapter_bwd, adapter_fwd
+
+# Shared memory a block may use (opt-in maximum): A100 163 KB, H100 227 KB.
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+# (B, T, L, C, Ca) of DESIGN.md section 5 plus one odd small shape.
+TARGET_SHAPES = {
+    "A": (16, 8, 197, 768, 384),
+    "B": (8, 8, 257, 1024, 512),
+    "C": (4, 32, 197, 768, 384),
+    "odd": (2, 17, 50, 200, 72),
+}
+
+_KERNELS = {
+    "adapter_down_conv_fwd_kernel": (adapter_fwd, adapter_fwd.adapter_down_conv_fwd_kernel),
+    "adapter_up_residual_fwd_kernel": (adapter_fwd, adapter_fwd.adapter_up_residual_fwd_kernel),
+    "adapter_conv_bwd_kernel": (adapter_bwd, adapter_bwd.adapter_conv_bwd_kernel),
+    "adapter_wgrad_kernel": (adapter_bwd, adapter_bwd.adapter_wgrad_kernel),
+}
+
+_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    kernel: str
+    signature: Tuple[Tuple[str, str], ...]  # (arg name, type) in order; "constexpr" for constants
+    constexprs: Tuple[Tuple[str, object], ...]
+    divisible: Tuple[str, ...]  # args hinted divisible by 16
+    num_warps: int
+    num_stages: int
+
+    def label(self) -> str:
+        keys = ("KT", "STORE_H", "HAS_BIAS", "SUBTRACT", "BLOCK_M", "BLOCK_N", "BLOCK_K")
+        consts = dict(self.constexprs)
+        dtypes = sorted({t for _, t in self.signature if t.startswith("*")})
+        parts = [f"{k}={consts[k]}" for k in keys if k in consts]
+        return f"{self.kernel}[{','.join(dtypes)} {' '.join(parts)} w{self.num_warps}s{self.num_stages}]"
+
+
+class _Recorder:
+    """Stands in for a JITFunction: `kernel[grid](*args, **kw)` records instead of launching."""
+
+    def __init__(self, name: str, fn, sink: List[Variant]):
+        self.name, self.fn, self.sink = name, fn, sink
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps=4, num_stages=3, **constexprs):
+            names = self.fn.arg_names
+            sig, consts, div = [], dict(), []
+            for name, value in zip(names, args):
+                if isinstance(value, torch.Tensor):
+                    sig.append((name, "*" + _TYPE[value.dtype]))
+                    div.append(name)  # torch allocations are 16-byte aligned
+                elif isinstance(value, bool):
+                    sig.append((name, "constexpr"))
+                    consts[name] = value
+                elif isinstance(value, int):
+                    if value == 1:  # the JIT specialises ints equal to 1 as constants
+                        sig.append((name, "constexpr"))
+                        consts[name] = 1
+                    else:
+                        sig.append((name, "i64" if abs(value) >= 2**31 else "i32"))
+                        if value % 16 == 0:
+                            div.append(name)
+                else:
+                    raise TypeError(f"{self.name}: unexpected argument {name}={value!r}")
+            for name in names[len(args):]:
+                sig.append((name, "constexpr"))
+                consts[name] = constexprs[name]
+            self.sink.append(Variant(self.name, tuple(sig), tuple(consts.items()), tuple(div),
+                                     num_warps, num_stages))
+
+        return launch
+
+
+@contextlib.contextmanager
+def _recording(arch: int, sink: List[Variant]) -> Iterator[None]:
+    saved = {}
+    for name, (mod, fn) in _KERNELS.items():
+        saved[name] = (mod, getattr(mod, name))
+        setattr(mod, name, _Recorder(name, fn, sink))
+    old_arch, old_sms = _common.arch_of, _common.sm_count
+    patched = {"arch_of": lambda t: arch, "sm_count": lambda t: 132 if arch >= 90 else 108}
+    mods = (_common, adapter_fwd, adapter_bwd)
+    old = [(m, k, getattr(m, k)) for m in mods for k in patched if hasattr(m, k)]
+    for m, k, _ in old:
+        setattr(m, k, patched[k])
+    interp = _common.INTERPRET
+    _common.INTERPRET = False  # dot flags as on a GPU
+    try:
+        yield
+    finally:
+        _common.INTERPRET = interp
+        for m, k, v in old:
+            setattr(m, k, v)
+        for name, (mod, fn) in saved.items():
+            setattr(mod, name, fn)
+
+
+def dispatch_variants(arch: int, kts=(1, 3, 5, 7, 9), dtypes=(torch.bfloat16, torch.float16, torch.float32),
+                      shapes=None) -> List[Variant]:
+    """Every distinct kernel variant the launchers pick for the given shapes, forward and backward."""
+    sink: List[Variant] = []
+    shapes = shapes or TARGET_SHAPES
+    with _recording(arch, sink):
+        for dtype in dtypes:
+            for kt in kts:
+                for b, t, seq, c, ca in shapes.values():
+                    meta = dict(device="meta", dtype=dtype)
+                    x = torch.empty(b * t, seq, c, **meta)
+                    wd, bd = torch.empty(ca, c, **meta), torch.empty(ca, **meta)
+                    taps, bc = torch.empty(ca, kt, **meta), torch.empty(ca, **meta)
+                    wu, bu = torch.empty(c, ca, **meta), torch.empty(c, **meta)
+                    adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu)
+                    _record_backward(x, t, wd, bd, taps, bc, wu, bu)
+    unique = list(dict.fromkeys(sink))
+    return unique
+
+
+def _record_backward(x, t, wd, bd, taps, bc, wu, bu):
+    # adapter_backward reduces partials with torch ops, which meta tensors support
+    adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu)
+
+
+@dataclasses.dataclass
+class CompileReport:
+    variant: str
+    arch: int
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    smem_limit: int
+    wgmma_serialized: bool
+    uses_wgmma: bool
+    ptxas_log: str
+
+    @property
+    def ok(self) -> bool:
+        return self.spill_bytes == 0 and self.shared_bytes <= self.smem_limit and not self.wgmma_serialized
+
+
+def ptxas_path(arch: int) -> str:
+    """The ptxas Triton itself uses for this arch (3.9 ships a newer one for sm_90+)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except ImportError:
+        from triton import knobs
+
+        return knobs.nvidia.ptxas.path
+
+
+def compile_variant(variant: Variant, arch: int) -> CompileReport:
+    from triton.backends.compiler import GPUTarget
+
+    fn = _KERNELS[variant.kernel][1]
+    signature = dict(variant.signature)
+    constexprs = dict(variant.constexprs)
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in variant.divisible}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    target = GPUTarget("cuda", arch, 32)
+    backend = triton.compiler.make_backend(target)
+    options = backend.parse_options({"num_warps": variant.num_warps, "num_stages": variant.num_stages})
+    compiled = triton.compile(src, target=target, options=options.__dict__)
+    ptx = compiled.asm["ptx"]
+    sm = "sm_90a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_file = os.path.join(tmp, "k.ptx")
+        with open(ptx_file, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run(
+            [ptxas_path(arch), "-v", f"-arch={sm}", ptx_file, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True, text=True,
+        )
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {variant.label()} on sm_{arch}:\n{log}")
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    return CompileReport(
+        variant=variant.label(),
+        arch=arch,
+        registers=int(regs.group(1)) if regs else -1,
+        spill_bytes=sum(spills),
+        shared_bytes=int(compiled.metadata.shared),
+        smem_limit=SMEM_LIMIT[arch],
+        wgmma_serialized="serialized" in log,
+        uses_wgmma="wgmma" in ptx,
+        ptxas_log=log,
+    )
+
+
+def check_all(archs=(80, 90), **kwargs) -> List[CompileReport]:
+    reports = []
+    for arch in archs:
+        for variant in dispatch_variants(arch, **kwargs):
+            reports.append(compile_variant(variant, arch))
+    return reports
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append", help="80 and/or 90 (default both)")
+    parser.add_argument("--kt", type=int, action="append", help="temporal kernel sizes (default 1..9)")
+    parser.add_argument("--dtype", action="append", choices=sorted(_TYPE.values()))
+    parser.add_argument("--json", help="write the reports here")
+    args = parser.parse_args(argv)
+    if _common.INTERPRET:
+        print("unset TRITON_INTERPRET: AOT compilation needs the real JIT", file=sys.stderr)
+        return 2
+    by_name = {v: k for k, v in _TYPE.items()}
+    kwargs = {}
+    if args.kt:
+        kwargs["kts"] = tuple(args.kt)
+    if args.dtype:
+        kwargs["dtypes"] = tuple(by_name[d] for d in args.dtype)
+    reports = check_all(tuple(args.arch or (80, 90)), **kwargs)
+    for r in reports:
+        flag = "ok  " if r.ok else "FAIL"
+        print(f"{flag} sm_{r.arch} regs={r.registers:3d} spill={r.spill_bytes:5d}B smem={r.shared_bytes // 1024:3d}KB "
+              f"wgmma={'y' if r.uses_wgmma else 'n'}{' SERIALIZED' if r.wgmma_serialized else ''} {r.variant}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in reports], f, indent=1)
+    return 0 if all(r.ok for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
