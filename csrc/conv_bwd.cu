@@ -1,0 +1,181 @@
+// Backward step 2: dg = dy Wu per frame (dy = dO's spatial rows), the transposed temporal conv in
+// the same register window as the forward (dg never goes to memory), and per-block fp32 partial
+// sums of dwc[c, j] = sum dg_t * h_{t+j-KT/2} and dbc = sum dg over the frames the block owns.
+// The partials are reduced in a fixed order (sum_partials): deterministic, no float atomics.
+// Mirrors kernels/adapter_bwd.py's adapter_conv_bwd_kernel.
+#include "st_adapter.h"
+#include "st_adapter_tile.cuh"
+
+namespace st_adapter {
+namespace {
+
+template <typename TD, typename T, int KT>
+__global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) {
+  constexpr int BM = KT <= 5 ? 64 : 32;  // == conv_block_m(KT)
+  constexpr int BN = kConvBlockN;
+  constexpr int BK = kConvBlockK;
+  constexpr int PAD = KT / 2;
+  constexpr int E = BM * BN / kThreads;
+  constexpr int ROW_STEP = kThreads / BN;
+  static_assert(kThreads % BN == 0, "a thread's elements must share one channel");
+  using Layout = TileLayout<T, BM, BN, BK>;
+  using Warps = WarpGrid<BM, BN>;
+
+  __shared__ __align__(128) unsigned char smem[Layout::kBytes];
+  __shared__ int64_t row_off[BM];
+  __shared__ float reduce_buf[ROW_STEP][BN];
+
+  const TD* __restrict__ dout = static_cast<const TD*>(p.dout);
+  const T* __restrict__ wu = static_cast<const T*>(p.wu);
+  const T* __restrict__ taps = static_cast<const T*>(p.taps);
+  const T* __restrict__ h_buf = static_cast<const T*>(p.h);
+  T* __restrict__ dh = static_cast<T*>(p.dh);
+
+  const int64_t n_ca_tiles = cdiv(p.Ca, BN);
+  const int64_t n_s_tiles = cdiv(p.S, BM);
+  const BlockCoord blk = decode_block(blockIdx.x, n_ca_tiles, n_s_tiles);
+  const int64_t ca0 = blk.x * BN;
+  const int64_t s0 = blk.y * BM;
+  const FrameRun run = frame_run(blk.z, cdiv(p.T, p.frames_per_run), p.frames_per_run, p.T);
+
+  const int col = threadIdx.x % BN;
+  const int row_first = threadIdx.x / BN;
+  const int64_t ca = ca0 + col;
+  const bool ca_ok = ca < p.Ca;
+
+  // transposed conv: taps in natural order (see conv_window_step)
+  float r[KT];
+#pragma unroll
+  for (int i = 0; i < KT; ++i) r[i] = ca_ok ? to_float(taps[ca * KT + i]) : 0.f;
+
+  float q[ConvWindow<KT>::kPartials][E];
+#pragma unroll
+  for (int i = 0; i < ConvWindow<KT>::kPartials; ++i)
+#pragma unroll
+    for (int e = 0; e < E; ++e) q[i][e] = 0.f;
+  float dwc_acc[KT];
+#pragma unroll
+  for (int j = 0; j < KT; ++j) dwc_acc[j] = 0.f;
+  float dbc_acc = 0.f;
+
+  BlockMma<T, BM, BN, BK, Warps::kM, Warps::kN> mma;
+  for (int64_t t_in = halo_begin(run.t0, KT); t_in < halo_end(run.t1, KT); ++t_in) {
+    float dg[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) dg[e] = 0.f;
+    if (in_clip(t_in, p.T)) {
+      const int64_t frame = run.b * p.T + t_in;
+      __syncthreads();
+      for (int m = threadIdx.x; m < BM; m += kThreads)
+        row_off[m] = s0 + m < p.S ? frame_token_offset(frame, s0 + m, p.P, p.stride_df, p.stride_dl) : -1;
+      mma.zero();
+      for (int64_t k0 = 0; k0 < p.C; k0 += BK) {
+        __syncthreads();
+        load_rows_tile<TD, T, BM, BK, Layout::kLdA>(Layout::a(smem), dout, row_off, k0, p.C, p.stride_dc);
+        // dg = dy @ Wu: B(k = c, n = ca) = Wu[c, ca], i.e. W(n, k) with strides (wu_i, wu_o)
+        load_weight_tile<T, BN, BK, Layout::kLdB>(Layout::b(smem), wu, ca0, p.Ca, k0, p.C, p.stride_wu_i,
+                                                  p.stride_wu_o);
+        __syncthreads();
+        mma.step(Layout::a(smem), Layout::kLdA, Layout::b(smem), Layout::kLdB);
+      }
+      __syncthreads();
+      mma.store(Layout::c(smem), Layout::kLdC);
+      __syncthreads();
+      const float* cs = Layout::c(smem);
+#pragma unroll
+      for (int e = 0; e < E; ++e) dg[e] = cs[(row_first + e * ROW_STEP) * Layout::kLdC + col];
+      // conv-parameter gradients from the frames this block owns (halo frames belong to the
+      // neighbouring run). Rows past S and channels past Ca hold dg = 0 (zero-filled loads).
+      if (t_in >= run.t0 && t_in < run.t1) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) dbc_acc += dg[e];
+#pragma unroll
+        for (int j = 0; j < KT; ++j) {
+          const int64_t t_h = t_in + j - PAD;
+          if (in_clip(t_h, p.T) && ca_ok) {
+            const int64_t h_frame = (run.b * p.T + t_h) * p.S;
+            float part = 0.f;
+#pragma unroll
+            for (int e = 0; e < E; ++e) {
+              const int64_t s = s0 + row_first + e * ROW_STEP;
+              if (s < p.S) part = fmaf(dg[e], to_float(h_buf[(h_frame + s) * p.Ca + ca]), part);
+            }
+            dwc_acc[j] += part;
+          }
+        }
+      }
+    }
+    float dh_out[E];
+    conv_window_step<KT, E>(dg, q, r, dh_out);
+    const int64_t t_out = t_in - PAD;
+    if (t_out >= run.t0) {
+      const int64_t frame_out = run.b * p.T + t_out;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const int row = row_first + e * ROW_STEP;
+        if (ca_ok && s0 + row < p.S) dh[(frame_out * p.S + s0 + row) * p.Ca + ca] = from_float<T>(dh_out[e]);
+      }
+    }
+  }
+
+  // Fixed-order reduction of the ROW_STEP threads that share a channel, then one partial per
+  // (block of frames x spatial rows, channel).
+  const int64_t part = blk.z * n_s_tiles + blk.y;
+#pragma unroll
+  for (int j = 0; j <= KT; ++j) {  // j == KT: dbc
+    __syncthreads();
+    reduce_buf[row_first][col] = j < KT ? dwc_acc[j] : dbc_acc;
+    __syncthreads();
+    if (threadIdx.x < BN && ca_ok) {
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < ROW_STEP; ++i) sum += reduce_buf[i][col];
+      if (j < KT)
+        p.dwc_part[(part * p.Ca + ca) * KT + j] = sum;
+      else
+        p.dbc_part[part * p.Ca + ca] = sum;
+    }
+  }
+}
+
+template <typename TD, typename T, int KT>
+cudaError_t launch(const ConvBwdParams& p, cudaStream_t stream) {
+  const int64_t runs = p.B * cdiv(p.T, p.frames_per_run);
+  const int64_t blocks = conv_blocks_per_run(KT, p.S, p.Ca) * runs;
+  if (blocks == 0) return cudaSuccess;
+  conv_bwd_kernel<TD, T, KT><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename TD, typename T>
+cudaError_t dispatch_kt(const ConvBwdParams& p, cudaStream_t stream) {
+  switch (p.KT) {
+    case 1: return launch<TD, T, 1>(p, stream);
+    case 3: return launch<TD, T, 3>(p, stream);
+    case 5: return launch<TD, T, 5>(p, stream);
+    case 7: return launch<TD, T, 7>(p, stream);
+    case 9: return launch<TD, T, 9>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t conv_backward(const ConvBwdParams& p, cudaStream_t stream) {
+  if (p.dout_dtype == p.w_dtype) {
+    switch (p.w_dtype) {
+      case DType::kFloat32: return dispatch_kt<float, float>(p, stream);
+      case DType::kFloat16: return dispatch_kt<__half, __half>(p, stream);
+      case DType::kBFloat16: return dispatch_kt<__nv_bfloat16, __nv_bfloat16>(p, stream);
+    }
+  } else if (p.dout_dtype == DType::kFloat32) {
+    switch (p.w_dtype) {
+      case DType::kFloat16: return dispatch_kt<float, __half>(p, stream);
+      case DType::kBFloat16: return dispatch_kt<float, __nv_bfloat16>(p, stream);
+      default: break;
+    }
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace st_adapter

@@ -1,0 +1,151 @@
+// Kernel 1 of the fused forward (and the backward's recompute): g = conv_t(x_s Wd^T + bd) + bc.
+//
+// A block owns BLOCK_M spatial positions x 64 adapter channels of one frame run [t0, t1) of one
+// clip and walks input frames t0 - KT/2 .. t1 + KT/2 - 1 in order. Per frame it computes the
+// down-projection tile h on tensor cores (fp16/bf16) or SIMT (fp32), adds bd, and pushes it
+// through a register sliding window (conv_window_step) that emits the finished output frame
+// t_in - KT/2: each h tile is computed once (plus the halo), h never goes to memory (unless the
+// backward asks for it), and g is written once. Mirrors kernels/adapter_fwd.py's
+// adapter_down_conv_fwd_kernel.
+#include "st_adapter.h"
+#include "st_adapter_tile.cuh"
+
+namespace st_adapter {
+namespace {
+
+template <typename TX, typename T, int KT>
+__global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvParams p) {
+  constexpr int BM = KT <= 5 ? 64 : 32;  // == conv_block_m(KT)
+  constexpr int BN = kConvBlockN;
+  constexpr int BK = kConvBlockK;
+  constexpr int PAD = KT / 2;
+  constexpr int E = BM * BN / kThreads;  // tile elements per thread, all in one channel
+  constexpr int ROW_STEP = kThreads / BN;
+  static_assert(kThreads % BN == 0, "a thread's elements must share one channel");
+  using Layout = TileLayout<T, BM, BN, BK>;
+  using Warps = WarpGrid<BM, BN>;
+
+  __shared__ __align__(128) unsigned char smem[Layout::kBytes];
+  __shared__ int64_t row_off[BM];
+
+  const TX* __restrict__ x = static_cast<const TX*>(p.x);
+  const T* __restrict__ wd = static_cast<const T*>(p.wd);
+  const T* __restrict__ taps = static_cast<const T*>(p.taps);
+  T* __restrict__ g = static_cast<T*>(p.g);
+  T* __restrict__ h_out = static_cast<T*>(p.h);
+
+  const int64_t n_ca_tiles = cdiv(p.Ca, BN);
+  const int64_t n_s_tiles = cdiv(p.S, BM);
+  const BlockCoord blk = decode_block(blockIdx.x, n_ca_tiles, n_s_tiles);
+  const int64_t ca0 = blk.x * BN;
+  const int64_t s0 = blk.y * BM;
+  const FrameRun run = frame_run(blk.z, cdiv(p.T, p.frames_per_run), p.frames_per_run, p.T);
+
+  // This thread's channel and rows in the tile: elements (row_first + e*ROW_STEP, col).
+  const int col = threadIdx.x % BN;
+  const int row_first = threadIdx.x / BN;
+  const int64_t ca = ca0 + col;
+  const bool ca_ok = ca < p.Ca;
+
+  // forward conv: the window wants taps reversed (see conv_window_step)
+  float r[KT];
+#pragma unroll
+  for (int i = 0; i < KT; ++i) r[i] = ca_ok ? to_float(taps[ca * KT + (KT - 1 - i)]) : 0.f;
+  const float bd = (ca_ok && p.bd != nullptr) ? to_float(static_cast<const T*>(p.bd)[ca]) : 0.f;
+  const float bc = (ca_ok && p.bc != nullptr) ? to_float(static_cast<const T*>(p.bc)[ca]) : 0.f;
+
+  float q[ConvWindow<KT>::kPartials][E];
+#pragma unroll
+  for (int i = 0; i < ConvWindow<KT>::kPartials; ++i)
+#pragma unroll
+    for (int e = 0; e < E; ++e) q[i][e] = 0.f;
+
+  BlockMma<T, BM, BN, BK, Warps::kM, Warps::kN> mma;
+  for (int64_t t_in = halo_begin(run.t0, KT); t_in < halo_end(run.t1, KT); ++t_in) {
+    float h[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) h[e] = 0.f;  // frames outside the clip: zero padding, no bias
+    const int64_t frame = run.b * p.T + t_in;
+    if (in_clip(t_in, p.T)) {  // uniform across the block
+      __syncthreads();  // the previous frame's readers of smem / row_off are done
+      for (int m = threadIdx.x; m < BM; m += kThreads)
+        row_off[m] = s0 + m < p.S ? frame_token_offset(frame, s0 + m, p.P, p.stride_xf, p.stride_xl) : -1;
+      mma.zero();
+      for (int64_t k0 = 0; k0 < p.C; k0 += BK) {
+        __syncthreads();
+        load_rows_tile<TX, T, BM, BK, Layout::kLdA>(Layout::a(smem), x, row_off, k0, p.C, p.stride_xc);
+        // B(k = c, n = ca) = Wd[ca, c]
+        load_weight_tile<T, BN, BK, Layout::kLdB>(Layout::b(smem), wd, ca0, p.Ca, k0, p.C, p.stride_wd_o,
+                                                  p.stride_wd_i);
+        __syncthreads();
+        mma.step(Layout::a(smem), Layout::kLdA, Layout::b(smem), Layout::kLdB);
+      }
+      __syncthreads();
+      mma.store(Layout::c(smem), Layout::kLdC);
+      __syncthreads();
+      const float* cs = Layout::c(smem);
+      const bool store_h = h_out != nullptr && t_in >= run.t0 && t_in < run.t1;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const int row = row_first + e * ROW_STEP;
+        h[e] = cs[row * Layout::kLdC + col] + bd;
+        if (store_h && ca_ok && s0 + row < p.S)
+          h_out[(frame * p.S + s0 + row) * p.Ca + ca] = from_float<T>(h[e]);
+      }
+    }
+    float out[E];
+    conv_window_step<KT, E>(h, q, r, out);
+    const int64_t t_out = t_in - PAD;
+    if (t_out >= run.t0) {
+      const int64_t frame_out = run.b * p.T + t_out;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const int row = row_first + e * ROW_STEP;
+        if (ca_ok && s0 + row < p.S) g[(frame_out * p.S + s0 + row) * p.Ca + ca] = from_float<T>(out[e] + bc);
+      }
+    }
+  }
+}
+
+template <typename TX, typename T, int KT>
+cudaError_t launch(const DownConvParams& p, cudaStream_t stream) {
+  const int64_t runs = p.B * cdiv(p.T, p.frames_per_run);
+  const int64_t blocks = conv_blocks_per_run(KT, p.S, p.Ca) * runs;
+  if (blocks == 0) return cudaSuccess;
+  down_conv_fwd_kernel<TX, T, KT><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename TX, typename T>
+cudaError_t dispatch_kt(const DownConvParams& p, cudaStream_t stream) {
+  switch (p.KT) {
+    case 1: return launch<TX, T, 1>(p, stream);
+    case 3: return launch<TX, T, 3>(p, stream);
+    case 5: return launch<TX, T, 5>(p, stream);
+    case 7: return launch<TX, T, 7>(p, stream);
+    case 9: return launch<TX, T, 9>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t down_conv_forward(const DownConvParams& p, cudaStream_t stream) {
+  // x is the weights' dtype, or fp32 under autocast (cast on load, as Triton's _mma does).
+  if (p.x_dtype == p.w_dtype) {
+    switch (p.w_dtype) {
+      case DType::kFloat32: return dispatch_kt<float, float>(p, stream);
+      case DType::kFloat16: return dispatch_kt<__half, __half>(p, stream);
+      case DType::kBFloat16: return dispatch_kt<__nv_bfloat16, __nv_bfloat16>(p, stream);
+    }
+  } else if (p.x_dtype == DType::kFloat32) {
+    switch (p.w_dtype) {
+      case DType::kFloat16: return dispatch_kt<float, __half>(p, stream);
+      case DType::kBFloat16: return dispatch_kt<float, __nv_bfloat16>(p, stream);
+      default: break;
+    }
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace st_adapter

@@ -1,0 +1,193 @@
+// Index arithmetic of the ST-Adapter CUDA kernels: token -> (frame, s), prefix offsets, frame
+// runs with their temporal halo, flattened grids, tile configurations, and the sliding-window
+// temporal stencil. Everything here is __host__ __device__ and free of CUDA types, so
+// tests/test_cuda_host_index.py compiles it with plain g++ and checks it against Python.
+//
+// Layout conventions (the same as kernels/_common.py):
+// - a token tensor is viewed as (F, L, K) with F = B*T frames (frame = b*T + t); its spatial
+//   token n = f*S + s lives at row (f, P + s); S = L - P spatial tokens per frame.
+// - flat work buffers g, h, dh are (N, Ca) with N = F*S: the same addressing with P = 0,
+//   stride_f = S*Ca, stride_l = Ca.
+// - every offset is int64: a (B*T, L, C) tensor of 16*32*197*1024 elements already passes 2^31.
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define STA_HD __host__ __device__ __forceinline__
+#else
+#define STA_HD inline
+#endif
+
+namespace st_adapter {
+
+// Widest temporal kernel the register window holds (the Triton kernels' MAX_FUSED_KT).
+constexpr int kMaxKT = 9;
+// Every kernel runs 8 warps; tile configurations below assume it.
+constexpr int kThreads = 256;
+
+STA_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ------------------------------------------------------------------------------ tokens
+struct TokenPos {
+  int64_t frame;  // f = b*T + t
+  int64_t s;      // spatial index within the frame, 0..S-1
+};
+
+STA_HD TokenPos token_position(int64_t n, int64_t S) {
+  TokenPos p;
+  p.frame = n / S;
+  p.s = n - p.frame * S;
+  return p;
+}
+
+// Element offset of (frame, spatial s) in a token tensor whose prefix has P tokens.
+STA_HD int64_t frame_token_offset(int64_t frame, int64_t s, int64_t P, int64_t stride_f, int64_t stride_l) {
+  return frame * stride_f + (s + P) * stride_l;
+}
+
+// Element offset of spatial token n (= f*S + s) at row (f, P + s).
+STA_HD int64_t token_offset(int64_t n, int64_t S, int64_t P, int64_t stride_f, int64_t stride_l) {
+  TokenPos p = token_position(n, S);
+  return frame_token_offset(p.frame, p.s, P, stride_f, stride_l);
+}
+
+// A row of the up-residual kernel, which walks all F*L rows (prefix rows included, so the
+// passthrough needs no extra launch).
+struct RowPos {
+  int64_t frame;
+  int64_t l;      // token index within the frame, 0..L-1
+  int64_t token;  // spatial token n = frame*S + (l - P); meaningful only when spatial
+  bool spatial;   // l >= P
+};
+
+STA_HD RowPos row_position(int64_t row, int64_t L, int64_t P, int64_t S) {
+  RowPos r;
+  r.frame = row / L;
+  r.l = row - r.frame * L;
+  r.spatial = r.l >= P;
+  r.token = r.frame * S + (r.l - P);
+  return r;
+}
+
+// ------------------------------------------------------------------------ frame runs
+// A down-conv / conv-backward block owns output frames [t0, t1) of clip b and walks input
+// frames [t0 - KT/2, t1 + KT/2): the halo frames on both sides are recomputed, never shared.
+struct FrameRun {
+  int64_t b;
+  int64_t t0;
+  int64_t t1;
+};
+
+STA_HD FrameRun frame_run(int64_t run, int64_t n_runs_per_clip, int64_t frames_per_run, int64_t T) {
+  FrameRun r;
+  r.b = run / n_runs_per_clip;
+  r.t0 = (run - r.b * n_runs_per_clip) * frames_per_run;
+  int64_t end = r.t0 + frames_per_run;
+  r.t1 = end < T ? end : T;
+  return r;
+}
+
+STA_HD int64_t halo_begin(int64_t t0, int kt) { return t0 - kt / 2; }
+STA_HD int64_t halo_end(int64_t t1, int kt) { return t1 + kt / 2; }
+// Frames outside 0..T-1 are the conv's zero padding (no wrap-around across clips).
+STA_HD bool in_clip(int64_t t, int64_t T) { return t >= 0 && t < T; }
+
+// Frames one down-conv block walks: whole clips when the grid already fills the GPU, shorter
+// runs (each recomputing a KT/2 halo on both sides) when the batch is small (B=4, T=32). A run
+// stays >= 2*KT frames so the halo costs at most half of the useful work. Mirrors
+// kernels.adapter_fwd.frames_per_program so both backends split work the same way.
+STA_HD int64_t frames_per_run(int64_t T, int kt, int64_t blocks_per_frame_run, int64_t sms) {
+  int64_t per = blocks_per_frame_run > 1 ? blocks_per_frame_run : 1;
+  int64_t want_runs = cdiv(2 * sms, per);
+  if (want_runs < 1) want_runs = 1;
+  int64_t max_runs = T / (2 * kt);
+  if (max_runs < 1) max_runs = 1;
+  int64_t runs = want_runs < max_runs ? want_runs : max_runs;
+  return cdiv(T, runs);
+}
+
+// --------------------------------------------------------------------- flattened grids
+// Grids are 1-D (gridDim.x allows 2^31 - 1 blocks; y and z stop at 65535, which B*T*L / 128
+// passes for long clips). x is the fastest coordinate: blocks sharing an input tile run together.
+struct BlockCoord {
+  int64_t x, y, z;
+};
+
+STA_HD BlockCoord decode_block(int64_t linear, int64_t nx, int64_t ny) {
+  BlockCoord c;
+  c.x = linear % nx;
+  int64_t rest = linear / nx;
+  c.y = rest % ny;
+  c.z = rest / ny;
+  return c;
+}
+
+// ------------------------------------------------------------------ tile configurations
+// Down-conv and conv-backward: BLOCK_M spatial positions x BLOCK_N adapter channels per frame,
+// plus KT-1 fp32 window partials of that tile in registers: (BLOCK_M*BLOCK_N/256)*(KT-1) floats
+// per thread. 64x64 keeps kt <= 5 at <= 64 window registers; kt 7 and 9 halve the rows.
+STA_HD int conv_block_m(int kt) { return kt <= 5 ? 64 : 32; }
+constexpr int kConvBlockN = 64;
+constexpr int kConvBlockK = 32;
+// Up-residual (also the dgrad dx = dO + dh Wd).
+constexpr int kUpBlockM = 128;
+constexpr int kUpBlockN = 64;
+constexpr int kUpBlockK = 32;
+// Weight gradients: (I, J) tile, BLOCK_K tokens per step.
+constexpr int kWgradBlockM = 64;
+constexpr int kWgradBlockN = 64;
+constexpr int kWgradBlockK = 32;
+
+// Token splits of a weight-gradient GEMM: enough blocks for two waves, each split >= 8 token
+// steps; tokens_per_split is a multiple of BLOCK_K. Mirrors kernels.adapter_bwd.weight_grad.
+struct WgradSplit {
+  int64_t splits;
+  int64_t tokens_per_split;
+};
+
+STA_HD WgradSplit wgrad_split(int64_t num_tokens, int64_t I, int64_t J, int64_t sms) {
+  int64_t tiles = cdiv(I, kWgradBlockM) * cdiv(J, kWgradBlockN);
+  int64_t by_sms = cdiv(2 * sms, tiles);
+  int64_t by_work = cdiv(num_tokens, 8 * kWgradBlockK);
+  int64_t splits = by_sms < by_work ? by_sms : by_work;
+  if (splits < 1) splits = 1;
+  int64_t n = num_tokens > 1 ? num_tokens : 1;
+  int64_t tps = cdiv(cdiv(n, splits), kWgradBlockK) * kWgradBlockK;
+  WgradSplit w;
+  w.tokens_per_split = tps;
+  w.splits = cdiv(num_tokens, tps);
+  if (w.splits < 1) w.splits = 1;
+  return w;
+}
+
+// ------------------------------------------------------------------ temporal stencil
+// One step of the sliding-window temporal stencil, frame by frame, each input frame once.
+// Input frame t_in's value h contributes r[i] * h to output frame t_in - KT/2 + i. The partials
+// q[i] hold output frame t_in - KT/2 + 1 + i before the step; the step returns the finished
+// output frame t_in - KT/2 and shifts the window. With r[i] = wc[KT-1-i] this is the forward
+// conv (g_t = sum_j wc_j h_{t+j-p}); with r[i] = wc[i] it is its transpose (dh from dg).
+// E values per thread share one channel (one set of taps). All indices are compile-time, so
+// q stays in registers.
+template <int KT>
+struct ConvWindow {
+  static constexpr int kPartials = KT > 1 ? KT - 1 : 1;
+};
+
+template <int KT, int E>
+STA_HD void conv_window_step(const float (&h)[E], float (&q)[ConvWindow<KT>::kPartials][E],
+                             const float (&r)[KT], float (&out)[E]) {
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    if (KT == 1) {
+      out[e] = r[0] * h[e];
+    } else {
+      out[e] = q[0][e] + r[0] * h[e];
+#pragma unroll
+      for (int i = 0; i + 1 < KT - 1; ++i) q[i][e] = q[i + 1][e] + r[i + 1] * h[e];
+      q[KT > 1 ? KT - 2 : 0][e] = r[KT - 1] * h[e];
+    }
+  }
+}
+
+}  // namespace st_adapter

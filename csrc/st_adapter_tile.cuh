@@ -1,0 +1,203 @@
+// Block-tile GEMM pieces shared by the ST-Adapter kernels: dtype conversion, the shared-memory
+// tile layout, tile loaders that cast to the compute dtype on load (autocast: fp32 x against
+// fp16/bf16 weights, as the Triton kernels' _mma does), and the per-block MMA:
+// tensor cores (WMMA m16n16k16, fp32 accumulate) for fp16/bf16, an fp32 SIMT micro-tile for fp32
+// (IEEE fp32 like torch's matmul without TF32, so fp32 parity holds).
+//
+// A block is 256 threads (8 warps). One K step: every thread stages part of A (BM x BK) and
+// B (BK x BN) into shared memory as the compute dtype, then the warps multiply. After the K
+// loop the fp32 accumulators go to a BM x BN shared tile C (aliasing A/B) that the kernels'
+// epilogues read element-wise with a channel-stable thread mapping.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#include <stdint.h>
+
+#include "st_adapter_index.cuh"
+
+namespace st_adapter {
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Shared-memory layout of one block tile. Row pads keep WMMA's ldm a multiple of 8 (16-bit)
+// / 4 (fp32) elements and every fragment start 32-byte aligned; they also skew banks.
+template <typename T, int BM, int BN, int BK>
+struct TileLayout {
+  static constexpr int kLdA = BK + 8;  // As[m][k]
+  static constexpr int kLdB = BN + 8;  // Bs[k][n]
+  static constexpr int kLdC = BN + 4;  // Cs[m][n], fp32
+  static constexpr int kBytesA = BM * kLdA * (int)sizeof(T);
+  static constexpr int kOffsetB = (kBytesA + 127) / 128 * 128;
+  static constexpr int kBytesAB = kOffsetB + BK * kLdB * (int)sizeof(T);
+  static constexpr int kBytesC = BM * kLdC * (int)sizeof(float);
+  static constexpr int kBytes = kBytesAB > kBytesC ? kBytesAB : kBytesC;
+
+  __device__ static T* a(unsigned char* smem) { return reinterpret_cast<T*>(smem); }
+  __device__ static T* b(unsigned char* smem) { return reinterpret_cast<T*>(smem + kOffsetB); }
+  __device__ static float* c(unsigned char* smem) { return reinterpret_cast<float*>(smem); }
+};
+
+// As[m][k] = A(m, k0 + k) cast to T; A(m, k) = src[row_off[m] + k * stride_k]; rows with
+// row_off < 0 and columns k >= K are zeros. k is the fastest thread index (A rows are
+// contiguous along k for the usual contiguous x / dO / g / dh).
+template <typename TS, typename T, int BM, int BK, int LDA>
+__device__ __forceinline__ void load_rows_tile(T* As, const TS* __restrict__ src, const int64_t* row_off,
+                                               int64_t k0, int64_t K, int64_t stride_k) {
+#pragma unroll 4
+  for (int idx = threadIdx.x; idx < BM * BK; idx += kThreads) {
+    const int m = idx / BK;
+    const int k = idx - m * BK;
+    const int64_t off = row_off[m];
+    float v = 0.f;
+    if (off >= 0 && k0 + k < K) v = to_float(src[off + (k0 + k) * stride_k]);
+    As[m * LDA + k] = from_float<T>(v);
+  }
+}
+
+// Bs[k][n] = W(n0 + n, k0 + k), W(n, k) = w[n * stride_n + k * stride_k], zeros outside
+// (N, K). The thread order follows whichever of W's dims is contiguous: W = Wu (C, Ca) read as
+// (n = c, k = ca) is k-contiguous; Wu^T and Wd^T views are n-contiguous.
+template <typename T, int BN, int BK, int LDB>
+__device__ __forceinline__ void load_weight_tile(T* Bs, const T* __restrict__ w, int64_t n0, int64_t N,
+                                                 int64_t k0, int64_t K, int64_t stride_n, int64_t stride_k) {
+  if (stride_k == 1) {
+#pragma unroll 4
+    for (int idx = threadIdx.x; idx < BN * BK; idx += kThreads) {
+      const int n = idx / BK;
+      const int k = idx - n * BK;
+      T v = from_float<T>(0.f);
+      if (n0 + n < N && k0 + k < K) v = w[(n0 + n) * stride_n + (k0 + k)];
+      Bs[k * LDB + n] = v;
+    }
+  } else {
+#pragma unroll 4
+    for (int idx = threadIdx.x; idx < BN * BK; idx += kThreads) {
+      const int k = idx / BN;
+      const int n = idx - k * BN;
+      T v = from_float<T>(0.f);
+      if (n0 + n < N && k0 + k < K) v = w[(n0 + n) * stride_n + (k0 + k) * stride_k];
+      Bs[k * LDB + n] = v;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------ block MMA
+// WM x WN warps; warp (wm, wn) owns rows [wm*BM/WM, ...) and columns [wn*BN/WN, ...).
+template <typename T, int BM, int BN, int BK, int WM, int WN>
+struct BlockMma {
+  static_assert(WM * WN * 32 == kThreads, "8 warps per block");
+  static constexpr int kFragM = BM / (16 * WM);
+  static constexpr int kFragN = BN / (16 * WN);
+  static_assert(kFragM >= 1 && kFragN >= 1 && BM % (16 * WM) == 0 && BN % (16 * WN) == 0, "tile/warp mismatch");
+  static_assert(BK % 16 == 0, "BK must be a multiple of the MMA k");
+
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[kFragM][kFragN];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < kFragM; ++i)
+#pragma unroll
+      for (int j = 0; j < kFragN; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
+  }
+
+  __device__ __forceinline__ void step(const T* As, int lda, const T* Bs, int ldb) {
+    const int warp = threadIdx.x / 32;
+    const int row0 = (warp / WN) * (BM / WM);
+    const int col0 = (warp % WN) * (BN / WN);
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> a[kFragM];
+      nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::row_major> b[kFragN];
+#pragma unroll
+      for (int i = 0; i < kFragM; ++i) nvcuda::wmma::load_matrix_sync(a[i], As + (row0 + 16 * i) * lda + kk, lda);
+#pragma unroll
+      for (int j = 0; j < kFragN; ++j) nvcuda::wmma::load_matrix_sync(b[j], Bs + kk * ldb + col0 + 16 * j, ldb);
+#pragma unroll
+      for (int i = 0; i < kFragM; ++i)
+#pragma unroll
+        for (int j = 0; j < kFragN; ++j) nvcuda::wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+  }
+
+  __device__ __forceinline__ void store(float* Cs, int ldc) {
+    const int warp = threadIdx.x / 32;
+    const int row0 = (warp / WN) * (BM / WM);
+    const int col0 = (warp % WN) * (BN / WN);
+#pragma unroll
+    for (int i = 0; i < kFragM; ++i)
+#pragma unroll
+      for (int j = 0; j < kFragN; ++j)
+        nvcuda::wmma::store_matrix_sync(Cs + (row0 + 16 * i) * ldc + col0 + 16 * j, acc[i][j], ldc,
+                                        nvcuda::wmma::mem_row_major);
+  }
+};
+
+// fp32: a 16 x 16 thread grid, each thread a (BM/16) x (BN/16) micro-tile at rows ty + 16*i,
+// columns tx + 16*j (strided, so a warp reads 16 consecutive B columns: no bank conflicts).
+template <int BM, int BN, int BK, int WM, int WN>
+struct BlockMma<float, BM, BN, BK, WM, WN> {
+  static constexpr int kTM = BM / 16;
+  static constexpr int kTN = BN / 16;
+  float acc[kTM][kTN];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < kTM; ++i)
+#pragma unroll
+      for (int j = 0; j < kTN; ++j) acc[i][j] = 0.f;
+  }
+
+  __device__ __forceinline__ void step(const float* As, int lda, const float* Bs, int ldb) {
+    const int ty = threadIdx.x / 16;
+    const int tx = threadIdx.x % 16;
+#pragma unroll 8
+    for (int k = 0; k < BK; ++k) {
+      float a[kTM];
+      float b[kTN];
+#pragma unroll
+      for (int i = 0; i < kTM; ++i) a[i] = As[(ty + 16 * i) * lda + k];
+#pragma unroll
+      for (int j = 0; j < kTN; ++j) b[j] = Bs[k * ldb + tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < kTM; ++i)
+#pragma unroll
+        for (int j = 0; j < kTN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+  }
+
+  __device__ __forceinline__ void store(float* Cs, int ldc) {
+    const int ty = threadIdx.x / 16;
+    const int tx = threadIdx.x % 16;
+#pragma unroll
+    for (int i = 0; i < kTM; ++i)
+#pragma unroll
+      for (int j = 0; j < kTN; ++j) Cs[(ty + 16 * i) * ldc + tx + 16 * j] = acc[i][j];
+  }
+};
+
+// Warp grids per tile shape (8 warps; each warp a whole number of 16 x 16 fragments).
+template <int BM, int BN>
+struct WarpGrid {
+  static constexpr int kM = BM >= 64 ? 4 : 2;
+  static constexpr int kN = 8 / kM;
+};
+
+}  // namespace st_adapter

@@ -1,0 +1,156 @@
+// Weight gradients dWu = dy^T g (+ dbu = sum dy) and dWd = dh^T x_s (+ dbd = sum dh), split over
+// tokens into fp32 partials (splits, I, J) that sum_partials adds in a fixed order:
+// deterministic, no float atomics. Mirrors kernels/adapter_bwd.py's adapter_wgrad_kernel.
+#include "st_adapter.h"
+#include "st_adapter_tile.cuh"
+
+namespace st_adapter {
+namespace {
+
+template <typename TA, typename TB, typename T>
+__global__ void __launch_bounds__(kThreads, 1) wgrad_kernel(WgradParams p) {
+  constexpr int BM = kWgradBlockM;  // I per tile
+  constexpr int BN = kWgradBlockN;  // J per tile
+  constexpr int BK = kWgradBlockK;  // tokens per step
+  constexpr int ROW_STEP = kThreads / BM;
+  static_assert(kThreads % BM == 0 && kThreads % BN == 0, "thread mapping");
+  using Layout = TileLayout<T, BM, BN, BK>;
+  using Warps = WarpGrid<BM, BN>;
+
+  __shared__ __align__(128) unsigned char smem[Layout::kBytes];
+  __shared__ int64_t off_a[BK];
+  __shared__ int64_t off_b[BK];
+  __shared__ float bias_buf[ROW_STEP][BM];
+
+  const TA* __restrict__ a = static_cast<const TA*>(p.a.ptr);
+  const TB* __restrict__ b = static_cast<const TB*>(p.b.ptr);
+  const int64_t n_j_tiles = cdiv(p.J, BN);
+  const BlockCoord blk = decode_block(blockIdx.x, n_j_tiles, cdiv(p.I, BM));
+  const int64_t j0 = blk.x * BN;
+  const int64_t i0 = blk.y * BM;
+  const int64_t split = blk.z;
+  const int64_t n_start = split * p.split.tokens_per_split;
+  const int64_t n_end_split = n_start + p.split.tokens_per_split;
+  const int64_t n_end = n_end_split < p.N ? n_end_split : p.N;
+  const bool with_bias = p.db_part != nullptr && blk.x == 0;
+
+  // A^T tile loads run i-fastest: thread tid always loads column i = tid % BM, so it can keep a
+  // private fp32 bias sum of the values it loads (in their source precision, before the cast).
+  const int my_i = threadIdx.x % BM;
+  float bias_acc = 0.f;
+
+  BlockMma<T, BM, BN, BK, Warps::kM, Warps::kN> mma;
+  mma.zero();
+  T* As = Layout::a(smem);
+  T* Bs = Layout::b(smem);
+  for (int64_t n0 = n_start; n0 < n_end; n0 += BK) {
+    __syncthreads();
+    if (threadIdx.x < BK) {
+      const int64_t n = n0 + threadIdx.x;
+      off_a[threadIdx.x] = n < n_end ? token_offset(n, p.a.S, p.a.P, p.a.stride_f, p.a.stride_l) : -1;
+    } else if (threadIdx.x < 2 * BK) {
+      const int64_t n = n0 + threadIdx.x - BK;
+      off_b[threadIdx.x - BK] = n < n_end ? token_offset(n, p.b.S, p.b.P, p.b.stride_f, p.b.stride_l) : -1;
+    }
+    __syncthreads();
+    // As[i][k] = A[token n0 + k][i0 + i]
+#pragma unroll 4
+    for (int idx = threadIdx.x; idx < BM * BK; idx += kThreads) {
+      const int k = idx / BM;
+      const int i = idx - k * BM;
+      const int64_t off = off_a[k];
+      float v = 0.f;
+      if (off >= 0 && i0 + i < p.I) v = to_float(a[off + (i0 + i) * p.a.stride_c]);
+      bias_acc += v;
+      As[i * Layout::kLdA + k] = from_float<T>(v);
+    }
+    // Bs[k][j] = B[token n0 + k][j0 + j]
+#pragma unroll 4
+    for (int idx = threadIdx.x; idx < BN * BK; idx += kThreads) {
+      const int k = idx / BN;
+      const int j = idx - k * BN;
+      const int64_t off = off_b[k];
+      float v = 0.f;
+      if (off >= 0 && j0 + j < p.J) v = to_float(b[off + (j0 + j) * p.b.stride_c]);
+      Bs[k * Layout::kLdB + j] = from_float<T>(v);
+    }
+    __syncthreads();
+    mma.step(As, Layout::kLdA, Bs, Layout::kLdB);
+  }
+  __syncthreads();
+  mma.store(Layout::c(smem), Layout::kLdC);
+  __syncthreads();
+
+  const float* cs = Layout::c(smem);
+  float* dw = p.dw_part + split * p.I * p.J;
+  const int col = threadIdx.x % BN;
+#pragma unroll 4
+  for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
+    const int i = idx / BN;
+    if (i0 + i < p.I && j0 + col < p.J) dw[(i0 + i) * p.J + j0 + col] = cs[i * Layout::kLdC + col];
+  }
+  if (with_bias) {  // uniform per block
+    bias_buf[threadIdx.x / BM][my_i] = bias_acc;
+    __syncthreads();
+    if (threadIdx.x < BM && i0 + my_i < p.I) {
+      float sum = 0.f;
+#pragma unroll
+      for (int r = 0; r < ROW_STEP; ++r) sum += bias_buf[r][my_i];
+      p.db_part[split * p.I + i0 + my_i] = sum;
+    }
+  }
+}
+
+template <typename TA, typename TB, typename T>
+cudaError_t launch(const WgradParams& p, cudaStream_t stream) {
+  const int64_t blocks = cdiv(p.J, kWgradBlockN) * cdiv(p.I, kWgradBlockM) * p.split.splits;
+  if (blocks == 0) return cudaSuccess;
+  wgrad_kernel<TA, TB, T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+__global__ void sum_partials_kernel(const float* __restrict__ part, float* __restrict__ out, int64_t n_parts,
+                                    int64_t numel) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= numel) return;
+  float sum = 0.f;
+  for (int64_t q = 0; q < n_parts; ++q) sum += part[q * numel + i];
+  out[i] = sum;
+}
+
+}  // namespace
+
+cudaError_t weight_grad(const WgradParams& p, cudaStream_t stream) {
+  // Operands are token tensors in x's dtype (fp32 under autocast) or buffers in the weights'.
+  const DType ta = p.a.dtype, tb = p.b.dtype, t = p.compute_dtype;
+  if (ta == t && tb == t) {
+    switch (t) {
+      case DType::kFloat32: return launch<float, float, float>(p, stream);
+      case DType::kFloat16: return launch<__half, __half, __half>(p, stream);
+      case DType::kBFloat16: return launch<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16>(p, stream);
+    }
+  } else if (ta == DType::kFloat32 && tb == t) {
+    switch (t) {
+      case DType::kFloat16: return launch<float, __half, __half>(p, stream);
+      case DType::kBFloat16: return launch<float, __nv_bfloat16, __nv_bfloat16>(p, stream);
+      default: break;
+    }
+  } else if (ta == t && tb == DType::kFloat32) {
+    switch (t) {
+      case DType::kFloat16: return launch<__half, float, __half>(p, stream);
+      case DType::kBFloat16: return launch<__nv_bfloat16, float, __nv_bfloat16>(p, stream);
+      default: break;
+    }
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t sum_partials(const float* part, float* out, int64_t n_parts, int64_t numel, cudaStream_t stream) {
+  if (numel == 0) return cudaSuccess;
+  constexpr int threads = 256;
+  sum_partials_kernel<<<static_cast<unsigned>(cdiv(numel, threads)), threads, 0, stream>>>(part, out, n_parts,
+                                                                                          numel);
+  return cudaGetLastError();
+}
+
+}  // namespace st_adapter

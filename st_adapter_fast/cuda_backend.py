@@ -1,0 +1,169 @@
+"""The CUDA backend: hand-written kernels in csrc/ behind the same fused op as the Triton backend.
+
+Same decomposition as kernels/adapter_fwd.py and kernels/adapter_bwd.py (DESIGN.md section 3):
+down-conv kernel with a register sliding window over frames, up-residual kernel over all B*T*L
+rows, conv-backward kernel, split-token weight gradients with fp32 partials summed in a fixed
+order (deterministic, no float atomics). fp16/bf16 run on tensor cores (WMMA), fp32 on an IEEE
+fp32 SIMT path. Needs sm_80 or newer.
+
+The compiled module is ``st_adapter_fast._cuda`` when setup.py built it ahead of time; otherwise
+the first call on a GPU machine JIT-builds csrc/ with torch.utils.cpp_extension.load (ninja,
+cached under TORCH_EXTENSIONS_DIR). Importing this module is cheap and never fails: nothing is
+imported or built until a CUDA tensor asks for this backend.
+
+Backend functions (see backends.py):
+  forward(x, T, P, Wd, bd, taps, bc, Wu, bu) -> out (B*T, L, C), x's dtype, contiguous
+  backward(dO, x, T, P, Wd, bd, taps, bc, Wu, bu) -> (dx, dWd, dbd, dtaps (Ca, KT), dbc, dWu, dbu)
+with fp32 parameter gradients (None for absent biases).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import threading
+from typing import Optional, Sequence
+
+import torch
+
+from .backends import FUSED_DTYPES, Backend
+
+__all__ = ["BACKEND", "MAX_KT", "SOURCES", "CSRC_DIR", "load_extension", "extension_error"]
+
+# Widest temporal kernel the register window holds (csrc/st_adapter_index.cuh kMaxKT).
+MAX_KT = 9
+# sm_80: bf16 tensor-core MMA and the shared-memory budget the tiles assume.
+MIN_CAPABILITY = (8, 0)
+
+CSRC_DIR = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+KERNEL_SOURCES = ("down_conv_fwd.cu", "conv_bwd.cu", "up_residual.cu", "wgrad.cu")
+SOURCES = ("binding.cpp",) + KERNEL_SOURCES
+JIT_NAME = "st_adapter_fast_cuda"
+
+_LOCK = threading.Lock()
+_EXT = None
+_EXT_ERROR: Optional[str] = None
+
+
+def _jit_unavailable_reason() -> Optional[str]:
+    """Why csrc/ cannot be JIT-built here, or None."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build (install a CUDA build of torch)"
+    missing = [s for s in SOURCES if not (CSRC_DIR / s).is_file()]
+    if missing:
+        return f"the CUDA sources are not installed ({CSRC_DIR} lacks {', '.join(missing)}); install from a source checkout"
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
+        return "nvcc was not found (set CUDA_HOME or put nvcc on PATH)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install ninja)"
+    return None
+
+
+def _jit_build():
+    from torch.utils.cpp_extension import load
+
+    flags = ["-O3", "-std=c++17"]
+    return load(
+        name=JIT_NAME,
+        sources=[str(CSRC_DIR / s) for s in SOURCES],
+        extra_include_paths=[str(CSRC_DIR)],
+        extra_cflags=flags,
+        extra_cuda_cflags=flags + ["-lineinfo"],
+        verbose=os.environ.get("ST_ADAPTER_FAST_VERBOSE_BUILD", "0") == "1",
+    )
+
+
+def load_extension():
+    """The compiled module (prebuilt, else JIT-built once per process), or None; see extension_error()."""
+    global _EXT, _EXT_ERROR
+    if _EXT is not None or _EXT_ERROR is not None:
+        return _EXT
+    with _LOCK:
+        if _EXT is not None or _EXT_ERROR is not None:
+            return _EXT
+        try:
+            from . import _cuda  # built by setup.py when a CUDA torch and nvcc were present
+
+            _EXT = _cuda
+            return _EXT
+        except ImportError as err:
+            prebuilt = f"st_adapter_fast._cuda is not built ({err})"
+        reason = _jit_unavailable_reason()
+        if reason is not None:
+            _EXT_ERROR = f"{prebuilt} and cannot be JIT-built: {reason}"
+            return None
+        try:
+            _EXT = _jit_build()
+        except Exception as err:  # compiler errors, a CUDA toolkit torch was not built with, ...
+            _EXT_ERROR = f"{prebuilt} and the JIT build failed: {type(err).__name__}: {err}"
+    return _EXT
+
+
+def extension_error() -> Optional[str]:
+    return _EXT_ERROR
+
+
+def unavailable_reason(x: torch.Tensor, kernel_size: Sequence[int], dtype: torch.dtype) -> Optional[str]:
+    """None if the CUDA kernels can run this call, else why not. Checks the cheap things first, so
+    CPU tensors and unsupported cases never trigger a build."""
+    if x.device.type != "cuda":
+        return f"the CUDA backend runs on CUDA tensors, got device {x.device}"
+    if dtype not in FUSED_DTYPES or x.dtype not in FUSED_DTYPES:
+        return (f"the CUDA backend supports float32/float16/bfloat16, got {x.dtype} activations and "
+                f"{dtype} weights")
+    if x.dtype != dtype and x.dtype != torch.float32:
+        return (f"x is {x.dtype} but the weights are {dtype}: the CUDA kernels cast only float32 "
+                f"activations (autocast) to the weights' dtype")
+    kt, kh, kw = kernel_size
+    if kh != 1 or kw != 1:
+        return f"kernel_size {tuple(kernel_size)}: only temporal kernels (kt, 1, 1) are fused"
+    if kt > MAX_KT:
+        return f"kernel_size {tuple(kernel_size)}: temporal kernels up to {MAX_KT} are fused"
+    capability = torch.cuda.get_device_capability(x.device)
+    if capability < MIN_CAPABILITY:
+        return (f"the CUDA kernels need compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, "
+                f"{torch.cuda.get_device_name(x.device)} is {capability[0]}.{capability[1]}")
+    if load_extension() is None:
+        return _EXT_ERROR
+    return None
+
+
+def _require():
+    ext = load_extension()
+    if ext is None:
+        raise RuntimeError(f"the CUDA backend is unavailable: {_EXT_ERROR}")
+    return ext
+
+
+def _frames_per_run(frames_per_prog: Optional[int]) -> int:
+    """0 = let the binding choose (frames_per_run in st_adapter_index.cuh); tests force short
+    runs (halo recompute) with the same env variable as the Triton backend."""
+    if frames_per_prog:
+        return int(frames_per_prog)
+    env = os.environ.get("ST_ADAPTER_FRAMES_PER_PROGRAM")
+    return int(env) if env else 0
+
+
+def adapter_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
+                    fc2_weight, fc2_bias, *, frames_per_prog: Optional[int] = None) -> torch.Tensor:
+    """Fused forward: x (B*T, L, C) -> new (B*T, L, C) tensor of x's dtype."""
+    return _require().fwd(
+        x, int(num_frames), int(num_prefix_tokens), fc1_weight, fc1_bias, conv_taps, conv_bias,
+        fc2_weight, fc2_bias, _frames_per_run(frames_per_prog),
+    )
+
+
+def adapter_backward(dout, x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
+                     fc2_weight, fc2_bias, *, frames_per_prog: Optional[int] = None) -> tuple:
+    """(dx, dWd, dbd, dwc (Ca, KT), dbc, dWu, dbu): parameter grads fp32, dx in dO's dtype;
+    None for absent biases. Deterministic: bitwise-equal over runs on the same device."""
+    return tuple(_require().bwd(
+        dout, x, int(num_frames), int(num_prefix_tokens), fc1_weight, fc1_bias, conv_taps, conv_bias,
+        fc2_weight, fc2_bias, _frames_per_run(frames_per_prog),
+    ))
+
+
+BACKEND = Backend("cuda", unavailable_reason, adapter_forward, adapter_backward)
