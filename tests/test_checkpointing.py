@@ -1,23 +1,28 @@
 """Activation checkpointing (torch.utils.checkpoint, non-reentrant) around residual blocks that
 hold fused ST-Adapters: the recomputed forward re-runs the fused op, and every gradient is
 bitwise equal to the run without checkpointing (the kernels are deterministic, so recompute
-reproduces the saved tensors exactly)."""
+reproduces the saved tensors exactly).
+
+Blocks are wrapped the way FSDP users do it: apply_activation_checkpointing with the
+non-reentrant checkpoint_wrapper."""
 
 from __future__ import annotations
 
 import collections
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper,
+)
 from torch.utils.checkpoint import checkpoint
 
 import st_adapter_fast
 from st_adapter_fast import backends
 from helpers import fused_device, triton_interpreter_on
-from tiny_clip import TinyConfig, adapter_modules, build_model, make_batch, trainable_grads
-
-CFG = TinyConfig(depth=1)  # two adapters: enough for a block-level checkpoint, cheap in the interpreter
+from tiny_clip import adapter_modules, build_model, is_block, make_batch, strip_wrapper_prefix, trainable_grads
 
 fused_available = pytest.mark.skipif(
     not (torch.cuda.is_available() or triton_interpreter_on()),
@@ -54,7 +59,7 @@ def _grads(model, video, labels):
     model.zero_grad(set_to_none=True)
     logits = model(video)
     F.cross_entropy(logits, labels).backward()
-    return {"logits": logits.detach(), "video": video.grad, **trainable_grads(model)}
+    return {"logits": logits.detach(), "video": video.grad, **strip_wrapper_prefix(trainable_grads(model))}
 
 
 def _assert_bitwise_equal(got, want, what):
@@ -75,21 +80,26 @@ def _count_adapter_calls(model):
 def test_block_checkpointing_gives_identical_gradients(backend, request):
     calls = request.getfixturevalue("counting_triton") if backend == "counting_triton" else None
     device = fused_device() if backend != "reference" else "cpu"
-    model = build_model(CFG, backend).to(device)
-    video, labels = (t.to(device) for t in make_batch(CFG, 2, seed=5))
+    model = build_model(backend).to(device)
+    num_adapters = len(list(adapter_modules(model)))
+    video, labels = (t.to(device) for t in make_batch(2, seed=5))
 
     plain = _grads(model, video, labels)
     adapter_calls = _count_adapter_calls(model)
     if calls is not None:
-        assert calls == {"forward": 2, "backward": 2}, calls
+        assert calls == {"forward": num_adapters, "backward": num_adapters}, calls
         calls.clear()
-    model.activation_checkpointing = True
+    apply_activation_checkpointing(
+        model, check_fn=is_block,
+        checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+    )
+    assert sum(type(m).__name__ == "CheckpointWrapper" for m in model.modules()) == 2
     checkpointed = _grads(model, video, labels)
 
     # recompute really happened: each adapter ran twice (forward + recompute), fused both times
-    assert set(adapter_calls.values()) == {2}, adapter_calls
+    assert len(adapter_calls) == num_adapters and set(adapter_calls.values()) == {2}, adapter_calls
     if calls is not None:
-        assert calls == {"forward": 4, "backward": 2}, calls
+        assert calls == {"forward": 2 * num_adapters, "backward": num_adapters}, calls
     _assert_bitwise_equal(checkpointed, plain, f"checkpointed vs plain ({backend})")
 
 

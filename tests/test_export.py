@@ -12,21 +12,20 @@ import pytest
 import torch
 
 from helpers import fused_device, triton_interpreter_on
-from tiny_clip import TinyConfig, adapter_modules, build_model, make_batch
+from tiny_clip import adapter_modules, build_model, make_batch
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or triton_interpreter_on()),
     reason="the fused op needs a CUDA GPU or the Triton interpreter (TRITON_INTERPRET=1) on CPU",
 )
 
-CFG = TinyConfig()
 FUSED_OP = torch.ops.st_adapter_fast.fused_adapter.default
 
 
 def _model_and_video(batch=2):
     device = fused_device()
-    model = build_model(CFG, "triton").to(device).eval()
-    video, _ = make_batch(CFG, batch, seed=11)
+    model = build_model("triton").to(device).eval()
+    video, _ = make_batch(batch, seed=11)
     return model, video.to(device)
 
 
@@ -54,10 +53,10 @@ def test_export_with_dynamic_clip_count():
     model, video = _model_and_video(batch=2)
     clips = torch.export.Dim("clips", min=1, max=64)
     with torch.no_grad():
-        program = torch.export.export(model, (video,), dynamic_shapes={"video": {0: clips}})
+        program = torch.export.export(model, (video,), dynamic_shapes={"clips": {0: clips}})
         assert len(_fused_nodes(program.graph_module)) == len(list(adapter_modules(model)))
         for batch in (1, 3):
-            other, _ = make_batch(CFG, batch, seed=12 + batch)
+            other, _ = make_batch(batch, seed=12 + batch)
             other = other.to(video.device)
             torch.testing.assert_close(program.module()(other), model(other), rtol=0, atol=0)
 

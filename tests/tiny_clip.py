@@ -90,7 +90,6 @@ def strip_wrapper_prefix(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
     """Names without DDP's 'module.' or the checkpoint wrapper's prefix."""
     out = {}
     for name, t in state.items():
-        for prefix in ("module.", "_orig_mod.", "_checkpoint_wrapped_module."):
-            name = name.replace(prefix, "")
-        out[name] = t
+        name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+        out[name.removeprefix("module.")] = t
     return out
