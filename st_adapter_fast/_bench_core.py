@@ -1,0 +1,544 @@
+"""Benchmark machinery shared by the CLI (``python -m st_adapter_fast bench``) and the
+pytest-benchmark suites in benchmarks/: shapes, providers, GPU timing, memory, roofline.
+
+Providers are the ways to run one adapter:
+  eager                 the reference (plain PyTorch, what the official module runs), cuDNN on
+  eager-nocudnn         the same under torch.backends.cudnn.flags(enabled=False): the native
+                        depthwise conv3d the official config meant to use (DESIGN section 1)
+  compile               torch.compile(reference), default mode
+  compile-max-autotune  torch.compile(reference, mode="max-autotune")
+  triton, cuda          the fused backends of st_adapter()
+Every provider computes the same out-of-place op: out = x, out[:, P:] += adapter(x[:, P:]).
+
+GPU timing: each repetition is bracketed by CUDA events after flushing L2 (zeroing a 256 MB
+buffer, as triton.testing.do_bench does) and queueing a short GPU sleep, so the CPU runs
+ahead and the Python dispatch cost of the op is hidden: ``time_ms`` is device time. ``loop_ms``
+is back-to-back launches with a warm L2, host overhead included -- what an eager loop feels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import math
+import os
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import st_adapter_fast
+from st_adapter_fast._reference import reference
+
+__all__ = [
+    "OpShape", "TARGET_SHAPES", "TINY_SHAPES", "PROVIDERS", "MODES", "parse_shapes", "sweep_shapes",
+    "op_flops", "op_min_bytes", "measure_roofline", "provider_unavailable", "make_op_inputs",
+    "make_step", "prepare_op", "time_fn", "SavedTensorCounter", "measure_memory", "nvtx_range", "time_op",
+]
+
+MODES = ("fwd", "fwd+bwd")
+PROVIDERS = ("eager", "eager-nocudnn", "compile", "compile-max-autotune", "triton", "cuda")
+COMPILE_MODES = {"compile": None, "compile-max-autotune": "max-autotune"}
+PROVIDER_ALIASES = {"reference": "eager", "reference-nocudnn": "eager-nocudnn"}
+# CPU tensors reach the Triton kernels only through the interpreter: usable on tiny shapes.
+INTERPRETER_MAX_TOKENS = 4096
+
+
+# ------------------------------------------------------------------------------------ shapes
+@dataclasses.dataclass(frozen=True)
+class OpShape:
+    """One adapter call: x (B*T, L, C) with L = P + H*W, adapter width Ca, kernel (kt, 1, 1)."""
+
+    name: str
+    B: int
+    T: int
+    L: int
+    C: int
+    Ca: int
+    kt: int = 3
+    P: int = 1
+
+    @property
+    def spatial(self) -> int:
+        return self.L - self.P
+
+    @property
+    def tokens(self) -> int:  # N = B*T*S rows through the two GEMMs
+        return self.B * self.T * self.spatial
+
+    @property
+    def x_numel(self) -> int:
+        return self.B * self.T * self.L * self.C
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# DESIGN.md section 5: A = ViT-B/16 (12x384), B = ViT-L/14, C = long clip.
+TARGET_SHAPES = {
+    "A": OpShape("A", B=16, T=8, L=197, C=768, Ca=384),
+    "B": OpShape("B", B=8, T=8, L=257, C=1024, Ca=512),
+    "C": OpShape("C", B=4, T=32, L=197, C=768, Ca=384),
+}
+# Small enough for the CPU reference and the Triton interpreter; C, Ca not powers of two.
+TINY_SHAPES = {"tiny": OpShape("tiny", B=2, T=4, L=17, C=48, Ca=24)}
+
+
+def parse_shapes(spec: str) -> List[OpShape]:
+    """'A,B,C' | 'tiny' | 'all' -> shapes. Unknown names raise ValueError listing the known ones."""
+    known = {**TARGET_SHAPES, **TINY_SHAPES}
+    names = list(TARGET_SHAPES) if spec.strip().lower() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise ValueError(f"--shapes needs at least one of {sorted(known)}, got {spec!r}")
+    out = []
+    for name in names:
+        key = name if name in known else name.upper()
+        if key not in known:
+            raise ValueError(f"unknown shape {name!r}; expected a comma-separated list of {sorted(known)}")
+        out.append(known[key])
+    return out
+
+
+def sweep_shapes(tiny: bool) -> Dict[str, List[OpShape]]:
+    """T sweep at a constant B*T (the token count stays that of shape A, only the clip length
+    changes) and token-count sweep over B at T = 8, both on shape A's widths."""
+    if tiny:
+        base = TINY_SHAPES["tiny"]
+        frames = [1, 2, 4, 8]
+        t_sweep = [dataclasses.replace(base, name=f"T{t}", B=max(1, 8 // t), T=t) for t in frames]
+        n_sweep = [dataclasses.replace(base, name=f"B{b}", B=b) for b in (1, 2, 4)]
+    else:
+        base = TARGET_SHAPES["A"]
+        t_sweep = [dataclasses.replace(base, name=f"T{t}", B=128 // t, T=t) for t in (1, 2, 4, 8, 16, 32)]
+        n_sweep = [dataclasses.replace(base, name=f"B{b}", B=b) for b in (1, 2, 4, 8, 16, 32)]
+    return {"sweep-T": t_sweep, "sweep-tokens": n_sweep}
+
+
+# ---------------------------------------------------------------------------------- roofline
+def op_flops(shape: OpShape, mode: str) -> int:
+    """Minimum FLOPs: fwd = fc1 + conv + fc2 (2*N*C*Ca each GEMM, 2*N*Ca*kt the stencil);
+    fwd+bwd adds dg = dy Wu, dWu, dWd, dx (four GEMMs) and the conv's two (DESIGN section 2).
+    Recompute of h and g is not counted: the floor is the work no implementation can avoid."""
+    n, c, ca, kt = shape.tokens, shape.C, shape.Ca, shape.kt
+    gemm = 2 * n * c * ca
+    conv = 2 * n * ca * kt
+    if mode == "fwd":
+        return 2 * gemm + conv
+    return 6 * gemm + 3 * conv
+
+
+def op_min_bytes(shape: OpShape, mode: str, elem_bytes: int = 2) -> int:
+    """Unavoidable traffic: fwd reads x and the parameters and writes out; fwd+bwd also reads
+    dO and x again and writes dx and fp32 parameter gradients."""
+    x = shape.x_numel * elem_bytes
+    c, ca, kt = shape.C, shape.Ca, shape.kt
+    n_params = 2 * c * ca + ca * kt + 2 * ca + c
+    if mode == "fwd":
+        return 2 * x + n_params * elem_bytes
+    return 5 * x + 2 * n_params * elem_bytes + n_params * 4
+
+
+def roofline_floor_ms(flops: int, nbytes: int, roofline: dict) -> Tuple[float, str]:
+    compute_ms = flops / (roofline["gemm_tflops"] * 1e12) * 1e3
+    memory_ms = nbytes / (roofline["copy_gbps"] * 1e9) * 1e3
+    return (compute_ms, "compute") if compute_ms >= memory_ms else (memory_ms, "memory")
+
+
+def measure_roofline(device: str, quick: bool = False) -> dict:
+    """The device's achievable GEMM rate and copy bandwidth (read + write counted), measured
+    now rather than taken from a datasheet: clocks and memory vary between cards."""
+    if device == "cuda":
+        dtype, n, copy_bytes = torch.bfloat16, 8192, 1 << 30
+    else:
+        dtype, n, copy_bytes = torch.float32, 512 if quick else 1024, 1 << 26
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    gemm = time_fn(lambda: torch.mm(a, b), device, warmup_ms=50, rep_ms=200 if not quick else 60,
+                   flush_l2=False, hide_host=False)
+    src = torch.empty(copy_bytes, device=device, dtype=torch.uint8).random_(0, 255)
+    dst = torch.empty_like(src)
+    copy = time_fn(lambda: dst.copy_(src), device, warmup_ms=20, rep_ms=100 if not quick else 40,
+                   flush_l2=False, hide_host=False)
+    del a, b, src, dst
+    return {
+        "gemm_tflops": 2 * n ** 3 / (gemm["time_ms"] * 1e-3) / 1e12,
+        "gemm_dtype": str(dtype).replace("torch.", ""),
+        "gemm_size": n,
+        "copy_gbps": 2 * copy_bytes / (copy["time_ms"] * 1e-3) / 1e9,
+        "copy_bytes": copy_bytes,
+        "method": "median of CUDA-event-timed torch.mm (n^3) and Tensor.copy_ (bytes read + written)"
+        if device == "cuda" else "median wall time on CPU (harness check, not a kernel roofline)",
+    }
+
+
+# ------------------------------------------------------------------------------- providers
+def normalize_provider(name: str) -> str:
+    name = PROVIDER_ALIASES.get(name.strip(), name.strip())
+    if name not in PROVIDERS:
+        raise ValueError(f"unknown backend {name!r}; expected some of {list(PROVIDERS)} (or 'reference')")
+    return name
+
+
+def provider_unavailable(provider: str, shape: OpShape, device: str, dtype: torch.dtype) -> Optional[str]:
+    """None if this provider can run the shape on this device, else the reason (for the report)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    if provider == "eager":
+        return None
+    if provider == "eager-nocudnn":
+        return None if device == "cuda" else "cuDNN applies to CUDA tensors only"
+    if provider in COMPILE_MODES:
+        if not hasattr(torch, "compile"):
+            return "torch.compile is missing from this torch"
+        return None
+    if device == "cpu" and provider == "triton" and shape.tokens * max(shape.C, shape.Ca) > INTERPRETER_MAX_TOKENS * 64:
+        return "the Triton interpreter (CPU) runs only tiny shapes; kernel timings need a GPU"
+    try:
+        backend = st_adapter_fast.backends.get_backend(provider)
+    except ValueError as err:
+        return str(err)
+    probe = torch.empty(0, device=device, dtype=dtype)
+    return backend.unavailable_reason(probe, (shape.kt, 1, 1), dtype)
+
+
+def make_op_inputs(shape: OpShape, device: str, dtype: torch.dtype, requires_grad: bool, seed: int = 0) -> dict:
+    """x, dO and random non-zero parameters (a fresh adapter is the identity: zero conv)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    c, ca, kt = shape.C, shape.Ca, shape.kt
+
+    def rnd(*size, scale=1.0):
+        return (torch.randn(*size, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    x = rnd(shape.B * shape.T, shape.L, c)
+    params = [
+        rnd(ca, c, scale=c ** -0.5), rnd(ca, scale=0.1), rnd(ca, 1, kt, 1, 1, scale=kt ** -0.5),
+        rnd(ca, scale=0.1), rnd(c, ca, scale=ca ** -0.5), rnd(c, scale=0.1),
+    ]
+    for t in [x, *params]:
+        t.requires_grad_(requires_grad)
+    return {"x": x, "params": params, "grad_out": rnd(*x.shape)}
+
+
+def _reference_fn(shape: OpShape):
+    def adapter(x, w1, b1, wc, bc, w2, b2):
+        return reference(x, shape.T, w1, b1, wc, bc, w2, b2, num_prefix_tokens=shape.P)
+
+    return adapter
+
+
+def make_op_callable(provider: str, shape: OpShape) -> Callable:
+    """(x, *params) -> out for this provider. Compiled providers get a fresh compile cache, so
+    every (shape, mode) pays -- and reports -- its own compile time, and the recompile limit of
+    a shared code object can never silently fall back to eager."""
+    if provider in ("eager", "eager-nocudnn"):
+        return _reference_fn(shape)
+    if provider in COMPILE_MODES:
+        torch._dynamo.reset()
+        mode = COMPILE_MODES[provider]
+        return torch.compile(_reference_fn(shape), mode=mode, dynamic=False, fullgraph=True)
+
+    def fused(x, w1, b1, wc, bc, w2, b2):
+        return st_adapter_fast.st_adapter(x, shape.T, w1, b1, wc, bc, w2, b2, num_prefix_tokens=shape.P,
+                                          backend=provider)
+
+    return fused
+
+
+def provider_context(provider: str):
+    """cuDNN off around forward AND backward for eager-nocudnn."""
+    if provider == "eager-nocudnn":
+        return torch.backends.cudnn.flags(enabled=False)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def nvtx_range(name: str, device: str):
+    """An NVTX range around a measured call, so `ncu --nvtx --nvtx-include "<name>/"` profiles
+    exactly that provider's kernels (see benchmarks/README.md)."""
+    if device == "cuda":
+        torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            torch.cuda.nvtx.range_pop()
+    else:
+        yield
+
+
+def make_step(provider: str, shape: OpShape, mode: str, inputs: dict, device: str):
+    """(step, reset): step() runs one fwd or fwd+bwd; reset() clears grads between repetitions."""
+    fn = make_op_callable(provider, shape)
+    x, params, grad_out = inputs["x"], inputs["params"], inputs["grad_out"]
+    label = f"{provider}.{mode}.{shape.name}"
+    leaves = [x, *params]
+    mark_step = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
+    uses_cudagraphs = provider == "compile-max-autotune" and device == "cuda"
+
+    def step():
+        with nvtx_range(label, device), provider_context(provider):
+            out = fn(x, *params)
+            if mode == "fwd+bwd":
+                out.backward(grad_out)
+        return out
+
+    def reset():
+        for t in leaves:
+            t.grad = None
+        if uses_cudagraphs and mark_step is not None:
+            mark_step()
+
+    return step, reset
+
+
+# ------------------------------------------------------------------------------------ timing
+_L2_FLUSH: Dict[str, torch.Tensor] = {}
+
+
+def _flush_l2(device: str) -> None:
+    # 256 MB > the L2 of any current GPU (H100: 50 MB, B200: 126 MB); triton's do_bench does the same.
+    buf = _L2_FLUSH.get(device)
+    if buf is None:
+        buf = _L2_FLUSH[device] = torch.empty(256 << 20, dtype=torch.int8, device=device)
+    buf.zero_()
+
+
+def time_fn(
+    fn: Callable,
+    device: str,
+    *,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+    setup: Optional[Callable] = None,
+    flush_l2: bool = True,
+    hide_host: bool = True,
+    min_reps: int = 5,
+    max_reps: int = 1000,
+) -> dict:
+    """Median time of fn in ms (plus p20/p80, mean, reps). CUDA: per-repetition events, L2
+    flushed, a queued GPU sleep hides host dispatch; also `loop_ms`, back-to-back launches.
+    CPU: perf_counter per repetition. `setup` runs before each repetition, outside the timing."""
+    if setup is None:
+        setup = lambda: None  # noqa: E731
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    # estimate one call, then size warm-up and repetitions by time like do_bench
+    setup()
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    n_est = 3
+    for _ in range(n_est):
+        setup()
+        fn()
+    sync()
+    est_ms = max((time.perf_counter() - t0) * 1e3 / n_est, 1e-3)
+    n_warmup = max(1, min(int(warmup_ms / est_ms), max_reps))
+    n_rep = max(min_reps, min(int(rep_ms / est_ms), max_reps))
+    for _ in range(n_warmup):
+        setup()
+        fn()
+    sync()
+
+    times = []
+    loop_ms = None
+    if cuda:
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+        for i in range(n_rep):
+            setup()
+            if flush_l2:
+                _flush_l2(device)
+            if hide_host:
+                torch.cuda._sleep(100_000)  # ~60 us at 1.7 GHz: enough for a Python dispatch
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+        n_loop = max(min_reps, min(n_rep, 200))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n_loop):
+            setup()
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        loop_ms = start.elapsed_time(end) / n_loop
+    else:
+        for _ in range(n_rep):
+            setup()
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        loop_ms = statistics.fmean(times)
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) >= 2 else [times[0]] * 4
+    return {
+        "time_ms": statistics.median(times), "time_ms_p20": q[0], "time_ms_p80": q[3],
+        "time_ms_mean": statistics.fmean(times), "loop_ms": loop_ms, "reps": len(times),
+    }
+
+
+def timing_budget(device: str, quick: bool) -> dict:
+    if device == "cuda":
+        return {"warmup_ms": 10.0, "rep_ms": 40.0} if quick else {"warmup_ms": 25.0, "rep_ms": 150.0}
+    return {"warmup_ms": 1.0, "rep_ms": 5.0, "min_reps": 3, "max_reps": 5} if quick else \
+        {"warmup_ms": 10.0, "rep_ms": 100.0, "min_reps": 3, "max_reps": 50}
+
+
+def prepare_op(provider: str, shape: OpShape, mode: str, device: str, dtype: torch.dtype):
+    """(step, reset, first_call_s): inputs built, first call done (torch.compile, Triton JIT and
+    autotuning happen there -- timed separately, never mixed into the kernel time)."""
+    inputs = make_op_inputs(shape, device, dtype, requires_grad=(mode == "fwd+bwd"))
+    step, reset = make_step(provider, shape, mode, inputs, device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    reset()
+    step()
+    sync()
+    return step, reset, time.perf_counter() - t0
+
+
+def time_op(provider: str, shape: OpShape, mode: str, device: str, dtype: torch.dtype, quick: bool) -> dict:
+    """Time one (provider, shape, mode): first call (compile) separately, then time_fn."""
+    step, reset, first_call_s = prepare_op(provider, shape, mode, device, dtype)
+    stats = time_fn(step, device, setup=reset, **timing_budget(device, quick))
+    stats["first_call_s"] = first_call_s
+    if provider in COMPILE_MODES:
+        stats["compile_s"] = first_call_s
+    del step, reset
+    _release(device)
+    return stats
+
+
+def _release(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------ memory
+class SavedTensorCounter:
+    """saved_tensors_hooks that add up the bytes autograd keeps for backward: each storage
+    counted once (so x saved as several views counts as one x), parameters excluded (they
+    exist anyway). Tensors pass through unchanged."""
+
+    def __init__(self, exclude: Sequence[torch.Tensor] = ()):
+        self._exclude = {self._key(t) for t in exclude if t is not None}
+        self._seen: Dict[tuple, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple:
+        try:
+            return (str(t.device), t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # tensors without a storage (subclasses)
+            return (str(t.device), id(t))
+
+    @staticmethod
+    def _nbytes(t: torch.Tensor) -> int:
+        try:
+            return t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            return t.numel() * t.element_size()
+
+    def _pack(self, t):
+        key = self._key(t)
+        if key not in self._exclude:
+            self._seen[key] = max(self._seen.get(key, 0), self._nbytes(t))
+        return t
+
+    def contains(self, t: torch.Tensor) -> bool:
+        return self._key(t) in self._seen
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(self._seen.values())
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+
+def measure_memory(provider: str, shape: OpShape, device: str, dtype: torch.dtype) -> dict:
+    """Bytes saved for backward (any device) and, on CUDA, memory held after the forward
+    (output + saved) and the peak over fwd+bwd, both above what x, dO and the parameters
+    already take."""
+    inputs = make_op_inputs(shape, device, dtype, requires_grad=True)
+    x, params, grad_out = inputs["x"], inputs["params"], inputs["grad_out"]
+    fn = make_op_callable(provider, shape)
+    result = {"x_bytes": x.numel() * x.element_size(), "output_bytes": x.numel() * x.element_size()}
+
+    with provider_context(provider):  # warm-up: JIT and compile allocate caches once
+        fn(x, *params).backward(grad_out)
+    for t in [x, *params]:
+        t.grad = None
+    _release(device)
+
+    try:
+        with provider_context(provider), SavedTensorCounter(exclude=params) as counter:
+            out = fn(x, *params)
+        result["saved_bytes"] = counter.saved_bytes
+        result["saves_x"] = counter.contains(x)
+        result["saved_beyond_x_bytes"] = counter.saved_bytes - (result["x_bytes"] if result["saves_x"] else 0)
+        del out
+    except Exception as err:  # torch.compile may refuse hooks it cannot trace
+        result["saved_bytes"] = None
+        result["saved_reason"] = f"saved_tensors_hooks failed: {type(err).__name__}: {str(err)[:200]}"
+    for t in [x, *params]:
+        t.grad = None
+    _release(device)
+
+    if device == "cuda":
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with provider_context(provider):
+            out = fn(x, *params)
+            torch.cuda.synchronize()
+            result["fwd_held_bytes"] = torch.cuda.memory_allocated() - base
+            out.backward(grad_out)
+        torch.cuda.synchronize()
+        result["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        del out
+    else:
+        result["fwd_held_bytes"] = None
+        result["peak_bytes"] = None
+        result["peak_reason"] = "peak memory needs the CUDA caching allocator"
+    del inputs, x, params, grad_out, fn
+    _release(device)
+    return result
+
+
+def dtype_for(device: str, name: Optional[str] = None) -> torch.dtype:
+    """bf16 on GPU (DESIGN section 5); fp32 on CPU, where bf16 GEMMs are emulated and slow."""
+    if name:
+        table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                 "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+        if name not in table:
+            raise ValueError(f"--dtype must be one of {sorted(table)}, got {name!r}")
+        return table[name]
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fmt_bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def is_finite_positive(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0

@@ -1,0 +1,251 @@
+"""End-to-end benchmark: a CLIP-style ViT-B/16 video classifier with 0, 12 (pre-MLP) or 24
+(pre-attention + pre-MLP) ST-Adapters, trained and run the way the official code does it:
+frozen fp16 backbone, fp32 adapters and head, fp16 autocast, GradScaler, AdamW.
+
+The model is built here, small and self-contained, so the benchmark does not depend on the
+CLIP loader; `build_video_vit` is the one place to swap for st_adapter_fast.inject once that
+lands. Module names follow OpenAI CLIP (conv1, ln_pre, transformer.resblocks.{i}.ln_1/attn/
+ln_2/mlp.c_fc/mlp.c_proj, ln_post) and the official adapters (adapter_pre_attn, adapter_pre_mlp).
+
+Note on the 0-adapter row: with a frozen backbone nothing below the head needs gradients, so
+its "train step" is forward + head update only; adapter rows also backpropagate through
+every block (input gradients, no weight gradients).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from st_adapter_fast.module import STAdapter
+
+
+@dataclasses.dataclass(frozen=True)
+class VitConfig:
+    name: str
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    patch: int = 16
+    image: int = 224
+    adapter_channels: int = 384
+    num_classes: int = 400
+    batch: int = 16
+    frames: int = 8
+
+    @property
+    def seq_len(self) -> int:
+        return 1 + (self.image // self.patch) ** 2
+
+
+VIT_B16 = VitConfig("ViT-B/16")
+# CPU smoke: same structure, 2 blocks of width 64, 4x4 patches grid.
+VIT_TINY = VitConfig("ViT-tiny", width=64, layers=2, heads=4, patch=8, image=32, adapter_channels=32,
+                     num_classes=10, batch=2, frames=4)
+
+
+def adapter_layouts(cfg: VitConfig):
+    """(label, adapters before attention, adapters before the MLP): '0', '12x384 pre-MLP',
+    '24x384 pre-attn+pre-MLP' for ViT-B/16."""
+    n, ca = cfg.layers, cfg.adapter_channels
+    return [("0", False, False), (f"{n}x{ca} pre-MLP", False, True), (f"{2 * n}x{ca} pre-attn+pre-MLP", True, True)]
+
+
+class LayerNorm(nn.LayerNorm):
+    """CLIP's LayerNorm: computes in fp32, returns the input dtype (keeps the residual fp16)."""
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, pre_attn: Optional[STAdapter], pre_mlp: Optional[STAdapter]):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, 4 * width)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(4 * width, width)),
+        ]))
+        self.ln_2 = LayerNorm(width)
+        self.adapter_pre_attn = pre_attn
+        self.adapter_pre_mlp = pre_mlp
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """x: (B*T, L, C)."""
+        if self.adapter_pre_attn is not None:
+            x = self.adapter_pre_attn(x, num_frames)
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        if self.adapter_pre_mlp is not None:
+            x = self.adapter_pre_mlp(x, num_frames)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, resblocks):
+        super().__init__()
+        self.resblocks = nn.ModuleList(resblocks)
+
+
+class VideoViT(nn.Module):
+    """clips (B, 3, T, H, W) -> logits (B, classes): per-frame CLIP ViT, CLS after ln_post
+    averaged over frames, linear head (the official ST-Adapter classifier)."""
+
+    def __init__(self, cfg: VitConfig, pre_attn: bool, pre_mlp: bool, backend: str):
+        super().__init__()
+        w = cfg.width
+        self.conv1 = nn.Conv2d(3, w, kernel_size=cfg.patch, stride=cfg.patch, bias=False)
+        scale = w ** -0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(w))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.seq_len, w))
+        self.ln_pre = LayerNorm(w)
+
+        def adapter(on):
+            if not on:
+                return None
+            a = STAdapter(w, cfg.adapter_channels, (3, 1, 1), num_prefix_tokens=1, backend=backend)
+            with torch.no_grad():  # non-zero like a trained adapter (a fresh one is the identity)
+                for p in (a.conv.weight, a.conv.bias, a.fc1.bias, a.fc2.bias):
+                    p.normal_(0, 0.02)
+            return a
+
+        self.transformer = Transformer(
+            [ResidualAttentionBlock(w, cfg.heads, adapter(pre_attn), adapter(pre_mlp)) for _ in range(cfg.layers)]
+        )
+        self.ln_post = LayerNorm(w)
+        self.fc = nn.Linear(w, cfg.num_classes)
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        b, _, t, h, w = clips.shape
+        x = clips.permute(0, 2, 1, 3, 4).reshape(b * t, 3, h, w).to(self.conv1.weight.dtype)
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # (B*T, S, C)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.ln_pre(x)
+        for block in self.transformer.resblocks:
+            x = block(x, t)
+        cls = self.ln_post(x[:, 0]).view(b, t, -1).mean(dim=1)
+        return self.fc(cls.to(self.fc.weight.dtype))
+
+
+def build_video_vit(cfg: VitConfig, pre_attn: bool, pre_mlp: bool, backend: str, device: str,
+                    backbone_dtype: torch.dtype) -> VideoViT:
+    """Frozen backbone in backbone_dtype; adapters and head fp32 and trainable (official set-up)."""
+    with torch.device(device):
+        model = VideoViT(cfg, pre_attn, pre_mlp, backend)
+    model.to(backbone_dtype)
+    for name, module in model.named_modules():
+        if isinstance(module, STAdapter) or name == "fc":
+            module.float()
+    for name, p in model.named_parameters():
+        p.requires_grad_(".adapter_" in name or name.startswith("fc."))
+    return model
+
+
+class E2EBench:
+    """One model on one backend: ``train_step()`` (fwd + bwd + AdamW through GradScaler) and
+    ``infer()``; ``measure()`` times both and reads peak memory."""
+
+    def __init__(self, cfg: VitConfig, pre_attn: bool, pre_mlp: bool, provider: str, device: str):
+        from ._bench_core import provider_context
+
+        self.cfg, self.provider, self.device = cfg, provider, device
+        self._context = lambda: provider_context(provider)
+        backend = {"eager": "reference", "eager-nocudnn": "reference", "none": "reference"}.get(provider, provider)
+        self.cuda = device == "cuda"
+        # official set-up: fp16 backbone under fp16 autocast; the CPU smoke runs fp32
+        self.amp_dtype = torch.float16 if self.cuda else None
+        self.model = build_video_vit(cfg, pre_attn, pre_mlp, backend, device, self.amp_dtype or torch.float32)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.trainable, lr=1e-4)
+        self.scaler = torch.amp.GradScaler(device, enabled=self.cuda)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        self.clips = torch.randn(cfg.batch, 3, cfg.frames, cfg.image, cfg.image, generator=gen).to(device)
+        self.labels = torch.randint(0, cfg.num_classes, (cfg.batch,), generator=gen).to(device)
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device, dtype=self.amp_dtype)
+
+    def train_step(self) -> None:
+        with self._context():
+            with self._autocast():
+                loss = F.cross_entropy(self.model(self.clips).float(), self.labels)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+
+    def infer(self) -> torch.Tensor:
+        with self._context(), torch.inference_mode(), self._autocast():
+            return self.model(self.clips)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def _peak(self, fn) -> tuple:
+        """(absolute peak, peak above what was allocated before) of one call, CUDA only."""
+        self.sync()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        self.sync()
+        peak = torch.cuda.max_memory_allocated()
+        return peak, peak - base
+
+    def measure(self, quick: bool, time_fn) -> dict:
+        cfg, model = self.cfg, self.model
+        result = {
+            "num_adapters": sum(isinstance(m, STAdapter) for m in model.modules()),
+            "params": sum(p.numel() for p in model.parameters()),
+            "trainable_params": sum(p.numel() for p in self.trainable),
+            "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None,
+        }
+        budget = ({"warmup_ms": 100.0, "rep_ms": 300.0 if quick else 1000.0, "min_reps": 3, "max_reps": 50}
+                  if self.cuda else {"warmup_ms": 1.0, "rep_ms": 1.0, "min_reps": 2, "max_reps": 3})
+        t0 = time.perf_counter()
+        self.train_step()  # first step: Triton JIT, optimizer state
+        self.sync()
+        result["first_step_s"] = time.perf_counter() - t0
+        if self.cuda:
+            result["peak_train_bytes"], result["train_activation_peak_bytes"] = self._peak(self.train_step)
+        train = time_fn(self.train_step, self.device, flush_l2=False, hide_host=False, **budget)
+        result["train_step_ms"] = train["time_ms"]
+        result["train_clips_per_s"] = cfg.batch / (train["time_ms"] * 1e-3)
+        self.infer()
+        if self.cuda:
+            result["peak_infer_bytes"], result["infer_activation_peak_bytes"] = self._peak(self.infer)
+        else:
+            result["peak_reason"] = "peak memory needs the CUDA caching allocator"
+        inf = time_fn(self.infer, self.device, flush_l2=False, hide_host=False, **budget)
+        result["infer_ms"] = inf["time_ms"]
+        result["infer_clips_per_s"] = cfg.batch / (inf["time_ms"] * 1e-3)
+        return result
+
+    def close(self) -> None:
+        del self.model, self.opt, self.trainable, self.clips, self.labels
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+
+def run_e2e(cfg: VitConfig, pre_attn: bool, pre_mlp: bool, provider: str, device: str, quick: bool,
+            time_fn) -> dict:
+    bench = E2EBench(cfg, pre_attn, pre_mlp, provider, device)
+    try:
+        return bench.measure(quick, time_fn)
+    finally:
+        bench.close()
