@@ -1,0 +1,213 @@
+"""CPU smoke of the benchmark suites and the bench CLI: tiny shapes, then check that the report
+files exist and their fields are sane. Never a timed assertion (CI machines are shared)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from st_adapter_fast import _bench_core as core
+from st_adapter_fast import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+try:
+    import matplotlib  # noqa: F401
+
+    HAS_MPL = True
+except ImportError:
+    HAS_MPL = False
+
+
+@pytest.fixture
+def one_thread():
+    # a 2-core CI box shared with other jobs: oversubscribed OpenMP threads make tiny ops 10x slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _rel(a, b):
+    return abs(a - b) / abs(b)
+
+
+# ------------------------------------------------------------------------------ pure pieces
+def test_roofline_formulas_match_design():
+    """DESIGN section 5: shape A forward is 29.6 GFLOP and 77 MB of unavoidable traffic."""
+    a = core.TARGET_SHAPES["A"]
+    assert a.tokens == 16 * 8 * 196
+    assert _rel(core.op_flops(a, "fwd"), 29.6e9) < 0.01
+    # 77.5 MB of x read + out written, plus 1.2 MB of weights the DESIGN figure leaves out
+    assert _rel(core.op_min_bytes(a, "fwd"), 77e6) < 0.03
+    # backward: four more GEMMs of the forward's size, so three times the forward
+    assert _rel(core.op_flops(a, "fwd+bwd"), 3 * core.op_flops(a, "fwd")) < 1e-9
+    assert core.op_min_bytes(a, "fwd+bwd") > 2 * core.op_min_bytes(a, "fwd")
+    floor, bound = core.roofline_floor_ms(core.op_flops(a, "fwd"), core.op_min_bytes(a, "fwd"),
+                                          {"gemm_tflops": 798.0, "copy_gbps": 3000.0})
+    assert bound == "compute" and _rel(floor, 0.037) < 0.02
+
+
+def test_parse_shapes_and_providers_reject_unknown_names():
+    assert [s.name for s in core.parse_shapes("A,b,C")] == ["A", "B", "C"]
+    assert [s.name for s in core.parse_shapes("tiny")] == ["tiny"]
+    with pytest.raises(ValueError, match="unknown shape 'Z'"):
+        core.parse_shapes("A,Z")
+    assert core.normalize_provider("reference") == "eager"
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        core.normalize_provider("fast")
+
+
+def test_saved_tensor_counter_counts_each_storage_once_and_skips_parameters():
+    x = torch.randn(4, 5, requires_grad=True)
+    w = torch.randn(5, 3, requires_grad=True)
+    with core.SavedTensorCounter(exclude=[w]) as counter:
+        y = x[1:] * x[:-1]  # saves two views of x: one storage
+        z = y @ w  # saves y (a new storage) and w (a parameter: excluded)
+    assert counter.contains(x) and not counter.contains(w)
+    assert counter.saved_bytes == x.numel() * 4 + y.numel() * 4
+    z.sum().backward()  # the hooks left the graph intact
+    assert x.grad is not None and w.grad is not None
+
+
+def test_time_fn_on_cpu_returns_ordered_statistics():
+    a = torch.randn(64, 64)
+    stats = core.time_fn(lambda: a @ a, "cpu", warmup_ms=1, rep_ms=2, min_reps=5, max_reps=8)
+    assert 5 <= stats["reps"] <= 8
+    assert 0 < stats["time_ms_p20"] <= stats["time_ms"] <= stats["time_ms_p80"]
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    assert bench.main(["--device", "cpu", "--shapes", "Z"]) == 2
+    assert "unknown shape" in capsys.readouterr().err
+    assert bench.main(["--device", "cpu", "--backends", "nope"]) == 2
+    assert "unknown backend" in capsys.readouterr().err
+
+
+def test_gpu_verdict_script_parses():
+    script = ROOT / "benchmarks" / "gpu_verdict.sh"
+    assert script.is_file()
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+# ------------------------------------------------------------------------------ the CLI
+def _load(out: Path) -> dict:
+    results = json.loads((out / "results.json").read_text())
+    meta = results["meta"]
+    for key in ("device", "date", "torch", "triton", "python", "library_version", "git_commit", "dtype"):
+        assert key in meta, key
+    assert meta["torch"] == torch.__version__ and meta["library_version"]
+    roof = results["roofline"]
+    assert core.is_finite_positive(roof["gemm_tflops"]) and core.is_finite_positive(roof["copy_gbps"])
+    return results
+
+
+def _ok(rows, **match):
+    hits = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+    assert hits, f"no row with {match}"
+    assert all(r["status"] == "ok" for r in hits), hits
+    return hits
+
+
+def test_cli_cpu_reference_end_to_end(tmp_path, one_thread, capsys):
+    out = tmp_path / "run"
+    assert bench.main(["--device", "cpu", "--shapes", "tiny", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "Kernel timings need a GPU" in printed.err
+    results = _load(out)
+    shape = core.TINY_SHAPES["tiny"]
+
+    for mode in core.MODES:
+        (row,) = _ok(results["op"], suite="target", provider="eager", mode=mode)
+        assert row["flops"] == core.op_flops(shape, mode) and row["min_bytes"] == core.op_min_bytes(shape, mode, 4)
+        assert core.is_finite_positive(row["time_ms"]) and row["reps"] >= 3
+        assert row["speedup_vs_eager"] == 1.0
+        assert 0 < row["roofline_frac"] and row["bound"] in ("compute", "memory")
+    for suite in ("sweep-T", "sweep-tokens"):
+        assert len(_ok(results["op"], suite=suite, provider="eager")) >= 4
+
+    (mem,) = _ok(results["memory"], provider="eager")
+    # eager keeps a copy of x's spatial tokens, h and the conv output for backward
+    assert mem["x_bytes"] < mem["saved_bytes"] <= 4 * mem["x_bytes"]
+    assert mem["peak_bytes"] is None and mem["peak_reason"]
+
+    e2e = {r["config"]: r for r in _ok(results["e2e"])}
+    assert sorted(r["num_adapters"] for r in e2e.values()) == [0, 2, 4]
+    for r in e2e.values():
+        assert core.is_finite_positive(r["train_step_ms"]) and core.is_finite_positive(r["infer_clips_per_s"])
+
+    md = (out / "report.md").read_text()
+    for heading in ("Roofline", "Op level", "Sweep over T", "Memory per adapter", "End to end"):
+        assert heading in md, heading
+    assert "Kernel timings need a GPU" in md
+    if HAS_MPL:
+        for name in ("time_per_shape.png", "speedup.png", "sweeps.png", "memory.png", "e2e.png"):
+            assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    else:
+        assert any("matplotlib" in n for n in results["notes"])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1",
+                    reason="the CPU twin runs the Triton kernels under TRITON_INTERPRET=1 (set without CUDA)")
+def test_cli_triton_interpreter_tiny(tmp_path, one_thread):
+    out = tmp_path / "run"
+    argv = ["--device", "cpu", "--shapes", "tiny", "--quick", "--backends", "eager,triton,cuda",
+            "--no-e2e", "--no-sweeps", "--no-plots", "--out", str(out)]
+    assert bench.main(argv) == 0
+    results = _load(out)
+    for mode in core.MODES:
+        (row,) = _ok(results["op"], provider="triton", mode=mode)
+        assert core.is_finite_positive(row["speedup_vs_eager"])
+    cuda_rows = [r for r in results["op"] if r["provider"] == "cuda"]
+    assert cuda_rows and all(r["status"] == "skipped" and r["reason"] for r in cuda_rows)
+    assert any(s["what"] == "cuda" for s in results["skipped"])
+    (mem,) = _ok(results["memory"], provider="triton")
+    # the fused op saves x and the parameters only (DESIGN section 5 target: <= 1 MB beyond x)
+    assert mem["saves_x"] and mem["saved_beyond_x_bytes"] <= 1_000_000
+
+
+@requires_cuda
+def test_cli_cuda_tiny(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--device", "cuda", "--shapes", "tiny", "--quick", "--backends", "eager,eager-nocudnn,triton,cuda",
+            "--no-plots", "--out", str(out)]
+    assert bench.main(argv) == 0
+    results = _load(out)
+    assert results["meta"]["device_type"] == "cuda"
+    for provider in ("eager", "eager-nocudnn"):
+        for mode in core.MODES:
+            _ok(results["op"], suite="target", provider=provider, mode=mode)
+        (mem,) = _ok(results["memory"], provider=provider)
+        assert mem["peak_bytes"] >= mem["fwd_held_bytes"] > 0
+    for r in _ok(results["e2e"]):
+        assert r["peak_train_bytes"] > 0
+
+
+# --------------------------------------------------------------------- pytest-benchmark suites
+def test_pytest_benchmark_suites_run(tmp_path):
+    pytest.importorskip("pytest_benchmark")
+    report = tmp_path / "bench.json"
+    env = dict(os.environ, ST_ADAPTER_BENCH_SHAPES="tiny", ST_ADAPTER_BENCH_BACKENDS="eager",
+               ST_ADAPTER_BENCH_QUICK="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider",
+         f"--benchmark-json={report}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    benches = json.loads(report.read_text())["benchmarks"]
+    names = {b["name"].split("[")[0] for b in benches}
+    assert {"test_target_shape", "test_sweep_frames", "test_sweep_tokens", "test_memory", "test_train_step"} <= names
+    for b in benches:
+        info = b["extra_info"]
+        assert b["stats"]["min"] > 0 and info["device"]
+        if b["name"].startswith("test_target_shape"):
+            assert info["flops"] > 0 and info["device_time_ms"] > 0 and info["roofline_frac"] > 0
+        if b["name"].startswith("test_memory"):
+            assert info["saved_bytes"] > 0
