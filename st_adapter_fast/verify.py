@@ -628,7 +628,7 @@ def verify_model(
     forward_kwargs: Optional[Dict[str, Any]] = None,
     grads: bool = True,
     autocast_dtype: Optional[torch.dtype] = None,
-    train: Optional[bool] = None,
+    train: Optional[bool] = False,
     upcast: bool = True,
     seed: int = 0,
 ) -> ModelParityResult:
@@ -644,8 +644,11 @@ def verify_model(
         grads: also compare the gradients of the floating inputs and of every parameter that
             requires grad, for a fixed random cotangent on each floating output.
         autocast_dtype: run every forward under torch.autocast(device, autocast_dtype).
-        train: run in train (True) or eval (False) mode; None keeps the model's modes.
-            Every run is seeded with ``seed``, so dropout draws the same masks in both runs.
+        train: False (default) runs in eval mode -- no dropout, BatchNorm on its running
+            statistics -- so the runs are deterministic and as well-conditioned as the model
+            allows (BatchNorm over a tiny batch in train mode amplifies rounding by orders of
+            magnitude, in every run alike). True runs in train mode, None keeps the model's
+            modes; every run is seeded with ``seed`` so dropout draws alike.
         upcast: also run a float64 copy (copy.deepcopy, adapters on the reference) and judge
             every tensor under THE rule of st_adapter_fast.parity: the fused run's error against
             float64 may be at most ~2x the reference run's error plus a floor. False (or a model
