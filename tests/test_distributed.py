@@ -13,6 +13,8 @@ import datetime
 import functools
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -210,3 +212,21 @@ def test_ddp_two_ranks_match_single_process_triton_backend(two_rank_results):
     """The fused custom op (Triton interpreter) under DDP: its parameter grads flow into DDP's
     gradient buckets like any autograd leaf's."""
     check_against_single_process(two_rank_results[("ddp", "triton", TRITON_STEPS)], "triton", TRITON_STEPS)
+
+
+def test_example_train_ddp_runs_under_torchrun(tmp_path):
+    """examples/train_ddp.py as documented, on 2 CPU ranks (gloo), with block checkpointing."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_ddp.py"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={WORLD_SIZE}",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        str(script), "--arch", "tiny", "--steps", "2", "--batch-size", "2", "--frames", "4",
+        "--activation-checkpointing", "--save", str(tmp_path / "adapters.pt"),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SPAWN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("loss") == 2, proc.stdout
+    saved = torch.load(tmp_path / "adapters.pt")["model"]
+    assert saved and all(".adapter_pre_mlp." in k or k.startswith("fc.") for k in saved), sorted(saved)
+    assert any(k.startswith("fc.") for k in saved) and any(".adapter_pre_mlp." in k for k in saved)
