@@ -4,7 +4,7 @@ inference throughput and peak memory in extra_info. On CPU a 2-block tiny ViT st
 
 import pytest
 
-from _bench_settings import DEVICE, DTYPE, E2E, PLAIN_PROVIDERS, QUICK, TINY
+from _bench_settings import DEVICE, DTYPE, E2E, E2E_MODEL, PLAIN_PROVIDERS, QUICK, TINY
 from st_adapter_fast import _bench_core as core
 from st_adapter_fast import _bench_e2e as e2e
 
@@ -25,11 +25,11 @@ def test_train_step(benchmark, machine_info, layout, provider):
             reason = "the Triton interpreter is too slow for a whole model; e2e needs a GPU"
         if reason is not None:
             pytest.skip(reason)
-    bench = e2e.E2EBench(CFG, pre_attn, pre_mlp, provider, DEVICE)
+    bench = e2e.E2EBench(CFG, pre_attn, pre_mlp, provider, DEVICE, builder=E2E_MODEL)
     try:
         info = bench.measure(QUICK, core.time_fn)
         benchmark.extra_info.update(machine_info)
-        benchmark.extra_info.update(config=name, provider=provider, **info)
+        benchmark.extra_info.update(config=name, provider=provider, builder=E2E_MODEL, **info)
         benchmark.pedantic(lambda: (bench.train_step(), bench.sync()), rounds=3 if (QUICK or DEVICE == "cpu") else 20,
                            warmup_rounds=1)
     finally:

@@ -156,11 +156,11 @@ def measure_roofline(device: str, quick: bool = False) -> dict:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     gemm = time_fn(lambda: torch.mm(a, b), device, warmup_ms=50, rep_ms=200 if not quick else 60,
-                   flush_l2=False, hide_host=False)
+                   flush_l2=False, hide_host=False, loop=False)
     src = torch.empty(copy_bytes, device=device, dtype=torch.uint8).random_(0, 255)
     dst = torch.empty_like(src)
     copy = time_fn(lambda: dst.copy_(src), device, warmup_ms=20, rep_ms=100 if not quick else 40,
-                   flush_l2=False, hide_host=False)
+                   flush_l2=False, hide_host=False, loop=False)
     del a, b, src, dst
     return {
         "gemm_tflops": 2 * n ** 3 / (gemm["time_ms"] * 1e-3) / 1e12,
@@ -315,6 +315,7 @@ def time_fn(
     hide_host: bool = True,
     min_reps: int = 5,
     max_reps: int = 1000,
+    loop: bool = True,
 ) -> dict:
     """Median time of fn in ms (plus p20/p80, mean, reps). CUDA: per-repetition events, L2
     flushed, a queued GPU sleep hides host dispatch; also `loop_ms`, back-to-back launches.
@@ -345,6 +346,9 @@ def time_fn(
     times = []
     loop_ms = None
     if cuda:
+        # GPU busy-wait long enough (2x one call's wall time, clocks ~2 GHz) for the CPU to
+        # queue the whole call behind it: the events then time the kernels, not Python.
+        sleep_cycles = int(min(max(2 * est_ms, 0.05), 2.0) * 2e6)
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
         for i in range(n_rep):
@@ -352,12 +356,13 @@ def time_fn(
             if flush_l2:
                 _flush_l2(device)
             if hide_host:
-                torch.cuda._sleep(100_000)  # ~60 us at 1.7 GHz: enough for a Python dispatch
+                torch.cuda._sleep(sleep_cycles)
             starts[i].record()
             fn()
             ends[i].record()
         torch.cuda.synchronize()
         times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    if cuda and loop:
         n_loop = max(min_reps, min(n_rep, 200))
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -367,7 +372,7 @@ def time_fn(
         end.record()
         torch.cuda.synchronize()
         loop_ms = start.elapsed_time(end) / n_loop
-    else:
+    elif not cuda:
         for _ in range(n_rep):
             setup()
             t = time.perf_counter()

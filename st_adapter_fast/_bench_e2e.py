@@ -2,9 +2,9 @@
 (pre-attention + pre-MLP) ST-Adapters, trained and run the way the official code does it:
 frozen fp16 backbone, fp32 adapters and head, fp16 autocast, GradScaler, AdamW.
 
-The model is built here, small and self-contained, so the benchmark does not depend on the
-CLIP loader; `build_video_vit` is the one place to swap for st_adapter_fast.inject once that
-lands. Module names follow OpenAI CLIP (conv1, ln_pre, transformer.resblocks.{i}.ln_1/attn/
+The default model is built here, small and self-contained, so the benchmark does not depend on
+the CLIP loader; `build_video_vit(..., builder="library")` builds the same network through the
+library (clip_vit.CLIPVisionTransformer + inject_st_adapters + video.VideoClassifier). Module names follow OpenAI CLIP (conv1, ln_pre, transformer.resblocks.{i}.ln_1/attn/
 ln_2/mlp.c_fc/mlp.c_proj, ln_post) and the official adapters (adapter_pre_attn, adapter_pre_mlp).
 
 Note on the 0-adapter row: with a frozen backbone nothing below the head needs gradients, so
@@ -70,6 +70,15 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+class CudnnOffSTAdapter(STAdapter):
+    """What the official config meant (DWCONV3D_DISABLE_CUDNN): cuDNN off around the adapter's
+    forward only -- the patch-embedding conv keeps cuDNN, and backward runs with the global flag."""
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        with torch.backends.cudnn.flags(enabled=False):
+            return super().forward(x, num_frames)
+
+
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width: int, heads: int, pre_attn: Optional[STAdapter], pre_mlp: Optional[STAdapter]):
         super().__init__()
@@ -103,7 +112,7 @@ class VideoViT(nn.Module):
     """clips (B, 3, T, H, W) -> logits (B, classes): per-frame CLIP ViT, CLS after ln_post
     averaged over frames, linear head (the official ST-Adapter classifier)."""
 
-    def __init__(self, cfg: VitConfig, pre_attn: bool, pre_mlp: bool, backend: str):
+    def __init__(self, cfg: VitConfig, pre_attn: bool, pre_mlp: bool, backend: str, cudnn_off: bool = False):
         super().__init__()
         w = cfg.width
         self.conv1 = nn.Conv2d(3, w, kernel_size=cfg.patch, stride=cfg.patch, bias=False)
@@ -115,11 +124,8 @@ class VideoViT(nn.Module):
         def adapter(on):
             if not on:
                 return None
-            a = STAdapter(w, cfg.adapter_channels, (3, 1, 1), num_prefix_tokens=1, backend=backend)
-            with torch.no_grad():  # non-zero like a trained adapter (a fresh one is the identity)
-                for p in (a.conv.weight, a.conv.bias, a.fc1.bias, a.fc2.bias):
-                    p.normal_(0, 0.02)
-            return a
+            cls = CudnnOffSTAdapter if cudnn_off else STAdapter
+            return cls(w, cfg.adapter_channels, (3, 1, 1), num_prefix_tokens=1, backend=backend)
 
         self.transformer = Transformer(
             [ResidualAttentionBlock(w, cfg.heads, adapter(pre_attn), adapter(pre_mlp)) for _ in range(cfg.layers)]
@@ -140,34 +146,67 @@ class VideoViT(nn.Module):
         return self.fc(cls.to(self.fc.weight.dtype))
 
 
-def build_video_vit(cfg: VitConfig, pre_attn: bool, pre_mlp: bool, backend: str, device: str,
-                    backbone_dtype: torch.dtype) -> VideoViT:
-    """Frozen backbone in backbone_dtype; adapters and head fp32 and trainable (official set-up)."""
-    with torch.device(device):
-        model = VideoViT(cfg, pre_attn, pre_mlp, backend)
+def _finish(model: nn.Module, backbone_dtype: torch.dtype) -> nn.Module:
+    """Official set-up: frozen backbone in backbone_dtype; adapters and head fp32, trainable,
+    adapters non-zero like trained ones (a fresh adapter is the identity)."""
     model.to(backbone_dtype)
     for name, module in model.named_modules():
         if isinstance(module, STAdapter) or name == "fc":
             module.float()
+        if isinstance(module, STAdapter):
+            with torch.no_grad():
+                for p in (module.conv.weight, module.conv.bias, module.fc1.bias, module.fc2.bias):
+                    p.normal_(0, 0.02)
+    adapter_params = {id(p) for m in model.modules() if isinstance(m, STAdapter) for p in m.parameters()}
     for name, p in model.named_parameters():
-        p.requires_grad_(".adapter_" in name or name.startswith("fc."))
+        p.requires_grad_(id(p) in adapter_params or name.startswith("fc."))
     return model
+
+
+def build_video_vit(cfg: VitConfig, pre_attn: bool, pre_mlp: bool, backend: str, device: str,
+                    backbone_dtype: torch.dtype, cudnn_off: bool = False, builder: str = "builtin") -> nn.Module:
+    """The benchmark's video model. builder="builtin": the self-contained model above;
+    "library": st_adapter_fast.clip_vit's CLIP ViT with adapters from inject_st_adapters and the
+    VideoClassifier head (the library's own path, as users build it)."""
+    if builder == "builtin":
+        with torch.device(device):
+            model = VideoViT(cfg, pre_attn, pre_mlp, backend, cudnn_off)
+        return _finish(model, backbone_dtype)
+    if builder != "library":
+        raise ValueError(f"e2e model builder must be 'builtin' or 'library', got {builder!r}")
+    from .clip_vit import CLIPVisionConfig, CLIPVisionTransformer
+    from .inject import inject_st_adapters
+    from .video import VideoClassifier
+
+    config = CLIPVisionConfig(input_resolution=cfg.image, patch_size=cfg.patch, width=cfg.width,
+                              layers=cfg.layers, heads=cfg.heads, output_dim=None)
+    with torch.device(device):
+        backbone = CLIPVisionTransformer(config)
+        positions = [name for name, on in (("pre_attn", pre_attn), ("pre_mlp", pre_mlp)) if on]
+        if positions:
+            inject_st_adapters(backbone, adapter_channels=cfg.adapter_channels, positions=positions,
+                               backend=backend, verbose=False)
+        model = VideoClassifier(backbone, cfg.num_classes, dropout=0.0)
+    if cudnn_off:
+        for module in model.modules():
+            if type(module) is STAdapter:
+                module.__class__ = CudnnOffSTAdapter
+    return _finish(model, backbone_dtype)
 
 
 class E2EBench:
     """One model on one backend: ``train_step()`` (fwd + bwd + AdamW through GradScaler) and
     ``infer()``; ``measure()`` times both and reads peak memory."""
 
-    def __init__(self, cfg: VitConfig, pre_attn: bool, pre_mlp: bool, provider: str, device: str):
-        from ._bench_core import provider_context
-
+    def __init__(self, cfg: VitConfig, pre_attn: bool, pre_mlp: bool, provider: str, device: str,
+                 builder: str = "builtin"):
         self.cfg, self.provider, self.device = cfg, provider, device
-        self._context = lambda: provider_context(provider)
         backend = {"eager": "reference", "eager-nocudnn": "reference", "none": "reference"}.get(provider, provider)
         self.cuda = device == "cuda"
         # official set-up: fp16 backbone under fp16 autocast; the CPU smoke runs fp32
         self.amp_dtype = torch.float16 if self.cuda else None
-        self.model = build_video_vit(cfg, pre_attn, pre_mlp, backend, device, self.amp_dtype or torch.float32)
+        self.model = build_video_vit(cfg, pre_attn, pre_mlp, backend, device, self.amp_dtype or torch.float32,
+                                     cudnn_off=(provider == "eager-nocudnn"), builder=builder)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.trainable, lr=1e-4)
         self.scaler = torch.amp.GradScaler(device, enabled=self.cuda)
@@ -181,16 +220,15 @@ class E2EBench:
         return torch.autocast(self.device, dtype=self.amp_dtype)
 
     def train_step(self) -> None:
-        with self._context():
-            with self._autocast():
-                loss = F.cross_entropy(self.model(self.clips).float(), self.labels)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
-            self.opt.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = F.cross_entropy(self.model(self.clips).float(), self.labels)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
 
     def infer(self) -> torch.Tensor:
-        with self._context(), torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast():
             return self.model(self.clips)
 
     def sync(self) -> None:
@@ -223,7 +261,7 @@ class E2EBench:
         result["first_step_s"] = time.perf_counter() - t0
         if self.cuda:
             result["peak_train_bytes"], result["train_activation_peak_bytes"] = self._peak(self.train_step)
-        train = time_fn(self.train_step, self.device, flush_l2=False, hide_host=False, **budget)
+        train = time_fn(self.train_step, self.device, flush_l2=False, hide_host=False, loop=False, **budget)
         result["train_step_ms"] = train["time_ms"]
         result["train_clips_per_s"] = cfg.batch / (train["time_ms"] * 1e-3)
         self.infer()
@@ -231,7 +269,7 @@ class E2EBench:
             result["peak_infer_bytes"], result["infer_activation_peak_bytes"] = self._peak(self.infer)
         else:
             result["peak_reason"] = "peak memory needs the CUDA caching allocator"
-        inf = time_fn(self.infer, self.device, flush_l2=False, hide_host=False, **budget)
+        inf = time_fn(self.infer, self.device, flush_l2=False, hide_host=False, loop=False, **budget)
         result["infer_ms"] = inf["time_ms"]
         result["infer_clips_per_s"] = cfg.batch / (inf["time_ms"] * 1e-3)
         return result
@@ -243,8 +281,8 @@ class E2EBench:
 
 
 def run_e2e(cfg: VitConfig, pre_attn: bool, pre_mlp: bool, provider: str, device: str, quick: bool,
-            time_fn) -> dict:
-    bench = E2EBench(cfg, pre_attn, pre_mlp, provider, device)
+            time_fn, builder: str = "builtin") -> dict:
+    bench = E2EBench(cfg, pre_attn, pre_mlp, provider, device, builder)
     try:
         return bench.measure(quick, time_fn)
     finally:

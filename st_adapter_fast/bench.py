@@ -5,8 +5,8 @@ every backend, written to benchmarks/results/<device>-<date>/ (results.json, rep
     python -m st_adapter_fast bench --quick --no-e2e      # a fast look
     python -m st_adapter_fast bench --device cpu --shapes tiny --backends eager,triton
 
-Work runs in priority order (fused and eager timings, memory, end to end, sweeps, then the
-slow torch.compile modes), so ``--budget-s`` can cut the tail and still leave a useful report:
+Work runs in priority order (eager and fused timings, memory, torch.compile on the first shape,
+end to end, sweeps, torch.compile on the other shapes), so ``--budget-s`` can cut the tail and still leave a useful report:
 whatever is cut is listed as skipped, with the reason.
 """
 
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>-<date>)")
     p.add_argument("--e2e", dest="e2e", action="store_true", default=True, help="end-to-end ViT model (default)")
     p.add_argument("--no-e2e", dest="e2e", action="store_false")
+    p.add_argument("--e2e-model", choices=("builtin", "library"), default="builtin",
+                   help="builtin: the bench's own CLIP-style ViT; library: st_adapter_fast.clip_vit + "
+                        "inject_st_adapters + VideoClassifier")
     p.add_argument("--no-sweeps", dest="sweeps", action="store_false", default=True,
                    help="skip the sweeps over T and token count")
     p.add_argument("--profile", action="store_true",
@@ -201,7 +204,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     def e2e_task(cfg, layout, provider: str) -> None:
         name, pre_attn, pre_mlp = layout
         label = f"e2e {name} {provider}"
-        row = {"config": name, "provider": provider, "model": dataclasses.asdict(cfg)}
+        row = {"config": name, "provider": provider, "model": dict(dataclasses.asdict(cfg), builder=args.e2e_model)}
 
         def run():
             reason = None
@@ -215,7 +218,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 skip(f"e2e {provider}" if "interpreter" in reason else provider, reason)
             else:
                 row.update(status="ok", **e2e_mod.run_e2e(cfg, pre_attn, pre_mlp, provider, device, args.quick,
-                                                          core.time_fn))
+                                                          core.time_fn, builder=args.e2e_model))
             results["e2e"].append(row)
 
         def on_skip(reason):
@@ -225,6 +228,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         tasks.append(_Task(label, run, on_skip))
 
+    # priority order: a --budget-s cut drops the tail of this list
     for shape in shapes:
         for provider in plain_providers:
             for mode in core.MODES:
@@ -232,11 +236,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     for shape in shapes:
         for provider in plain_providers:
             memory_task(shape, provider)
+    for provider in compile_providers:  # the first shape (A) against torch.compile early
+        for mode in core.MODES:
+            op_task("target", shapes[0], provider, mode)
     if args.e2e:
         cfg = e2e_mod.VIT_TINY if (device == "cpu" or tiny) else e2e_mod.VIT_B16
-        e2e_providers = [p for p in plain_providers]
         for layout in e2e_mod.adapter_layouts(cfg):
-            for provider in (["none"] if not (layout[1] or layout[2]) else e2e_providers):
+            for provider in (["none"] if not (layout[1] or layout[2]) else plain_providers):
                 e2e_task(cfg, layout, provider)
     else:
         skip("e2e", "--no-e2e")
@@ -254,8 +260,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         skip("sweeps", "--no-sweeps")
     for provider in compile_providers:
-        for i, shape in enumerate(shapes):
-            if provider == "compile-max-autotune" and args.quick and i > 0:
+        for shape in shapes[1:]:
+            if provider == "compile-max-autotune" and args.quick:
                 skip(f"{provider} {shape.name}", "--quick runs max-autotune on the first shape only")
                 continue
             for mode in core.MODES:
@@ -359,10 +365,14 @@ def _profile(core, provider, shape, device, dtype, out_dir: Path, results: dict,
             torch.cuda.synchronize()
     trace = out_dir / f"trace-{shape.name}-{provider}.json"
     prof.export_chrome_trace(str(trace))
-    sort_by = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-    try:
-        table = prof.key_averages().table(sort_by=sort_by, row_limit=20)
-    except (KeyError, AttributeError, RuntimeError):
+    table = None
+    for sort_by in (["device_time_total", "cuda_time_total"] if device == "cuda" else []) + ["cpu_time_total"]:
+        try:  # the key's name changed across torch versions
+            table = prof.key_averages().table(sort_by=sort_by, row_limit=20)
+            break
+        except Exception:  # noqa: BLE001
+            continue
+    if table is None:
         table = prof.key_averages().table(row_limit=20)
     (out_dir / f"profile-{shape.name}-{provider}.txt").write_text(table)
     results["profiles"].append(str(trace))

@@ -83,6 +83,27 @@ def test_time_fn_on_cpu_returns_ordered_statistics():
     assert 0 < stats["time_ms_p20"] <= stats["time_ms"] <= stats["time_ms_p80"]
 
 
+@pytest.mark.parametrize("pre_attn,pre_mlp", [(False, False), (False, True), (True, True)])
+def test_e2e_builtin_model_matches_library_model(pre_attn, pre_mlp, one_thread):
+    """The bench's self-contained ViT and the library's CLIP ViT + inject_st_adapters agree in
+    structure, so either one measures the same network."""
+    from st_adapter_fast import _bench_e2e as e2e
+    from st_adapter_fast.module import STAdapter
+
+    cfg = e2e.VIT_TINY
+    models = {b: e2e.build_video_vit(cfg, pre_attn, pre_mlp, "reference", "cpu", torch.float32, builder=b)
+              for b in ("builtin", "library")}
+    counts = {b: (sum(p.numel() for p in m.parameters()), sum(p.numel() for p in m.parameters() if p.requires_grad),
+                  sum(isinstance(mod, STAdapter) for mod in m.modules())) for b, m in models.items()}
+    assert counts["builtin"] == counts["library"]
+    assert counts["builtin"][2] == cfg.layers * (int(pre_attn) + int(pre_mlp))
+    clips = torch.randn(cfg.batch, 3, cfg.frames, cfg.image, cfg.image)
+    for m in models.values():
+        assert m(clips).shape == (cfg.batch, cfg.num_classes)
+    with pytest.raises(ValueError, match="builder"):
+        e2e.build_video_vit(cfg, False, False, "reference", "cpu", torch.float32, builder="timm")
+
+
 def test_cli_rejects_bad_arguments(capsys):
     assert bench.main(["--device", "cpu", "--shapes", "Z"]) == 2
     assert "unknown shape" in capsys.readouterr().err
