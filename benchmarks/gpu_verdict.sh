@@ -19,11 +19,13 @@ START=$(date +%s)
 TOTAL_S=${TOTAL_S:-570}
 TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-300}
 PYTHON=${PYTHON:-python3}
+PYTEST_TARGET=${PYTEST_TARGET:-tests}  # relative to the repo root
 PYTEST_ARGS=${PYTEST_ARGS:--x -q}
 BENCH_ARGS=${BENCH_ARGS:-}
+DEVICE=${VERDICT_DEVICE:-cuda}  # cpu only to dry-run this script on a machine without a GPU
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-unset TRITON_INTERPRET  # the GPU twins must run the compiled kernels
+[ "$DEVICE" = cuda ] && unset TRITON_INTERPRET  # the GPU twins must run the compiled kernels
 export PYTHONUNBUFFERED=1
 elapsed() { echo $(( $(date +%s) - START )); }
 log() { echo "[verdict $(elapsed)s] $*"; }
@@ -40,12 +42,15 @@ if ! "$PYTHON" -c "import st_adapter_fast.kernels" 2>/dev/null; then
         for f in "$REPO"/st_adapter_fast/*; do ln -s "$f" "$SHIM/st_adapter_fast/$(basename "$f")"; done
         ln -sfn "$REPO/kernels" "$SHIM/st_adapter_fast/kernels"
         export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+        # `python -m` puts the working directory first on sys.path, where the checkout's
+        # st_adapter_fast (no kernels/ inside) would shadow the shim: run from elsewhere.
+        cd "$(dirname "$SHIM")"
     fi
 fi
 "$PYTHON" -c "import st_adapter_fast, st_adapter_fast.kernels, torch; print('st_adapter_fast', st_adapter_fast.__version__, 'from', st_adapter_fast.__file__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())" \
     || { log "st_adapter_fast is not importable"; exit 1; }
 
-OUT_DIR=$("$PYTHON" -c "from st_adapter_fast._bench_report import default_out_dir; print(default_out_dir('cuda'))")
+OUT_DIR=$("$PYTHON" -c "from st_adapter_fast._bench_report import default_out_dir; print(default_out_dir('$DEVICE'))")
 mkdir -p "$OUT_DIR"
 log "results folder: $OUT_DIR"
 
@@ -64,12 +69,12 @@ except Exception as err:  # the benchmark reports the backend as skipped, with t
 EOF
 
 # ---------------------------------------------------------------------- GPU parity tests
-log "running the tests: python -m pytest tests $PYTEST_ARGS (at most ${TEST_TIMEOUT_S}s)"
-timeout -s INT "$TEST_TIMEOUT_S" "$PYTHON" -m pytest tests $PYTEST_ARGS -p no:cacheprovider -rfEs 2>&1 \
+log "running the tests: python -m pytest $PYTEST_TARGET $PYTEST_ARGS (at most ${TEST_TIMEOUT_S}s)"
+timeout -s INT "$TEST_TIMEOUT_S" "$PYTHON" -m pytest "$REPO/$PYTEST_TARGET" $PYTEST_ARGS -p no:cacheprovider -rfEs 2>&1 \
     | tee "$OUT_DIR/pytest_full.txt"
 TEST_RC=${PIPESTATUS[0]}
 {
-    echo "python -m pytest tests $PYTEST_ARGS -> exit code $TEST_RC$([ "$TEST_RC" = 124 ] && echo ' (timed out)')"
+    echo "python -m pytest $PYTEST_TARGET $PYTEST_ARGS -> exit code $TEST_RC$([ "$TEST_RC" = 124 ] && echo ' (timed out)')"
     grep -E "^(FAILED|ERROR)" "$OUT_DIR/pytest_full.txt" | head -50
     tail -n 1 "$OUT_DIR/pytest_full.txt"
 } >"$OUT_DIR/pytest_summary.txt"
@@ -81,7 +86,7 @@ LEFT=$(( TOTAL_S - $(elapsed) ))
 BUDGET=$(( LEFT - 90 ))
 if [ "$BUDGET" -lt 60 ]; then BUDGET=60; fi
 log "benchmark with --budget-s $BUDGET"
-timeout -s INT $(( LEFT > 120 ? LEFT : 120 )) "$PYTHON" -m st_adapter_fast bench --device cuda \
+timeout -s INT $(( LEFT > 120 ? LEFT : 120 )) "$PYTHON" -m st_adapter_fast bench --device "$DEVICE" \
     --out "$OUT_DIR" --budget-s "$BUDGET" --pytest-summary "$OUT_DIR/pytest_summary.txt" $BENCH_ARGS 2>&1 \
     | tee "$OUT_DIR/bench_log.txt"
 BENCH_RC=${PIPESTATUS[0]}
