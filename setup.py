@@ -71,7 +71,7 @@ def _cuda_extension():
     if too_old:
         raise ValueError(f"ST_ADAPTER_FAST_CUDA_ARCHS lists {too_old}; the kernels need sm_80 or newer")
     _cap_max_jobs()
-    flags = ["-O3", "-std=c++17"]
+    flags = ["-O3"]  # the C++ standard is torch's choice (2.14 needs C++20, older torch C++17)
     ext = CUDAExtension(
         name="st_adapter_fast._cuda",
         sources=[os.path.join(CSRC, s) for s in CUDA_SOURCES],

@@ -62,14 +62,33 @@ def _jit_unavailable_reason() -> Optional[str]:
     return None
 
 
+def wheel_cuda_includes() -> list:
+    """Header dirs of pip's nvidia-* CUDA wheels, needed when the toolkit at CUDA_HOME is a
+    bare nvcc install without the libraries' headers that torch's headers include
+    (cusparse.h, cublas_v2.h): the usual case for a pip-installed CUDA torch."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is not None and (pathlib.Path(CUDA_HOME) / "include" / "cusparse.h").is_file():
+        return []
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    dirs = []
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        for inc in sorted(pathlib.Path(root).glob("cu*/include")):
+            if (inc / "cusparse.h").is_file():
+                dirs.append(str(inc))
+    return dirs
+
+
 def _jit_build():
     from torch.utils.cpp_extension import load
 
-    flags = ["-O3", "-std=c++17"]
+    flags = ["-O3"]  # the C++ standard is torch's choice (2.14 needs C++20, older torch C++17)
     return load(
         name=JIT_NAME,
         sources=[str(CSRC_DIR / s) for s in SOURCES],
-        extra_include_paths=[str(CSRC_DIR)],
+        extra_include_paths=[str(CSRC_DIR)] + wheel_cuda_includes(),
         extra_cflags=flags,
         extra_cuda_cflags=flags + ["-lineinfo"],
         verbose=os.environ.get("ST_ADAPTER_FAST_VERBOSE_BUILD", "0") == "1",
@@ -109,8 +128,6 @@ def extension_error() -> Optional[str]:
 def unavailable_reason(x: torch.Tensor, kernel_size: Sequence[int], dtype: torch.dtype) -> Optional[str]:
     """None if the CUDA kernels can run this call, else why not. Checks the cheap things first, so
     CPU tensors and unsupported cases never trigger a build."""
-    if x.device.type != "cuda":
-        return f"the CUDA backend runs on CUDA tensors, got device {x.device}"
     if dtype not in FUSED_DTYPES or x.dtype not in FUSED_DTYPES:
         return (f"the CUDA backend supports float32/float16/bfloat16, got {x.dtype} activations and "
                 f"{dtype} weights")
@@ -122,6 +139,8 @@ def unavailable_reason(x: torch.Tensor, kernel_size: Sequence[int], dtype: torch
         return f"kernel_size {tuple(kernel_size)}: only temporal kernels (kt, 1, 1) are fused"
     if kt > MAX_KT:
         return f"kernel_size {tuple(kernel_size)}: temporal kernels up to {MAX_KT} are fused"
+    if x.device.type != "cuda":
+        return f"the CUDA backend runs on CUDA tensors, got device {x.device}"
     capability = torch.cuda.get_device_capability(x.device)
     if capability < MIN_CAPABILITY:
         return (f"the CUDA kernels need compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, "
