@@ -131,3 +131,29 @@ def test_checkpoint_around_the_functional_op(backend):
         out.backward(grad_out)
         results.append({"out": out.detach(), "x": x.grad, **{f"p{i}": p.grad for i, p in enumerate(params)}})
     _assert_bitwise_equal(results[1], results[0], f"checkpointed st_adapter ({backend})")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=fused_available)])
+def test_inplace_adapters_in_checkpointed_blocks_are_never_silently_wrong(backend):
+    """inplace=True (the official module's behaviour) overwrites the checkpointed block's input,
+    which the recompute needs. Allowed outcomes: PyTorch's standard in-place error, or the same
+    gradients as out-of-place adapters -- never different numbers. (Use inplace=False with
+    activation checkpointing.)"""
+    device = fused_device() if backend != "reference" else "cpu"
+    clips, labels = (t.to(device) for t in make_batch(2, seed=6))
+    out_of_place = _grads(build_model(backend).to(device), clips, labels)
+
+    model = build_model(backend).to(device)
+    for _, adapter in adapter_modules(model):
+        adapter.inplace = True
+    apply_activation_checkpointing(
+        model, check_fn=is_block,
+        checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+    )
+    try:
+        got = _grads(model, clips, labels)
+    except RuntimeError as err:
+        assert "modified by an inplace operation" in str(err), err
+        return
+    for name, want in out_of_place.items():
+        torch.testing.assert_close(got[name], want, msg=f"in-place + checkpointing: {name}")
