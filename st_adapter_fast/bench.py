@@ -174,8 +174,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 row.update(status="ok", **core.time_op(provider, shape, mode, device, dtype, args.quick))
             results["op"].append(row)
 
-        def on_skip(reason):
-            row.update(status="skipped", reason=reason)
+        def on_skip(reason, status="skipped"):
+            row.update(status=status, reason=reason)
             results["op"].append(row)
             skip(label, reason)
 
@@ -194,8 +194,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 row.update(status="ok", **core.measure_memory(provider, shape, device, dtype))
             results["memory"].append(row)
 
-        def on_skip(reason):
-            row.update(status="skipped", reason=reason)
+        def on_skip(reason, status="skipped"):
+            row.update(status=status, reason=reason)
             results["memory"].append(row)
             skip(label, reason)
 
@@ -221,8 +221,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                           core.time_fn, builder=args.e2e_model))
             results["e2e"].append(row)
 
-        def on_skip(reason):
-            row.update(status="skipped", reason=reason)
+        def on_skip(reason, status="skipped"):
+            row.update(status=status, reason=reason)
             results["e2e"].append(row)
             skip(label, reason)
 
@@ -273,17 +273,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             tasks.append(_Task(f"profile {shapes[0].name} {provider}",
                                lambda provider=provider: _profile(core, provider, shapes[0], device, dtype,
                                                                   out_dir, results, skip),
-                               lambda reason, provider=provider: skip(f"profile {provider}", reason)))
+                               lambda reason, status="skipped", provider=provider: skip(f"profile {provider}", reason)))
 
     # -------------------------------------------------------------------------------- run it
     progress = _Progress(len(tasks) + 1)
     exit_code = 0
     try:
         progress.start("roofline")
-        results["roofline"] = core.measure_roofline(device, quick=args.quick or device == "cpu")
+        try:
+            results["roofline"] = r = core.measure_roofline(device, quick=args.quick or device == "cpu")
+            progress.write(f"roofline: {r['gemm_dtype']} GEMM {r['gemm_tflops']:.2f} TFLOP/s, "
+                           f"copy {r['copy_gbps']:.0f} GB/s")
+        except Exception as err:  # no roofline column, everything else still runs
+            skip("roofline", f"error: {type(err).__name__}: {err}")
+            exit_code = 1
         progress.step()
-        r = results["roofline"]
-        progress.write(f"roofline: {r['gemm_dtype']} GEMM {r['gemm_tflops']:.1f} TFLOP/s, copy {r['copy_gbps']:.0f} GB/s")
         for task in tasks:
             elapsed = time.perf_counter() - started
             if args.budget_s is not None and elapsed > args.budget_s:
@@ -296,12 +300,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             except Exception as err:  # one broken case must not lose the whole report
                 reason = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
                 progress.write(f"bench: {task.label} failed: {reason}")
-                results["skipped"].append({"what": task.label, "reason": f"error: {reason}",
-                                           "traceback": traceback.format_exc(limit=8)})
+                task.on_skip(f"error: {reason}", "error")  # the row stays in the report, with the error
+                exit_code = 1
+                results["skipped"][-1]["traceback"] = traceback.format_exc(limit=8)
                 if device == "cuda":
                     torch.cuda.empty_cache()
             progress.step()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # gpu_verdict.sh's timeout sends SIGINT: keep what was measured
         results["notes"].append("interrupted: partial results")
         exit_code = 130
     finally:

@@ -174,6 +174,22 @@ def test_cli_cpu_reference_end_to_end(tmp_path, one_thread, capsys):
         assert any("matplotlib" in n for n in results["notes"])
 
 
+def test_cli_keeps_the_report_when_a_case_fails(tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(core, "time_op", broken)
+    out = tmp_path / "run"
+    argv = ["--device", "cpu", "--shapes", "tiny", "--quick", "--no-e2e", "--no-sweeps", "--no-plots", "--out", str(out)]
+    assert bench.main(argv) == 1
+    assert "injected failure" in capsys.readouterr().err
+    results = _load(out)
+    assert [r["status"] for r in results["op"]] == ["error", "error"]
+    assert all("injected failure" in r["reason"] for r in results["op"])
+    _ok(results["memory"], provider="eager")  # the rest of the plan still ran
+    assert (out / "report.md").is_file()
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") != "1",
                     reason="the CPU twin runs the Triton kernels under TRITON_INTERPRET=1 (set without CUDA)")
 def test_cli_triton_interpreter_tiny(tmp_path, one_thread):
