@@ -160,7 +160,7 @@ def render_markdown(results: dict) -> str:
         lines += [
             "## Roofline of this device (measured at start)",
             "",
-            f"{roof['gemm_dtype']} GEMM ({roof['gemm_size']}^3): **{roof['gemm_tflops']:.1f} TFLOP/s**; "
+            f"{roof['gemm_dtype']} GEMM ({roof['gemm_size']}^3): **{roof['gemm_tflops']:.3g} TFLOP/s**; "
             f"copy ({fmt_bytes(roof['copy_bytes'])}, read + write): **{roof['copy_gbps']:.0f} GB/s**. "
             "Floor of an op = max(FLOPs / GEMM rate, minimum bytes / copy bandwidth); "
             "roofline % = floor / measured time.",
@@ -290,7 +290,8 @@ def write_plots(results: dict, out_dir: Path) -> List[str]:
             vals = []
             for s in shapes:
                 hit = [value(r) for r in rows if r["shape_name"] == s and r["provider"] == p]
-                vals.append(hit[0] if hit and hit[0] is not None else 0.0)
+                # a missing bar is NaN, not 0: zero breaks a log axis
+                vals.append(hit[0] if hit and hit[0] is not None else float("nan"))
             ax.bar([k + i * width for k in range(len(shapes))], vals, width, label=p)
         ax.set_xticks([k + 0.4 - width / 2 for k in range(len(shapes))])
         ax.set_xticklabels(shapes)
@@ -312,7 +313,7 @@ def write_plots(results: dict, out_dir: Path) -> List[str]:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
             grouped_bars(ax, [r for r in targets if r["mode"] == mode], lambda r: r.get("speedup_vs_eager"),
-                         "speedup vs eager (x)")
+                         "speedup vs eager (x, log)", log=True)
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_title(mode)
         axes[0].legend(fontsize=8)
