@@ -60,8 +60,11 @@ class LayerNorm(nn.LayerNorm):
     """CLIP's LayerNorm: statistics in fp32 whatever the input dtype (a frozen fp16 backbone)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        orig_dtype = x.dtype
-        return super().forward(x.float()).to(orig_dtype)
+        compute = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
+        weight = self.weight.to(compute) if self.weight is not None else None
+        bias = self.bias.to(compute) if self.bias is not None else None
+        out = F.layer_norm(x.to(compute), self.normalized_shape, weight, bias, self.eps)
+        return out.to(x.dtype)
 
 
 class QuickGELU(nn.Module):
