@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import st_adapter_fast
 from helpers import TOLERANCES, fused_device, requires_cuda, triton_interpreter_on
-from tiny_clip import adapter_modules, build_model, make_batch, trainable_grads
+from tiny_clip import adapter_modules, build_model, fused_backend_or_skip, make_batch, trainable_grads
 
 fused_available = pytest.mark.skipif(
     not (torch.cuda.is_available() or triton_interpreter_on()),
@@ -70,21 +70,26 @@ def _assert_fp32_close(got: dict, want: dict, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- GPU
+GPU_BACKENDS = ["triton", "cuda"]
+
+
 @requires_cuda
-def test_cuda_graph_capture_and_replay_of_forward_backward():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_capture_and_replay_of_forward_backward(backend):
+    fused_backend_or_skip(backend, "cuda")
     x, grad_out, params, t = _adapter_inputs("cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the capture stream: Triton compiles here
         for _ in range(3):
-            _step(x, grad_out, params, t)
+            _step(x, grad_out, params, t, backend)
             for leaf in (x, *params):
                 leaf.grad = None
     torch.cuda.current_stream().wait_stream(side)
 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = _step(x, grad_out, params, t)  # .grad tensors are allocated in the graph pool
+        static_out = _step(x, grad_out, params, t, backend)  # .grad tensors are allocated in the graph pool
 
     gen = torch.Generator().manual_seed(1)
     for trial in range(2):
@@ -99,7 +104,7 @@ def test_cuda_graph_capture_and_replay_of_forward_backward():
 
         ex = new_x.clone().requires_grad_(True)
         eparams = [p.detach().clone().requires_grad_(True) for p in params]
-        eager = _results(_step(ex, new_grad, eparams, t), ex, eparams)
+        eager = _results(_step(ex, new_grad, eparams, t, backend), ex, eparams)
         for name, want in eager.items():
             assert torch.equal(replayed[name], want), (
                 f"replay {trial}: {name} differs from eager by {(replayed[name] - want).abs().max().item():.3e}"
@@ -108,7 +113,16 @@ def test_cuda_graph_capture_and_replay_of_forward_backward():
 
 @requires_cuda
 def test_cuda_graph_capture_of_the_injected_model():
-    """Whole-network capture (forward + backward of the video model with fused adapters)."""
+    """Whole-network capture (forward + backward of the video model with fused adapters).
+    Compared within fp32 tolerance: the backbone's own kernels (cuDNN conv, cuBLAS) need not be
+    bitwise reproducible; the op-level test above checks the fused op bitwise."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # memory-efficient attention's backward uses atomics
+        _capture_injected_model()
+
+
+def _capture_injected_model():
     model = build_model("triton").cuda()
     clips, labels = (t.cuda() for t in make_batch(2, seed=3))
     side = torch.cuda.Stream()
@@ -122,6 +136,9 @@ def test_cuda_graph_capture_of_the_injected_model():
     with torch.cuda.graph(graph):
         static_loss = F.cross_entropy(model(clips), labels)
         static_loss.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    static_loss_before = static_loss.detach().clone()
     new_clips, new_labels = (t.cuda() for t in make_batch(2, seed=4))
     clips.copy_(new_clips)
     labels.copy_(new_labels)
@@ -132,24 +149,27 @@ def test_cuda_graph_capture_of_the_injected_model():
     model.zero_grad(set_to_none=True)
     eager_loss = F.cross_entropy(model(new_clips), new_labels)
     eager_loss.backward()
-    eager = {"loss": eager_loss.detach(), **trainable_grads(model)}
-    for name, want in eager.items():
-        assert torch.equal(replayed[name], want), f"{name}: replay differs from eager"
+    eager = {"loss": eager_loss.detach().clone(), **trainable_grads(model)}
+    _assert_fp32_close(replayed, eager, "graph replay vs eager (injected model)")
+    assert not torch.equal(replayed["loss"], static_loss_before), "replay did not recompute the loss"
 
 
 @requires_cuda
-def test_reduce_overhead_compile_runs_under_cudagraphs_and_matches_eager():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_reduce_overhead_compile_runs_under_cudagraphs_and_matches_eager(backend):
     from torch._dynamo.utils import counters
 
+    fused_backend_or_skip(backend, "cuda")
     torch._dynamo.reset()
     counters.clear()
-    module = st_adapter_fast.STAdapter(64, 48, backend="triton").cuda()
+    module = st_adapter_fast.STAdapter(64, 48, backend=backend).cuda()
     x0, grad_out, params, t = _adapter_inputs("cuda")
     with torch.no_grad():
         for p, q in zip(module.parameters(), params):
             p.copy_(q)
     compiled = torch.compile(module, mode="reduce-overhead", fullgraph=True)
     for _ in range(4):  # warm-up, record, then replays
+        torch.compiler.cudagraph_mark_step_begin()
         x = x0.detach().clone().requires_grad_(True)
         module.zero_grad(set_to_none=True)
         out = compiled(x, t)
@@ -177,16 +197,22 @@ def _sync_debug_error():
 
 
 @requires_cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_backward_issue_no_host_sync(dtype):
+def test_forward_backward_issue_no_host_sync(dtype, backend):
+    fused_backend_or_skip(backend, "cuda", dtype)
     x, grad_out, params, t = _adapter_inputs("cuda", dtype)
-    _step(x, grad_out, params, t)  # compile the kernels first (compilation may sync)
+
+    def plain_and_autocast():
+        _step(x, grad_out, params, t, backend)
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # fp32 activations, bf16 compute
+            out = st_adapter_fast.st_adapter(x.detach().float(), t, *[p.float() for p in params], backend=backend)
+        out.sum().backward()
+
+    plain_and_autocast()  # compile every kernel specialisation first (compilation may sync)
     torch.cuda.synchronize()
     with _sync_debug_error():  # any cudaDeviceSynchronize / blocking copy / .item() raises
-        _step(x, grad_out, params, t)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = st_adapter_fast.st_adapter(x.detach().float(), t, *[p.float() for p in params], backend="triton")
-        out.sum().backward()
+        plain_and_autocast()
     torch.cuda.synchronize()
 
 

@@ -18,6 +18,7 @@ import torch
 
 import st_adapter_fast
 from helpers import fused_device, triton_interpreter_on
+from tiny_clip import fused_backend_or_skip
 
 fused_available = pytest.mark.skipif(
     not (torch.cuda.is_available() or triton_interpreter_on()),
@@ -69,16 +70,18 @@ def _assert_bitwise(a, b, what):
 
 
 @fused_available
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_op_is_deterministic(dtype, deterministic):
+def test_fused_op_is_deterministic(dtype, backend, deterministic):
+    fused_backend_or_skip(backend, fused_device(), dtype)
     inputs = _inputs(fused_device(), dtype)
-    first = _run(inputs, "triton")  # must not raise under deterministic mode
-    second = _run(inputs, "triton")
-    _assert_bitwise(first, second, f"two deterministic-mode runs ({dtype})")
+    first = _run(inputs, backend)  # must not raise under deterministic mode
+    second = _run(inputs, backend)
+    _assert_bitwise(first, second, f"{backend}: two deterministic-mode runs ({dtype})")
 
     torch.use_deterministic_algorithms(False)
-    default_mode = _run(inputs, "triton")
-    _assert_bitwise(first, default_mode, f"deterministic vs default mode ({dtype})")
+    default_mode = _run(inputs, backend)
+    _assert_bitwise(first, default_mode, f"{backend}: deterministic vs default mode ({dtype})")
 
 
 @fused_available

@@ -93,3 +93,17 @@ def strip_wrapper_prefix(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
         name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
         out[name.removeprefix("module.")] = t
     return out
+
+
+def fused_backend_or_skip(backend: str, device, dtype: torch.dtype = torch.float32) -> str:
+    """``backend`` if it can run (T=1, kt=3) calls on ``device`` here, else pytest.skip with the
+    backend's own reason (no GPU, extension not built, interpreter off, ...)."""
+    import pytest
+
+    from st_adapter_fast import backends
+
+    probe = torch.empty(1, 2, 8, device=device, dtype=dtype)
+    reason = backends.get_backend(backend).unavailable_reason(probe, (3, 1, 1), dtype)
+    if reason is not None:
+        pytest.skip(f"backend {backend!r} unavailable on {device}: {reason}")
+    return backend
