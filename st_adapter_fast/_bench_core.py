@@ -161,7 +161,6 @@ def measure_roofline(device: str, quick: bool = False) -> dict:
     dst = torch.empty_like(src)
     copy = time_fn(lambda: dst.copy_(src), device, warmup_ms=20, rep_ms=100 if not quick else 40,
                    flush_l2=False, hide_host=False, loop=False)
-    del a, b, src, dst
     return {
         "gemm_tflops": 2 * n ** 3 / (gemm["time_ms"] * 1e-3) / 1e12,
         "gemm_dtype": str(dtype).replace("torch.", ""),

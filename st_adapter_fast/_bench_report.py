@@ -12,7 +12,6 @@ import os
 import platform
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -378,7 +377,3 @@ def _save(fig, path: Path, plt) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
-
-
-def versions_line() -> str:
-    return f"python {sys.version.split()[0]}, torch {torch.__version__}"
