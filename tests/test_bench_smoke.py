@@ -18,7 +18,7 @@ from st_adapter_fast import bench
 ROOT = Path(__file__).resolve().parents[1]
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 try:
-    import matplotlib  # noqa: F401
+    import matplotlib  # noqa: F401  (plots are checked only where it is installed)
 
     HAS_MPL = True
 except ImportError:
@@ -109,6 +109,17 @@ def test_cli_rejects_bad_arguments(capsys):
     assert "unknown shape" in capsys.readouterr().err
     assert bench.main(["--device", "cpu", "--backends", "nope"]) == 2
     assert "unknown backend" in capsys.readouterr().err
+
+
+def test_bench_is_dispatched_by_the_package_cli(capsys):
+    from st_adapter_fast.__main__ import main as package_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        package_main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    usage = capsys.readouterr().out
+    for option in ("--device", "--shapes", "--backends", "--quick", "--out", "--no-e2e", "--profile", "--budget-s"):
+        assert option in usage, option
 
 
 def test_gpu_verdict_script_parses():
