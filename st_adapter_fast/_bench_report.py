@@ -21,6 +21,10 @@ from ._bench_core import COMPILE_MODES, fmt_bytes, roofline_floor_ms
 
 SCHEMA_VERSION = 1
 
+# DESIGN.md section 5 targets (bf16, H100), quoted in the report's headline.
+TARGETS = {"fwd_ms": 0.06, "fwd_bwd_ms": 0.26, "saved_beyond_x_bytes": 1e6, "e2e_12_train_ms": 39.5,
+           "cuda_vs_triton": 1.1}
+
 
 def device_name(device: str) -> str:
     if device == "cuda" and torch.cuda.is_available():
@@ -165,6 +169,7 @@ def render_markdown(results: dict) -> str:
             "roofline % = floor / measured time.",
             "",
         ]
+    lines += _headline(results)
     op_rows = results.get("op", [])
     suites = []
     for r in op_rows:
@@ -175,10 +180,10 @@ def render_markdown(results: dict) -> str:
         title = {"target": "Op level: target shapes (DESIGN section 5)", "sweep-T": "Sweep over T (B*T constant)",
                  "sweep-tokens": "Sweep over token count (B at T = 8)"}.get(suite, suite)
         lines += [f"## {title}", ""]
-        shapes = []
+        shapes = {}
         for r in rows:
-            if r["shape_name"] not in [s["name"] for s in shapes]:
-                shapes.append(r["shape"])
+            shapes.setdefault(r["shape_name"], dict(r["shape"], name=r["shape_name"]))
+        shapes = list(shapes.values())
         lines.append("| shape | B | T | L | C | Ca | kt | fwd GFLOP | fwd min MB | fwd+bwd GFLOP | fwd+bwd min MB |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for s in shapes:
@@ -251,6 +256,44 @@ def render_markdown(results: dict) -> str:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
     lines.append(f"Total run time {results.get('elapsed_s', 0):.1f} s.")
     return "\n".join(lines) + "\n"
+
+
+def _headline(results: dict) -> List[str]:
+    """Shape A and the 12-adapter model against the DESIGN section 5 targets."""
+    ops = {(r["provider"], r["mode"]): r for r in results.get("op", [])
+           if r.get("suite") == "target" and r.get("shape_name") == "A" and r.get("status") == "ok"}
+    mem = {r["provider"]: r for r in results.get("memory", []) if r.get("shape_name") == "A" and r.get("status") == "ok"}
+    e2e = {(r["config"].split()[0], r["provider"]): r for r in results.get("e2e", []) if r.get("status") == "ok"}
+    fused = [p for p in ("triton", "cuda") if (p, "fwd") in ops or p in mem]
+    if not fused:
+        return []
+
+    def verdict(value, target):
+        return "-" if value is None else ("met" if value <= target else "missed")
+
+    lines = ["## Headline: shape A and the 12-adapter ViT-B/16 against the DESIGN targets", "",
+             "| backend | fwd ms (<= 0.06) | fwd+bwd ms (<= 0.26) | saved beyond x (<= 1 MB) | "
+             "12-adapter train step ms (<= 39.5) | vs eager fwd / fwd+bwd |", "|---|---|---|---|---|---|"]
+    for p in ["eager", *fused]:
+        fwd, fb = ops.get((p, "fwd")), ops.get((p, "fwd+bwd"))
+        saved = mem.get(p, {}).get("saved_beyond_x_bytes")
+        step = next((r["train_step_ms"] for (cfg, prov), r in e2e.items() if cfg.startswith("12x") and prov == p), None)
+        cells = [
+            "-" if fwd is None else f"{fwd['time_ms']:.4f} ({verdict(fwd['time_ms'], TARGETS['fwd_ms'])})",
+            "-" if fb is None else f"{fb['time_ms']:.4f} ({verdict(fb['time_ms'], TARGETS['fwd_bwd_ms'])})",
+            "-" if saved is None else f"{fmt_bytes(saved)} ({verdict(saved, TARGETS['saved_beyond_x_bytes'])})",
+            "-" if step is None else f"{step:.2f} ({verdict(step, TARGETS['e2e_12_train_ms'])})",
+            f"{_x(fwd and fwd.get('speedup_vs_eager'))} / {_x(fb and fb.get('speedup_vs_eager'))}",
+        ]
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    base = next((r["train_step_ms"] for (cfg, prov), r in e2e.items() if cfg == "0"), None)
+    if base is not None:
+        lines.append(f"\n0 adapters (head only): train step {base:.2f} ms.")
+    ratios = [f"{mode}: {ops[('cuda', mode)]['time_ms'] / ops[('triton', mode)]['time_ms']:.2f}x"
+              for mode in ("fwd", "fwd+bwd") if ("cuda", mode) in ops and ("triton", mode) in ops]
+    if ratios:
+        lines.append(f"\nCUDA / Triton time on shape A (target <= {TARGETS['cuda_vs_triton']}x): " + ", ".join(ratios) + ".")
+    return lines + [""]
 
 
 def write_markdown(results: dict, out_dir: Path) -> Path:
