@@ -104,6 +104,38 @@ def test_e2e_builtin_model_matches_library_model(pre_attn, pre_mlp, one_thread):
         e2e.build_video_vit(cfg, False, False, "reference", "cpu", torch.float32, builder="timm")
 
 
+def test_report_headline_compares_shape_a_with_the_targets():
+    from st_adapter_fast import _bench_report as report
+
+    a = core.TARGET_SHAPES["A"]
+
+    def op(provider, mode, ms):
+        return {"suite": "target", "shape_name": "A", "shape": a.as_dict(), "provider": provider, "mode": mode,
+                "status": "ok", "time_ms": ms, "time_ms_p20": ms, "time_ms_p80": ms, "loop_ms": ms,
+                "first_call_s": 0.1, "flops": core.op_flops(a, mode), "min_bytes": core.op_min_bytes(a, mode)}
+
+    results = {
+        "meta": {"device": "GPU", "date": "d", "datetime_utc": "t", "torch": "t", "triton": "t", "python": "p",
+                 "cuda": "c", "library_version": "v", "git_commit": "0" * 40, "dtype": "bfloat16"},
+        "roofline": {"gemm_tflops": 800.0, "copy_gbps": 3000.0, "gemm_dtype": "bfloat16", "gemm_size": 8192,
+                     "copy_bytes": 1 << 30},
+        "op": [op("eager", "fwd", 0.5), op("eager", "fwd+bwd", 2.4), op("triton", "fwd", 0.05),
+               op("triton", "fwd+bwd", 0.30), op("cuda", "fwd", 0.05), op("cuda", "fwd+bwd", 0.33)],
+        "memory": [{"shape_name": "A", "provider": "triton", "status": "ok", "x_bytes": 1, "saved_bytes": 1,
+                    "saved_beyond_x_bytes": 0}],
+        "e2e": [{"config": "12x384 pre-MLP", "provider": "triton", "status": "ok", "train_step_ms": 40.0,
+                 "train_clips_per_s": 1.0, "infer_ms": 1.0, "infer_clips_per_s": 1.0}],
+    }
+    report.add_derived(results)
+    md = report.render_markdown(results)
+    (triton_row,) = [ln for ln in md.splitlines() if ln.startswith("| triton |") and "(met)" in ln]
+    assert "0.0500 (met)" in triton_row and "0.3000 (missed)" in triton_row and "40.00 (missed)" in triton_row
+    assert "10.00x / 8.00x" in triton_row
+    assert "fwd: 1.00x, fwd+bwd: 1.10x" in md
+    (row,) = [r for r in results["op"] if r["provider"] == "triton" and r["mode"] == "fwd"]
+    assert row["bound"] == "compute" and abs(row["roofline_frac"] - 0.037 / 0.05) < 0.02
+
+
 def test_cli_rejects_bad_arguments(capsys):
     assert bench.main(["--device", "cpu", "--shapes", "Z"]) == 2
     assert "unknown shape" in capsys.readouterr().err
