@@ -112,7 +112,8 @@ cudaError_t launch(const DownConvParams& p, cudaStream_t stream) {
   const int64_t runs = p.B * cdiv(p.T, p.frames_per_run);
   const int64_t blocks = conv_blocks_per_run(KT, p.S, p.Ca) * runs;
   if (blocks == 0) return cudaSuccess;
-  down_conv_fwd_kernel<TX, T, KT><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  auto kernel = down_conv_fwd_kernel<TX, T, KT>;
+  STA_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, stream, p);
   return cudaGetLastError();
 }
 

@@ -6,7 +6,11 @@
 // parameter-gradient partials fp32.
 #pragma once
 
+#ifdef STA_CPU_EMULATION
+#include "cpu_emulation.h"
+#else
 #include <cuda_runtime_api.h>
+#endif
 #include <stdint.h>
 
 #include "st_adapter_index.cuh"

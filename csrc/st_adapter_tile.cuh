@@ -10,10 +10,17 @@
 // epilogues read element-wise with a channel-stable thread mapping.
 #pragma once
 
+#include <stdint.h>
+
+#ifdef STA_CPU_EMULATION
+#include "cpu_emulation.h"  // tests only: the kernels on CPU threads
+#define STA_LAUNCH(kernel, blocks, threads, stream, ...) sta_emu_launch(kernel, blocks, threads, __VA_ARGS__)
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
-#include <stdint.h>
+#define STA_LAUNCH(kernel, blocks, threads, stream, ...) kernel<<<blocks, threads, 0, stream>>>(__VA_ARGS__)
+#endif
 
 #include "st_adapter_index.cuh"
 

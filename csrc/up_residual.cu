@@ -72,7 +72,8 @@ template <typename TR, typename T>
 cudaError_t launch(const UpResidualParams& p, cudaStream_t stream) {
   const int64_t blocks = cdiv(p.NOUT, kUpBlockN) * cdiv(p.F * p.L, kUpBlockM);
   if (blocks == 0) return cudaSuccess;
-  up_residual_kernel<TR, T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  auto kernel = up_residual_kernel<TR, T>;
+  STA_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, stream, p);
   return cudaGetLastError();
 }
 

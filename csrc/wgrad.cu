@@ -105,7 +105,8 @@ template <typename TA, typename TB, typename T>
 cudaError_t launch(const WgradParams& p, cudaStream_t stream) {
   const int64_t blocks = cdiv(p.J, kWgradBlockN) * cdiv(p.I, kWgradBlockM) * p.split.splits;
   if (blocks == 0) return cudaSuccess;
-  wgrad_kernel<TA, TB, T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  auto kernel = wgrad_kernel<TA, TB, T>;
+  STA_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, stream, p);
   return cudaGetLastError();
 }
 
@@ -148,8 +149,8 @@ cudaError_t weight_grad(const WgradParams& p, cudaStream_t stream) {
 cudaError_t sum_partials(const float* part, float* out, int64_t n_parts, int64_t numel, cudaStream_t stream) {
   if (numel == 0) return cudaSuccess;
   constexpr int threads = 256;
-  sum_partials_kernel<<<static_cast<unsigned>(cdiv(numel, threads)), threads, 0, stream>>>(part, out, n_parts,
-                                                                                          numel);
+  auto kernel = sum_partials_kernel;
+  STA_LAUNCH(kernel, static_cast<unsigned>(cdiv(numel, threads)), threads, stream, part, out, n_parts, numel);
   return cudaGetLastError();
 }
 

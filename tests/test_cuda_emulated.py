@@ -1,0 +1,271 @@
+"""CPU twin of the CUDA parity tests: the real kernel code of csrc/*.cu, compiled with g++ against
+csrc/cpu_emulation.h (blocks of 256 std::threads, __syncthreads = std::barrier, exact-operand
+fp32-accumulate WMMA), held to the same parity rule as every backend.
+
+What this covers without a GPU: every kernel's tiling and index math, the register window and
+halo, dwc/dbc partials, split-token weight gradients with fixed-order sums, prefix passthrough,
+strided inputs, all dtype pairs (fp32 x with fp16/bf16 weights included), and the launch
+sequence of binding.cpp (restated in Python below, with the same buffers and strides).
+What it cannot cover: real HMMA/WMMA fragment layouts, GPU races, and binding.cpp itself
+(tests/test_cuda_build.py compiles it; test_cuda_parity.py runs it on a GPU).
+"""
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from st_adapter_fast import backends
+
+from helpers import Case, assert_parity, make_inputs, reference64, run
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+KERNEL_FILES = ("down_conv_fwd.cu", "conv_bwd.cu", "up_residual.cu", "wgrad.cu")
+CXX = shutil.which("g++")
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# SM count the emulated launch policy assumes: small, so short frame runs (halo) and several
+# weight-gradient splits happen even at test sizes (the Triton interpreter assumes 4 too)
+EMU_SMS = 4
+
+pytestmark = pytest.mark.skipif(CXX is None, reason="needs g++ (C++20) to build the CPU emulation")
+
+_LIB = None
+
+
+def _lib(tmp_dir: Path):
+    global _LIB
+    if _LIB is None:
+        so = tmp_dir / "libsta_emu.so"
+        cmd = [CXX, "-std=c++20", "-O1", "-DSTA_CPU_EMULATION", "-fPIC", "-shared", "-pthread",
+               "-Wno-unknown-pragmas", "-I", str(CSRC), "-x", "c++",
+               *[str(CSRC / f) for f in KERNEL_FILES], str(CSRC / "cpu_emulation_api.cpp"), "-o", str(so)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        lib = ctypes.CDLL(str(so))
+        i64, i32, vp = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+        lib.sta_emu_down_conv.argtypes = [vp, i32, i64, i64, i64, vp, i64, i64, vp, vp, vp, i32, vp, vp,
+                                          i64, i64, i64, i64, i64, i64, i32, i64]
+        lib.sta_emu_conv_bwd.argtypes = [vp, i32, i64, i64, i64, vp, i64, i64, vp, vp, i32, vp, vp, vp,
+                                         i64, i64, i64, i64, i64, i64, i32, i64]
+        lib.sta_emu_up_residual.argtypes = [vp, i32, i64, i64, i64, vp, vp, i64, i64, vp, i32, vp,
+                                            i64, i64, i64, i64, i64, i64]
+        lib.sta_emu_weight_grad.argtypes = [vp, i32, ctypes.POINTER(i64), vp, i32, ctypes.POINTER(i64), i32,
+                                            i64, i64, i64, i64, i64, vp, vp]
+        lib.sta_emu_sum_partials.argtypes = [vp, vp, i64, i64]
+        lib.sta_emu_frames_per_run.argtypes = [i64, i32, i64, i64, i64, i64]
+        lib.sta_emu_frames_per_run.restype = i64
+        lib.sta_emu_conv_bwd_num_parts.argtypes = [i32, i64, i64, i64, i64]
+        lib.sta_emu_conv_bwd_num_parts.restype = i64
+        lib.sta_emu_wgrad_split.argtypes = [i64, i64, i64, i64, ctypes.POINTER(i64)]
+        _LIB = lib
+    return _LIB
+
+
+def _ptr(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _ok(rc):
+    assert rc == 0, f"emulated launch failed with {rc}"
+
+
+# --------------------------------------------------------- binding.cpp, restated for ctypes
+def _frames_per_run(lib, t, kt, s, ca, b, requested):
+    if requested:
+        return min(int(requested), t)
+    return lib.sta_emu_frames_per_run(t, kt, s, ca, b, EMU_SMS)
+
+
+def _down_conv(lib, x, t, p, wd, bd, taps, bc, g, h, fpr):
+    f, seq_len, c = x.shape
+    ca, kt = taps.shape
+    _ok(lib.sta_emu_down_conv(_ptr(x), DTYPE_CODE[x.dtype], *x.stride(), _ptr(wd), *wd.stride(), _ptr(bd), _ptr(taps),
+                              _ptr(bc), DTYPE_CODE[wd.dtype], _ptr(g), _ptr(h), f // t, t, seq_len - p, p, c, ca, kt,
+                              fpr))
+
+
+def _up_residual(lib, res, p, a, w, stride_wo, stride_wi, nout, bias, out):
+    f, seq_len, _ = res.shape
+    _ok(lib.sta_emu_up_residual(_ptr(res), DTYPE_CODE[res.dtype], *res.stride(), _ptr(a), _ptr(w), stride_wo,
+                                stride_wi, _ptr(bias), DTYPE_CODE[w.dtype], _ptr(out), f, seq_len, p, seq_len - p,
+                                a.shape[1], nout))
+
+
+def _view(t, s, p):
+    if t.dim() == 3:
+        vals = (s, p, t.stride(0), t.stride(1), t.stride(2))
+    else:
+        vals = (s, 0, s * t.stride(0), t.stride(0), t.stride(1))
+    return (ctypes.c_int64 * 5)(*vals)
+
+
+def _weight_grad(lib, a, b, s, p, n, compute, with_bias):
+    i_dim, j_dim = a.shape[-1], b.shape[-1]
+    dw = torch.zeros(i_dim, j_dim)
+    db = torch.zeros(i_dim) if with_bias else None
+    if n == 0:
+        return dw, db
+    split = (ctypes.c_int64 * 2)()
+    lib.sta_emu_wgrad_split(n, i_dim, j_dim, EMU_SMS, split)
+    splits, tps = split[0], split[1]
+    dw_part = torch.empty(splits, i_dim, j_dim) if splits > 1 else dw
+    db_part = (torch.empty(splits, i_dim) if splits > 1 else db) if with_bias else None
+    _ok(lib.sta_emu_weight_grad(_ptr(a), DTYPE_CODE[a.dtype], _view(a, s, p), _ptr(b), DTYPE_CODE[b.dtype],
+                                _view(b, s, p), DTYPE_CODE[compute], n, i_dim, j_dim, splits, tps, _ptr(dw_part),
+                                _ptr(db_part)))
+    if splits > 1:
+        _ok(lib.sta_emu_sum_partials(_ptr(dw_part), _ptr(dw), splits, i_dim * j_dim))
+        if with_bias:
+            _ok(lib.sta_emu_sum_partials(_ptr(db_part), _ptr(db), splits, i_dim))
+    return dw, db
+
+
+def _contig(t):
+    return None if t is None else t.contiguous()
+
+
+def emu_forward(lib, x, t, p, wd, bd, taps, bc, wu, bu, *, frames_per_prog=None):
+    taps, bd, bc, bu = taps.contiguous(), _contig(bd), _contig(bc), _contig(bu)
+    f, seq_len, c = x.shape
+    s, (ca, kt) = seq_len - p, taps.shape
+    out = torch.empty(f, seq_len, c, dtype=x.dtype)
+    g = torch.empty(f * s, ca, dtype=wd.dtype)
+    if out.numel() == 0:
+        return out
+    if g.numel():
+        _down_conv(lib, x, t, p, wd, bd, taps, bc, g, None, _frames_per_run(lib, t, kt, s, ca, f // t, frames_per_prog))
+    _up_residual(lib, x, p, g, wu, wu.stride(0), wu.stride(1), c, bu, out)
+    return out
+
+
+def emu_backward(lib, dout, x, t, p, wd, bd, taps, bc, wu, bu, *, frames_per_prog=None):
+    taps, bd, bc = taps.contiguous(), _contig(bd), _contig(bc)
+    f, seq_len, c = x.shape
+    s, (ca, kt) = seq_len - p, taps.shape
+    b, n = f // t, f * s
+    fpr = _frames_per_run(lib, t, kt, s, ca, b, frames_per_prog)
+    g = torch.empty(n, ca, dtype=wd.dtype)
+    h = torch.empty(n, ca, dtype=wd.dtype)
+    if n:
+        _down_conv(lib, x, t, p, wd, bd, taps, bc, g, h, fpr)
+    dh = torch.empty(n, ca, dtype=wd.dtype)
+    dwc = torch.zeros(ca, kt)
+    dbc = torch.zeros(ca)
+    if n:
+        parts = lib.sta_emu_conv_bwd_num_parts(kt, b, t, s, fpr)
+        dwc_part = torch.empty(parts, ca, kt)
+        dbc_part = torch.empty(parts, ca)
+        _ok(lib.sta_emu_conv_bwd(_ptr(dout), DTYPE_CODE[dout.dtype], *dout.stride(), _ptr(wu), *wu.stride(),
+                                 _ptr(taps), _ptr(h), DTYPE_CODE[wd.dtype], _ptr(dh), _ptr(dwc_part), _ptr(dbc_part),
+                                 b, t, s, p, c, ca, kt, fpr))
+        _ok(lib.sta_emu_sum_partials(_ptr(dwc_part), _ptr(dwc), parts, ca * kt))
+        _ok(lib.sta_emu_sum_partials(_ptr(dbc_part), _ptr(dbc), parts, ca))
+    dx = torch.empty(f, seq_len, c, dtype=dout.dtype)
+    if dx.numel():
+        _up_residual(lib, dout, p, dh, wd, wd.stride(1), wd.stride(0), c, None, dx)
+    dwu, dbu = _weight_grad(lib, dout, g, s, p, n, wd.dtype, bu is not None)
+    dwd, dbd = _weight_grad(lib, dh, x, s, p, n, wd.dtype, bd is not None)
+    return dx, dwd, dbd, dwc, (dbc if bc is not None else None), dwu, dbu
+
+
+# ------------------------------------------------------------------- test backend
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    lib = _lib(tmp_path_factory.mktemp("cuda_emulation"))
+
+    def reason(x, kernel_size, dtype):
+        if x.device.type != "cpu":
+            return "the emulated CUDA kernels run on CPU tensors"
+        if dtype not in DTYPE_CODE or (x.dtype != dtype and x.dtype != torch.float32):
+            return f"unsupported dtypes {x.dtype} / {dtype}"
+        kt, kh, kw = kernel_size
+        return None if (kh, kw) == (1, 1) and kt <= 9 else f"unsupported kernel {kernel_size}"
+
+    backend = backends.Backend(
+        "cuda_emulated", reason,
+        lambda *a, **k: emu_forward(lib, *a, **k),
+        lambda *a, **k: emu_backward(lib, *a, **k),
+        auto=False,
+    )
+    backends.register_backend(backend, replace=True)
+    yield lib
+    backends.unregister_backend("cuda_emulated")
+
+
+def _check(case, dtype, seed=0, **kw):
+    inputs = make_inputs(case, seed)
+    ref = reference64(case, inputs)
+    eager = run(case, inputs, "reference", dtype, "cpu", **kw)
+    got = run(case, inputs, "cuda_emulated", dtype, "cpu", **kw)
+    errs = assert_parity(got, ref, eager, kw.get("autocast") or dtype, case.label())
+    print(case.label(), dtype, {k: f"{v:.2e}" for k, v in errs.items()})
+    return got
+
+
+# A covering subset (the GPU runs the full grid): every kt of the grid with T below, at and
+# above a run, prefixes 0/1/2, spatial and channel counts off every block size, strided x,
+# no biases, and channel counts past one 64-wide tile.
+CASES = [
+    Case(batch=2, frames=3, grid=(3, 3), prefix=1, channels=24, adapter_channels=40, kernel=(3, 1, 1)),
+    Case(batch=1, frames=1, grid=(2, 3), prefix=0, channels=40, adapter_channels=20, kernel=(1, 1, 1)),
+    Case(batch=2, frames=8, grid=(1, 7), prefix=2, channels=20, adapter_channels=36, kernel=(5, 1, 1),
+         noncontiguous=True),
+    Case(batch=1, frames=17, grid=(2, 5), prefix=1, channels=24, adapter_channels=40, kernel=(3, 1, 1), bias=False),
+    Case(batch=1, frames=5, grid=(9, 9), prefix=1, channels=72, adapter_channels=136, kernel=(3, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=Case.label)
+def test_emulated_kernels_parity(case, dtype, emulated):
+    _check(case, dtype)
+
+
+@pytest.mark.parametrize("kt", [7, 9])
+def test_emulated_wide_kernels_and_halo(kt, emulated, monkeypatch):
+    """kt up to 9 with clips split into runs of 2 and 3 frames (halo recompute on both sides)."""
+    for fpr in (2, 3):
+        monkeypatch.setenv("ST_ADAPTER_FRAMES_PER_PROGRAM", str(fpr))
+        _check(Case(batch=2, frames=11, grid=(2, 3), prefix=1, channels=20, adapter_channels=24, kernel=(kt, 1, 1)),
+               torch.bfloat16 if fpr == 2 else torch.float32)
+
+
+@pytest.mark.parametrize("autocast", [torch.float16, torch.bfloat16], ids=str)
+def test_emulated_autocast_fp32_activations(autocast, emulated):
+    """fp32 x and dO against fp16/bf16 weights: cast on load in every kernel."""
+    _check(Case(batch=2, frames=4, grid=(2, 3), channels=24, adapter_channels=20), torch.float32, autocast=autocast,
+           param_dtype=torch.float32)
+
+
+def test_emulated_gradients_are_deterministic(emulated):
+    case = Case(batch=2, frames=6, grid=(3, 3), channels=24, adapter_channels=40)
+    inputs = make_inputs(case)
+    first = run(case, inputs, "cuda_emulated", torch.bfloat16, "cpu")
+    second = run(case, inputs, "cuda_emulated", torch.bfloat16, "cpu")
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_emulation_runs_the_kernels_and_can_fail(emulated, monkeypatch):
+    """The parity checks above go through the emulated kernels (counted), and a kernel-level
+    fault -- the conv taps handed over in reverse order -- breaks parity."""
+    case = Case(batch=1, frames=4, grid=(2, 2), channels=16, adapter_channels=16)
+    inputs = make_inputs(case)
+    calls = []
+    backend = backends.get_backend("cuda_emulated")
+    monkeypatch.setattr(backend, "forward", lambda *a, **k: calls.append("fwd") or emu_forward(emulated, *a, **k))
+    monkeypatch.setattr(backend, "backward", lambda *a, **k: calls.append("bwd") or emu_backward(emulated, *a, **k))
+    _check(case, torch.float32)
+    assert calls == ["fwd", "bwd"]
+
+    def reversed_taps_forward(x, t, p, wd, bd, taps, *rest, **k):
+        return emu_forward(emulated, x, t, p, wd, bd, taps.flip(1), *rest, **k)
+
+    monkeypatch.setattr(backend, "forward", reversed_taps_forward)
+    ref = reference64(case, inputs, grads=False)
+    eager = run(case, inputs, "reference", torch.float32, "cpu", grads=False)
+    got = run(case, inputs, "cuda_emulated", torch.float32, "cpu", grads=False)
+    with pytest.raises(AssertionError, match="out"):
+        assert_parity(got, ref, eager, torch.float32)
