@@ -237,8 +237,9 @@ def _visual_only(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return dict(state)
 
 
-def clip_config_from_state_dict(state: Mapping[str, torch.Tensor]) -> CLIPVisionConfig:
-    """Read the architecture off the weights, as OpenAI's ``build_model`` does (heads = width/64)."""
+def clip_config_from_state_dict(state: Mapping[str, torch.Tensor], *, heads: Optional[int] = None) -> CLIPVisionConfig:
+    """Read the architecture off the weights, as OpenAI's ``build_model`` does. The head count
+    is not in the weights: OpenAI's models all use width / 64 (the default here)."""
     state = _visual_only(state)
     for key in ("conv1.weight", "positional_embedding"):
         if key not in state:
@@ -249,7 +250,8 @@ def clip_config_from_state_dict(state: Mapping[str, torch.Tensor]) -> CLIPVision
     proj = state.get("proj")
     return CLIPVisionConfig(
         input_resolution=patch * grid, patch_size=patch, width=width, layers=layers,
-        heads=max(width // 64, 1), output_dim=None if proj is None else proj.shape[1],
+        heads=heads if heads is not None else max(width // 64, 1),
+        output_dim=None if proj is None else proj.shape[1],
     )
 
 
