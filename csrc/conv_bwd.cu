@@ -3,6 +3,8 @@
 // sums of dwc[c, j] = sum dg_t * h_{t+j-KT/2} and dbc = sum dg over the frames the block owns.
 // The partials are reduced in a fixed order (sum_partials): deterministic, no float atomics.
 // Mirrors kernels/adapter_bwd.py's adapter_conv_bwd_kernel.
+#include <type_traits>
+
 #include "st_adapter.h"
 #include "st_adapter_tile.cuh"
 
@@ -11,7 +13,10 @@ namespace {
 
 template <typename TD, typename T, int KT>
 __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) {
-  constexpr int BM = KT <= 5 ? 64 : 32;  // == conv_block_m(KT)
+  constexpr int BM = kConvBlockM<KT>;
+  // Stage the next K step's loads in registers during the MMA only where the registers are
+  // there: the fp32 SIMT accumulators plus the window leave no room (spills on sm_80/sm_90).
+  constexpr bool kPipeline = !std::is_same<T, float>::value;
   constexpr int BN = kConvBlockN;
   constexpr int BK = kConvBlockK;
   constexpr int PAD = KT / 2;
@@ -65,17 +70,31 @@ __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) 
     for (int e = 0; e < E; ++e) dg[e] = 0.f;
     if (in_clip(t_in, p.T)) {
       const int64_t frame = run.b * p.T + t_in;
-      __syncthreads();
+      __syncthreads();  // the previous frame's readers of smem / row_off are done
       for (int m = threadIdx.x; m < BM; m += kThreads)
         row_off[m] = s0 + m < p.S ? frame_token_offset(frame, s0 + m, p.P, p.stride_df, p.stride_dl) : -1;
+      __syncthreads();
+      // dg = dy @ Wu: B(k = c, n = ca) = Wu[c, ca], i.e. W(n, k) with strides (wu_i, wu_o)
+      RowsTile<TD, T, BM, BK> a_tile;
+      WeightTile<T, BN, BK> b_tile;
+      if constexpr (kPipeline) {
+        a_tile.fetch(dout, row_off, 0, p.C, p.stride_dc);
+        b_tile.fetch(wu, ca0, p.Ca, 0, p.C, p.stride_wu_i, p.stride_wu_o);
+      }
       mma.zero();
       for (int64_t k0 = 0; k0 < p.C; k0 += BK) {
+        if constexpr (!kPipeline) {
+          a_tile.fetch(dout, row_off, k0, p.C, p.stride_dc);
+          b_tile.fetch(wu, ca0, p.Ca, k0, p.C, p.stride_wu_i, p.stride_wu_o);
+        }
         __syncthreads();
-        load_rows_tile<TD, T, BM, BK, Layout::kLdA>(Layout::a(smem), dout, row_off, k0, p.C, p.stride_dc);
-        // dg = dy @ Wu: B(k = c, n = ca) = Wu[c, ca], i.e. W(n, k) with strides (wu_i, wu_o)
-        load_weight_tile<T, BN, BK, Layout::kLdB>(Layout::b(smem), wu, ca0, p.Ca, k0, p.C, p.stride_wu_i,
-                                                  p.stride_wu_o);
+        a_tile.template commit<Layout::kLdA>(Layout::a(smem));
+        b_tile.template commit<Layout::kLdB>(Layout::b(smem), p.stride_wu_o);
         __syncthreads();
+        if (kPipeline && k0 + BK < p.C) {
+          a_tile.fetch(dout, row_off, k0 + BK, p.C, p.stride_dc);
+          b_tile.fetch(wu, ca0, p.Ca, k0 + BK, p.C, p.stride_wu_i, p.stride_wu_o);
+        }
         mma.step(Layout::a(smem), Layout::kLdA, Layout::b(smem), Layout::kLdB);
       }
       __syncthreads();

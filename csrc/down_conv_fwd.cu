@@ -7,6 +7,8 @@
 // t_in - KT/2: each h tile is computed once (plus the halo), h never goes to memory (unless the
 // backward asks for it), and g is written once. Mirrors kernels/adapter_fwd.py's
 // adapter_down_conv_fwd_kernel.
+#include <type_traits>
+
 #include "st_adapter.h"
 #include "st_adapter_tile.cuh"
 
@@ -15,7 +17,10 @@ namespace {
 
 template <typename TX, typename T, int KT>
 __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvParams p) {
-  constexpr int BM = KT <= 5 ? 64 : 32;  // == conv_block_m(KT)
+  constexpr int BM = kConvBlockM<KT>;
+  // Stage the next K step's loads in registers during the MMA only where the registers are
+  // there: the fp32 SIMT accumulators plus the window leave no room (spills on sm_80/sm_90).
+  constexpr bool kPipeline = !std::is_same<T, float>::value;
   constexpr int BN = kConvBlockN;
   constexpr int BK = kConvBlockK;
   constexpr int PAD = KT / 2;
@@ -70,14 +75,28 @@ __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvPara
       __syncthreads();  // the previous frame's readers of smem / row_off are done
       for (int m = threadIdx.x; m < BM; m += kThreads)
         row_off[m] = s0 + m < p.S ? frame_token_offset(frame, s0 + m, p.P, p.stride_xf, p.stride_xl) : -1;
+      __syncthreads();
+      // B(k = c, n = ca) = Wd[ca, c]; the next K step's loads fly during this step's MMA
+      RowsTile<TX, T, BM, BK> a_tile;
+      WeightTile<T, BN, BK> b_tile;
+      if constexpr (kPipeline) {
+        a_tile.fetch(x, row_off, 0, p.C, p.stride_xc);
+        b_tile.fetch(wd, ca0, p.Ca, 0, p.C, p.stride_wd_o, p.stride_wd_i);
+      }
       mma.zero();
       for (int64_t k0 = 0; k0 < p.C; k0 += BK) {
+        if constexpr (!kPipeline) {
+          a_tile.fetch(x, row_off, k0, p.C, p.stride_xc);
+          b_tile.fetch(wd, ca0, p.Ca, k0, p.C, p.stride_wd_o, p.stride_wd_i);
+        }
         __syncthreads();
-        load_rows_tile<TX, T, BM, BK, Layout::kLdA>(Layout::a(smem), x, row_off, k0, p.C, p.stride_xc);
-        // B(k = c, n = ca) = Wd[ca, c]
-        load_weight_tile<T, BN, BK, Layout::kLdB>(Layout::b(smem), wd, ca0, p.Ca, k0, p.C, p.stride_wd_o,
-                                                  p.stride_wd_i);
+        a_tile.template commit<Layout::kLdA>(Layout::a(smem));
+        b_tile.template commit<Layout::kLdB>(Layout::b(smem), p.stride_wd_i);
         __syncthreads();
+        if (kPipeline && k0 + BK < p.C) {
+          a_tile.fetch(x, row_off, k0 + BK, p.C, p.stride_xc);
+          b_tile.fetch(wd, ca0, p.Ca, k0 + BK, p.C, p.stride_wd_o, p.stride_wd_i);
+        }
         mma.step(Layout::a(smem), Layout::kLdA, Layout::b(smem), Layout::kLdB);
       }
       __syncthreads();

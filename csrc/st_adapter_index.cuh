@@ -126,8 +126,11 @@ STA_HD BlockCoord decode_block(int64_t linear, int64_t nx, int64_t ny) {
 // ------------------------------------------------------------------ tile configurations
 // Down-conv and conv-backward: BLOCK_M spatial positions x BLOCK_N adapter channels per frame,
 // plus KT-1 fp32 window partials of that tile in registers: (BLOCK_M*BLOCK_N/256)*(KT-1) floats
-// per thread. 64x64 keeps kt <= 5 at <= 64 window registers; kt 7 and 9 halve the rows.
-STA_HD int conv_block_m(int kt) { return kt <= 5 ? 64 : 32; }
+// per thread. 64x64 for kt <= 3 (32 window registers); wider kernels halve the rows (kt = 5 at
+// 64x64 spilled 44-140 bytes on sm_90 once the next K step's loads were staged in registers).
+template <int KT>
+constexpr int kConvBlockM = KT <= 3 ? 64 : 32;
+STA_HD int conv_block_m(int kt) { return kt <= 3 ? 64 : 32; }
 constexpr int kConvBlockN = 64;
 constexpr int kConvBlockK = 32;
 // Up-residual (also the dgrad dx = dO + dh Wd).

@@ -62,49 +62,89 @@ struct TileLayout {
   __device__ static float* c(unsigned char* smem) { return reinterpret_cast<float*>(smem); }
 };
 
-// As[m][k] = A(m, k0 + k) cast to T; A(m, k) = src[row_off[m] + k * stride_k]; rows with
-// row_off < 0 and columns k >= K are zeros. k is the fastest thread index (A rows are
-// contiguous along k for the usual contiguous x / dO / g / dh).
-template <typename TS, typename T, int BM, int BK, int LDA>
-__device__ __forceinline__ void load_rows_tile(T* As, const TS* __restrict__ src, const int64_t* row_off,
-                                               int64_t k0, int64_t K, int64_t stride_k) {
-#pragma unroll 4
-  for (int idx = threadIdx.x; idx < BM * BK; idx += kThreads) {
-    const int m = idx / BK;
-    const int k = idx - m * BK;
-    const int64_t off = row_off[m];
-    float v = 0.f;
-    if (off >= 0 && k0 + k < K) v = to_float(src[off + (k0 + k) * stride_k]);
-    As[m * LDA + k] = from_float<T>(v);
-  }
-}
+// Tile loads are split in two so a block can overlap the next K step's global loads with the
+// current step's MMA (register staging, the num_stages=2 of a Triton kernel):
+//   fetch(k0 + BK) -> registers; mma.step(smem); __syncthreads(); commit() -> smem
+// Every thread owns fixed tile elements idx = tid + i*256, the same in fetch and commit.
 
-// Bs[k][n] = W(n0 + n, k0 + k), W(n, k) = w[n * stride_n + k * stride_k], zeros outside
-// (N, K). The thread order follows whichever of W's dims is contiguous: W = Wu (C, Ca) read as
-// (n = c, k = ca) is k-contiguous; Wu^T and Wd^T views are n-contiguous.
-template <typename T, int BN, int BK, int LDB>
-__device__ __forceinline__ void load_weight_tile(T* Bs, const T* __restrict__ w, int64_t n0, int64_t N,
-                                                 int64_t k0, int64_t K, int64_t stride_n, int64_t stride_k) {
-  if (stride_k == 1) {
-#pragma unroll 4
-    for (int idx = threadIdx.x; idx < BN * BK; idx += kThreads) {
-      const int n = idx / BK;
-      const int k = idx - n * BK;
-      T v = from_float<T>(0.f);
-      if (n0 + n < N && k0 + k < K) v = w[(n0 + n) * stride_n + (k0 + k)];
-      Bs[k * LDB + n] = v;
-    }
-  } else {
-#pragma unroll 4
-    for (int idx = threadIdx.x; idx < BN * BK; idx += kThreads) {
-      const int k = idx / BN;
-      const int n = idx - k * BN;
-      T v = from_float<T>(0.f);
-      if (n0 + n < N && k0 + k < K) v = w[(n0 + n) * stride_n + (k0 + k) * stride_k];
-      Bs[k * LDB + n] = v;
+// A(m, k) = src[row_off[m] + k * stride_k] cast to T, staged for As[m][k]; rows with
+// row_off < 0 and columns k >= K are zeros. k is the fastest index (A rows are contiguous
+// along k for the usual contiguous x / dO / g / dh).
+template <typename TS, typename T, int BM, int BK>
+struct RowsTile {
+  static constexpr int kPer = BM * BK / kThreads;
+  static_assert(BM * BK % kThreads == 0, "tile elements must split evenly over the block");
+  T v[kPer];
+
+  __device__ __forceinline__ void fetch(const TS* __restrict__ src, const int64_t* row_off, int64_t k0, int64_t K,
+                                        int64_t stride_k) {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int idx = threadIdx.x + i * kThreads;
+      const int m = idx / BK;
+      const int k = idx - m * BK;
+      const int64_t off = row_off[m];
+      float x = 0.f;
+      if (off >= 0 && k0 + k < K) x = to_float(src[off + (k0 + k) * stride_k]);
+      v[i] = from_float<T>(x);
     }
   }
-}
+
+  template <int LDA>
+  __device__ __forceinline__ void commit(T* As) const {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int idx = threadIdx.x + i * kThreads;
+      const int m = idx / BK;
+      As[m * LDA + idx - m * BK] = v[i];
+    }
+  }
+};
+
+// W(n, k) = w[n * stride_n + k * stride_k] staged for Bs[k][n], zeros outside (N, K). The thread
+// order follows whichever of W's dims is contiguous (k_fastest = stride_k == 1: W = Wu (C, Ca)
+// read as (n = c, k = ca); Wu^T and Wd^T views are n-contiguous). k_fastest must be the same in
+// fetch and commit.
+template <typename T, int BN, int BK>
+struct WeightTile {
+  static constexpr int kPer = BN * BK / kThreads;
+  static_assert(BN * BK % kThreads == 0, "tile elements must split evenly over the block");
+  T v[kPer];
+
+  __device__ __forceinline__ static void position(int idx, bool k_fastest, int& n, int& k) {
+    if (k_fastest) {
+      n = idx / BK;
+      k = idx - n * BK;
+    } else {
+      k = idx / BN;
+      n = idx - k * BN;
+    }
+  }
+
+  __device__ __forceinline__ void fetch(const T* __restrict__ w, int64_t n0, int64_t N, int64_t k0, int64_t K,
+                                        int64_t stride_n, int64_t stride_k) {
+    const bool k_fastest = stride_k == 1;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      int n, k;
+      position(threadIdx.x + i * kThreads, k_fastest, n, k);
+      T x = from_float<T>(0.f);
+      if (n0 + n < N && k0 + k < K) x = w[(n0 + n) * stride_n + (k0 + k) * stride_k];
+      v[i] = x;
+    }
+  }
+
+  template <int LDB>
+  __device__ __forceinline__ void commit(T* Bs, int64_t stride_k) const {
+    const bool k_fastest = stride_k == 1;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      int n, k;
+      position(threadIdx.x + i * kThreads, k_fastest, n, k);
+      Bs[k * LDB + n] = v[i];
+    }
+  }
+};
 
 // ------------------------------------------------------------------------ block MMA
 // WM x WN warps; warp (wm, wn) owns rows [wm*BM/WM, ...) and columns [wn*BN/WN, ...).

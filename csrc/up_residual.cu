@@ -2,6 +2,8 @@
 // over all F*L rows so the prefix passthrough needs no extra launch. Run with res = dO, a = dh
 // and W = Wd^T (strides swapped), no bias, it is also the backward's dgrad: dx = dO + dh Wd.
 // Mirrors kernels/adapter_fwd.py's adapter_up_residual_fwd_kernel.
+#include <type_traits>
+
 #include "st_adapter.h"
 #include "st_adapter_tile.cuh"
 
@@ -15,6 +17,8 @@ __global__ void __launch_bounds__(kThreads, 1) up_residual_kernel(UpResidualPara
   constexpr int BK = kUpBlockK;
   constexpr int E = BM * BN / kThreads;
   constexpr int ROW_STEP = kThreads / BN;
+  // fp32: the 8x4 SIMT accumulators plus staged loads reach 252 registers; load in-step instead
+  constexpr bool kPipeline = !std::is_same<T, float>::value;
   using Layout = TileLayout<T, BM, BN, BK>;
   using Warps = WarpGrid<BM, BN>;
 
@@ -38,13 +42,29 @@ __global__ void __launch_bounds__(kThreads, 1) up_residual_kernel(UpResidualPara
     const RowPos rp = row_position(row, p.L, p.P, p.S);
     row_off[m] = (row < n_rows && rp.spatial) ? rp.token * p.K : -1;
   }
+  __syncthreads();
+  // the next K step's loads fly during this step's MMA
+  RowsTile<T, T, BM, BK> a_tile;
+  WeightTile<T, BN, BK> b_tile;
+  if constexpr (kPipeline) {
+    a_tile.fetch(a, row_off, 0, p.K, 1);
+    b_tile.fetch(w, n0, p.NOUT, 0, p.K, p.stride_wo, p.stride_wi);
+  }
   BlockMma<T, BM, BN, BK, Warps::kM, Warps::kN> mma;
   mma.zero();
   for (int64_t k0 = 0; k0 < p.K; k0 += BK) {
+    if constexpr (!kPipeline) {
+      a_tile.fetch(a, row_off, k0, p.K, 1);
+      b_tile.fetch(w, n0, p.NOUT, k0, p.K, p.stride_wo, p.stride_wi);
+    }
     __syncthreads();
-    load_rows_tile<T, T, BM, BK, Layout::kLdA>(Layout::a(smem), a, row_off, k0, p.K, 1);
-    load_weight_tile<T, BN, BK, Layout::kLdB>(Layout::b(smem), w, n0, p.NOUT, k0, p.K, p.stride_wo, p.stride_wi);
+    a_tile.template commit<Layout::kLdA>(Layout::a(smem));
+    b_tile.template commit<Layout::kLdB>(Layout::b(smem), p.stride_wi);
     __syncthreads();
+    if (kPipeline && k0 + BK < p.K) {
+      a_tile.fetch(a, row_off, k0 + BK, p.K, 1);
+      b_tile.fetch(w, n0, p.NOUT, k0 + BK, p.K, p.stride_wo, p.stride_wi);
+    }
     mma.step(Layout::a(smem), Layout::kLdA, Layout::b(smem), Layout::kLdB);
   }
   __syncthreads();

@@ -18,8 +18,8 @@ __global__ void __launch_bounds__(kThreads, 1) wgrad_kernel(WgradParams p) {
   using Warps = WarpGrid<BM, BN>;
 
   __shared__ __align__(128) unsigned char smem[Layout::kBytes];
-  __shared__ int64_t off_a[BK];
-  __shared__ int64_t off_b[BK];
+  __shared__ int64_t off_a[2][BK];  // token offsets of this step and the next (double-buffered)
+  __shared__ int64_t off_b[2][BK];
   __shared__ float bias_buf[ROW_STEP][BM];
 
   const TA* __restrict__ a = static_cast<const TA*>(p.a.ptr);
@@ -39,42 +39,70 @@ __global__ void __launch_bounds__(kThreads, 1) wgrad_kernel(WgradParams p) {
   const int my_i = threadIdx.x % BM;
   float bias_acc = 0.f;
 
+  // Token offsets of the BK tokens from n0 into buffer buf (-1 past the split's end).
+  auto fill_offsets = [&](int buf, int64_t n0) {
+    if (threadIdx.x < BK) {
+      const int64_t n = n0 + threadIdx.x;
+      off_a[buf][threadIdx.x] = n < n_end ? token_offset(n, p.a.S, p.a.P, p.a.stride_f, p.a.stride_l) : -1;
+    } else if (threadIdx.x < 2 * BK) {
+      const int64_t n = n0 + threadIdx.x - BK;
+      off_b[buf][threadIdx.x - BK] = n < n_end ? token_offset(n, p.b.S, p.b.P, p.b.stride_f, p.b.stride_l) : -1;
+    }
+  };
+  // Register-staged tiles: As[i][k] = A[token n0 + k][i0 + i], Bs[k][j] = B[token n0 + k][j0 + j].
+  constexpr int A_PER = BM * BK / kThreads;
+  constexpr int B_PER = BN * BK / kThreads;
+  T a_v[A_PER];
+  T b_v[B_PER];
+  auto fetch = [&](int buf) {
+#pragma unroll
+    for (int r = 0; r < A_PER; ++r) {
+      const int idx = threadIdx.x + r * kThreads;
+      const int k = idx / BM;
+      const int i = idx - k * BM;
+      const int64_t off = off_a[buf][k];
+      float v = 0.f;
+      if (off >= 0 && i0 + i < p.I) v = to_float(a[off + (i0 + i) * p.a.stride_c]);
+      bias_acc += v;
+      a_v[r] = from_float<T>(v);
+    }
+#pragma unroll
+    for (int r = 0; r < B_PER; ++r) {
+      const int idx = threadIdx.x + r * kThreads;
+      const int k = idx / BN;
+      const int j = idx - k * BN;
+      const int64_t off = off_b[buf][k];
+      float v = 0.f;
+      if (off >= 0 && j0 + j < p.J) v = to_float(b[off + (j0 + j) * p.b.stride_c]);
+      b_v[r] = from_float<T>(v);
+    }
+  };
+
   BlockMma<T, BM, BN, BK, Warps::kM, Warps::kN> mma;
   mma.zero();
   T* As = Layout::a(smem);
   T* Bs = Layout::b(smem);
-  for (int64_t n0 = n_start; n0 < n_end; n0 += BK) {
-    __syncthreads();
-    if (threadIdx.x < BK) {
-      const int64_t n = n0 + threadIdx.x;
-      off_a[threadIdx.x] = n < n_end ? token_offset(n, p.a.S, p.a.P, p.a.stride_f, p.a.stride_l) : -1;
-    } else if (threadIdx.x < 2 * BK) {
-      const int64_t n = n0 + threadIdx.x - BK;
-      off_b[threadIdx.x - BK] = n < n_end ? token_offset(n, p.b.S, p.b.P, p.b.stride_f, p.b.stride_l) : -1;
-    }
-    __syncthreads();
-    // As[i][k] = A[token n0 + k][i0 + i]
-#pragma unroll 4
-    for (int idx = threadIdx.x; idx < BM * BK; idx += kThreads) {
+  fill_offsets(0, n_start);
+  __syncthreads();
+  if (n_start < n_end) fetch(0);
+  int buf = 0;
+  for (int64_t n0 = n_start; n0 < n_end; n0 += BK, buf ^= 1) {
+    __syncthreads();  // the previous step's MMA is done with As / Bs
+#pragma unroll
+    for (int r = 0; r < A_PER; ++r) {
+      const int idx = threadIdx.x + r * kThreads;
       const int k = idx / BM;
-      const int i = idx - k * BM;
-      const int64_t off = off_a[k];
-      float v = 0.f;
-      if (off >= 0 && i0 + i < p.I) v = to_float(a[off + (i0 + i) * p.a.stride_c]);
-      bias_acc += v;
-      As[i * Layout::kLdA + k] = from_float<T>(v);
+      As[(idx - k * BM) * Layout::kLdA + k] = a_v[r];
     }
-    // Bs[k][j] = B[token n0 + k][j0 + j]
-#pragma unroll 4
-    for (int idx = threadIdx.x; idx < BN * BK; idx += kThreads) {
+#pragma unroll
+    for (int r = 0; r < B_PER; ++r) {
+      const int idx = threadIdx.x + r * kThreads;
       const int k = idx / BN;
-      const int j = idx - k * BN;
-      const int64_t off = off_b[k];
-      float v = 0.f;
-      if (off >= 0 && j0 + j < p.J) v = to_float(b[off + (j0 + j) * p.b.stride_c]);
-      Bs[k * Layout::kLdB + j] = from_float<T>(v);
+      Bs[k * Layout::kLdB + idx - k * BN] = b_v[r];
     }
+    fill_offsets(buf ^ 1, n0 + BK);
     __syncthreads();
+    if (n0 + BK < n_end) fetch(buf ^ 1);  // in flight during this step's MMA
     mma.step(As, Layout::kLdA, Bs, Layout::kLdB);
   }
   __syncthreads();
