@@ -52,6 +52,20 @@ def _cap_max_jobs():
     os.environ["MAX_JOBS"] = str(max(1, min(os.cpu_count() or 1, int(free_gb // 2), len(CUDA_SOURCES))))
 
 
+def _wheel_cuda_includes(cuda_home):
+    """Header dirs of pip's nvidia-* CUDA wheels when the toolkit at CUDA_HOME lacks the library
+    headers torch's headers include (cusparse.h): a bare nvcc next to a pip-installed CUDA torch."""
+    if cuda_home and os.path.isfile(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    import glob
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    return [d for root in roots for d in sorted(glob.glob(os.path.join(root, "cu*", "include")))
+            if os.path.isfile(os.path.join(d, "cusparse.h"))]
+
+
 def _cuda_extension():
     """(ext_modules, cmdclass, reason-it-was-skipped-or-None)."""
     if _flag("ST_ADAPTER_FAST_SKIP_CUDA_BUILD") and not _flag("ST_ADAPTER_FAST_FORCE_BUILD"):
@@ -75,7 +89,7 @@ def _cuda_extension():
     ext = CUDAExtension(
         name="st_adapter_fast._cuda",
         sources=[os.path.join(CSRC, s) for s in CUDA_SOURCES],
-        include_dirs=[os.path.join(HERE, CSRC)],
+        include_dirs=[os.path.join(HERE, CSRC)] + _wheel_cuda_includes(CUDA_HOME),
         extra_compile_args={"cxx": flags, "nvcc": flags + ["-lineinfo"] + _arch_flags(archs)},
     )
     return [ext], {"build_ext": BuildExtension}, None

@@ -15,8 +15,10 @@
 
 #if defined(__CUDACC__)
 #define STA_HD __host__ __device__ __forceinline__
+#define STA_UNROLL _Pragma("unroll")
 #else
 #define STA_HD inline
+#define STA_UNROLL  // host compilers (binding.cpp, the host test) unroll on their own
 #endif
 
 namespace st_adapter {
@@ -180,13 +182,13 @@ struct ConvWindow {
 template <int KT, int E>
 STA_HD void conv_window_step(const float (&h)[E], float (&q)[ConvWindow<KT>::kPartials][E],
                              const float (&r)[KT], float (&out)[E]) {
-#pragma unroll
+STA_UNROLL
   for (int e = 0; e < E; ++e) {
     if (KT == 1) {
       out[e] = r[0] * h[e];
     } else {
       out[e] = q[0][e] + r[0] * h[e];
-#pragma unroll
+STA_UNROLL
       for (int i = 0; i + 1 < KT - 1; ++i) q[i][e] = q[i + 1][e] + r[i + 1] * h[e];
       q[KT > 1 ? KT - 2 : 0][e] = r[KT - 1] * h[e];
     }
