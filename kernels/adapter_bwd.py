@@ -183,15 +183,22 @@ def adapter_wgrad_kernel(
 # --------------------------------------------------------------------------------------------
 
 def conv_bwd_config(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
-    """Same register budget as the forward down-conv kernel (window + one GEMM accumulator)."""
+    """The forward's down-conv budget plus the dwc/dbc accumulators and h loads: on sm_80 the
+    64x64 KT=3 tile spilled 24 B, so Ampere takes the half-width tile there."""
     from .adapter_fwd import down_conv_config
 
-    return down_conv_config(kt, compute_dtype, arch)
+    cfg = down_conv_config(kt, compute_dtype, arch)
+    if compute_dtype != torch.float32 and arch < 90:
+        return TileConfig(cfg.BLOCK_M, 32, cfg.BLOCK_K, cfg.num_warps, cfg.num_stages)
+    return cfg
 
 
 def wgrad_config(compute_dtype: torch.dtype, arch: int) -> TileConfig:
-    wide = compute_dtype == torch.float32
-    return TileConfig(128, 128, 32 if wide else 64, num_warps=8, num_stages=3 if arch >= 90 else 2)
+    # 128x128x64 spilled up to 21 KB on sm_80, 128x64 still 32 B on sm_90 for unaligned shapes
+    # (both operands are gathered token by token: 64-bit addresses per element)
+    if compute_dtype == torch.float32:
+        return TileConfig(64, 64, 16, num_warps=8, num_stages=2)
+    return TileConfig(64, 64, 32, num_warps=8, num_stages=3)
 
 
 def _token_view(t: torch.Tensor, num_prefix_tokens: int, spatial: int) -> tuple:
@@ -229,7 +236,10 @@ def weight_grad(
     db_part = torch.empty((splits, i_dim), device=a.device, dtype=torch.float32)
     if num_tokens == 0:
         return dw_part.zero_().sum(0), (db_part.zero_().sum(0) if with_bias else None)
-    dot_fp32, precision = dot_flags(compute_dtype)
+    # IEEE even when TF32 is allowed: both operands are token-major (the reduction dim is the
+    # strided one), and TF32 wgmma cannot take them transposed -- ptxas serialised it (C7515).
+    dot_fp32, _ = dot_flags(compute_dtype)
+    precision = "ieee"
     grid = (triton.cdiv(j_dim, cfg.BLOCK_N), triton.cdiv(i_dim, cfg.BLOCK_M), splits)
     adapter_wgrad_kernel[grid](
         a, b, dw_part, db_part,

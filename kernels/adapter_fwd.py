@@ -166,21 +166,23 @@ def adapter_up_residual_fwd_kernel(
 # can pick is listed by `all_configs()` so the AOT test covers exactly what the dispatch uses.
 # --------------------------------------------------------------------------------------------
 
+# Why these sizes (ptxas -v, triton 3.9, pointer-based loads): the unaligned case (C, L*C not
+# multiples of 16) is the register-hungriest, because loads cannot go through cp.async and every
+# tile's 64-bit addresses live in registers. At 4 warps a 64x64 window tile spills (0.4-1 KB);
+# 8 warps halve the per-thread share. fp32 with IEEE dots runs on FMAs (no MMA), so its tiles
+# are half as wide. KT > 3 adds KT-1 fp32 partials: half-width tiles again.
 def down_conv_config(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
-    """Kernel 1 holds h plus KT-1 fp32 partials of BLOCK_M x BLOCK_N: wider KT, smaller tile."""
-    wide = compute_dtype == torch.float32
-    if kt <= 3:
-        m, n = 64, 64
-    elif kt <= 5:
-        m, n = 64, 32
-    else:
-        m, n = 32, 32
-    return TileConfig(m, n, 32 if wide else 64, num_warps=8 if kt <= 5 else 4, num_stages=3 if arch >= 90 else 2)
+    """Kernel 1 holds h plus KT-1 fp32 partials of BLOCK_M x BLOCK_N (64-bit pointers too)."""
+    if compute_dtype == torch.float32:
+        return TileConfig(64, 32, 16, num_warps=8, num_stages=2) if kt <= 3 else TileConfig(32, 32, 16, 8, 2)
+    return TileConfig(64, 64 if kt <= 3 else 32, 32, num_warps=8, num_stages=3)
 
 
 def up_residual_config(compute_dtype: torch.dtype, arch: int) -> TileConfig:
-    wide = compute_dtype == torch.float32
-    return TileConfig(128, 128, 32 if wide else 64, num_warps=8, num_stages=3 if arch >= 90 else 2)
+    # 128x128 spilled 4.3 KB (sm_90) on unaligned shapes; 128x64 uses <= 106 regs when aligned
+    if compute_dtype == torch.float32:
+        return TileConfig(64, 64, 16, num_warps=8, num_stages=2)
+    return TileConfig(128, 64, 32, num_warps=8, num_stages=3)
 
 
 def frames_per_program(num_frames: int, kt: int, programs_per_frame_run: int, sms: int) -> int:

@@ -57,9 +57,10 @@ class Variant:
     divisible: Tuple[str, ...]  # args hinted divisible by 16
     num_warps: int
     num_stages: int
+    maxnreg: Optional[int] = None
 
     def label(self) -> str:
-        keys = ("KT", "STORE_H", "HAS_BIAS", "SUBTRACT", "BLOCK_M", "BLOCK_N", "BLOCK_K")
+        keys = ("KT", "STORE_H", "HAS_BIAS", "SUBTRACT", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K")
         consts = dict(self.constexprs)
         dtypes = sorted({t for _, t in self.signature if t.startswith("*")})
         parts = [f"{k}={consts[k]}" for k in keys if k in consts]
@@ -73,7 +74,7 @@ class _Recorder:
         self.name, self.fn, self.sink = name, fn, sink
 
     def __getitem__(self, grid):
-        def launch(*args, num_warps=4, num_stages=3, **constexprs):
+        def launch(*args, num_warps=4, num_stages=3, maxnreg=None, **constexprs):
             names = self.fn.arg_names
             sig, consts, div = [], dict(), []
             for name, value in zip(names, args):
@@ -97,7 +98,7 @@ class _Recorder:
                 sig.append((name, "constexpr"))
                 consts[name] = constexprs[name]
             self.sink.append(Variant(self.name, tuple(sig), tuple(consts.items()), tuple(div),
-                                     num_warps, num_stages))
+                                     num_warps, num_stages, maxnreg))
 
         return launch
 
@@ -128,22 +129,28 @@ def _recording(arch: int, sink: List[Variant]) -> Iterator[None]:
 
 def dispatch_variants(arch: int, kts=(1, 3, 5, 7, 9), dtypes=(torch.bfloat16, torch.float16, torch.float32),
                       shapes=None) -> List[Variant]:
-    """Every distinct kernel variant the launchers pick for the given shapes, forward and backward."""
+    """Every distinct kernel variant the launchers pick for the given shapes, forward and backward;
+    fp32 both with IEEE dots and with TF32 (torch.backends.cuda.matmul.allow_tf32 = True)."""
     sink: List[Variant] = []
     shapes = shapes or TARGET_SHAPES
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     with _recording(arch, sink):
-        for dtype in dtypes:
-            for kt in kts:
-                for b, t, seq, c, ca in shapes.values():
-                    meta = dict(device="meta", dtype=dtype)
-                    x = torch.empty(b * t, seq, c, **meta)
-                    wd, bd = torch.empty(ca, c, **meta), torch.empty(ca, **meta)
-                    taps, bc = torch.empty(ca, kt, **meta), torch.empty(ca, **meta)
-                    wu, bu = torch.empty(c, ca, **meta), torch.empty(c, **meta)
-                    adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu)
-                    _record_backward(x, t, wd, bd, taps, bc, wu, bu)
-    unique = list(dict.fromkeys(sink))
-    return unique
+        try:
+            for dtype in dtypes:
+                for allow_tf32 in ((False, True) if dtype == torch.float32 else (False,)):
+                    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+                    for kt in kts:
+                        for b, t, seq, c, ca in shapes.values():
+                            meta = dict(device="meta", dtype=dtype)
+                            x = torch.empty(b * t, seq, c, **meta)
+                            wd, bd = torch.empty(ca, c, **meta), torch.empty(ca, **meta)
+                            taps, bc = torch.empty(ca, kt, **meta), torch.empty(ca, **meta)
+                            wu, bu = torch.empty(c, ca, **meta), torch.empty(c, **meta)
+                            adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu)
+                            _record_backward(x, t, wd, bd, taps, bc, wu, bu)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    return list(dict.fromkeys(sink))
 
 
 def _record_backward(x, t, wd, bd, taps, bc, wu, bu):
@@ -180,6 +187,42 @@ def ptxas_path(arch: int) -> str:
         return knobs.nvidia.ptxas.path
 
 
+def _compile_with_ptxas_log(src, target, options):
+    """triton.compile, capturing the log of the ptxas run Triton itself makes (its own flags,
+    e.g. --regAllocOptLevel=2 in 3.9, decide the register allocation we must judge)."""
+    import contextlib
+    import io
+
+    knobs = getattr(triton, "knobs", None)
+    nvidia = getattr(knobs, "nvidia", None)
+    if nvidia is None or not hasattr(nvidia, "dump_ptxas_log"):
+        return triton.compile(src, target=target, options=options.__dict__), ""
+    old = nvidia.dump_ptxas_log
+    nvidia.dump_ptxas_log = True
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            compiled = triton.compile(src, target=target, options=options.__dict__)
+    finally:
+        nvidia.dump_ptxas_log = old
+    return compiled, buf.getvalue()
+
+
+def _run_ptxas(ptx: str, arch: int) -> str:
+    sm = "sm_90a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_file = os.path.join(tmp, "k.ptx")
+        with open(ptx_file, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run(
+            [ptxas_path(arch), "-v", f"-arch={sm}", ptx_file, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True, text=True,
+        )
+    if proc.returncode != 0:
+        raise RuntimeError(f"ptxas failed on sm_{arch}:\n{proc.stdout}{proc.stderr}")
+    return proc.stdout + proc.stderr
+
+
 def compile_variant(variant: Variant, arch: int) -> CompileReport:
     from triton.backends.compiler import GPUTarget
 
@@ -190,21 +233,14 @@ def compile_variant(variant: Variant, arch: int) -> CompileReport:
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     backend = triton.compiler.make_backend(target)
-    options = backend.parse_options({"num_warps": variant.num_warps, "num_stages": variant.num_stages})
-    compiled = triton.compile(src, target=target, options=options.__dict__)
+    launch_options = {"num_warps": variant.num_warps, "num_stages": variant.num_stages}
+    if variant.maxnreg is not None:
+        launch_options["maxnreg"] = variant.maxnreg
+    options = backend.parse_options(launch_options)
+    compiled, log = _compile_with_ptxas_log(src, target, options)
+    if not log:  # a Triton without the log knob: run its ptxas on the PTX ourselves
+        log = _run_ptxas(compiled.asm["ptx"], arch)
     ptx = compiled.asm["ptx"]
-    sm = "sm_90a" if arch == 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx_file = os.path.join(tmp, "k.ptx")
-        with open(ptx_file, "w") as f:
-            f.write(ptx)
-        proc = subprocess.run(
-            [ptxas_path(arch), "-v", f"-arch={sm}", ptx_file, "-o", os.path.join(tmp, "k.cubin")],
-            capture_output=True, text=True,
-        )
-    log = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise RuntimeError(f"ptxas failed for {variant.label()} on sm_{arch}:\n{log}")
     regs = re.search(r"Used (\d+) registers", log)
     spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
     return CompileReport(
@@ -220,12 +256,21 @@ def compile_variant(variant: Variant, arch: int) -> CompileReport:
     )
 
 
-def check_all(archs=(80, 90), **kwargs) -> List[CompileReport]:
-    reports = []
-    for arch in archs:
-        for variant in dispatch_variants(arch, **kwargs):
-            reports.append(compile_variant(variant, arch))
-    return reports
+def _compile_job(job):
+    variant, arch = job
+    return compile_variant(variant, arch)
+
+
+def check_all(archs=(80, 90), jobs: int = 1, **kwargs) -> List[CompileReport]:
+    """Compile every dispatch variant for every arch; `jobs` processes in parallel."""
+    work = [(variant, arch) for arch in archs for variant in dispatch_variants(arch, **kwargs)]
+    if jobs <= 1:
+        return [_compile_job(w) for w in work]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_compile_job, work))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -235,18 +280,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--arch", type=int, action="append", help="80 and/or 90 (default both)")
     parser.add_argument("--kt", type=int, action="append", help="temporal kernel sizes (default 1..9)")
     parser.add_argument("--dtype", action="append", choices=sorted(_TYPE.values()))
+    parser.add_argument("--shapes", help="comma-separated names from TARGET_SHAPES (default all)")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
     parser.add_argument("--json", help="write the reports here")
     args = parser.parse_args(argv)
     if _common.INTERPRET:
         print("unset TRITON_INTERPRET: AOT compilation needs the real JIT", file=sys.stderr)
         return 2
+    # a fresh cache: a cache hit would skip the ptxas run whose log we read
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="st-adapter-aot-")
     by_name = {v: k for k, v in _TYPE.items()}
     kwargs = {}
     if args.kt:
         kwargs["kts"] = tuple(args.kt)
     if args.dtype:
         kwargs["dtypes"] = tuple(by_name[d] for d in args.dtype)
-    reports = check_all(tuple(args.arch or (80, 90)), **kwargs)
+    if args.shapes:
+        kwargs["shapes"] = {name: TARGET_SHAPES[name] for name in args.shapes.split(",")}
+    reports = check_all(tuple(args.arch or (80, 90)), jobs=args.jobs, **kwargs)
     for r in reports:
         flag = "ok  " if r.ok else "FAIL"
         print(f"{flag} sm_{r.arch} regs={r.registers:3d} spill={r.spill_bytes:5d}B smem={r.shared_bytes // 1024:3d}KB "
