@@ -43,10 +43,12 @@ class DemoConfig:
     positions: Sequence[str] = ("pre_attn", "pre_mlp")
     batch_size: int = 16  # 8 clips + the same 8 played backwards
     lr: float = 5e-3
-    steps: int = 200
-    fused_steps: int = 6
+    steps: int = 150
+    # the interpreter takes ~10-30 s per step on CPU; on CUDA the fused run is as long as (b)
+    fused_steps: int = 3
     eval_clips: int = 512
     seed: int = 0
+    device: str = "cpu"
 
 
 def moving_square_clips(batch: int, frames: int, size: int, generator) -> "tuple":
@@ -109,7 +111,7 @@ def build_model(cfg: DemoConfig, *, adapters: bool, backend: str = "reference"):
         inject_st_adapters(backbone, adapter_channels=cfg.adapter_channels, positions=tuple(cfg.positions),
                            backend=backend, verbose=False)
     torch.manual_seed(cfg.seed + 2)
-    return VideoClassifier(backbone, num_classes=2, dropout=0.0)
+    return VideoClassifier(backbone, num_classes=2, dropout=0.0).to(cfg.device)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -157,7 +159,7 @@ def train(model, cfg: DemoConfig, steps: int, *, desc: str = "train", progress: 
         batch_index = step if distinct_batches is None else step % distinct_batches
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + batch_index)
         clips, labels = moving_square_clips(cfg.batch_size, cfg.frames, cfg.image_size, gen)
-        loss = F.cross_entropy(model(clips), labels)
+        loss = F.cross_entropy(model(clips.to(cfg.device)), labels.to(cfg.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -179,17 +181,16 @@ def evaluate(model, cfg: DemoConfig, clips: Optional[int] = None) -> float:
     with torch.no_grad():
         for start in range(0, n, 128):
             x, y = moving_square_clips(min(128, n - start), cfg.frames, cfg.image_size, gen)
-            correct += int((model(x).argmax(dim=1) == y).sum())
+            correct += int((model(x.to(cfg.device)).argmax(dim=1).cpu() == y).sum())
     return correct / n
 
 
-def _fused_backend_reason(backend: str) -> Optional[str]:
+def _fused_backend_reason(backend: str, device: str) -> Optional[str]:
     """None if the fused backend can run the demo here, else why not."""
     import torch
 
     from .backends import get_backend
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     x = torch.empty(2, 17, 8, device=device)
     try:
         return get_backend(backend).unavailable_reason(x, (3, 1, 1), torch.float32)
@@ -206,7 +207,7 @@ def run_demo(cfg: DemoConfig, *, fused_backend: str = "triton", progress: bool =
     results["config"]["positions"] = list(cfg.positions)
 
     runs = [("no_adapters", False, "reference", cfg.steps), ("st_adapters_reference", True, "reference", cfg.steps)]
-    reason = _fused_backend_reason(fused_backend) if cfg.fused_steps > 0 else "--fused-steps 0"
+    reason = _fused_backend_reason(fused_backend, cfg.device) if cfg.fused_steps > 0 else "--fused-steps 0"
     if reason is None:
         runs.append((f"st_adapters_{fused_backend}", True, fused_backend, cfg.fused_steps))
     else:
@@ -236,8 +237,8 @@ def _smooth(values: List[float], window: int) -> List[float]:
 
 
 def write_plot(results: Dict, path: str) -> Optional[str]:
-    """curves.png: loss per step for every run (smoothed), chance level marked. None if
-    matplotlib is missing."""
+    """curves.png: (a) and (b) smoothed with chance marked; beside them the fused run against the
+    reference step by step. None if matplotlib is missing."""
     try:
         import matplotlib
 
@@ -245,20 +246,33 @@ def write_plot(results: Dict, path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    styles = {"no_adapters": ("tab:gray", "-", 1.0), "st_adapters_reference": ("tab:blue", "-", 1.0)}
-    for name, curve in results["curves"].items():
-        color, ls, alpha = styles.get(name, ("tab:red", "--", 1.0))
-        acc = results["eval_accuracy"].get(name)
-        label = name + (f" (held-out acc {acc:.0%})" if acc is not None else f" (first {len(curve)} steps)")
-        window = 10 if len(curve) > 50 else 1
-        ax.plot(range(1, len(curve) + 1), _smooth(curve, window), color=color, ls=ls, alpha=alpha, label=label,
-                marker="o" if len(curve) <= 50 else None, ms=3)
+    fused = [k for k in results["curves"] if k not in results["eval_accuracy"]]
+    fig, axes = plt.subplots(1, 2 if fused else 1, figsize=(11 if fused else 7, 4.2), squeeze=False,
+                             gridspec_kw={"width_ratios": [2, 1]} if fused else None)
+    ax = axes[0][0]
+    styles = {"no_adapters": "tab:gray", "st_adapters_reference": "tab:blue"}
+    for name in results["eval_accuracy"]:
+        curve = results["curves"][name]
+        label = f"{name} (held-out acc {results['eval_accuracy'][name]:.0%})"
+        ax.plot(range(1, len(curve) + 1), _smooth(curve, 10), color=styles.get(name), label=label,
+                lw=2.5 if name == "no_adapters" else 1.5)
     ax.axhline(math.log(2), color="k", lw=0.8, ls=":", label="chance (ln 2)")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy")
-    ax.set_title("Direction of motion: frame averaging vs ST-Adapters (frozen ViT)")
+    ax.set_ylabel("cross-entropy (10-step mean)")
+    ax.set_title("Direction of motion: frame averaging vs ST-Adapters (frozen ViT)", fontsize=10)
     ax.legend(fontsize=8)
+    if fused:
+        ax = axes[0][1]
+        curve = results["curves"][fused[0]]
+        steps = range(1, len(curve) + 1)
+        ax.plot(steps, results["curves"]["st_adapters_reference"][: len(curve)], color="tab:blue", marker="o",
+                label="reference")
+        ax.plot(steps, curve, color="tab:red", ls="--", marker="x", label=fused[0].replace("st_adapters_", ""))
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (per step)")
+        ax.set_title(f"fused vs reference: max |diff| {results['fused_vs_reference_max_abs_loss_diff']:.1e}",
+                     fontsize=10)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -270,12 +284,14 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = DemoConfig()
     p.add_argument("--steps", type=int, default=d.steps, help="training steps of runs (a) and (b)")
-    p.add_argument("--fused-steps", type=int, default=d.fused_steps,
-                   help="steps of the fused run (c), compared with (b)'s first steps; 0 skips it")
+    p.add_argument("--fused-steps", type=int, default=None,
+                   help=f"steps of the fused run (c), compared with (b)'s first steps; 0 skips it "
+                        f"(default: {d.fused_steps} on cpu, --steps on cuda)")
     p.add_argument("--fused-backend", default="triton", help="fused backend for run (c)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="cpu (default; Triton runs in its interpreter) or cuda")
     p.add_argument("--out", default="train_demo_out", help="directory for curves.json and curves.png")
     p.add_argument("--quick", action="store_true", help="a smoke run: 40 steps, 3 fused steps, small eval")
     p.add_argument("--no-progress", action="store_true", help="no progress bar / step prints")
@@ -284,14 +300,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    # On a machine without CUDA the Triton kernels run only in the interpreter, which must be
-    # chosen before triton is first imported.
-    import torch
-
-    if not torch.cuda.is_available() and "triton" not in sys.modules:
+    # On CPU the Triton kernels run only in the interpreter, which must be chosen before triton
+    # is first imported.
+    if args.device == "cpu" and "triton" not in sys.modules:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    cfg = DemoConfig(steps=args.steps, fused_steps=args.fused_steps, batch_size=args.batch_size, lr=args.lr,
-                     seed=args.seed)
+    fused_steps = args.fused_steps
+    if fused_steps is None:
+        fused_steps = args.steps if args.device.startswith("cuda") else min(DemoConfig().fused_steps, args.steps)
+    cfg = DemoConfig(steps=args.steps, fused_steps=fused_steps, batch_size=args.batch_size, lr=args.lr,
+                     seed=args.seed, device=args.device)
     if args.quick:
         cfg = dataclasses.replace(cfg, steps=min(cfg.steps, 40), fused_steps=min(cfg.fused_steps, 3), eval_clips=128)
     if cfg.steps < 1 or cfg.fused_steps < 0 or cfg.fused_steps > cfg.steps:

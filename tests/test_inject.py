@@ -19,7 +19,13 @@ from st_adapter_fast.inject import (
     using_num_frames,
 )
 
-from helpers import requires_interpreter
+from helpers import fused_device, triton_interpreter_on
+
+# the fused Triton backend runs on a GPU, or on CPU tensors in the interpreter (the CPU twin)
+requires_fused = pytest.mark.skipif(
+    not (torch.cuda.is_available() or triton_interpreter_on()),
+    reason="needs CUDA, or TRITON_INTERPRET=1 for the CPU twin (tests/conftest.py sets it without CUDA)",
+)
 
 TINY = CLIPVisionConfig(input_resolution=16, patch_size=8, width=32, layers=3, heads=2, output_dim=24)
 
@@ -35,7 +41,7 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 1) -> None:
     with torch.no_grad():
         for _, adapter in iter_st_adapters(model):
             for p in adapter.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.3)
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device) * 0.3)
 
 
 def adapter_ref(adapter, x: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -202,13 +208,14 @@ def test_remove_restores_the_model():
     assert torch.equal(model(x), before)
 
 
-@requires_interpreter
+@requires_fused
 def test_triton_backend_matches_reference_in_a_model():
     """One adapted block, tiny shapes: the interpreter is slow."""
     outs, grads = {}, {}
-    x = frames(2, 2)
+    device = fused_device()
+    x = frames(2, 2).to(device)
     for backend in ("reference", "triton"):
-        model = tiny_clip()
+        model = tiny_clip().to(device)
         inject_st_adapters(model, adapter_channels=8, block_indices=[1], backend=backend, verbose=False)
         randomize_adapters(model)
         with using_num_frames(model, 2):
@@ -286,12 +293,13 @@ def test_timm_non_square_grid_and_unsupported_blocks():
 
 
 @pytest.mark.integration
-@requires_interpreter
+@requires_fused
 def test_timm_triton_backend_matches_reference():
     outs = {}
-    x = frames(1, 2)
+    device = fused_device()
+    x = frames(1, 2).to(device)
     for backend in ("reference", "triton"):
-        model = tiny_timm(reg_tokens=0).eval()
+        model = tiny_timm(reg_tokens=0).eval().to(device)
         inject_st_adapters(model, adapter_channels=8, block_indices=[2], backend=backend, verbose=False)
         randomize_adapters(model)
         with using_num_frames(model, 2):

@@ -13,7 +13,8 @@ import torch
 from st_adapter_fast import train_demo
 from st_adapter_fast.train_demo import DemoConfig, build_model, moving_square_clips, train
 
-from helpers import requires_interpreter
+from helpers import fused_device
+from test_inject import requires_fused
 
 TINY_DEMO = DemoConfig(frames=4, image_size=16, patch_size=4, width=32, layers=2, heads=2, adapter_channels=16,
                        batch_size=16, lr=1e-2, steps=25, fused_steps=2, eval_clips=32)
@@ -51,10 +52,10 @@ def test_frame_averaging_cannot_learn_direction_but_adapters_can():
     assert again == losses[:3]
 
 
-@requires_interpreter
+@requires_fused
 def test_fused_backend_gives_the_same_loss_curve():
     cfg = DemoConfig(frames=2, image_size=8, patch_size=4, width=16, layers=1, heads=1, adapter_channels=8,
-                     batch_size=2, lr=1e-2, steps=2, positions=("pre_mlp",))
+                     batch_size=2, lr=1e-2, steps=2, positions=("pre_mlp",), device=fused_device())
     curves = {}
     for backend in ("reference", "triton"):
         model = build_model(cfg, adapters=True, backend=backend)
@@ -74,4 +75,10 @@ def test_cli_writes_curves(tmp_path, monkeypatch, capsys):
     assert results["fused_skipped"].endswith("--fused-steps 0")
     assert results["eval_accuracy"]["no_adapters"] == 0.5  # paired eval clips: exactly chance
     assert "held-out accuracy" in capsys.readouterr().out
+    try:
+        import matplotlib  # noqa: F401  (optional: the plot is skipped without it)
+    except ImportError:
+        assert not (tmp_path / "curves.png").exists()
+    else:
+        assert (tmp_path / "curves.png").stat().st_size > 1000
     assert train_demo.main(["--steps", "2", "--fused-steps", "5", "--out", str(tmp_path)]) == 2
