@@ -53,6 +53,8 @@ __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) 
 #pragma unroll
   for (int i = 0; i < KT; ++i) r[i] = ca_ok ? to_float(taps[ca * KT + i]) : 0.f;
 
+  const bool vec_a = rows_vector_ok<TD, T>(p.dout, p.C, p.stride_dc, p.stride_df, p.stride_dl);
+
   float q[ConvWindow<KT>::kPartials][E];
 #pragma unroll
   for (int i = 0; i < ConvWindow<KT>::kPartials; ++i)
@@ -78,21 +80,21 @@ __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) 
       RowsTile<TD, T, BM, BK> a_tile;
       WeightTile<T, BN, BK> b_tile;
       if constexpr (kPipeline) {
-        a_tile.fetch(dout, row_off, 0, p.C, p.stride_dc);
+        a_tile.fetch(dout, row_off, 0, p.C, p.stride_dc, vec_a);
         b_tile.fetch(wu, ca0, p.Ca, 0, p.C, p.stride_wu_i, p.stride_wu_o);
       }
       mma.zero();
       for (int64_t k0 = 0; k0 < p.C; k0 += BK) {
         if constexpr (!kPipeline) {
-          a_tile.fetch(dout, row_off, k0, p.C, p.stride_dc);
+          a_tile.fetch(dout, row_off, k0, p.C, p.stride_dc, vec_a);
           b_tile.fetch(wu, ca0, p.Ca, k0, p.C, p.stride_wu_i, p.stride_wu_o);
         }
         __syncthreads();
-        a_tile.template commit<Layout::kLdA>(Layout::a(smem));
+        a_tile.template commit<Layout::kLdA>(Layout::a(smem), vec_a);
         b_tile.template commit<Layout::kLdB>(Layout::b(smem), p.stride_wu_o);
         __syncthreads();
         if (kPipeline && k0 + BK < p.C) {
-          a_tile.fetch(dout, row_off, k0 + BK, p.C, p.stride_dc);
+          a_tile.fetch(dout, row_off, k0 + BK, p.C, p.stride_dc, vec_a);
           b_tile.fetch(wu, ca0, p.Ca, k0 + BK, p.C, p.stride_wu_i, p.stride_wu_o);
         }
         mma.step(Layout::a(smem), Layout::kLdA, Layout::b(smem), Layout::kLdB);

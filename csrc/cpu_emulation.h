@@ -86,6 +86,24 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   return __nv_bfloat16{static_cast<uint16_t>(u >> 16)};
 }
 
+inline unsigned short __half_as_ushort(__half v) {
+  unsigned short b;
+  std::memcpy(&b, &v, sizeof(b));
+  return b;
+}
+inline __half __ushort_as_half(unsigned short b) {
+  __half v;
+  std::memcpy(&v, &b, sizeof(b));
+  return v;
+}
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 v) { return v.bits; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b) { return __nv_bfloat16{b}; }
+
+struct uint4 {
+  unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+
 inline float sta_emu_to_float(float v) { return v; }
 inline float sta_emu_to_float(__half v) { return __half2float(v); }
 inline float sta_emu_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }

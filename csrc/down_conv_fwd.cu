@@ -59,6 +59,8 @@ __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvPara
   const float bd = (ca_ok && p.bd != nullptr) ? to_float(static_cast<const T*>(p.bd)[ca]) : 0.f;
   const float bc = (ca_ok && p.bc != nullptr) ? to_float(static_cast<const T*>(p.bc)[ca]) : 0.f;
 
+  const bool vec_a = rows_vector_ok<TX, T>(p.x, p.C, p.stride_xc, p.stride_xf, p.stride_xl);
+
   float q[ConvWindow<KT>::kPartials][E];
 #pragma unroll
   for (int i = 0; i < ConvWindow<KT>::kPartials; ++i)
@@ -80,21 +82,21 @@ __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvPara
       RowsTile<TX, T, BM, BK> a_tile;
       WeightTile<T, BN, BK> b_tile;
       if constexpr (kPipeline) {
-        a_tile.fetch(x, row_off, 0, p.C, p.stride_xc);
+        a_tile.fetch(x, row_off, 0, p.C, p.stride_xc, vec_a);
         b_tile.fetch(wd, ca0, p.Ca, 0, p.C, p.stride_wd_o, p.stride_wd_i);
       }
       mma.zero();
       for (int64_t k0 = 0; k0 < p.C; k0 += BK) {
         if constexpr (!kPipeline) {
-          a_tile.fetch(x, row_off, k0, p.C, p.stride_xc);
+          a_tile.fetch(x, row_off, k0, p.C, p.stride_xc, vec_a);
           b_tile.fetch(wd, ca0, p.Ca, k0, p.C, p.stride_wd_o, p.stride_wd_i);
         }
         __syncthreads();
-        a_tile.template commit<Layout::kLdA>(Layout::a(smem));
+        a_tile.template commit<Layout::kLdA>(Layout::a(smem), vec_a);
         b_tile.template commit<Layout::kLdB>(Layout::b(smem), p.stride_wd_i);
         __syncthreads();
         if (kPipeline && k0 + BK < p.C) {
-          a_tile.fetch(x, row_off, k0 + BK, p.C, p.stride_xc);
+          a_tile.fetch(x, row_off, k0 + BK, p.C, p.stride_xc, vec_a);
           b_tile.fetch(wd, ca0, p.Ca, k0 + BK, p.C, p.stride_wd_o, p.stride_wd_i);
         }
         mma.step(Layout::a(smem), Layout::kLdA, Layout::b(smem), Layout::kLdB);

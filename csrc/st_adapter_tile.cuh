@@ -67,17 +67,50 @@ struct TileLayout {
 //   fetch(k0 + BK) -> registers; mma.step(smem); __syncthreads(); commit() -> smem
 // Every thread owns fixed tile elements idx = tid + i*256, the same in fetch and commit.
 
+// Raw bits of 16-bit values, for 16-byte vector loads and stores of 8 elements.
+__device__ __forceinline__ uint32_t bits16(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ uint32_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+template <typename T>
+__device__ __forceinline__ T from_bits16(uint32_t b);
+template <>
+__device__ __forceinline__ __half from_bits16<__half>(uint32_t b) { return __ushort_as_half(static_cast<unsigned short>(b)); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_bits16<__nv_bfloat16>(uint32_t b) {
+  return __ushort_as_bfloat16(static_cast<unsigned short>(b));
+}
+
 // A(m, k) = src[row_off[m] + k * stride_k] cast to T, staged for As[m][k]; rows with
 // row_off < 0 and columns k >= K are zeros. k is the fastest index (A rows are contiguous
 // along k for the usual contiguous x / dO / g / dh).
+// Vector mode (16-bit A already in the compute dtype, k-contiguous, K and every row offset a
+// multiple of 8, 16-byte aligned base; see rows_vector_ok): one 16-byte load and store per 8
+// elements instead of eight 2-byte ones. The mode must be the same in fetch and commit.
 template <typename TS, typename T, int BM, int BK>
 struct RowsTile {
   static constexpr int kPer = BM * BK / kThreads;
   static_assert(BM * BK % kThreads == 0, "tile elements must split evenly over the block");
+  static constexpr bool kCanVector = sizeof(T) == 2 && sizeof(TS) == 2 && kPer % 8 == 0 && BK % 8 == 0;
   T v[kPer];
 
   __device__ __forceinline__ void fetch(const TS* __restrict__ src, const int64_t* row_off, int64_t k0, int64_t K,
-                                        int64_t stride_k) {
+                                        int64_t stride_k, bool vector) {
+    if constexpr (kCanVector) {
+      if (vector) {
+#pragma unroll
+        for (int j = 0; j < kPer / 8; ++j) {
+          const int vid = threadIdx.x + j * kThreads;
+          const int m = vid / (BK / 8);
+          const int k = (vid - m * (BK / 8)) * 8;
+          const int64_t off = row_off[m];
+          uint4 q = make_uint4(0u, 0u, 0u, 0u);
+          if (off >= 0 && k0 + k < K) q = *reinterpret_cast<const uint4*>(src + off + k0 + k);
+          const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+          for (int e = 0; e < 8; ++e) v[j * 8 + e] = from_bits16<T>((words[e / 2] >> (16 * (e % 2))) & 0xffffu);
+        }
+        return;
+      }
+    }
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int idx = threadIdx.x + i * kThreads;
@@ -91,7 +124,25 @@ struct RowsTile {
   }
 
   template <int LDA>
-  __device__ __forceinline__ void commit(T* As) const {
+  __device__ __forceinline__ void commit(T* As, bool vector) const {
+    if constexpr (kCanVector) {
+      static_assert(LDA % 8 == 0, "16-byte shared stores need 16-byte aligned rows");
+      if (vector) {
+#pragma unroll
+        for (int j = 0; j < kPer / 8; ++j) {
+          const int vid = threadIdx.x + j * kThreads;
+          const int m = vid / (BK / 8);
+          const int k = (vid - m * (BK / 8)) * 8;
+          uint4 q;
+          q.x = bits16(v[j * 8 + 0]) | (bits16(v[j * 8 + 1]) << 16);
+          q.y = bits16(v[j * 8 + 2]) | (bits16(v[j * 8 + 3]) << 16);
+          q.z = bits16(v[j * 8 + 4]) | (bits16(v[j * 8 + 5]) << 16);
+          q.w = bits16(v[j * 8 + 6]) | (bits16(v[j * 8 + 7]) << 16);
+          *reinterpret_cast<uint4*>(As + m * LDA + k) = q;
+        }
+        return;
+      }
+    }
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int idx = threadIdx.x + i * kThreads;
@@ -100,6 +151,15 @@ struct RowsTile {
     }
   }
 };
+
+// Whether RowsTile's vector mode may read A: k-contiguous, K and every row offset (frame and
+// token strides) multiples of 8 elements, base 16-byte aligned. Uniform per launch.
+template <typename TS, typename T>
+__host__ __device__ __forceinline__ bool rows_vector_ok(const void* base, int64_t K, int64_t stride_k,
+                                                         int64_t stride_f, int64_t stride_l) {
+  return sizeof(TS) == 2 && sizeof(T) == 2 && stride_k == 1 && K % 8 == 0 && stride_f % 8 == 0 &&
+         stride_l % 8 == 0 && reinterpret_cast<uintptr_t>(base) % 16 == 0;
+}
 
 // W(n, k) = w[n * stride_n + k * stride_k] staged for Bs[k][n], zeros outside (N, K). The thread
 // order follows whichever of W's dims is contiguous (k_fastest = stride_k == 1: W = Wu (C, Ca)

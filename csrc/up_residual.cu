@@ -43,26 +43,27 @@ __global__ void __launch_bounds__(kThreads, 1) up_residual_kernel(UpResidualPara
     row_off[m] = (row < n_rows && rp.spatial) ? rp.token * p.K : -1;
   }
   __syncthreads();
-  // the next K step's loads fly during this step's MMA
+  // the next K step's loads fly during this step's MMA; `a` rows are token * K
+  const bool vec_a = rows_vector_ok<T, T>(p.a, p.K, 1, p.K, p.K);
   RowsTile<T, T, BM, BK> a_tile;
   WeightTile<T, BN, BK> b_tile;
   if constexpr (kPipeline) {
-    a_tile.fetch(a, row_off, 0, p.K, 1);
+    a_tile.fetch(a, row_off, 0, p.K, 1, vec_a);
     b_tile.fetch(w, n0, p.NOUT, 0, p.K, p.stride_wo, p.stride_wi);
   }
   BlockMma<T, BM, BN, BK, Warps::kM, Warps::kN> mma;
   mma.zero();
   for (int64_t k0 = 0; k0 < p.K; k0 += BK) {
     if constexpr (!kPipeline) {
-      a_tile.fetch(a, row_off, k0, p.K, 1);
+      a_tile.fetch(a, row_off, k0, p.K, 1, vec_a);
       b_tile.fetch(w, n0, p.NOUT, k0, p.K, p.stride_wo, p.stride_wi);
     }
     __syncthreads();
-    a_tile.template commit<Layout::kLdA>(Layout::a(smem));
+    a_tile.template commit<Layout::kLdA>(Layout::a(smem), vec_a);
     b_tile.template commit<Layout::kLdB>(Layout::b(smem), p.stride_wi);
     __syncthreads();
     if (kPipeline && k0 + BK < p.K) {
-      a_tile.fetch(a, row_off, k0 + BK, p.K, 1);
+      a_tile.fetch(a, row_off, k0 + BK, p.K, 1, vec_a);
       b_tile.fetch(w, n0, p.NOUT, k0 + BK, p.K, p.stride_wo, p.stride_wi);
     }
     mma.step(Layout::a(smem), Layout::kLdA, Layout::b(smem), Layout::kLdB);

@@ -39,7 +39,7 @@ def _lib(tmp_dir: Path):
     global _LIB
     if _LIB is None:
         so = tmp_dir / "libsta_emu.so"
-        cmd = [CXX, "-std=c++20", "-O1", "-DSTA_CPU_EMULATION", "-fPIC", "-shared", "-pthread",
+        cmd = [CXX, "-std=c++20", "-O1", "-fno-strict-aliasing", "-DSTA_CPU_EMULATION", "-fPIC", "-shared", "-pthread",
                "-Wno-unknown-pragmas", "-I", str(CSRC), "-x", "c++",
                *[str(CSRC / f) for f in KERNEL_FILES], str(CSRC / "cpu_emulation_api.cpp"), "-o", str(so)]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
