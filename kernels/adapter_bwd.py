@@ -31,7 +31,7 @@ from ._common import (
     dot_flags,
     sm_count,
 )
-from .adapter_fwd import down_conv_forward, frames_per_program, up_residual_forward, _interpret_override
+from .adapter_fwd import down_conv_forward, frames_per_program, up_residual_forward, _frames_per_program_override
 
 
 @triton.jit
@@ -276,7 +276,7 @@ def conv_backward(
     cfg = conv_bwd_config(kt, dtype, arch_of(dout))
     grid_ca = triton.cdiv(ca, cfg.BLOCK_N)
     grid_s = triton.cdiv(s, cfg.BLOCK_M)
-    fpp = frames_per_prog or _interpret_override() or frames_per_program(
+    fpp = frames_per_prog or _frames_per_program_override() or frames_per_program(
         num_frames, kt, grid_ca * grid_s * b, sm_count(dout)
     )
     fpp = max(1, min(fpp, num_frames))

@@ -25,7 +25,6 @@ from ._common import (
     _conv_window_step,
     _gemm_rows_tile,
     _load_tap,
-    _row_offsets,
     arch_of,
     dot_flags,
     sm_count,
@@ -194,7 +193,8 @@ def frames_per_program(num_frames: int, kt: int, programs_per_frame_run: int, sm
     return triton.cdiv(num_frames, runs)
 
 
-def _interpret_override() -> Optional[int]:
+def _frames_per_program_override() -> Optional[int]:
+    """ST_ADAPTER_FRAMES_PER_PROGRAM forces the run length (tests use it to exercise halos)."""
     env = os.environ.get("ST_ADAPTER_FRAMES_PER_PROGRAM")
     return int(env) if env else None
 
@@ -228,7 +228,7 @@ def down_conv_forward(
     cfg = down_conv_config(kt, dtype, arch_of(x))
     grid_ca = triton.cdiv(ca, cfg.BLOCK_N)
     grid_s = triton.cdiv(s, cfg.BLOCK_M)
-    fpp = frames_per_prog or _interpret_override() or frames_per_program(
+    fpp = frames_per_prog or _frames_per_program_override() or frames_per_program(
         num_frames, kt, grid_ca * grid_s * b, sm_count(x)
     )
     fpp = max(1, min(fpp, num_frames))

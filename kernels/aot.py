@@ -21,7 +21,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import triton
@@ -109,7 +109,6 @@ def _recording(arch: int, sink: List[Variant]) -> Iterator[None]:
     for name, (mod, fn) in _KERNELS.items():
         saved[name] = (mod, getattr(mod, name))
         setattr(mod, name, _Recorder(name, fn, sink))
-    old_arch, old_sms = _common.arch_of, _common.sm_count
     patched = {"arch_of": lambda t: arch, "sm_count": lambda t: 132 if arch >= 90 else 108}
     mods = (_common, adapter_fwd, adapter_bwd)
     old = [(m, k, getattr(m, k)) for m in mods for k in patched if hasattr(m, k)]

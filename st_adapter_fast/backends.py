@@ -73,8 +73,8 @@ def _triton_kernels():
     """Import the Triton kernels lazily: `import st_adapter_fast` works without triton."""
     global _TRITON_IMPORT_ERROR
     try:
-        from . import kernels  # noqa: F401  (st_adapter_fast.kernels, installed from kernels/)
-        from .kernels import adapter_bwd, adapter_fwd, _common
+        # st_adapter_fast.kernels is installed from the top-level kernels/ directory
+        from .kernels import _common, adapter_bwd, adapter_fwd
     except ImportError as err:  # triton missing or broken
         _TRITON_IMPORT_ERROR = f"triton is not importable ({err})"
         return None

@@ -7,7 +7,6 @@ Only x and the parameters are saved for backward; the backend recomputes h and g
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from typing import List, Optional, Sequence, Tuple

@@ -6,7 +6,6 @@ import warnings
 import pytest
 import torch
 
-import st_adapter_fast
 from st_adapter_fast import STAdapter, reference, st_adapter
 
 from helpers import Case, fused_device, make_inputs, triton_interpreter_on
