@@ -354,3 +354,27 @@ def test_open_clip_visual_identity_placement_and_freeze():
         after = visual(x)
     assert (after - before).abs().max() > 1e-3
     torch.testing.assert_close(captured["tokens"], open_clip_by_hand(visual, x, 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.integration
+def test_open_clip_sequence_first_transformer():
+    """open_clip's Transformer(batch_first=False) runs its blocks on (L, N, C): the adapters
+    must see (N, L, C) all the same, so both layouts give the same output."""
+    import open_clip
+
+    clip = tiny_open_clip().eval()
+    visual = clip.visual
+    seq_first = open_clip.transformer.Transformer(32, 3, 2, batch_first=False)
+    seq_first.load_state_dict(visual.transformer.state_dict())
+    twin = tiny_open_clip().eval().visual
+    twin.transformer = seq_first
+    x = frames(1, 3)
+    for model in (visual, twin):
+        inject_st_adapters(model, adapter_channels=8, positions=("pre_attn", "pre_mlp"), backend="reference",
+                           verbose=False)
+        randomize_adapters(model, seed=4)
+        set_num_frames(model, 3)
+    assert twin.transformer.resblocks[0].st_adapter_seq_first and not visual.transformer.resblocks[0].st_adapter_seq_first
+    out = visual(x)
+    assert (out - tiny_open_clip().eval().visual(x)).abs().max() > 1e-3
+    torch.testing.assert_close(twin(x), out, rtol=1e-5, atol=1e-5)
