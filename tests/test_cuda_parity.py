@@ -161,15 +161,19 @@ def test_torch_compile_fullgraph_cuda():
 
 
 @requires_cuda
-def test_opcheck_cuda():
-    from st_adapter_fast import ops
-
-    case = Case(batch=2, frames=3, grid=(3, 3), channels=24, adapter_channels=16)
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_cuda(bias):
+    case = Case(batch=2, frames=3, grid=(3, 3), channels=24, adapter_channels=16, bias=bias)
     inputs = make_inputs(case)
     x = inputs["x"].float().cuda().requires_grad_()
-    params = [inputs[n].float().cuda().requires_grad_() for n in
+    params = [inputs[n].float().cuda().requires_grad_() if inputs[n] is not None else None for n in
               ("fc1_weight", "fc1_bias", "conv_weight", "conv_bias", "fc2_weight", "fc2_bias")]
-    torch.library.opcheck(ops.fused_adapter, (x, *params, case.frames, case.prefix, "cuda"))
+    torch.library.opcheck(torch.ops.st_adapter_fast.fused_adapter.default,
+                          (x, *params, case.frames, case.prefix, "cuda"))
+    grad = torch.randn_like(x)
+    detached = [p.detach() if p is not None else None for p in params]
+    torch.library.opcheck(torch.ops.st_adapter_fast.fused_adapter_backward.default,
+                          (grad, x.detach(), *detached, case.frames, case.prefix, "cuda"))
 
 
 # ------------------------------------------------------------------------- CPU twins
