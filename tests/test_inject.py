@@ -360,9 +360,9 @@ def test_open_clip_visual_identity_placement_and_freeze():
 def test_open_clip_sequence_first_transformer():
     """open_clip's Transformer(batch_first=False) runs its blocks on (L, N, C): the adapters
     must see (N, L, C) all the same, so both layouts give the same output."""
+    clip = tiny_open_clip().eval()  # skips without open_clip
     import open_clip
 
-    clip = tiny_open_clip().eval()
     visual = clip.visual
     seq_first = open_clip.transformer.Transformer(32, 3, 2, batch_first=False)
     seq_first.load_state_dict(visual.transformer.state_dict())
