@@ -2,15 +2,16 @@
 averaging cannot.
 
 Task: a square slides left or right across T frames of noise; the label is the direction. A
-clip reversed in time is a clip of the other class with the same frames, and start positions are
-drawn so both are equally likely -- so any model that averages per-frame features (a frozen
-image backbone + mean over frames + linear head) sees identical inputs for both classes and
-stays at chance (50%), however long it trains. ST-Adapters (depthwise temporal conv inside the
-blocks) let the same frozen backbone see motion, and learn the task.
+clip reversed in time is a clip of the other class with the same frames, and every batch holds
+each clip and its reverse -- so any model that averages per-frame features (a frozen image
+backbone + mean over frames + linear head) gives both the same logits and stays at chance
+(loss >= ln 2, accuracy 50%), however long it trains. ST-Adapters (depthwise temporal conv
+inside the blocks) let the same frozen backbone see motion, and learn the task.
 
-Three runs on CPU in a few minutes (a 3-block, width-48 CLIP-style ViT on 8 frames of 32x32):
-  (a) frozen backbone, no adapters, head only            -> loss stays at ln 2, accuracy ~50%
-  (b) the same frozen backbone + ST-Adapters (reference)  -> learns
+Three runs on CPU in a few minutes (a 3-block, width-48 CLIP-style ViT, random init, frozen, on
+8 frames of 32x32; ~10 s per 150 steps on an idle 2-core machine, the fused run ~10-30 s a step):
+  (a) frozen backbone, no adapters, head only            -> loss stays at ln 2, accuracy 50%
+  (b) the same frozen backbone + ST-Adapters (reference)  -> learns (100% by ~step 80)
   (c) (b) with the fused Triton backend for the first --fused-steps steps, same data and init
       -> the same loss curve (on CPU the kernels run in the Triton interpreter, which is slow,
          hence the short run)
@@ -293,7 +294,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="cpu (default; Triton runs in its interpreter) or cuda")
     p.add_argument("--out", default="train_demo_out", help="directory for curves.json and curves.png")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 40 steps, 3 fused steps, small eval")
+    p.add_argument("--quick", action="store_true", help="a shorter run: at most 100 steps, 2 fused steps, 128 eval clips")
     p.add_argument("--no-progress", action="store_true", help="no progress bar / step prints")
     return p
 
@@ -310,7 +311,7 @@ def main(argv=None) -> int:
     cfg = DemoConfig(steps=args.steps, fused_steps=fused_steps, batch_size=args.batch_size, lr=args.lr,
                      seed=args.seed, device=args.device)
     if args.quick:
-        cfg = dataclasses.replace(cfg, steps=min(cfg.steps, 40), fused_steps=min(cfg.fused_steps, 3), eval_clips=128)
+        cfg = dataclasses.replace(cfg, steps=min(cfg.steps, 100), fused_steps=min(cfg.fused_steps, 2), eval_clips=128)
     if cfg.steps < 1 or cfg.fused_steps < 0 or cfg.fused_steps > cfg.steps:
         print(f"need --steps >= 1 and 0 <= --fused-steps <= --steps, got {cfg.steps} and {cfg.fused_steps}",
               file=sys.stderr)
