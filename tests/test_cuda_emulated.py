@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import st_adapter_fast
 from st_adapter_fast import backends
 
 from helpers import Case, assert_parity, make_inputs, reference64, run
@@ -269,3 +270,30 @@ def test_emulation_runs_the_kernels_and_can_fail(emulated, monkeypatch):
     got = run(case, inputs, "cuda_emulated", torch.float32, "cpu", grads=False)
     with pytest.raises(AssertionError, match="out"):
         assert_parity(got, ref, eager, torch.float32)
+
+
+def test_emulated_strided_weights(emulated):
+    """fc1/fc2 weights given as transposed views (any strides reach the kernels): the weight
+    tiles take the n-contiguous load order for Wd and the k-contiguous one for Wu^T."""
+    gen = torch.Generator().manual_seed(3)
+    t, p, c, ca, kt = 4, 1, 24, 40, 3
+    x = torch.randn(2 * t, p + 6, c, generator=gen)
+    wd = torch.randn(c, ca, generator=gen).t() * c ** -0.5  # (Ca, C) view, strides (1, Ca)
+    wu = torch.randn(ca, c, generator=gen).t() * ca ** -0.5  # (C, Ca) view, strides (1, C)
+    assert not wd.is_contiguous() and not wu.is_contiguous()
+    bd, bc, bu = (torch.randn(n, generator=gen) for n in (ca, ca, c))
+    taps = torch.randn(ca, kt, generator=gen) * kt ** -0.5
+    dout = torch.randn(x.shape, generator=gen)
+
+    conv_w = taps.reshape(ca, 1, kt, 1, 1)
+    leaves = [v.clone().requires_grad_() for v in (x, wd, bd, conv_w, bc, wu, bu)]
+    want = st_adapter_fast.reference(leaves[0], t, *leaves[1:], num_prefix_tokens=p, grid_size=(2, 3))
+    want.backward(dout)
+
+    got = emu_forward(emulated, x, t, p, wd, bd, taps, bc, wu, bu)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-4)
+    grads = emu_backward(emulated, dout, x, t, p, wd, bd, taps, bc, wu, bu)
+    expected = [leaves[0].grad, leaves[1].grad, leaves[2].grad, leaves[3].grad.reshape(ca, kt), leaves[4].grad,
+                leaves[5].grad, leaves[6].grad]
+    for name, g, w in zip(("dx", "dWd", "dbd", "dtaps", "dbc", "dWu", "dbu"), grads, expected):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=name)
