@@ -312,6 +312,10 @@ def main(argv=None) -> int:
                      seed=args.seed, device=args.device)
     if args.quick:
         cfg = dataclasses.replace(cfg, steps=min(cfg.steps, 100), fused_steps=min(cfg.fused_steps, 2), eval_clips=128)
+    if cfg.batch_size < 2 or cfg.batch_size % 2:
+        print(f"--batch-size must be even (clips come with their time-reversed twins), got {cfg.batch_size}",
+              file=sys.stderr)
+        return 2
     if cfg.steps < 1 or cfg.fused_steps < 0 or cfg.fused_steps > cfg.steps:
         print(f"need --steps >= 1 and 0 <= --fused-steps <= --steps, got {cfg.steps} and {cfg.fused_steps}",
               file=sys.stderr)

@@ -82,3 +82,4 @@ def test_cli_writes_curves(tmp_path, monkeypatch, capsys):
     else:
         assert (tmp_path / "curves.png").stat().st_size > 1000
     assert train_demo.main(["--steps", "2", "--fused-steps", "5", "--out", str(tmp_path)]) == 2
+    assert train_demo.main(["--steps", "2", "--batch-size", "3", "--out", str(tmp_path)]) == 2
