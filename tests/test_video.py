@@ -132,3 +132,20 @@ def test_open_clip_video_classifier():
     assert logits.shape == (2, 3)
     logits.sum().backward()
     assert all(p.grad is not None for n, p in video.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.integration
+def test_timm_mixed_precision_step():
+    model = tiny_timm(reg_tokens=0)
+    inject_st_adapters(model, adapter_channels=8, backend="reference", verbose=False)
+    video = VideoClassifier(model, num_classes=2, dropout=0.0)
+    randomize_adapters(video)
+    amp = prepare_mixed_precision(video, torch.bfloat16, device_type="cpu")
+    assert model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert model.blocks[0].adapter_pre_mlp.fc1.weight.dtype == torch.float32
+    optimizer = torch.optim.SGD([p for p in video.parameters() if p.requires_grad], lr=0.1)
+    before = model.blocks[0].adapter_pre_mlp.conv.weight.detach().clone()  # the last block's cannot reach CLS
+    with amp.autocast():
+        loss = F.cross_entropy(video(clips(2, 2)), torch.tensor([0, 1]))
+    amp.step(loss, optimizer)
+    assert torch.isfinite(loss) and not torch.equal(model.blocks[0].adapter_pre_mlp.conv.weight, before)
