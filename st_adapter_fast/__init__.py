@@ -15,6 +15,17 @@ __version__ = "0.1.0"
 # Helpers with heavier imports load on first use: `import st_adapter_fast` stays torch-only.
 _LAZY = {
     "inject_st_adapters": "st_adapter_fast.inject",
+    "set_num_frames": "st_adapter_fast.inject",
+    "using_num_frames": "st_adapter_fast.inject",
+    "remove_st_adapters": "st_adapter_fast.inject",
+    "VideoClassifier": "st_adapter_fast.video",
+    "CLIPVisionTransformer": "st_adapter_fast.clip_vit",
+    "load_openai_clip_visual": "st_adapter_fast.clip_vit",
+    "build_clip_video_model": "st_adapter_fast.clip_vit",
+    "save_adapters": "st_adapter_fast.checkpoint",
+    "load_adapters": "st_adapter_fast.checkpoint",
+    "load_official_checkpoint": "st_adapter_fast.checkpoint",
+    "prepare_mixed_precision": "st_adapter_fast.mixed_precision",
     "verify_model": "st_adapter_fast.verify",
 }
 
