@@ -79,6 +79,32 @@ def _gemm_rows_tile(
 
 
 @triton.jit
+def _clip_run(n_tchunks, frames_per_prog, T):
+    """(clip b, first frame t0, end frame t1) of the frame run owned by program_id(2)."""
+    pid_bt = tl.program_id(2)
+    b = pid_bt // n_tchunks
+    t0 = (pid_bt % n_tchunks) * frames_per_prog
+    t1 = tl.minimum(t0 + frames_per_prog, T)
+    return b, t0, t1
+
+
+@triton.jit
+def _load_taps(wc_ptr, offs_c, mask_c, KT: tl.constexpr, REVERSE: tl.constexpr):
+    """The window's nine taps r0..r8 (zeros past KT); REVERSE for the forward conv."""
+    return (
+        _load_tap(wc_ptr, offs_c, mask_c, 0, KT, REVERSE),
+        _load_tap(wc_ptr, offs_c, mask_c, 1, KT, REVERSE),
+        _load_tap(wc_ptr, offs_c, mask_c, 2, KT, REVERSE),
+        _load_tap(wc_ptr, offs_c, mask_c, 3, KT, REVERSE),
+        _load_tap(wc_ptr, offs_c, mask_c, 4, KT, REVERSE),
+        _load_tap(wc_ptr, offs_c, mask_c, 5, KT, REVERSE),
+        _load_tap(wc_ptr, offs_c, mask_c, 6, KT, REVERSE),
+        _load_tap(wc_ptr, offs_c, mask_c, 7, KT, REVERSE),
+        _load_tap(wc_ptr, offs_c, mask_c, 8, KT, REVERSE),
+    )
+
+
+@triton.jit
 def _load_tap(wc_ptr, offs_c, mask_c, j: tl.constexpr, KT: tl.constexpr, REVERSE: tl.constexpr):
     """Tap j of the depthwise temporal kernel wc (Ca, KT) as a (BLOCK_C,) fp32 vector; 0 past KT."""
     if j < KT:

@@ -24,7 +24,8 @@ from ._common import (
     TileConfig,
     _conv_window_step,
     _gemm_rows_tile,
-    _load_tap,
+    _clip_run,
+    _load_taps,
     _mma,
     _row_offsets,
     arch_of,
@@ -52,10 +53,7 @@ def adapter_conv_bwd_kernel(
     PAD: tl.constexpr = KT // 2
     pid_ca = tl.program_id(0)
     pid_s = tl.program_id(1)
-    pid_bt = tl.program_id(2)
-    b = pid_bt // n_tchunks
-    t0 = (pid_bt % n_tchunks) * frames_per_prog
-    t1 = tl.minimum(t0 + frames_per_prog, T)
+    b, t0, t1 = _clip_run(n_tchunks, frames_per_prog, T)
 
     offs_s = pid_s * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ca = pid_ca * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -65,15 +63,7 @@ def adapter_conv_bwd_kernel(
     buf_rows = offs_s.to(tl.int64)[:, None] * CA + offs_ca[None, :]
 
     # transposed conv: taps in natural order (see _conv_window_step)
-    r0 = _load_tap(wc_ptr, offs_ca, mask_ca, 0, KT, False)
-    r1 = _load_tap(wc_ptr, offs_ca, mask_ca, 1, KT, False)
-    r2 = _load_tap(wc_ptr, offs_ca, mask_ca, 2, KT, False)
-    r3 = _load_tap(wc_ptr, offs_ca, mask_ca, 3, KT, False)
-    r4 = _load_tap(wc_ptr, offs_ca, mask_ca, 4, KT, False)
-    r5 = _load_tap(wc_ptr, offs_ca, mask_ca, 5, KT, False)
-    r6 = _load_tap(wc_ptr, offs_ca, mask_ca, 6, KT, False)
-    r7 = _load_tap(wc_ptr, offs_ca, mask_ca, 7, KT, False)
-    r8 = _load_tap(wc_ptr, offs_ca, mask_ca, 8, KT, False)
+    r0, r1, r2, r3, r4, r5, r6, r7, r8 = _load_taps(wc_ptr, offs_ca, mask_ca, KT, False)
 
     q0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     q1 = q0
@@ -115,7 +105,7 @@ def adapter_conv_bwd_kernel(
             frame_out = (b * T + t_out).to(tl.int64)
             tl.store(dh_ptr + frame_out * S * CA + buf_rows, dh.to(dh_ptr.dtype.element_ty), mask=mask_tile)
 
-    part = (pid_bt * tl.num_programs(1) + pid_s).to(tl.int64)
+    part = (tl.program_id(2) * tl.num_programs(1) + pid_s).to(tl.int64)
     tl.store(
         dwc_part_ptr + part * KT * CA + taps[:, None] * CA + offs_ca[None, :],
         dwc_acc,

@@ -24,7 +24,8 @@ from ._common import (
     TileConfig,
     _conv_window_step,
     _gemm_rows_tile,
-    _load_tap,
+    _clip_run,
+    _load_taps,
     arch_of,
     dot_flags,
     sm_count,
@@ -50,10 +51,7 @@ def adapter_down_conv_fwd_kernel(
     PAD: tl.constexpr = KT // 2
     pid_ca = tl.program_id(0)  # fastest: programs sharing an x tile run together (L2 reuse)
     pid_s = tl.program_id(1)
-    pid_bt = tl.program_id(2)
-    b = pid_bt // n_tchunks
-    t0 = (pid_bt % n_tchunks) * frames_per_prog
-    t1 = tl.minimum(t0 + frames_per_prog, T)
+    b, t0, t1 = _clip_run(n_tchunks, frames_per_prog, T)
 
     offs_s = pid_s * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ca = pid_ca * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -62,15 +60,7 @@ def adapter_down_conv_fwd_kernel(
     mask_out = mask_s[:, None] & mask_ca[None, :]
 
     # forward conv: the window wants taps reversed (see _conv_window_step)
-    r0 = _load_tap(wc_ptr, offs_ca, mask_ca, 0, KT, True)
-    r1 = _load_tap(wc_ptr, offs_ca, mask_ca, 1, KT, True)
-    r2 = _load_tap(wc_ptr, offs_ca, mask_ca, 2, KT, True)
-    r3 = _load_tap(wc_ptr, offs_ca, mask_ca, 3, KT, True)
-    r4 = _load_tap(wc_ptr, offs_ca, mask_ca, 4, KT, True)
-    r5 = _load_tap(wc_ptr, offs_ca, mask_ca, 5, KT, True)
-    r6 = _load_tap(wc_ptr, offs_ca, mask_ca, 6, KT, True)
-    r7 = _load_tap(wc_ptr, offs_ca, mask_ca, 7, KT, True)
-    r8 = _load_tap(wc_ptr, offs_ca, mask_ca, 8, KT, True)
+    r0, r1, r2, r3, r4, r5, r6, r7, r8 = _load_taps(wc_ptr, offs_ca, mask_ca, KT, True)
     if HAS_BD:
         bd = tl.load(bd_ptr + offs_ca, mask=mask_ca, other=0.0).to(tl.float32)
     if HAS_BC:
