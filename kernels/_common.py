@@ -24,6 +24,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
+# The interpreter casts fp32 -> bf16 by truncating the mantissa (507 of 1024 random values
+# differ from round-to-nearest-even); GPUs round (cvt.rn). _cast rounds first when interpreting,
+# so CPU results carry the GPU's rounding error, not twice it. Compiled kernels never see it.
+_INTERPRETER_BF16_RNE = tl.constexpr(INTERPRET)
+
 # Widest temporal kernel the window in _conv_window_step holds (taps r0..r8, partials q0..q7).
 MAX_FUSED_KT = 9
 
@@ -38,9 +43,21 @@ def _row_offsets(n, S, P, stride_f, stride_l):
 
 
 @triton.jit
+def _cast(x, dtype: tl.constexpr):
+    """x.to(dtype), rounding to nearest-even for fp32 -> bf16 under the interpreter too."""
+    if _INTERPRETER_BF16_RNE:
+        if dtype == tl.bfloat16:
+            if x.dtype == tl.float32:
+                bits = x.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _mma(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """acc += a @ b with a cast to b's dtype first (autocast: fp32 x against fp16 weights)."""
-    a = a.to(b.dtype)
+    a = _cast(a, b.dtype)
     if DOT_FP32:
         # Only set under TRITON_INTERPRET=1 with 16-bit operands: the interpreter's bf16 tl.dot
         # multiplies raw bit patterns (triton-lang/triton#11584). Upcasting after the cast above

@@ -22,6 +22,7 @@ import triton.language as tl
 from ._common import (
     TL_DTYPE,
     TileConfig,
+    _cast,
     _conv_window_step,
     _gemm_rows_tile,
     _clip_run,
@@ -103,7 +104,7 @@ def adapter_conv_bwd_kernel(
         t_out = t_in - PAD
         if t_out >= t0:
             frame_out = (b * T + t_out).to(tl.int64)
-            tl.store(dh_ptr + frame_out * S * CA + buf_rows, dh.to(dh_ptr.dtype.element_ty), mask=mask_tile)
+            tl.store(dh_ptr + frame_out * S * CA + buf_rows, _cast(dh, dh_ptr.dtype.element_ty), mask=mask_tile)
 
     part = (tl.program_id(2) * tl.num_programs(1) + pid_s).to(tl.int64)
     tl.store(
@@ -158,7 +159,7 @@ def adapter_wgrad_kernel(
         if HAS_BIAS:
             if pid_j == 0:
                 bias_acc += tl.sum(a.to(tl.float32), axis=1)
-        acc = _mma(a.to(COMPUTE_DTYPE), bt.to(COMPUTE_DTYPE), acc, DOT_FP32, INPUT_PRECISION)
+        acc = _mma(_cast(a, COMPUTE_DTYPE), _cast(bt, COMPUTE_DTYPE), acc, DOT_FP32, INPUT_PRECISION)
     split64 = split.to(tl.int64)
     tl.store(
         dw_part_ptr + split64 * I * J + offs_i[:, None] * J + offs_j[None, :],

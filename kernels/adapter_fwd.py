@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ._common import (
     TileConfig,
+    _cast,
     _conv_window_step,
     _gemm_rows_tile,
     _clip_run,
@@ -91,7 +92,7 @@ def adapter_down_conv_fwd_kernel(
             if STORE_H:
                 if (t_in >= t0) & (t_in < t1):
                     h_out = h_ptr + frame.to(tl.int64) * S * CA + buf_rows[:, None] + offs_ca[None, :]
-                    tl.store(h_out, h.to(h_ptr.dtype.element_ty), mask=mask_out)
+                    tl.store(h_out, _cast(h, h_ptr.dtype.element_ty), mask=mask_out)
         g, q0, q1, q2, q3, q4, q5, q6, q7 = _conv_window_step(
             h, q0, q1, q2, q3, q4, q5, q6, q7, r0, r1, r2, r3, r4, r5, r6, r7, r8, KT
         )
@@ -101,7 +102,7 @@ def adapter_down_conv_fwd_kernel(
                 g += bc[None, :]
             frame_out = (b * T + t_out).to(tl.int64)
             g_out = g_ptr + frame_out * S * CA + buf_rows[:, None] + offs_ca[None, :]
-            tl.store(g_out, g.to(g_ptr.dtype.element_ty), mask=mask_out)
+            tl.store(g_out, _cast(g, g_ptr.dtype.element_ty), mask=mask_out)
 
 
 @triton.jit
@@ -146,7 +147,7 @@ def adapter_up_residual_fwd_kernel(
         out = res - acc
     else:
         out = res + acc
-    tl.store(out_ptr + rows64[:, None] * NOUT + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rows64[:, None] * NOUT + offs_n[None, :], _cast(out, out_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------

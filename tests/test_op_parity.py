@@ -2,7 +2,9 @@
 output and the gradient of x and of every parameter.
 
 What runs where:
-- CPU (CI): the Triton kernels under TRITON_INTERPRET=1. fp32 and fp16 are exact emulations.
+- CPU (CI): the Triton kernels under TRITON_INTERPRET=1. fp32 and fp16 are exact emulations;
+  the interpreter truncates fp32 -> bf16 casts where GPUs round to nearest-even, so the kernels
+  round explicitly when interpreting (kernels/_common.py _cast).
   For bf16 the interpreter's tl.dot multiplies raw bit patterns (triton-lang/triton#11584), so
   under the interpreter the kernels round operands to bf16 and multiply them in fp32 -- the
   same exact-product, fp32-accumulate math a bf16 tensor-core MMA does. Everything around the
