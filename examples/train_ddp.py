@@ -193,6 +193,9 @@ def main(argv=None) -> dict:
         if args.save and rank == 0:
             torch.save({"model": state, "args": vars(args) | {"mixed": None}}, args.save)
             print(f"saved {len(state)} adapter/head tensors to {args.save}", flush=True)
+        # every rank leaves together: a rank tearing down gloo while its peer still saves can
+        # abort the peer ("terminate called without an active exception")
+        dist.barrier()
         return {"losses": losses, "state": state}
     finally:
         dist.destroy_process_group()
