@@ -33,7 +33,7 @@ from ._common import (
     dot_flags,
     sm_count,
 )
-from .adapter_fwd import down_conv_forward, frames_per_program, up_residual_forward, _frames_per_program_override
+from .adapter_fwd import down_conv_forward, up_residual_forward, window_grid
 
 
 @triton.jit
@@ -265,20 +265,13 @@ def conv_backward(
     dtype = fc2_weight.dtype
     dh = torch.empty((bt * s, ca), device=dout.device, dtype=dtype)
     cfg = conv_bwd_config(kt, dtype, arch_of(dout))
-    grid_ca = triton.cdiv(ca, cfg.BLOCK_N)
-    grid_s = triton.cdiv(s, cfg.BLOCK_M)
-    fpp = frames_per_prog or _frames_per_program_override() or frames_per_program(
-        num_frames, kt, grid_ca * grid_s * b, sm_count(dout)
-    )
-    fpp = max(1, min(fpp, num_frames))
-    n_tchunks = triton.cdiv(num_frames, fpp)
-    n_parts = b * n_tchunks * grid_s
+    fpp, n_tchunks, grid = window_grid(cfg, b, num_frames, kt, s, ca, dout, frames_per_prog)
+    n_parts = grid[1] * grid[2]
     dwc_part = torch.empty((n_parts, kt, ca), device=dout.device, dtype=torch.float32)
     dbc_part = torch.empty((n_parts, ca), device=dout.device, dtype=torch.float32)
     if dh.numel() == 0:
         return dh, dwc_part.zero_().sum(0).t(), dbc_part.zero_().sum(0)
     dot_fp32, precision = dot_flags(dtype)
-    grid = (grid_ca, grid_s, b * n_tchunks)
     adapter_conv_bwd_kernel[grid](
         dout, fc2_weight, conv_taps, h, dh, dwc_part, dbc_part,
         num_frames, s, num_prefix_tokens, c, ca, fpp, n_tchunks,

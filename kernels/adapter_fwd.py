@@ -113,7 +113,6 @@ def adapter_up_residual_fwd_kernel(
     stride_an,  # a: (B*T*S, K), row stride; unit column stride
     stride_wo, stride_wi,  # W (NOUT, K); pass Wd's strides swapped to multiply by Wd
     HAS_BIAS: tl.constexpr,
-    SUBTRACT: tl.constexpr,  # out = res - (a W^T + bias): rebuilds x from an in-place output
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -143,10 +142,7 @@ def adapter_up_residual_fwd_kernel(
         mask=mask,
         other=0.0,
     ).to(tl.float32)
-    if SUBTRACT:
-        out = res - acc
-    else:
-        out = res + acc
+    out = res + acc
     tl.store(out_ptr + rows64[:, None] * NOUT + offs_n[None, :], _cast(out, out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -184,6 +180,20 @@ def frames_per_program(num_frames: int, kt: int, programs_per_frame_run: int, sm
     return triton.cdiv(num_frames, runs)
 
 
+def window_grid(cfg: TileConfig, batch: int, num_frames: int, kt: int, spatial: int, ca: int,
+                like: torch.Tensor, frames_per_prog: Optional[int]) -> tuple:
+    """(frames per program, runs per clip, launch grid) of the two window kernels: grid =
+    (Ca blocks, spatial blocks, clips x runs)."""
+    grid_ca = triton.cdiv(ca, cfg.BLOCK_N)
+    grid_s = triton.cdiv(spatial, cfg.BLOCK_M)
+    fpp = frames_per_prog or _frames_per_program_override() or frames_per_program(
+        num_frames, kt, grid_ca * grid_s * batch, sm_count(like)
+    )
+    fpp = max(1, min(fpp, num_frames))
+    n_tchunks = triton.cdiv(num_frames, fpp)
+    return fpp, n_tchunks, (grid_ca, grid_s, batch * n_tchunks)
+
+
 def _frames_per_program_override() -> Optional[int]:
     """ST_ADAPTER_FRAMES_PER_PROGRAM forces the run length (tests use it to exercise halos)."""
     env = os.environ.get("ST_ADAPTER_FRAMES_PER_PROGRAM")
@@ -217,15 +227,8 @@ def down_conv_forward(
     if g.numel() == 0:
         return g, h
     cfg = down_conv_config(kt, dtype, arch_of(x))
-    grid_ca = triton.cdiv(ca, cfg.BLOCK_N)
-    grid_s = triton.cdiv(s, cfg.BLOCK_M)
-    fpp = frames_per_prog or _frames_per_program_override() or frames_per_program(
-        num_frames, kt, grid_ca * grid_s * b, sm_count(x)
-    )
-    fpp = max(1, min(fpp, num_frames))
-    n_tchunks = triton.cdiv(num_frames, fpp)
+    fpp, n_tchunks, grid = window_grid(cfg, b, num_frames, kt, s, ca, x, frames_per_prog)
     dot_fp32, precision = dot_flags(dtype)
-    grid = (grid_ca, grid_s, b * n_tchunks)
     adapter_down_conv_fwd_kernel[grid](
         x, fc1_weight, fc1_bias if fc1_bias is not None else fc1_weight,
         conv_taps, conv_bias if conv_bias is not None else conv_taps,
@@ -247,18 +250,14 @@ def up_residual_forward(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     num_prefix_tokens: int,
-    *,
-    subtract: bool = False,
-    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """res (B*T, L, NOUT) +/- [spatial] (a @ weight^T + bias); a (B*T*S, K); weight (NOUT, K)
-    with any strides (pass fc1.weight.t() to multiply by fc1.weight). Returns a contiguous
-    (B*T, L, NOUT) tensor of res's dtype (``out`` if given)."""
+    """res (B*T, L, NOUT) + [spatial] (a @ weight^T + bias); a (B*T*S, K); weight (NOUT, K)
+    with any strides (pass fc1.weight.t() to multiply by fc1.weight). Returns a new contiguous
+    (B*T, L, NOUT) tensor of res's dtype."""
     bt, seq_len, nout = res.shape
     k = a.shape[1]
     s = seq_len - num_prefix_tokens
-    if out is None:
-        out = torch.empty((bt, seq_len, nout), device=res.device, dtype=res.dtype)
+    out = torch.empty((bt, seq_len, nout), device=res.device, dtype=res.dtype)
     n_rows = bt * seq_len
     if out.numel() == 0:
         return out
@@ -271,7 +270,7 @@ def up_residual_forward(
         res.stride(0), res.stride(1), res.stride(2),
         a.stride(0),
         weight.stride(0), weight.stride(1),
-        HAS_BIAS=bias is not None, SUBTRACT=subtract,
+        HAS_BIAS=bias is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
         **cfg.launch_kwargs(),

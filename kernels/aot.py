@@ -60,7 +60,7 @@ class Variant:
     maxnreg: Optional[int] = None
 
     def label(self) -> str:
-        keys = ("KT", "STORE_H", "HAS_BIAS", "SUBTRACT", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K")
+        keys = ("KT", "STORE_H", "HAS_BIAS", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K")
         consts = dict(self.constexprs)
         dtypes = sorted({t for _, t in self.signature if t.startswith("*")})
         parts = [f"{k}={consts[k]}" for k in keys if k in consts]
