@@ -159,74 +159,59 @@ def main(argv: Optional[List[str]] = None) -> int:
     compile_providers = [p for p in providers if p in core.COMPILE_MODES]
     plain_providers = [p for p in providers if p not in core.COMPILE_MODES]
 
+    def add_task(label: str, bucket: str, row: dict, unavailable, measure, skipped_what) -> None:
+        """Queue a task that appends `row` to results[bucket]: "skipped" with the reason
+        `unavailable()` gives (recorded under `skipped_what(reason)`), else filled by `measure()`."""
+
+        def run():
+            reason = unavailable()
+            if reason is not None:
+                row.update(status="skipped", reason=reason)
+                skip(skipped_what(reason), reason)
+            else:
+                row.update(status="ok", **measure())
+            results[bucket].append(row)
+
+        def on_skip(reason, status="skipped"):
+            row.update(status=status, reason=reason)
+            results[bucket].append(row)
+            skip(label, reason)
+
+        tasks.append(_Task(label, run, on_skip))
+
     def op_task(suite: str, shape, provider: str, mode: str) -> None:
-        label = f"{suite} {shape.name} {provider} {mode}"
         row = {"suite": suite, "shape_name": shape.name, "shape": shape.as_dict(), "provider": provider,
                "mode": mode, "flops": core.op_flops(shape, mode),
                "min_bytes": core.op_min_bytes(shape, mode, torch.finfo(dtype).bits // 8)}
-
-        def run():
-            reason = core.provider_unavailable(provider, shape, device, dtype)
-            if reason is not None:
-                row.update(status="skipped", reason=reason)
-                skip(provider, reason)
-            else:
-                row.update(status="ok", **core.time_op(provider, shape, mode, device, dtype, args.quick))
-            results["op"].append(row)
-
-        def on_skip(reason, status="skipped"):
-            row.update(status=status, reason=reason)
-            results["op"].append(row)
-            skip(label, reason)
-
-        tasks.append(_Task(label, run, on_skip))
+        add_task(f"{suite} {shape.name} {provider} {mode}", "op", row,
+                 lambda: core.provider_unavailable(provider, shape, device, dtype),
+                 lambda: core.time_op(provider, shape, mode, device, dtype, args.quick),
+                 lambda reason: provider)
 
     def memory_task(shape, provider: str) -> None:
-        label = f"memory {shape.name} {provider}"
         row = {"shape_name": shape.name, "shape": shape.as_dict(), "provider": provider}
-
-        def run():
-            reason = core.provider_unavailable(provider, shape, device, dtype)
-            if reason is not None:
-                row.update(status="skipped", reason=reason)
-                skip(provider, reason)
-            else:
-                row.update(status="ok", **core.measure_memory(provider, shape, device, dtype))
-            results["memory"].append(row)
-
-        def on_skip(reason, status="skipped"):
-            row.update(status=status, reason=reason)
-            results["memory"].append(row)
-            skip(label, reason)
-
-        tasks.append(_Task(label, run, on_skip))
+        add_task(f"memory {shape.name} {provider}", "memory", row,
+                 lambda: core.provider_unavailable(provider, shape, device, dtype),
+                 lambda: core.measure_memory(provider, shape, device, dtype),
+                 lambda reason: provider)
 
     def e2e_task(cfg, layout, provider: str) -> None:
         name, pre_attn, pre_mlp = layout
-        label = f"e2e {name} {provider}"
         row = {"config": name, "provider": provider, "model": dict(dataclasses.asdict(cfg), builder=args.e2e_model)}
 
-        def run():
-            reason = None
-            if provider != "none":
-                probe = core.OpShape("e2e", cfg.batch, cfg.frames, cfg.seq_len, cfg.width, cfg.adapter_channels)
-                reason = core.provider_unavailable(provider, probe, device, torch.float16 if device == "cuda" else dtype)
-                if reason is None and device == "cpu" and provider == "triton":
-                    reason = "the Triton interpreter is too slow for a whole model; e2e needs a GPU"
-            if reason is not None:
-                row.update(status="skipped", reason=reason)
-                skip(f"e2e {provider}" if "interpreter" in reason else provider, reason)
-            else:
-                row.update(status="ok", **e2e_mod.run_e2e(cfg, pre_attn, pre_mlp, provider, device, args.quick,
-                                                          core.time_fn, builder=args.e2e_model))
-            results["e2e"].append(row)
+        def unavailable():
+            if provider == "none":
+                return None
+            probe = core.OpShape("e2e", cfg.batch, cfg.frames, cfg.seq_len, cfg.width, cfg.adapter_channels)
+            reason = core.provider_unavailable(provider, probe, device, torch.float16 if device == "cuda" else dtype)
+            if reason is None and device == "cpu" and provider == "triton":
+                reason = "the Triton interpreter is too slow for a whole model; e2e needs a GPU"
+            return reason
 
-        def on_skip(reason, status="skipped"):
-            row.update(status=status, reason=reason)
-            results["e2e"].append(row)
-            skip(label, reason)
-
-        tasks.append(_Task(label, run, on_skip))
+        add_task(f"e2e {name} {provider}", "e2e", row, unavailable,
+                 lambda: e2e_mod.run_e2e(cfg, pre_attn, pre_mlp, provider, device, args.quick,
+                                         core.time_fn, builder=args.e2e_model),
+                 lambda reason: f"e2e {provider}" if "interpreter" in reason else provider)
 
     # priority order: a --budget-s cut drops the tail of this list
     for shape in shapes:
