@@ -20,7 +20,7 @@ if not _HAS_CUDA and "triton" in _BACKENDS_ENV:
     # CPU tensors run Triton kernels only in the interpreter, fixed when triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from st_adapter_fast import _bench_core as core  # noqa: E402
+from st_adapter_fast.bench import core  # noqa: E402
 
 SHAPES = core.parse_shapes(os.environ.get("ST_ADAPTER_BENCH_SHAPES") or ("A,B,C" if _HAS_CUDA else "tiny"))
 TINY = all(s.name == "tiny" for s in SHAPES) or not _HAS_CUDA

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from _bench_settings import DEVICE, DTYPE, QUICK, _HAS_CUDA
-from st_adapter_fast import _bench_core as core
+from st_adapter_fast.bench import core
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +15,7 @@ def roofline():
 
 @pytest.fixture
 def machine_info():
-    from st_adapter_fast import _bench_report as report
+    from st_adapter_fast.bench import report
 
     return {"device": report.device_name(DEVICE), "dtype": str(DTYPE).replace("torch.", ""),
             "torch": torch.__version__}

@@ -50,7 +50,7 @@ fi
 "$PYTHON" -c "import st_adapter_fast, st_adapter_fast.kernels, torch; print('st_adapter_fast', st_adapter_fast.__version__, 'from', st_adapter_fast.__file__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())" \
     || { log "st_adapter_fast is not importable"; exit 1; }
 
-OUT_DIR=$("$PYTHON" -c "from st_adapter_fast._bench_report import default_out_dir; print(default_out_dir('$DEVICE'))")
+OUT_DIR=$("$PYTHON" -c "from st_adapter_fast.bench.report import default_out_dir; print(default_out_dir('$DEVICE'))")
 mkdir -p "$OUT_DIR"
 log "results folder: $OUT_DIR"
 
@@ -60,7 +60,7 @@ timeout 240 "$PYTHON" - <<'EOF' 2>&1 | tee "$OUT_DIR/cuda_build.txt"
 import time
 t0 = time.perf_counter()
 try:
-    from st_adapter_fast import cuda_backend
+    from st_adapter_fast.backends import cuda as cuda_backend
     ext = cuda_backend.load_extension()
     print(f"cuda backend: {'ready' if ext is not None else 'unavailable: ' + str(cuda_backend.extension_error())}"
           f" after {time.perf_counter() - t0:.1f} s")

@@ -5,8 +5,8 @@ inference throughput and peak memory in extra_info. On CPU a 2-block tiny ViT st
 import pytest
 
 from _bench_settings import DEVICE, DTYPE, E2E, E2E_MODEL, PLAIN_PROVIDERS, QUICK, TINY
-from st_adapter_fast import _bench_core as core
-from st_adapter_fast import _bench_e2e as e2e
+from st_adapter_fast.bench import core
+from st_adapter_fast.bench import e2e
 
 CFG = e2e.VIT_TINY if TINY else e2e.VIT_B16
 CASES = [(layout, provider) for layout in e2e.adapter_layouts(CFG)

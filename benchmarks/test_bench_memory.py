@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _bench_settings import DEVICE, DTYPE, PROVIDERS, SHAPES
-from st_adapter_fast import _bench_core as core
+from st_adapter_fast.bench import core
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

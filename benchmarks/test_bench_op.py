@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _bench_settings import DEVICE, DTYPE, PLAIN_PROVIDERS, PROVIDERS, QUICK, SHAPES, TINY
-from st_adapter_fast import _bench_core as core
+from st_adapter_fast.bench import core
 
 SWEEPS = core.sweep_shapes(TINY)
 

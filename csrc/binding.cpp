@@ -1,6 +1,6 @@
 // Torch binding of the ST-Adapter CUDA kernels: input checks, buffer allocation, the launch
 // sequence, and the pybind11 module st_adapter_fast._cuda (or the JIT-built twin that
-// st_adapter_fast.cuda_backend loads). The kernels (*.cu) stay free of torch headers.
+// st_adapter_fast.backends.cuda loads). The kernels (*.cu) stay free of torch headers.
 //
 //   fwd(x, T, P, Wd, bd?, taps, bc?, Wu, bu?, frames_per_run=0) -> out (F, L, C), x's dtype
 //   bwd(dO, x, T, P, Wd, bd?, taps, bc?, Wu, bu?, frames_per_run=0)

@@ -1,6 +1,6 @@
 """Multi-GPU ST-Adapter training with torchrun: DDP (default) or FSDP2, NCCL on GPUs.
 
-A frozen CLIP ViT with injected ST-Adapters (st_adapter_fast.clip_vit), trained data-parallel.
+A frozen CLIP ViT with injected ST-Adapters (st_adapter_fast.models.clip_vit), trained data-parallel.
 Only the adapters and the head train, so DDP all-reduces a few MB of gradients per step and the
 frozen backbone never enters the gradient buckets.
 
@@ -19,7 +19,7 @@ frozen backbone never enters the gradient buckets.
     # CPU smoke run (gloo; what tests/test_distributed.py runs)
     torchrun --standalone --nproc_per_node=2 examples/train_ddp.py --arch tiny --steps 3
 
-Data: a synthetic "which way does the square move" task (st_adapter_fast.train_demo), which a
+Data: a synthetic "which way does the square move" task (st_adapter_fast.demo), which a
 frozen image backbone with frame averaging cannot learn and ST-Adapters can -- the loss should
 fall. For real data, replace ``batches()`` with a DataLoader over your clips (B, 3, T, H, W) and a
 ``torch.utils.data.DistributedSampler`` (call ``sampler.set_epoch(epoch)`` every epoch).
@@ -45,9 +45,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from st_adapter_fast.clip_vit import CLIPVisionConfig, ResidualAttentionBlock, build_clip_video_model
-from st_adapter_fast.inject import iter_st_adapters
-from st_adapter_fast.train_demo import moving_square_clips
+from st_adapter_fast.models.clip_vit import CLIPVisionConfig, ResidualAttentionBlock, build_clip_video_model
+from st_adapter_fast.models.inject import iter_st_adapters
+from st_adapter_fast.demo import moving_square_clips
 
 TINY = CLIPVisionConfig(input_resolution=32, patch_size=8, width=64, layers=2, heads=2, output_dim=None)
 
@@ -97,7 +97,7 @@ def build(args, device: torch.device) -> torch.nn.Module:
         positions=tuple(args.positions), backend=args.backend, dropout=0.0,
     ).to(device)
     if args.amp != "none":
-        from st_adapter_fast.mixed_precision import prepare_mixed_precision
+        from st_adapter_fast.models.mixed_precision import prepare_mixed_precision
 
         args.mixed = prepare_mixed_precision(model, torch.float16 if args.amp == "fp16" else torch.bfloat16)
     else:

@@ -5,7 +5,7 @@
     python examples/train_demo.py --help
 
 Same as ``python -m st_adapter_fast train-demo``. The interesting part, in the 5 lines a user
-writes to turn an image ViT into a video model (see st_adapter_fast/train_demo.py:build_model):
+writes to turn an image ViT into a video model (see st_adapter_fast/demo.py:build_model):
 
     backbone = CLIPVisionTransformer(config)                     # or timm / open_clip ViT
     inject_st_adapters(backbone, adapter_channels=32, positions=("pre_attn", "pre_mlp"))
@@ -16,7 +16,7 @@ writes to turn an image ViT into a video model (see st_adapter_fast/train_demo.p
 
 import sys
 
-from st_adapter_fast.train_demo import main
+from st_adapter_fast.demo import main
 
 if __name__ == "__main__":
     sys.exit(main())

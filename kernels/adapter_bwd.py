@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from ._common import (
     TL_DTYPE,
     TileConfig,
@@ -215,7 +216,7 @@ def weight_grad(
     (B*T, L, *) or flat (N, *) buffers. Deterministic: per-split partials, fixed-order sum."""
     i_dim = a.shape[-1]
     j_dim = b.shape[-1]
-    cfg = wgrad_config(compute_dtype, arch_of(a))
+    cfg = tuning.config_for("wgrad", kt=1, compute_dtype=compute_dtype, arch=arch_of(a))
     tiles = triton.cdiv(i_dim, cfg.BLOCK_M) * triton.cdiv(j_dim, cfg.BLOCK_N)
     if splits is None:
         # enough programs for two waves, but every split keeps >= 8 token blocks of work
@@ -264,7 +265,7 @@ def conv_backward(
     b = bt // num_frames
     dtype = fc2_weight.dtype
     dh = torch.empty((bt * s, ca), device=dout.device, dtype=dtype)
-    cfg = conv_bwd_config(kt, dtype, arch_of(dout))
+    cfg = tuning.config_for("conv_bwd", kt=kt, compute_dtype=dtype, arch=arch_of(dout))
     fpp, n_tchunks, grid = window_grid(cfg, b, num_frames, kt, s, ca, dout, frames_per_prog)
     n_parts = grid[1] * grid[2]
     dwc_part = torch.empty((n_parts, kt, ca), device=dout.device, dtype=torch.float32)

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from ._common import (
     TileConfig,
     _cast,
@@ -226,7 +227,7 @@ def down_conv_forward(
     h = torch.empty((bt * s, ca), device=x.device, dtype=dtype) if store_h else None
     if g.numel() == 0:
         return g, h
-    cfg = down_conv_config(kt, dtype, arch_of(x))
+    cfg = tuning.config_for("down_conv", kt=kt, compute_dtype=dtype, arch=arch_of(x))
     fpp, n_tchunks, grid = window_grid(cfg, b, num_frames, kt, s, ca, x, frames_per_prog)
     dot_fp32, precision = dot_flags(dtype)
     adapter_down_conv_fwd_kernel[grid](
@@ -261,7 +262,7 @@ def up_residual_forward(
     n_rows = bt * seq_len
     if out.numel() == 0:
         return out
-    cfg = up_residual_config(weight.dtype, arch_of(res))
+    cfg = tuning.config_for("up_residual", kt=1, compute_dtype=weight.dtype, arch=arch_of(res))
     dot_fp32, precision = dot_flags(weight.dtype)
     grid = (triton.cdiv(nout, cfg.BLOCK_N), triton.cdiv(n_rows, cfg.BLOCK_M))
     adapter_up_residual_fwd_kernel[grid](

@@ -5,7 +5,7 @@
 ``import st_adapter_fast`` needs only torch; the Triton backend is imported on first use.
 """
 
-from ._reference import reference
+from .reference import reference
 from .backends import available_backends, register_backend
 from .module import STAdapter
 from .ops import st_adapter
@@ -14,19 +14,19 @@ __version__ = "0.1.0"
 
 # Helpers with heavier imports load on first use: `import st_adapter_fast` stays torch-only.
 _LAZY = {
-    "inject_st_adapters": "st_adapter_fast.inject",
-    "set_num_frames": "st_adapter_fast.inject",
-    "using_num_frames": "st_adapter_fast.inject",
-    "remove_st_adapters": "st_adapter_fast.inject",
-    "VideoClassifier": "st_adapter_fast.video",
-    "CLIPVisionTransformer": "st_adapter_fast.clip_vit",
-    "load_openai_clip_visual": "st_adapter_fast.clip_vit",
-    "build_clip_video_model": "st_adapter_fast.clip_vit",
-    "save_adapters": "st_adapter_fast.checkpoint",
-    "load_adapters": "st_adapter_fast.checkpoint",
-    "load_official_checkpoint": "st_adapter_fast.checkpoint",
-    "prepare_mixed_precision": "st_adapter_fast.mixed_precision",
-    "verify_model": "st_adapter_fast.verify",
+    "inject_st_adapters": "st_adapter_fast.models.inject",
+    "set_num_frames": "st_adapter_fast.models.inject",
+    "using_num_frames": "st_adapter_fast.models.inject",
+    "remove_st_adapters": "st_adapter_fast.models.inject",
+    "VideoClassifier": "st_adapter_fast.models.video",
+    "CLIPVisionTransformer": "st_adapter_fast.models.clip_vit",
+    "load_openai_clip_visual": "st_adapter_fast.models.clip_vit",
+    "build_clip_video_model": "st_adapter_fast.models.clip_vit",
+    "save_adapters": "st_adapter_fast.models.checkpoint",
+    "load_adapters": "st_adapter_fast.models.checkpoint",
+    "load_official_checkpoint": "st_adapter_fast.models.checkpoint",
+    "prepare_mixed_precision": "st_adapter_fast.models.mixed_precision",
+    "verify_model": "st_adapter_fast.verify_model",
 }
 
 

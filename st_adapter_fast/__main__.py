@@ -11,8 +11,8 @@ import sys
 
 COMMANDS = {
     "verify": ("st_adapter_fast.verify", "parity of every available backend against the float64 reference"),
-    "bench": ("st_adapter_fast.bench", "op-level and end-to-end benchmarks, written to benchmarks/results/"),
-    "train-demo": ("st_adapter_fast.train_demo", "synthetic video task showing adapters learn temporal order"),
+    "bench": ("st_adapter_fast.bench.cli", "op-level and end-to-end benchmarks, written to benchmarks/results/"),
+    "train-demo": ("st_adapter_fast.demo", "synthetic video task showing adapters learn temporal order"),
 }
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import backends as _backends
-from ._reference import infer_grid, reference
+from .reference import infer_grid, reference
 
 __all__ = ["st_adapter", "resolve_backend", "check_inputs"]
 

@@ -19,6 +19,7 @@ Only torch is imported here (no pytest, no triton): the CLI and verify_model imp
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -132,6 +133,24 @@ def format_failures(errors: Sequence[TensorError], label: str, dtype_name: str) 
 
 
 # -------------------------------------------------------------------------------- the cases
+
+
+def format_error(v: Optional[float]) -> str:
+    """An error for a report table: 2 significant digits, '-' when not measured."""
+    return "-" if v is None else f"{v:.2e}"
+
+
+def json_finite(obj):
+    """JSON has no inf/nan: write them as strings ("inf", "nan")."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: json_finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_finite(v) for v in obj]
+    return obj
+
+
 PARAM_NAMES = ("fc1_weight", "fc1_bias", "conv_weight", "conv_bias", "fc2_weight", "fc2_bias")
 RESULT_NAMES = ("out", "x") + PARAM_NAMES
 

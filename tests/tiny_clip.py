@@ -1,7 +1,7 @@
 """A tiny CLIP video model with injected ST-Adapters, for the training-stack tests (DDP, FSDP,
 activation checkpointing, torch.compile, torch.export, CUDA graphs, determinism).
 
-It is the library's own official-layout model -- st_adapter_fast.clip_vit.CLIPVisionTransformer,
+It is the library's own official-layout model -- st_adapter_fast.models.clip_vit.CLIPVisionTransformer,
 adapters put in by inject_st_adapters, VideoClassifier on top (CLS averaged over frames, head
 ``fc``) -- at a size the Triton interpreter runs a training step of in seconds on CPU.
 
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from st_adapter_fast import STAdapter
-from st_adapter_fast.clip_vit import CLIPVisionConfig, CLIPVisionTransformer, ResidualAttentionBlock
-from st_adapter_fast.inject import inject_st_adapters
-from st_adapter_fast.video import VideoClassifier
+from st_adapter_fast.models.clip_vit import CLIPVisionConfig, CLIPVisionTransformer, ResidualAttentionBlock
+from st_adapter_fast.models.inject import inject_st_adapters
+from st_adapter_fast.models.video import VideoClassifier
 
 FRAMES = 3
 IMAGE_SIZE = 12

@@ -7,7 +7,7 @@ as they are. As in the official ST-Adapter model (linziyi96/st-adapter, models_a
 tokens are batch-first (B*T, L, C) (OpenAI's model runs (L, N, C); the weights do not care),
 attention is scaled_dot_product_attention on nn.MultiheadAttention's parameters, and each block
 has optional ``adapter_pre_attn`` / ``adapter_pre_mlp`` slots, empty until
-:func:`st_adapter_fast.inject.inject_st_adapters` fills them.
+:func:`st_adapter_fast.models.inject.inject_st_adapters` fills them.
 
 Nothing here downloads anything: weights come from a file the user already has
 (:func:`load_openai_clip_visual`).
@@ -22,7 +22,7 @@ import dataclasses
 import os
 import re
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -306,7 +306,7 @@ def build_clip_video_model(
     """CLIP ViT + ST-Adapters + frame-averaged head: the official ST-Adapter video model.
 
     Returns a VideoClassifier: clips (B, 3, T, H, W) -> logits (B, num_classes). The backbone is
-    frozen (fp32 here; see st_adapter_fast.mixed_precision for the official fp16 recipe).
+    frozen (fp32 here; see st_adapter_fast.models.mixed_precision for the official fp16 recipe).
     """
     from .inject import inject_st_adapters
     from .video import VideoClassifier

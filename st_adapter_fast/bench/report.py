@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ._bench_core import COMPILE_MODES, fmt_bytes, roofline_floor_ms
+from .core import COMPILE_MODES, fmt_bytes, roofline_floor_ms
 
 SCHEMA_VERSION = 1
 

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from st_adapter_fast import train_demo
-from st_adapter_fast.train_demo import DemoConfig, build_model, moving_square_clips, train
+from st_adapter_fast import demo as train_demo
+from st_adapter_fast.demo import DemoConfig, build_model, moving_square_clips, train
 
 from helpers import fused_device
 from test_inject import requires_fused

@@ -166,7 +166,7 @@ def _finish(model: nn.Module, backbone_dtype: torch.dtype) -> nn.Module:
 def build_video_vit(cfg: VitConfig, pre_attn: bool, pre_mlp: bool, backend: str, device: str,
                     backbone_dtype: torch.dtype, cudnn_off: bool = False, builder: str = "builtin") -> nn.Module:
     """The benchmark's video model. builder="builtin": the self-contained model above;
-    "library": st_adapter_fast.clip_vit's CLIP ViT with adapters from inject_st_adapters and the
+    "library": st_adapter_fast.models.clip_vit's CLIP ViT with adapters from inject_st_adapters and the
     VideoClassifier head (the library's own path, as users build it)."""
     if builder == "builtin":
         with torch.device(device):
@@ -174,9 +174,9 @@ def build_video_vit(cfg: VitConfig, pre_attn: bool, pre_mlp: bool, backend: str,
         return _finish(model, backbone_dtype)
     if builder != "library":
         raise ValueError(f"e2e model builder must be 'builtin' or 'library', got {builder!r}")
-    from .clip_vit import CLIPVisionConfig, CLIPVisionTransformer
-    from .inject import inject_st_adapters
-    from .video import VideoClassifier
+    from ..models.clip_vit import CLIPVisionConfig, CLIPVisionTransformer
+    from ..models.inject import inject_st_adapters
+    from ..models.video import VideoClassifier
 
     config = CLIPVisionConfig(input_resolution=cfg.image, patch_size=cfg.patch, width=cfg.width,
                               layers=cfg.layers, heads=cfg.heads, output_dim=None)

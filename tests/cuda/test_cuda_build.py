@@ -4,7 +4,7 @@ that the ops are registered and the binding's input checks raise ValueError / Ty
 
 Needs a CUDA torch and nvcc, no GPU; takes minutes, so it skips elsewhere. Run it as
     CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=9.0 \\
-        /work/venv-cuda/bin/python -m pytest -m cuda_build tests/test_cuda_build.py
+        python -m pytest -m cuda_build tests/cuda/test_cuda_build.py   # with a CUDA build of torch
 """
 
 import os
@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from st_adapter_fast import cuda_backend
+from st_adapter_fast.backends import cuda as cuda_backend
 
 pytestmark = [
     pytest.mark.cuda_build,

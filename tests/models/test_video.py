@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from st_adapter_fast.clip_vit import CLIPVisionTransformer, build_clip_video_model
-from st_adapter_fast.inject import inject_st_adapters, iter_st_adapters
-from st_adapter_fast.mixed_precision import prepare_mixed_precision
-from st_adapter_fast.video import VideoClassifier
+from st_adapter_fast.models.clip_vit import CLIPVisionTransformer, build_clip_video_model
+from st_adapter_fast.models.inject import inject_st_adapters, iter_st_adapters
+from st_adapter_fast.models.mixed_precision import prepare_mixed_precision
+from st_adapter_fast.models.video import VideoClassifier
 
 from test_inject import TINY, clip_by_hand, randomize_adapters, tiny_clip, tiny_open_clip, tiny_timm
 

@@ -21,11 +21,12 @@ from torch import nn
 import st_adapter_fast
 from st_adapter_fast import STAdapter, parity, reference
 from st_adapter_fast.backends import Backend, register_backend, unregister_backend
-from st_adapter_fast.verify import main, verify_model
+from st_adapter_fast.verify import main
+from st_adapter_fast.verify_model import verify_model
 
 from helpers import RESULT_NAMES, TOLERANCES, assert_parity, requires_cuda, triton_interpreter_on
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ------------------------------------------------------------------- broken test backends

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from st_adapter_fast import _bench_core as core
-from st_adapter_fast import bench
+from st_adapter_fast.bench import core
+from st_adapter_fast.bench import cli as bench
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 try:
     import matplotlib  # noqa: F401  (plots are checked only where it is installed)
@@ -87,7 +87,7 @@ def test_time_fn_on_cpu_returns_ordered_statistics():
 def test_e2e_builtin_model_matches_library_model(pre_attn, pre_mlp, one_thread):
     """The bench's self-contained ViT and the library's CLIP ViT + inject_st_adapters agree in
     structure, so either one measures the same network."""
-    from st_adapter_fast import _bench_e2e as e2e
+    from st_adapter_fast.bench import e2e
     from st_adapter_fast.module import STAdapter
 
     cfg = e2e.VIT_TINY
@@ -105,7 +105,7 @@ def test_e2e_builtin_model_matches_library_model(pre_attn, pre_mlp, one_thread):
 
 
 def test_report_headline_compares_shape_a_with_the_targets():
-    from st_adapter_fast import _bench_report as report
+    from st_adapter_fast.bench import report
 
     a = core.TARGET_SHAPES["A"]
 

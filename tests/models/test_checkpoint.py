@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from st_adapter_fast.checkpoint import (
+from st_adapter_fast.models.checkpoint import (
     adapter_state_dict, load_adapter_state_dict, load_adapters, load_official_checkpoint,
     map_official_state_dict, save_adapters,
 )
-from st_adapter_fast.clip_vit import (
+from st_adapter_fast.models.clip_vit import (
     CLIPVisionConfig, CLIPVisionTransformer, build_clip_video_model, clip_config_from_state_dict,
     load_openai_clip_visual,
 )
-from st_adapter_fast.inject import inject_st_adapters, iter_st_adapters, set_num_frames
+from st_adapter_fast.models.inject import inject_st_adapters, iter_st_adapters, set_num_frames
 
 from test_inject import TINY, randomize_adapters, tiny_clip, tiny_timm
 

@@ -30,7 +30,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .module import STAdapter
+from ..module import STAdapter
 
 __all__ = [
     "inject_st_adapters", "remove_st_adapters", "InjectionReport", "set_num_frames",
@@ -88,8 +88,8 @@ def adapter_num_frames(adapter: nn.Module, explicit: Optional[int] = None) -> in
     if num_frames is None:
         raise RuntimeError(
             "num_frames is not set on the ST-Adapters: wrap the model in "
-            "st_adapter_fast.video.VideoClassifier (clips (B, C, T, H, W)), or call "
-            "st_adapter_fast.inject.set_num_frames(model, T) / use "
+            "st_adapter_fast.models.video.VideoClassifier (clips (B, C, T, H, W)), or call "
+            "st_adapter_fast.models.inject.set_num_frames(model, T) / use "
             "`with using_num_frames(model, T):` before feeding (B*T, C, H, W) frames"
         )
     return num_frames
@@ -217,7 +217,7 @@ def _describe_target(module: nn.Module) -> _Target:
         raise TypeError(
             f"cannot place ST-Adapters in blocks of type {type(first).__module__}.{type(first).__name__}: "
             f"supported are timm.models.vision_transformer.Block, open_clip's ResidualAttentionBlock / "
-            f"CustomResidualAttentionBlock and st_adapter_fast.clip_vit.ResidualAttentionBlock"
+            f"CustomResidualAttentionBlock and st_adapter_fast.models.clip_vit.ResidualAttentionBlock"
         )
     for i, block in enumerate(blocks):
         if type(block) is not type(first):

@@ -5,7 +5,7 @@ It also checks that every (kernel, dtype, KT) instantiation the dispatch can lau
 and that the fp16/bf16 kernels run on tensor cores (HMMA in the SASS).
 
 Only the kernel files are compiled (-c, no torch): the binding needs a CUDA build of torch
-(tests/test_cuda_build.py, marker cuda_build). Objects are cached per session in a tmp dir; the
+(tests/cuda/test_cuda_build.py, marker cuda_build). Objects are cached per session in a tmp dir; the
 four files x two archs compile in ~1 minute on 2 cores.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 KERNEL_FILES = ("down_conv_fwd.cu", "conv_bwd.cu", "up_residual.cu", "wgrad.cu")
 ARCHS = (80, 90)
 # max static + dynamic shared memory per block (opt-in): A100 163 KB, H100 227 KB

@@ -98,9 +98,9 @@ def build_model(cfg: DemoConfig, *, adapters: bool, backend: str = "reference"):
     only on cfg.seed, so every run starts from the same backbone."""
     import torch
 
-    from .clip_vit import CLIPVisionConfig, CLIPVisionTransformer
-    from .inject import inject_st_adapters
-    from .video import VideoClassifier
+    from .models.clip_vit import CLIPVisionConfig, CLIPVisionTransformer
+    from .models.inject import inject_st_adapters
+    from .models.video import VideoClassifier
 
     torch.manual_seed(cfg.seed)
     backbone = CLIPVisionTransformer(CLIPVisionConfig(cfg.image_size, cfg.patch_size, cfg.width, cfg.layers,

@@ -7,7 +7,7 @@ halo, dwc/dbc partials, split-token weight gradients with fixed-order sums, pref
 strided inputs, all dtype pairs (fp32 x with fp16/bf16 weights included), and the launch
 sequence of binding.cpp (restated in Python below, with the same buffers and strides).
 What it cannot cover: real HMMA/WMMA fragment layouts, GPU races, and binding.cpp itself
-(tests/test_cuda_build.py compiles it; test_cuda_parity.py runs it on a GPU).
+(tests/cuda/test_cuda_build.py compiles it; test_cuda_parity.py runs it on a GPU).
 """
 
 import ctypes
@@ -23,7 +23,7 @@ from st_adapter_fast import backends
 
 from helpers import Case, assert_parity, make_inputs, reference64, run
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 KERNEL_FILES = ("down_conv_fwd.cu", "conv_bwd.cu", "up_residual.cu", "wgrad.cu")
 CXX = shutil.which("g++")
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

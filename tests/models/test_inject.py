@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from st_adapter_fast import reference
-from st_adapter_fast.clip_vit import CLIPVisionConfig, CLIPVisionTransformer
-from st_adapter_fast.inject import (
+from st_adapter_fast.models.clip_vit import CLIPVisionConfig, CLIPVisionTransformer
+from st_adapter_fast.models.inject import (
     count_parameters, inject_st_adapters, iter_st_adapters, remove_st_adapters, set_num_frames,
     using_num_frames,
 )

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import st_adapter_fast
-from st_adapter_fast import backends, cuda_backend
+from st_adapter_fast import backends
+from st_adapter_fast.backends import cuda as cuda_backend
 
 from helpers import Case, assert_parity, make_inputs, reference64, requires_cuda, run
 
@@ -240,7 +241,7 @@ def test_import_is_cheap():
     import subprocess
     import sys
 
-    code = ("import sys, st_adapter_fast.cuda_backend as cb; "
+    code = ("import sys, st_adapter_fast.backends.cuda as cb; "
             "print(cb._EXT is None and cb._EXT_ERROR is None, 'torch.utils.cpp_extension' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "False"]

@@ -7,7 +7,7 @@ rounded away (fp16 has 11 bits of mantissa) and the optimizer state is fp32; aut
 adapters' matmuls in the half dtype with their fp32 master weights; fp16 gradients underflow
 without loss scaling, bf16 ones do not (8 exponent bits), so bf16 needs no scaler.
 
-    from st_adapter_fast.mixed_precision import prepare_mixed_precision
+    from st_adapter_fast.models.mixed_precision import prepare_mixed_precision
 
     amp = prepare_mixed_precision(model, torch.float16)   # casts frozen params, returns a recipe
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

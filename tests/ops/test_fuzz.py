@@ -3,7 +3,7 @@ at random, output and every gradient against the float64 reference under the par
 
 ST_ADAPTER_FUZZ_N (default 200) sets the number of configurations, ST_ADAPTER_FUZZ_SEED the
 base seed. A failure prints the seed and the case: rerun one with
-    ST_ADAPTER_FUZZ_SEED=<seed> ST_ADAPTER_FUZZ_N=1 pytest tests/test_fuzz.py
+    ST_ADAPTER_FUZZ_SEED=<seed> ST_ADAPTER_FUZZ_N=1 pytest tests/ops/test_fuzz.py
 """
 
 import os

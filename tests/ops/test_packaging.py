@@ -8,7 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_wheel_layout(tmp_path):
@@ -20,7 +20,7 @@ def test_wheel_layout(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (wheel,) = tmp_path.glob("st_adapter_fast-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for required in ("st_adapter_fast/__init__.py", "st_adapter_fast/ops.py", "st_adapter_fast/_reference.py",
+    for required in ("st_adapter_fast/__init__.py", "st_adapter_fast/ops.py", "st_adapter_fast/reference.py",
                      "st_adapter_fast/kernels/__init__.py", "st_adapter_fast/kernels/adapter_fwd.py",
                      "st_adapter_fast/kernels/adapter_bwd.py", "st_adapter_fast/kernels/aot.py"):
         assert required in names, required

@@ -11,7 +11,7 @@ the first call on a GPU machine JIT-builds csrc/ with torch.utils.cpp_extension.
 cached under TORCH_EXTENSIONS_DIR). Importing this module is cheap and never fails: nothing is
 imported or built until a CUDA tensor asks for this backend.
 
-Backend functions (see backends.py):
+Backend functions (see backends/__init__.py):
   forward(x, T, P, Wd, bd, taps, bc, Wu, bu) -> out (B*T, L, C), x's dtype, contiguous
   backward(dO, x, T, P, Wd, bd, taps, bc, Wu, bu) -> (dx, dWd, dbd, dtaps (Ca, KT), dbc, dWu, dbu)
 with fp32 parameter gradients (None for absent biases).
@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .backends import FUSED_DTYPES, Backend
+from . import FUSED_DTYPES, Backend
 
 __all__ = ["BACKEND", "MAX_KT", "SOURCES", "CSRC_DIR", "load_extension", "extension_error"]
 
@@ -36,7 +36,7 @@ MAX_KT = 9
 # sm_80: bf16 tensor-core MMA and the shared-memory budget the tiles assume.
 MIN_CAPABILITY = (8, 0)
 
-CSRC_DIR = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+CSRC_DIR = pathlib.Path(__file__).resolve().parents[2] / "csrc"
 KERNEL_SOURCES = ("down_conv_fwd.cu", "conv_bwd.cu", "up_residual.cu", "wgrad.cu")
 SOURCES = ("binding.cpp",) + KERNEL_SOURCES
 JIT_NAME = "st_adapter_fast_cuda"
@@ -104,7 +104,7 @@ def load_extension():
         if _EXT is not None or _EXT_ERROR is not None:
             return _EXT
         try:
-            from . import _cuda  # built by setup.py when a CUDA torch and nvcc were present
+            from .. import _cuda  # built by setup.py when a CUDA torch and nvcc were present
 
             _EXT = _cuda
             return _EXT

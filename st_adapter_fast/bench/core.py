@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import st_adapter_fast
-from st_adapter_fast._reference import reference
+from st_adapter_fast.reference import reference
 
 __all__ = [
     "OpShape", "TARGET_SHAPES", "TINY_SHAPES", "PROVIDERS", "MODES", "parse_shapes", "sweep_shapes",

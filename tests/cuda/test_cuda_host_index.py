@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CXX = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a host C++ compiler (g++)")

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--e2e", dest="e2e", action="store_true", default=True, help="end-to-end ViT model (default)")
     p.add_argument("--no-e2e", dest="e2e", action="store_false")
     p.add_argument("--e2e-model", choices=("builtin", "library"), default="builtin",
-                   help="builtin: the bench's own CLIP-style ViT; library: st_adapter_fast.clip_vit + "
+                   help="builtin: the bench's own CLIP-style ViT; library: st_adapter_fast.models.clip_vit + "
                         "inject_st_adapters + VideoClassifier")
     p.add_argument("--no-sweeps", dest="sweeps", action="store_false", default=True,
                    help="skip the sweeps over T and token count")
@@ -89,7 +89,7 @@ class _Progress:
 
     def write(self, msg: str) -> None:
         if self._bar is not None:
-            self._bar.write(msg)
+            self._bar.write(msg, file=sys.stderr)  # tqdm.write defaults to stdout
         else:
             print(msg, file=sys.stderr, flush=True)
 
@@ -109,7 +109,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
 
-    from . import _bench_core as core
+    from . import core
 
     try:
         shapes = core.parse_shapes(args.shapes or ("A,B,C" if device == "cuda" else "tiny"))
@@ -124,8 +124,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         # CPU tensors run Triton kernels only in the interpreter, chosen when triton is imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
-    from . import _bench_e2e as e2e_mod
-    from . import _bench_report as report
+    from . import e2e as e2e_mod
+    from . import report
 
     out_dir = Path(args.out) if args.out else report.default_out_dir(device)
     out_dir.mkdir(parents=True, exist_ok=True)

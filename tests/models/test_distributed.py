@@ -1,6 +1,6 @@
 """Adapters under torch.distributed: DDP and FSDP2 (fully_shard) on 2 CPU ranks with gloo.
 
-Each rank trains a tiny CLIP video model (st_adapter_fast.clip_vit + inject_st_adapters +
+Each rank trains a tiny CLIP video model (st_adapter_fast.models.clip_vit + inject_st_adapters +
 VideoClassifier: frozen backbone, trainable ST-Adapters and head) on its half of a global batch; the result must match single-process training on the whole batch: same
 all-reduced gradients on both ranks, same loss, same parameters after N SGD steps (fp32
 tolerance), frozen parameters untouched and without gradients. Ranks are started with
@@ -216,7 +216,7 @@ def test_ddp_two_ranks_match_single_process_triton_backend(two_rank_results):
 
 def test_example_train_ddp_runs_under_torchrun(tmp_path):
     """examples/train_ddp.py as documented, on 2 CPU ranks (gloo), with block checkpointing."""
-    script = Path(__file__).resolve().parents[1] / "examples" / "train_ddp.py"
+    script = Path(__file__).resolve().parents[2] / "examples" / "train_ddp.py"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={WORLD_SIZE}",

@@ -1,0 +1,188 @@
+"""Tile configurations: the defaults, the candidates a GPU sweep times, and the tuned table.
+
+Every choice only a GPU can settle (tile sizes, warps, stages) is selectable here, so one GPU
+window can A/B it (benchmarks/gpu_verdict.sh, stage "sweep"):
+
+    candidate_configs(kernel, kt=3, compute_dtype=torch.bfloat16, arch=90)  # default first
+    with forced_config("down_conv", cfg): ...        # what the sweep times
+    config_for("down_conv", kt=3, compute_dtype=torch.bfloat16, arch=90)    # what launchers use
+
+``config_for`` picks, in order: a config forced by ``forced_config`` (the sweep), the tuned table
+(tuned_configs.json, written by the sweep), the kernel's default. The table is read from the file
+named by ST_ADAPTER_FAST_TUNED_CONFIGS, else from tuned_configs.json beside this module when it
+exists. A table entry that fails validation (unknown field, tile not a power of two) is an error,
+never a silent fallback: a sweep that wrote nonsense must not change what runs.
+
+Table format (JSON):
+    {"version": 1, "device": "...", "configs": {"down_conv|sm90|bf16|kt3": {"BLOCK_M": 64, ...}}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import threading
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+
+from ._common import TileConfig
+
+__all__ = ["KERNELS", "candidate_configs", "config_for", "default_config", "forced_config",
+           "config_key", "load_tuned_table", "tuned_table_path", "TUNED_TABLE_VERSION"]
+
+TUNED_TABLE_VERSION = 1
+_DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _default_down_conv(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    from .adapter_fwd import down_conv_config
+
+    return down_conv_config(kt, compute_dtype, arch)
+
+
+def _default_up_residual(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    from .adapter_fwd import up_residual_config
+
+    return up_residual_config(compute_dtype, arch)
+
+
+def _default_conv_bwd(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    from .adapter_bwd import conv_bwd_config
+
+    return conv_bwd_config(kt, compute_dtype, arch)
+
+
+def _default_wgrad(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    from .adapter_bwd import wgrad_config
+
+    return wgrad_config(compute_dtype, arch)
+
+
+# kernel family -> (default config function, pass it runs in)
+KERNELS: Dict[str, Callable[[int, torch.dtype, int], TileConfig]] = {
+    "down_conv": _default_down_conv,
+    "up_residual": _default_up_residual,  # also the backward dgrad launch (dx = dO + dh Wd)
+    "conv_bwd": _default_conv_bwd,
+    "wgrad": _default_wgrad,
+}
+
+
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {sorted(KERNELS)}")
+
+
+def config_key(kernel: str, kt: int, compute_dtype: torch.dtype, arch: int) -> str:
+    """The tuned table's key: 'down_conv|sm90|bf16|kt3'."""
+    _check_kernel(kernel)
+    return f"{kernel}|sm{arch}|{_DTYPE_NAME[compute_dtype]}|kt{kt}"
+
+
+def default_config(kernel: str, *, kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    _check_kernel(kernel)
+    return KERNELS[kernel](kt, compute_dtype, arch)
+
+
+def candidate_configs(kernel: str, *, kt: int, compute_dtype: torch.dtype, arch: int) -> List[TileConfig]:
+    """The configs the GPU sweep times for one kernel, the default first, no duplicates.
+
+    Candidates vary one knob at a time around the default (tile width and height halved or
+    doubled, warps 4/8, stages 2-4) so a sweep of ~8 configs per kernel fits a GPU window; the
+    AOT check (kernels/aot.py) is what rules out configs that spill.
+    """
+    base = default_config(kernel, kt=kt, compute_dtype=compute_dtype, arch=arch)
+    out: List[TileConfig] = [base]
+
+    def add(**changes):
+        cfg = dataclasses.replace(base, **changes)
+        if cfg not in out and all(v >= 16 for v in (cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K)):
+            out.append(cfg)
+
+    add(BLOCK_N=base.BLOCK_N * 2)
+    add(BLOCK_N=base.BLOCK_N // 2)
+    add(BLOCK_M=base.BLOCK_M * 2)
+    add(BLOCK_M=base.BLOCK_M // 2)
+    add(BLOCK_K=base.BLOCK_K * 2)
+    add(num_warps=4 if base.num_warps == 8 else 8)
+    for stages in (2, 3, 4):
+        add(num_stages=stages)
+    return out
+
+
+# ------------------------------------------------------------------------------ tuned table
+_FORCED = threading.local()
+_TABLE_CACHE: Dict[str, Dict[str, TileConfig]] = {}
+
+
+def tuned_table_path() -> Optional[pathlib.Path]:
+    """The tuned table in force: $ST_ADAPTER_FAST_TUNED_CONFIGS, else kernels/tuned_configs.json
+    if it exists, else None (the defaults run)."""
+    env = os.environ.get("ST_ADAPTER_FAST_TUNED_CONFIGS")
+    if env:
+        return pathlib.Path(env)
+    here = pathlib.Path(__file__).resolve().parent / "tuned_configs.json"
+    return here if here.is_file() else None
+
+
+def _config_from_dict(key: str, entry: dict) -> TileConfig:
+    fields = {f.name for f in dataclasses.fields(TileConfig)}
+    unknown = set(entry) - fields
+    if unknown:
+        raise ValueError(f"tuned config {key!r} has unknown fields {sorted(unknown)}; expected {sorted(fields)}")
+    cfg = TileConfig(**entry)
+    for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        v = getattr(cfg, name)
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"tuned config {key!r}: {name}={v} is not a power of two >= 16")
+    return cfg
+
+
+def load_tuned_table(path: Optional[os.PathLike] = None) -> Dict[str, TileConfig]:
+    """{key: TileConfig} of a tuned_configs.json (cached per path); {} when there is none."""
+    path = pathlib.Path(path) if path is not None else tuned_table_path()
+    if path is None:
+        return {}
+    cache_key = str(path.resolve())
+    if cache_key not in _TABLE_CACHE:
+        data = json.loads(path.read_text())
+        if data.get("version") != TUNED_TABLE_VERSION:
+            raise ValueError(f"{path}: tuned table version {data.get('version')!r}, expected {TUNED_TABLE_VERSION}")
+        _TABLE_CACHE[cache_key] = {k: _config_from_dict(k, v) for k, v in data.get("configs", {}).items()}
+    return _TABLE_CACHE[cache_key]
+
+
+def clear_cache() -> None:
+    _TABLE_CACHE.clear()
+
+
+@contextlib.contextmanager
+def forced_config(kernel: str, cfg: TileConfig) -> Iterator[None]:
+    """Run every launch of ``kernel`` in this thread with ``cfg`` (the sweep's A/B switch)."""
+    _check_kernel(kernel)
+    forced = getattr(_FORCED, "configs", None)
+    if forced is None:
+        forced = _FORCED.configs = {}
+    previous = forced.get(kernel)
+    forced[kernel] = cfg
+    try:
+        yield
+    finally:
+        if previous is None:
+            forced.pop(kernel, None)
+        else:
+            forced[kernel] = previous
+
+
+def config_for(kernel: str, *, kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    """The config a launcher uses: forced (sweep) > tuned table > default."""
+    forced = getattr(_FORCED, "configs", None)
+    if forced and kernel in forced:
+        return forced[kernel]
+    tuned = load_tuned_table().get(config_key(kernel, kt, compute_dtype, arch))
+    if tuned is not None:
+        return tuned
+    return default_config(kernel, kt=kt, compute_dtype=compute_dtype, arch=arch)
