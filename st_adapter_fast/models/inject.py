@@ -21,20 +21,26 @@ model's own forward signature never changes and T may differ from one call to th
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import numbers
-import sys
 import types
+import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..module import STAdapter
+from .families import builtin, hf, open_clip, openai_clip, timm
+from .families.base import (
+    Target, adapter_num_frames, check_num_frames, library_version, random_tokens, run_adapter,
+)
 
 __all__ = [
     "inject_st_adapters", "remove_st_adapters", "InjectionReport", "set_num_frames",
     "using_num_frames", "adapter_num_frames", "iter_st_adapters", "count_parameters", "POSITIONS",
+    "find_vision_transformer", "describe_model", "self_check", "Target", "run_adapter", "FAMILIES",
 ]
 
 POSITIONS = ("pre_attn", "pre_mlp")
@@ -42,14 +48,6 @@ _ATTR = {"pre_attn": "adapter_pre_attn", "pre_mlp": "adapter_pre_mlp"}
 
 
 # ----------------------------------------------------------------------------- num_frames
-def _check_num_frames(num_frames) -> int:
-    if isinstance(num_frames, bool) or not isinstance(num_frames, numbers.Integral):
-        raise TypeError(f"num_frames must be an int, got {type(num_frames).__name__}")
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    return int(num_frames)
-
-
 def iter_st_adapters(model: nn.Module) -> Iterator[Tuple[str, STAdapter]]:
     """(qualified name, adapter) for every STAdapter in model."""
     for name, module in model.named_modules():
@@ -59,7 +57,7 @@ def iter_st_adapters(model: nn.Module) -> Iterator[Tuple[str, STAdapter]]:
 
 def set_num_frames(model: nn.Module, num_frames: int) -> int:
     """Tell every ST-Adapter in model how many frames each clip has; returns how many it set."""
-    num_frames = _check_num_frames(num_frames)
+    num_frames = check_num_frames(num_frames)
     count = 0
     for _, adapter in iter_st_adapters(model):
         adapter.num_frames = num_frames
@@ -80,166 +78,136 @@ def using_num_frames(model: nn.Module, num_frames: int):
             adapter.num_frames = value
 
 
-def adapter_num_frames(adapter: nn.Module, explicit: Optional[int] = None) -> int:
-    """T for one adapter call: the explicit value if given, else the one set on the adapter."""
-    if explicit is not None:
-        return explicit
-    num_frames = getattr(adapter, "num_frames", None)
-    if num_frames is None:
-        raise RuntimeError(
-            "num_frames is not set on the ST-Adapters: wrap the model in "
-            "st_adapter_fast.models.video.VideoClassifier (clips (B, C, T, H, W)), or call "
-            "st_adapter_fast.models.inject.set_num_frames(model, T) / use "
-            "`with using_num_frames(model, T):` before feeding (B*T, C, H, W) frames"
-        )
-    return num_frames
-
-
-def _run_adapter(block: nn.Module, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if getattr(block, "st_adapter_seq_first", False):  # open_clip with batch_first=False: (L, N, C)
-        return adapter(x.transpose(0, 1), adapter_num_frames(adapter)).transpose(0, 1)
-    return adapter(x, adapter_num_frames(adapter))
-
-
-# ------------------------------------------------------------- block forwards with adapters
-# Each mirrors the library's own block forward line by line, with the adapters in between.
-def _timm_block_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    # timm.models.vision_transformer.Block.forward (attn_mask / is_causal passed through)
-    if self.adapter_pre_attn is not None:
-        x = _run_adapter(self, self.adapter_pre_attn, x)
-    x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), *args, **kwargs)))
-    if self.adapter_pre_mlp is not None:
-        x = _run_adapter(self, self.adapter_pre_mlp, x)
-    x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-    return x
-
-
-def _open_clip_block_forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
-    # open_clip.transformer.ResidualAttentionBlock.forward
-    if self.adapter_pre_attn is not None:
-        q_x = _run_adapter(self, self.adapter_pre_attn, q_x)
-    k_x = self.ln_1_kv(k_x) if hasattr(self, "ln_1_kv") and k_x is not None else None
-    v_x = self.ln_1_kv(v_x) if hasattr(self, "ln_1_kv") and v_x is not None else None
-    x = q_x + self.ls_1(self.attention(q_x=self.ln_1(q_x), k_x=k_x, v_x=v_x, attn_mask=attn_mask))
-    if self.adapter_pre_mlp is not None:
-        x = _run_adapter(self, self.adapter_pre_mlp, x)
-    x = x + self.ls_2(self.mlp(self.ln_2(x)))
-    return x
-
-
-def _open_clip_custom_block_forward(self, x, attn_mask=None):
-    # open_clip.transformer.CustomResidualAttentionBlock.forward
-    if self.adapter_pre_attn is not None:
-        x = _run_adapter(self, self.adapter_pre_attn, x)
-    x = x + self.ls_1(self.ln_attn(self.attn(self.ln_1(x), attn_mask=attn_mask)))
-    if self.adapter_pre_mlp is not None:
-        x = _run_adapter(self, self.adapter_pre_mlp, x)
-    x = x + self.ls_2(self.mlp(self.ln_2(x)))
-    return x
-
-
-def _known_block_forwards() -> Dict[object, Tuple[str, object, str]]:
-    """{library's block forward: (family, our adapted forward, norm attr giving C)} for the
-    libraries already imported (a model of theirs exists only if they are)."""
-    known = {}
-    timm_vit = sys.modules.get("timm.models.vision_transformer")
-    if timm_vit is not None:
-        known[timm_vit.Block.forward] = ("timm", _timm_block_forward, "norm1")
-    oc = sys.modules.get("open_clip.transformer")
-    if oc is not None:
-        known[oc.ResidualAttentionBlock.forward] = ("open_clip", _open_clip_block_forward, "ln_1")
-        if hasattr(oc, "CustomResidualAttentionBlock"):
-            known[oc.CustomResidualAttentionBlock.forward] = ("open_clip", _open_clip_custom_block_forward, "ln_1")
-    return known
-
-
 # -------------------------------------------------------------------------------- detection
-@dataclasses.dataclass
-class _Target:
-    family: str  # "clip" (our CLIPVisionTransformer-style blocks), "timm", "open_clip"
-    module: nn.Module  # the vision transformer holding the blocks
-    block_path: str  # "blocks" or "transformer.resblocks", relative to module
-    blocks: Sequence[nn.Module]
-    adapted_forward: Optional[object]  # None when the block's own forward has adapter slots
-    channels: int
-    num_prefix_tokens: int
-    grid_size: Optional[Tuple[int, int]]
-    seq_first: bool
+# The registry: every family, in the order their blocks are tried. Each module has
+# match(block) -> BlockKind | None and describe(module, block_path, blocks, kind) -> Target.
+FAMILIES = (builtin, timm, open_clip, openai_clip, hf)
+# where the blocks of each layout live, relative to the vision transformer
+BLOCK_PATHS = ("blocks", "transformer.resblocks", "encoder.layers", "encoder.layer")
+# attributes holding the image tower of a wrapper: open_clip / OpenAI CLIP .visual, HF
+# .vision_model (a CLIPModel's, a CLIPVisionModelWithProjection's; twice in a SiglipModel)
+_TOWER_ATTRS = ("visual", "vision_model")
+_SUPPORTED = ("timm VisionTransformer (Block) and Eva (EvaBlock), open_clip and OpenAI clip "
+              "VisionTransformers, HF transformers CLIPVisionModel / CLIPVisionModelWithProjection / "
+              "CLIPModel, SiglipVisionModel, Dinov2Model, Dinov2WithRegistersModel, and "
+              "st_adapter_fast.models.clip_vit.CLIPVisionTransformer")
 
 
-def _square_or_none(grid) -> Optional[Tuple[int, int]]:
-    if grid is None:
-        return None
-    h, w = int(grid[0]), int(grid[1])
-    # a square grid is inferred per call, so other square resolutions keep working
-    return None if h == w else (h, w)
+def _blocks_of(module: nn.Module) -> Optional[Tuple[str, Sequence[nn.Module]]]:
+    for path in BLOCK_PATHS:
+        blocks = module
+        for attr in path.split("."):
+            blocks = getattr(blocks, attr, None)
+        if isinstance(blocks, (nn.Sequential, nn.ModuleList)):
+            return path, blocks
+    return None
 
 
-def _find_target(model: nn.Module) -> Tuple[nn.Module, str]:
-    """The vision transformer inside model (unwrapping our VideoClassifier and an open_clip CLIP)
-    and the prefix of its qualified names within model."""
-    prefix = ""
-    module = model
-    # VideoClassifier.backbone; an open_clip / OpenAI CLIP's .visual (its .transformer is text)
-    for attr in ("backbone", "visual"):
-        inner = getattr(module, attr, None)
-        if isinstance(inner, nn.Module) and (_has_blocks(inner) or attr == "backbone"):
-            module, prefix = inner, prefix + attr + "."
+def find_vision_transformer(model: nn.Module) -> Tuple[nn.Module, str]:
+    """The vision transformer inside model (unwrapping a VideoClassifier's .backbone, open_clip /
+    OpenAI CLIP's .visual, HF .vision_model) and the prefix of its qualified names in model:
+    ("", model) for a bare ViT, "backbone.visual." for a VideoClassifier around an open_clip CLIP."""
+    module, prefix = model, ""
+    inner = getattr(model, "backbone", None)
+    if isinstance(inner, nn.Module):
+        module, prefix = inner, "backbone."
+    descended = True
+    while descended:  # the image tower first: an open_clip CLIP's own .transformer is its text tower
+        descended = False
+        for attr in _TOWER_ATTRS:
+            inner = getattr(module, attr, None)
+            if isinstance(inner, nn.Module):
+                module, prefix, descended = inner, prefix + attr + ".", True
+                break
     return module, prefix
 
 
-def _has_blocks(module: nn.Module) -> bool:
-    transformer = getattr(module, "transformer", None)
-    return isinstance(getattr(module, "blocks", None), (nn.Sequential, nn.ModuleList)) or (
-        isinstance(transformer, nn.Module) and isinstance(getattr(transformer, "resblocks", None), nn.ModuleList))
-
-
-def _describe_target(module: nn.Module) -> _Target:
-    if isinstance(getattr(module, "blocks", None), (nn.Sequential, nn.ModuleList)):
-        block_path, blocks = "blocks", module.blocks
-    elif _has_blocks(module):
-        block_path, blocks = "transformer.resblocks", module.transformer.resblocks
-    else:
-        raise TypeError(
-            f"{type(module).__name__} has no transformer blocks where ST-Adapters go: expected a timm "
-            f"VisionTransformer (.blocks), an open_clip VisionTransformer or a CLIP-style ViT "
-            f"(.transformer.resblocks)"
-        )
+def _describe_target(module: nn.Module) -> Target:
+    found = _blocks_of(module)
+    if found is None:
+        raise TypeError(f"{type(module).__name__} has no transformer blocks where ST-Adapters go: "
+                        f"supported are {_SUPPORTED}")
+    block_path, blocks = found
     if len(blocks) == 0:
         raise ValueError(f"{type(module).__name__}.{block_path} is empty")
     first = blocks[0]
-    known = _known_block_forwards()
-    if getattr(type(first), "supports_st_adapters", False):
-        family, adapted_forward, norm_attr = "clip", None, "ln_1"
-    elif type(first).forward in known:
-        family, adapted_forward, norm_attr = known[type(first).forward]
+    for family in FAMILIES:
+        kind = family.match(first)
+        if kind is not None:
+            break
     else:
-        raise TypeError(
-            f"cannot place ST-Adapters in blocks of type {type(first).__module__}.{type(first).__name__}: "
-            f"supported are timm.models.vision_transformer.Block, open_clip's ResidualAttentionBlock / "
-            f"CustomResidualAttentionBlock and st_adapter_fast.models.clip_vit.ResidualAttentionBlock"
-        )
+        raise TypeError(f"cannot place ST-Adapters in blocks of type {type(first).__module__}."
+                        f"{type(first).__name__}: supported are {_SUPPORTED}")
     for i, block in enumerate(blocks):
         if type(block) is not type(first):
             raise TypeError(f"{block_path}[{i}] is a {type(block).__name__}, {block_path}[0] a "
                             f"{type(first).__name__}: mixed block types are not supported")
-    channels = int(getattr(first, norm_attr).normalized_shape[0])
+    return family.describe(module, block_path, blocks, kind)
 
-    seq_first = False
-    if family == "timm":
-        prefix_tokens = int(getattr(module, "num_prefix_tokens", 1))
-        patch_embed = getattr(module, "patch_embed", None)
-        dynamic = getattr(patch_embed, "dynamic_img_size", False) or getattr(module, "dynamic_img_size", False)
-        grid = None if dynamic else getattr(patch_embed, "grid_size", None)
-    elif family == "open_clip":
-        prefix_tokens = 1  # open_clip's image tower has one CLS token
-        grid = getattr(module, "grid_size", None)
-        seq_first = not getattr(module.transformer, "batch_first", True)
-    else:
-        prefix_tokens = int(getattr(module, "num_prefix_tokens", 1))
-        grid = None
-    return _Target(family, module, block_path, blocks, adapted_forward, channels, prefix_tokens,
-                   _square_or_none(grid), seq_first)
+
+def _find_target(model: nn.Module) -> Tuple[Target, str]:
+    module, prefix = find_vision_transformer(model)
+    return _describe_target(module), prefix
+
+
+def describe_model(model: nn.Module) -> Target:
+    """The Target (family, blocks, width, prefix tokens, pooling) of the ViT inside model."""
+    return _find_target(model)[0]
+
+
+# ------------------------------------------------------------------------------ self-check
+def _outputs_equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
+            and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_outputs_equal(x, y) for x, y in zip(a, b))
+    return a is b or a == b
+
+
+def _max_difference(a, b) -> str:
+    a = a[0] if isinstance(a, (tuple, list)) and a else a
+    b = b[0] if isinstance(b, (tuple, list)) and b else b
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape:
+        return f"max abs difference {(a.double() - b.double()).abs().max().item():.3g}"
+    return f"outputs {type(a).__name__}{tuple(getattr(a, 'shape', ()))} vs {type(b).__name__}{tuple(getattr(b, 'shape', ()))}"
+
+
+def self_check(target: Target, block: nn.Module, positions: Sequence[str]) -> None:
+    """Run the library's block forward and the adapted one on a few random tokens, adapters at
+    their identity init, on a copy of ``block``; they must agree exactly. Raises TypeError
+    ("the installed <lib> <version> changed <Block>.forward") when they do not: the mirrored
+    forward no longer is the library's, and training it would train a different model."""
+    kind = target.kind
+    twin = copy.deepcopy(block).eval()  # eval: dropout / drop path off; the caller's block untouched
+    ref = next(twin.parameters())
+    for pos in POSITIONS:
+        adapter = None
+        if pos in positions:
+            with torch.random.fork_rng(devices=[]):  # the caller's RNG stream stays as it was
+                adapter = STAdapter(target.channels, 4, (3, 1, 1), num_prefix_tokens=target.num_prefix_tokens,
+                                    backend="reference", grid_size=target.grid_size)
+            adapter = adapter.to(device=ref.device, dtype=ref.dtype)
+            adapter.num_frames = 1
+        twin._modules[_ATTR[pos]] = adapter
+    twin.st_adapter_seq_first = target.seq_first
+    x = random_tokens(target, twin)
+    args, kwargs = kind.check_args(target, twin, x)
+    library = f"the installed {kind.library} {library_version(kind.library)}"
+    with torch.no_grad():
+        try:
+            want = kind.block_class.forward(twin, x, *args, **kwargs)
+            got = kind.adapted_forward(twin, x, *args, **kwargs)
+        except Exception as err:
+            raise TypeError(f"{library} changed {kind.block_class.__qualname__}.forward: its adapted "
+                            f"copy in st_adapter_fast fails on it ({type(err).__name__}: {err}); "
+                            f"check=False skips this check") from err
+    if not _outputs_equal(want, got):
+        raise TypeError(
+            f"{library} changed {kind.block_class.__qualname__}.forward ({kind.name}): with identity "
+            f"adapters the adapted forward st_adapter_fast mirrors from it no longer gives the same "
+            f"output ({_max_difference(want, got)}), so adapters placed in it would train a different "
+            f"model; check=False skips this check")
 
 
 # -------------------------------------------------------------------------------- injection
@@ -257,6 +225,7 @@ class InjectionReport:
     adapter_params: int
     trainable_params: int
     total_params: int
+    printed: bool = dataclasses.field(default=False, repr=False)  # verbose: a VideoClassifier prints too
 
     def __str__(self) -> str:
         pct = 100.0 * self.trainable_params / max(self.total_params, 1)
@@ -320,6 +289,10 @@ def _resolve_width(adapter_channels, channels: int) -> int:
         raise TypeError(f"adapter_channels must be an int or a float, got {type(adapter_channels).__name__}")
     if width < 1:
         raise ValueError(f"adapter_channels must give >= 1 channel, got {adapter_channels} for width {channels}")
+    if width > channels:
+        # the official models narrow C=768 -> Ca=384; wider than C is allowed, but rarely meant
+        warnings.warn(f"adapter_channels={width} is wider than the model ({channels} channels): the adapters "
+                      f"widen instead of forming a bottleneck (the official models use Ca = C/2)", stacklevel=3)
     return width
 
 
@@ -334,23 +307,33 @@ def inject_st_adapters(
     backend: str = "auto",
     num_prefix_tokens: Optional[int] = None,
     freeze_backbone: bool = True,
+    check: bool = True,
     verbose: bool = True,
 ) -> InjectionReport:
     """Insert STAdapters before attention and/or the MLP of a vision transformer's blocks.
 
     Args:
-        model: a timm VisionTransformer, an open_clip VisionTransformer (or the CLIP model holding
-            it as .visual), a st_adapter_fast CLIPVisionTransformer, or a VideoClassifier around one.
+        model: a timm VisionTransformer or Eva; an open_clip or OpenAI clip VisionTransformer (or
+            the CLIP model holding it as .visual); an HF transformers CLIPVisionModel,
+            CLIPVisionModelWithProjection, CLIPModel, SiglipVisionModel, Dinov2Model or
+            Dinov2WithRegistersModel; a st_adapter_fast CLIPVisionTransformer; or a
+            VideoClassifier around any of them.
         adapter_channels: Ca, an int, or a float fraction of the model width (0.5 -> C/2).
+            Wider than the model warns.
         kernel_size: depthwise conv kernel (kt, kh, kw) or kt; the official models use (3, 1, 1).
         positions: "pre_attn", "pre_mlp" or both ("24x384" = both, "12x384" = pre_mlp only).
         last_n_blocks: adapt the last n blocks (None = all; the official models adapt all);
         block_indices: or exactly these blocks (negative indices count from the end).
         backend: "auto" | "reference" | "triton" | "cuda", passed to every STAdapter.
         num_prefix_tokens: tokens before the patch grid left unchanged; None reads it from the
-            model (timm: model.num_prefix_tokens, CLS + registers; open_clip and CLIP: 1).
+            model (timm: model.num_prefix_tokens, CLS + registers; open_clip, OpenAI clip, CLIP:
+            1; SigLIP: 0; DINOv2: 1 + registers).
         freeze_backbone: set requires_grad=False on the vision transformer's own parameters
             (a VideoClassifier's head stays trainable); adapters are always trainable.
+        check: for blocks whose forward is replaced (every library's), first run the library's
+            block forward and the adapted one on a few random tokens with identity adapters and
+            require equal outputs; a mismatch is a TypeError naming the library version. Costs
+            one block forward on a copy of one block.
         verbose: print the report (trainable parameter counts).
 
     Adapters are created on the device and in the dtype of the block they join; a fresh adapter
@@ -365,63 +348,74 @@ def inject_st_adapters(
         raise ValueError(f"positions must be a non-empty subset of {POSITIONS}, got {positions}")
     positions = tuple(p for p in POSITIONS if p in positions)  # official order: pre_attn first
 
-    module, prefix = _find_target(model)
-    target = _describe_target(module)
+    target, prefix = _find_target(model)
     indices = _resolve_blocks(len(target.blocks), last_n_blocks, block_indices)
     width = _resolve_width(adapter_channels, target.channels)
     prefix_tokens = target.num_prefix_tokens if num_prefix_tokens is None else num_prefix_tokens
     if isinstance(prefix_tokens, bool) or not isinstance(prefix_tokens, numbers.Integral) or prefix_tokens < 0:
         raise ValueError(f"num_prefix_tokens must be an int >= 0, got {prefix_tokens!r}")
+    target.num_prefix_tokens = int(prefix_tokens)
 
     for i in indices:
         for pos in positions:
             if getattr(target.blocks[i], _ATTR[pos], None) is not None:
                 raise ValueError(f"{prefix}{target.block_path}.{i} already has an {_ATTR[pos]}; "
                                  f"call remove_st_adapters(model) first")
+    if check and target.kind.adapted_forward is not None:
+        self_check(target, target.blocks[indices[0]], positions)
 
     if freeze_backbone:
-        # everything but a VideoClassifier's head: a whole open_clip CLIP freezes its text tower too
+        # everything but a VideoClassifier's head: a whole CLIP model freezes its text tower too
         frozen = model.backbone if prefix.startswith("backbone.") else model
         for p in frozen.parameters():
             p.requires_grad_(False)
 
-    names, adapter_params = [], 0
+    added = _attach_adapters(target, indices, positions, width=width, kernel_size=kernel_size, backend=backend)
+    names = [prefix + name for name in added]
+    trainable, total = count_parameters(model)
+    report = InjectionReport(
+        family=target.family, adapters=names, block_indices=indices, positions=positions,
+        channels=target.channels, adapter_channels=width, kernel_size=tuple(next(iter(added.values())).kernel_size),
+        num_prefix_tokens=target.num_prefix_tokens, backend=backend,
+        adapter_params=sum(p.numel() for a in added.values() for p in a.parameters()),
+        trainable_params=trainable, total_params=total,
+    )
+    report.printed = bool(verbose)
+    target.module.st_adapter_report = report  # read by VideoClassifier (it prints the head too)
+    if verbose:
+        print(report)
+    return report
+
+
+def _attach_adapters(target: Target, indices: Sequence[int], positions: Sequence[str], *,
+                     width: int, kernel_size, backend: str) -> Dict[str, STAdapter]:
+    """setattr an STAdapter into each slot, on each block's device and dtype, and give blocks
+    without adapter slots of their own the adapted forward; returns {name in target.module: adapter}."""
+    added = {}
     for i in indices:
         block = target.blocks[i]
         ref = next(block.parameters(), None)
         factory = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
         for pos in POSITIONS:
             if pos in positions:
-                adapter = STAdapter(target.channels, width, kernel_size, num_prefix_tokens=int(prefix_tokens),
+                adapter = STAdapter(target.channels, width, kernel_size, num_prefix_tokens=target.num_prefix_tokens,
                                     backend=backend, grid_size=target.grid_size, **factory)
                 adapter.num_frames = None  # set per call by set_num_frames / VideoClassifier
                 setattr(block, _ATTR[pos], adapter)
-                adapter_params += sum(p.numel() for p in adapter.parameters())
-                names.append(f"{prefix}{target.block_path}.{i}.{_ATTR[pos]}")
+                added[f"{target.block_path}.{i}.{_ATTR[pos]}"] = adapter
             elif not hasattr(block, _ATTR[pos]):
                 setattr(block, _ATTR[pos], None)  # the adapted forward reads both slots
-        if target.adapted_forward is not None:
+        if target.kind.adapted_forward is not None:
             block.st_adapter_seq_first = target.seq_first
-            block.forward = types.MethodType(target.adapted_forward, block)
-
-    trainable, total = count_parameters(model)
-    report = InjectionReport(
-        family=target.family, adapters=names, block_indices=indices, positions=positions,
-        channels=target.channels, adapter_channels=width,
-        kernel_size=tuple(next(iter_st_adapters(target.blocks[indices[0]]))[1].kernel_size),
-        num_prefix_tokens=int(prefix_tokens), backend=backend, adapter_params=adapter_params,
-        trainable_params=trainable, total_params=total,
-    )
-    if verbose:
-        print(report)
-    return report
+            block.forward = types.MethodType(target.kind.adapted_forward, block)
+    return added
 
 
 def remove_st_adapters(model: nn.Module) -> int:
     """Undo inject_st_adapters: drop every adapter and the patched forwards; returns how many
     adapters it removed. requires_grad flags are left as they are."""
-    module, _ = _find_target(model)
-    target = _describe_target(module)
+    target, _ = _find_target(model)
+    patched = target.kind.adapted_forward is not None
     removed = 0
     for block in target.blocks:
         for attr in _ATTR.values():
@@ -429,11 +423,12 @@ def remove_st_adapters(model: nn.Module) -> int:
                 removed += 1
             if attr in block._modules:
                 del block._modules[attr]
-            if target.adapted_forward is not None and attr in block.__dict__:
+            if patched and attr in block.__dict__:
                 del block.__dict__[attr]
-            if target.adapted_forward is None:
+            if not patched:
                 setattr(block, attr, None)  # our CLIP blocks keep their (empty) slots
         if "forward" in block.__dict__:
             del block.__dict__["forward"]
         block.__dict__.pop("st_adapter_seq_first", None)
+    target.module.__dict__.pop("st_adapter_report", None)
     return removed
