@@ -378,3 +378,40 @@ def test_open_clip_sequence_first_transformer():
     out = visual(x)
     assert (out - tiny_open_clip().eval().visual(x)).abs().max() > 1e-3
     torch.testing.assert_close(twin(x), out, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------ self-check (timm, open_clip)
+@pytest.mark.integration
+def test_timm_self_check_catches_a_changed_block_forward(monkeypatch):
+    timm = _timm()
+    model = tiny_timm(reg_tokens=0)
+    block_cls = timm.models.vision_transformer.Block
+
+    def changed(self, x, *args, **kwargs):  # a release that drops the MLP's layer scale path
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), *args, **kwargs)))
+        return x + self.mlp(self.norm2(x)) * 0.5
+
+    monkeypatch.setattr(block_cls, "forward", changed)
+    with pytest.raises(TypeError, match=rf"the installed timm {timm.__version__} changed Block\.forward"):
+        inject_st_adapters(model, adapter_channels=8, verbose=False)
+    assert list(iter_st_adapters(model)) == []
+    inject_st_adapters(model, adapter_channels=8, verbose=False, check=False)  # skipped on request
+    assert len(list(iter_st_adapters(model))) == 3
+
+
+@pytest.mark.integration
+def test_open_clip_self_check_catches_a_changed_block_forward(monkeypatch):
+    clip = tiny_open_clip()
+    import open_clip
+
+    original = open_clip.transformer.ResidualAttentionBlock.forward
+
+    def changed(self, q_x, k_x=None, v_x=None, attn_mask=None):
+        return original(self, q_x, k_x, v_x, attn_mask) * 2.0
+
+    monkeypatch.setattr(open_clip.transformer.ResidualAttentionBlock, "forward", changed)
+    with pytest.raises(TypeError, match=r"the installed open_clip \S+ changed ResidualAttentionBlock\.forward"):
+        inject_st_adapters(clip, adapter_channels=8, verbose=False)
+    monkeypatch.undo()
+    inject_st_adapters(clip, adapter_channels=8, verbose=False)
+    assert len(list(iter_st_adapters(clip))) == 3

@@ -149,3 +149,43 @@ def test_timm_mixed_precision_step():
         loss = F.cross_entropy(video(clips(2, 2)), torch.tensor([0, 1]))
     amp.step(loss, optimizer)
     assert torch.isfinite(loss) and not torch.equal(model.blocks[0].adapter_pre_mlp.conv.weight, before)
+
+
+def test_b_t_c_h_w_clips_are_a_layout_error_that_names_the_permute():
+    """HF VideoMAE lays clips out (B, T, C, H, W); they used to fail deep in the patch embedding."""
+    video = VideoClassifier(tiny_clip(), num_classes=2, dropout=0.0).eval()
+    x = clips(2, 4)  # (B, C, T, H, W)
+    videomae = x.permute(0, 2, 1, 3, 4).contiguous()  # (2, 4, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"\(2, 4, 3, 16, 16\) look like \(B, T, C, H, W\).*"
+                                         r"clips\.permute\(0, 2, 1, 3, 4\)"):
+        video(videomae)
+    torch.testing.assert_close(video(videomae.permute(0, 2, 1, 3, 4)), video(x), rtol=0, atol=0)
+    assert video(clips(1, 3)).shape == (1, 2)  # T = 3 = C is the right layout, no false alarm
+
+
+def test_adapter_channels_wider_than_the_model_warns():
+    with pytest.warns(UserWarning, match=r"adapter_channels=64 is wider than the model \(32 channels\)"):
+        inject_st_adapters(tiny_clip(), adapter_channels=64, verbose=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inject_st_adapters(tiny_clip(), adapter_channels=32, verbose=False)  # as wide is fine
+
+
+def test_printed_trainable_count_includes_the_head(capsys):
+    backbone = tiny_clip()
+    report = inject_st_adapters(backbone, adapter_channels=8, backend="reference")  # verbose: prints
+    assert f"trainable params: {report.trainable_params:,}" in capsys.readouterr().out
+    video = VideoClassifier(backbone, num_classes=5)
+    out = capsys.readouterr().out
+    head = TINY.width * 5 + 5
+    assert f"trainable params: {report.trainable_params + head:,} / {report.total_params + head:,}" in out
+    assert f"adapters {report.adapter_params:,}, head {head:,}" in out
+    # a quiet injection gives a quiet classifier, unless asked
+    quiet = tiny_clip()
+    inject_st_adapters(quiet, adapter_channels=8, verbose=False)
+    VideoClassifier(quiet, num_classes=5)
+    assert capsys.readouterr().out == ""
+    VideoClassifier(quiet, num_classes=5, verbose=True)
+    assert "head 165" in capsys.readouterr().out
