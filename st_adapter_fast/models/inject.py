@@ -170,7 +170,10 @@ def _max_difference(a, b) -> str:
     b = b[0] if isinstance(b, (tuple, list)) and b else b
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape:
         return f"max abs difference {(a.double() - b.double()).abs().max().item():.3g}"
-    return f"outputs {type(a).__name__}{tuple(getattr(a, 'shape', ()))} vs {type(b).__name__}{tuple(getattr(b, 'shape', ()))}"
+    def describe(v):
+        return f"{type(v).__name__}{tuple(getattr(v, 'shape', ()))}"
+
+    return f"outputs {describe(a)} vs {describe(b)}"
 
 
 def self_check(target: Target, block: nn.Module, positions: Sequence[str]) -> None:
@@ -276,6 +279,15 @@ def _resolve_blocks(num_blocks: int, last_n_blocks, block_indices) -> List[int]:
     return list(range(num_blocks - last_n_blocks, num_blocks))
 
 
+def _resolve_positions(positions) -> Tuple[str, ...]:
+    if isinstance(positions, str):
+        positions = (positions,)
+    positions = tuple(positions)
+    if not positions or any(p not in POSITIONS for p in positions) or len(set(positions)) != len(positions):
+        raise ValueError(f"positions must be a non-empty subset of {POSITIONS}, got {positions}")
+    return tuple(p for p in POSITIONS if p in positions)  # official order: pre_attn first
+
+
 def _resolve_width(adapter_channels, channels: int) -> int:
     if isinstance(adapter_channels, bool):
         raise TypeError("adapter_channels must be an int or a float fraction of the width, got bool")
@@ -341,21 +353,15 @@ def inject_st_adapters(
     InjectionReport. Raises TypeError for unsupported models/blocks, ValueError for bad options
     or blocks that already hold an adapter at a requested position.
     """
-    if isinstance(positions, str):
-        positions = (positions,)
-    positions = tuple(positions)
-    if not positions or any(p not in POSITIONS for p in positions) or len(set(positions)) != len(positions):
-        raise ValueError(f"positions must be a non-empty subset of {POSITIONS}, got {positions}")
-    positions = tuple(p for p in POSITIONS if p in positions)  # official order: pre_attn first
-
+    positions = _resolve_positions(positions)
     target, prefix = _find_target(model)
     indices = _resolve_blocks(len(target.blocks), last_n_blocks, block_indices)
     width = _resolve_width(adapter_channels, target.channels)
-    prefix_tokens = target.num_prefix_tokens if num_prefix_tokens is None else num_prefix_tokens
-    if isinstance(prefix_tokens, bool) or not isinstance(prefix_tokens, numbers.Integral) or prefix_tokens < 0:
-        raise ValueError(f"num_prefix_tokens must be an int >= 0, got {prefix_tokens!r}")
-    target.num_prefix_tokens = int(prefix_tokens)
-
+    if num_prefix_tokens is not None:
+        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, numbers.Integral) \
+                or num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+        target.num_prefix_tokens = int(num_prefix_tokens)
     for i in indices:
         for pos in positions:
             if getattr(target.blocks[i], _ATTR[pos], None) is not None:

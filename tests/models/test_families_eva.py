@@ -107,9 +107,9 @@ def test_eva_video_classifier_and_checkpoint_round_trip(tmp_path):
 
 
 def test_eva_self_check_catches_a_changed_block_forward(monkeypatch):
+    model = tiny_eva()  # skips without timm
     import timm
 
-    model = tiny_eva()
     original = timm.models.eva.EvaBlock.forward
 
     def changed(self, x, rope=None, attn_mask=None, **kwargs):  # a release that drops the rope

@@ -52,7 +52,8 @@ def build(name: str, seed: int = 0):
     if name == "dinov2":
         return transformers.Dinov2Model(transformers.Dinov2Config(**dino))
     if name == "dinov2_registers":
-        return transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(num_register_tokens=2, **dino))
+        config = transformers.Dinov2WithRegistersConfig(num_register_tokens=2, **dino)
+        return transformers.Dinov2WithRegistersModel(config)
     raise KeyError(name)
 
 
@@ -230,7 +231,8 @@ def test_official_checkpoint_maps_by_block_index():
     report = load_official_checkpoint(video, {"model": official})
     assert report.ok and len(report.loaded) == len(official)
     layer1 = layers_of(tower_of(model))[1]
-    assert torch.equal(layer1.adapter_pre_mlp.conv.weight, official["transformer.resblocks.1.adapter_pre_mlp.conv.weight"])
+    want = official["transformer.resblocks.1.adapter_pre_mlp.conv.weight"]
+    assert torch.equal(layer1.adapter_pre_mlp.conv.weight, want)
     assert torch.equal(video.fc.bias, official["fc.bias"])
 
 

@@ -35,7 +35,8 @@ def tiny_visual(seed: int = 0):
 def tiny_clip_model(seed: int = 0):
     clip = _clip()
     torch.manual_seed(seed)
-    return clip.model.CLIP(embed_dim=24, image_resolution=16, vision_layers=2, vision_width=64, vision_patch_size=8,  # heads = width // 64
+    # clip sets the image tower's heads to width // 64
+    return clip.model.CLIP(embed_dim=24, image_resolution=16, vision_layers=2, vision_width=64, vision_patch_size=8,
                            context_length=8, vocab_size=64, transformer_width=16, transformer_heads=2,
                            transformer_layers=1)
 
