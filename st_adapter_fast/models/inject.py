@@ -1,4 +1,5 @@
-"""Put ST-Adapters into vision transformers that already exist: timm, open_clip, our CLIP ViT.
+"""Put ST-Adapters into vision transformers that already exist: timm (ViT, Eva), open_clip,
+OpenAI clip, HF transformers (CLIP, SigLIP, DINOv2), and our CLIP ViT.
 
     report = inject_st_adapters(model, adapter_channels=384, positions=("pre_attn", "pre_mlp"))
     video = VideoClassifier(model, num_classes=400)   # sets num_frames on every adapter
@@ -7,11 +8,16 @@
 As PEFT does, blocks are found by walking the model and adapters are attached with setattr on
 the device and in the dtype of the block they join; the backbone is frozen. Each adapted block
 gets children ``adapter_pre_attn`` / ``adapter_pre_mlp`` (the official model's names, so official
-checkpoints map by block index), and -- for timm and open_clip blocks, whose forward has no
-adapter slots -- an instance-level forward that is the library's own block forward with the
-adapters called in between (Liger patches built models the same way: one instance, not the
-class). Only blocks whose class forward is the exact one mirrored here are accepted; anything
-else is a TypeError naming the class, never a silent wrong placement.
+checkpoints map by block index), and -- for library blocks, whose forward has no adapter slots --
+an instance-level forward that is the library's own block forward with the adapters called in
+between (Liger patches built models the same way: one instance, not the class).
+
+This module is the registry and the common code; each family lives in models/families/ (one
+module per library: how its blocks are found, its adapted block forwards, its clip pooling).
+A block class not in a family is a TypeError naming it, never a silent wrong placement. Because
+an adapted forward mirrors the library's line by line, injection checks itself: the library's
+block forward and the adapted one run once on a few random tokens with identity adapters and
+must agree exactly, or a TypeError names the installed library version (``check=False`` skips it).
 
 num_frames reaches the adapters as a plain attribute (``adapter.num_frames``) set by
 :func:`set_num_frames` / :func:`using_num_frames` or by the video wrapper on every call, so the

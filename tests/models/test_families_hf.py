@@ -22,7 +22,8 @@ from st_adapter_fast.models.inject import (
 )
 from st_adapter_fast.models.video import VideoClassifier
 
-from test_inject import adapter_ref, frames, randomize_adapters
+from helpers import fused_device
+from test_inject import adapter_ref, frames, randomize_adapters, requires_fused
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (.ci/run installs it "
                                                           "in stage 1: pip install transformers)")
@@ -262,3 +263,44 @@ def test_self_check_catches_a_changed_layer_forward(monkeypatch, name, layer):
     monkeypatch.undo()
     remove_st_adapters(model)
     inject_st_adapters(model, adapter_channels=8, backend="reference", verbose=False)  # the real one passes
+
+
+# ------------------------------------------------------------------ training-stack features
+def test_gradient_checkpointing_runs_the_adapted_layers():
+    """HF's gradient checkpointing wraps the layer's __call__; the instance forward still runs."""
+    model = build("clip").train()
+    inject_st_adapters(model, adapter_channels=8, positions=("pre_attn", "pre_mlp"), backend="reference",
+                       verbose=False)
+    randomize_adapters(model)
+    x = frames(2, 2)
+    grads = {}
+    for checkpointing in (False, True):
+        if checkpointing:  # transformers 5 renames it; 4.4x has only the old name
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable()
+            else:  # 4.4x's default reentrant checkpoint drops the grads when the input needs none
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            tower = tower_of(model)  # 5.x flags each layer, 4.4x the encoder
+            assert getattr(tower.encoder, "gradient_checkpointing", False) or all(
+                getattr(layer, "gradient_checkpointing", False) for layer in layers_of(tower))
+        model.zero_grad(set_to_none=True)
+        with using_num_frames(model, 2):
+            encoder_output(tower_of(model), x).square().sum().backward()
+        grads[checkpointing] = [p.grad.clone() for _, a in iter_st_adapters(model) for p in a.parameters()]
+    for plain, checkpointed in zip(grads[False], grads[True]):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-6)
+
+
+@requires_fused
+def test_triton_backend_matches_reference_in_an_hf_model():
+    """One adapted layer, tiny shapes: the interpreter is slow."""
+    device = fused_device()
+    x = frames(2, 2).to(device)
+    outs = {}
+    for backend in ("reference", "triton"):
+        model = build("dinov2_registers").eval().to(device)
+        inject_st_adapters(model, adapter_channels=8, block_indices=[1], backend=backend, verbose=False)
+        randomize_adapters(model)
+        with using_num_frames(model, 2):
+            outs[backend] = encoder_output(tower_of(model), x).detach()
+    torch.testing.assert_close(outs["triton"], outs["reference"], rtol=1e-4, atol=1e-5)
