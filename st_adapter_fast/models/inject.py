@@ -203,17 +203,22 @@ def self_check(target: Target, block: nn.Module, positions: Sequence[str]) -> No
     x = random_tokens(target, twin)
     args, kwargs = kind.check_args(target, twin, x)
     library = f"the installed {kind.library} {library_version(kind.library)}"
+    block_name = kind.block_class.__qualname__
     with torch.no_grad():
         try:
             want = kind.block_class.forward(twin, x, *args, **kwargs)
+        except Exception as err:
+            raise TypeError(f"{library} changed {block_name}.forward: the self-check cannot call it on "
+                            f"{tuple(x.shape)} tokens ({type(err).__name__}: {err}); check=False skips "
+                            f"this check") from err
+        try:
             got = kind.adapted_forward(twin, x, *args, **kwargs)
         except Exception as err:
-            raise TypeError(f"{library} changed {kind.block_class.__qualname__}.forward: its adapted "
-                            f"copy in st_adapter_fast fails on it ({type(err).__name__}: {err}); "
-                            f"check=False skips this check") from err
+            raise TypeError(f"{library} changed {block_name}.forward: its adapted copy in st_adapter_fast "
+                            f"fails on it ({type(err).__name__}: {err}); check=False skips this check") from err
     if not _outputs_equal(want, got):
         raise TypeError(
-            f"{library} changed {kind.block_class.__qualname__}.forward ({kind.name}): with identity "
+            f"{library} changed {block_name}.forward ({kind.name}): with identity "
             f"adapters the adapted forward st_adapter_fast mirrors from it no longer gives the same "
             f"output ({_max_difference(want, got)}), so adapters placed in it would train a different "
             f"model; check=False skips this check")

@@ -123,3 +123,15 @@ def test_eva_self_check_catches_a_changed_block_forward(monkeypatch):
     monkeypatch.undo()
     remove_st_adapters(model)
     inject_st_adapters(model, adapter_channels=8, backend="reference", verbose=False)
+
+
+def test_eva_mixed_rope_passes_the_self_check_and_is_the_identity_at_init():
+    """rope_type='mixed' gives one rope table per depth (forward_features indexes it by block)."""
+    model = tiny_eva(rope_type="mixed", use_abs_pos_emb=False).eval()
+    assert getattr(model, "rope_mixed", False)
+    x = frames(1, 2)
+    before = model.forward_features(x)
+    inject_st_adapters(model, adapter_channels=8, positions=("pre_attn", "pre_mlp"), backend="reference",
+                       verbose=False)
+    with using_num_frames(model, 2):
+        assert torch.equal(model.forward_features(x), before)

@@ -304,3 +304,24 @@ def test_triton_backend_matches_reference_in_an_hf_model():
         with using_num_frames(model, 2):
             outs[backend] = encoder_output(tower_of(model), x).detach()
     torch.testing.assert_close(outs["triton"], outs["reference"], rtol=1e-4, atol=1e-5)
+
+
+def test_self_check_names_a_layer_forward_its_copy_cannot_run(monkeypatch):
+    """A release that renames the layer's MLP: the adapted copy (which calls .mlp) fails on it."""
+    cls = transformers.models.siglip.modeling_siglip.SiglipEncoderLayer
+
+    def changed(self, hidden_states, attention_mask=None, **kwargs):
+        out, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=attention_mask)
+        hidden_states = hidden_states + out
+        return hidden_states + self.ffn(self.layer_norm2(hidden_states))
+
+    model = build("siglip")
+    for layer in layers_of(tower_of(model)):
+        layer.ffn = layer.mlp
+        del layer.mlp
+    monkeypatch.setattr(cls, "forward", changed)
+    with pytest.raises(TypeError, match=rf"the installed transformers {transformers.__version__} changed "
+                                        r"SiglipEncoderLayer\.forward: its adapted copy in st_adapter_fast "
+                                        r"fails on it \(AttributeError"):
+        inject_st_adapters(model, adapter_channels=8, backend="reference", verbose=False)
+    assert list(iter_st_adapters(model)) == []

@@ -19,7 +19,7 @@ from torch import nn
 
 __all__ = [
     "BlockKind", "Target", "adapter_num_frames", "check_num_frames", "run_adapter", "library_version",
-    "square_or_none", "random_tokens", "match_kind",
+    "square_or_none", "random_tokens", "match_kind", "block_width",
 ]
 
 
@@ -111,6 +111,16 @@ def match_kind(block: nn.Module, kinds: Sequence[BlockKind]) -> Optional[BlockKi
         if isinstance(block, kind.block_class) and type(block).forward is kind.block_class.forward:
             return kind
     return None
+
+
+def block_width(kind: BlockKind, block: nn.Module) -> int:
+    """The width C, read off the block's LayerNorm kind.channels_attr."""
+    shape = getattr(getattr(block, kind.channels_attr, None), "normalized_shape", None)
+    if not shape:
+        raise TypeError(f"the installed {kind.library} {library_version(kind.library)} changed "
+                        f"{kind.block_class.__qualname__}: it has no LayerNorm .{kind.channels_attr} to read "
+                        f"the width from")
+    return int(shape[0])
 
 
 def square_or_none(grid) -> Optional[Tuple[int, int]]:

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .base import BlockKind, Target, match_kind, run_adapter
+from .base import BlockKind, Target, block_width, match_kind, run_adapter
 
 __all__ = ["match", "describe", "hf_pool"]
 
@@ -194,7 +194,7 @@ def hf_pool(module: nn.Module, frames: torch.Tensor, b: int, t: int) -> torch.Te
 
 def describe(module: nn.Module, block_path: str, blocks, kind: BlockKind) -> Target:
     config = getattr(module, "config", None)
-    width = int(getattr(blocks[0], kind.channels_attr).normalized_shape[0])
+    width = block_width(kind, blocks[0])
     return Target(
         "transformers", module, block_path, blocks, kind, channels=width,
         num_prefix_tokens=_prefix_tokens(module),

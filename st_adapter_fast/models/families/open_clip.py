@@ -10,7 +10,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .base import BlockKind, Target, match_kind, run_adapter, square_or_none
+from .base import BlockKind, Target, block_width, match_kind, run_adapter, square_or_none
 
 __all__ = ["match", "describe"]
 
@@ -63,7 +63,7 @@ def describe(module: nn.Module, block_path: str, blocks, kind: BlockKind) -> Tar
     output_dim = getattr(module, "output_dim", None)
     return Target(
         "open_clip", module, block_path, blocks, kind,
-        channels=int(blocks[0].ln_1.normalized_shape[0]),
+        channels=block_width(kind, blocks[0]),
         num_prefix_tokens=1,  # open_clip's image tower has one CLS token
         grid_size=square_or_none(getattr(module, "grid_size", None)),
         seq_first=not getattr(module.transformer, "batch_first", True),

@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .base import BlockKind, Target, match_kind, run_adapter, square_or_none
+from .base import BlockKind, Target, block_width, match_kind, run_adapter, square_or_none
 
 __all__ = ["match", "describe", "openai_clip_pool"]
 
@@ -53,7 +53,7 @@ def openai_clip_pool(module: nn.Module, frames: torch.Tensor, b: int, t: int) ->
 
 
 def describe(module: nn.Module, block_path: str, blocks, kind: BlockKind) -> Target:
-    width = int(blocks[0].ln_1.normalized_shape[0])
+    width = block_width(kind, blocks[0])
     grid = None
     if hasattr(module, "input_resolution") and hasattr(module, "conv1"):
         side = int(module.input_resolution) // int(module.conv1.kernel_size[0])

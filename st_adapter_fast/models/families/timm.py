@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .base import BlockKind, Target, match_kind, run_adapter, square_or_none
+from .base import BlockKind, Target, block_width, match_kind, run_adapter, square_or_none
 
 __all__ = ["match", "describe", "timm_pool"]
 
@@ -94,7 +94,7 @@ def describe(module: nn.Module, block_path: str, blocks, kind: BlockKind) -> Tar
     dim = getattr(module, "num_features", getattr(module, "embed_dim", None))
     return Target(
         "timm", module, block_path, blocks, kind,
-        channels=int(getattr(blocks[0], kind.channels_attr).normalized_shape[0]),
+        channels=block_width(kind, blocks[0]),
         num_prefix_tokens=int(getattr(module, "num_prefix_tokens", 1)), grid_size=grid,
         pool=pool, feature_dim=int(dim) if dim is not None else None,
         # an Eva block needs the rope table, which is made for the model's own grid
