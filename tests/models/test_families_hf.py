@@ -325,3 +325,27 @@ def test_self_check_names_a_layer_forward_its_copy_cannot_run(monkeypatch):
                                         r"fails on it \(AttributeError"):
         inject_st_adapters(model, adapter_channels=8, backend="reference", verbose=False)
     assert list(iter_st_adapters(model)) == []
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_mixed_precision_training_step(name):
+    """The official recipe on an HF tower: backbone bf16, adapters and head fp32, autocast."""
+    import torch.nn.functional as F
+
+    from st_adapter_fast.models.mixed_precision import prepare_mixed_precision
+
+    model = build(name)
+    inject_st_adapters(model, adapter_channels=8, positions=("pre_attn", "pre_mlp"), backend="reference",
+                       verbose=False)
+    video = VideoClassifier(model, num_classes=2, dropout=0.0)
+    randomize_adapters(video)
+    amp = prepare_mixed_precision(video, torch.bfloat16, device_type="cpu")
+    layer0 = layers_of(tower_of(model))[0]
+    assert layer0.self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert layer0.adapter_pre_attn.fc1.weight.dtype == torch.float32
+    optimizer = torch.optim.SGD([p for p in video.parameters() if p.requires_grad], lr=0.1)
+    before = layer0.adapter_pre_attn.conv.weight.detach().clone()
+    with amp.autocast():
+        loss = F.cross_entropy(video(clips(2, 2)), torch.tensor([0, 1]))
+    amp.step(loss, optimizer)
+    assert torch.isfinite(loss) and not torch.equal(layer0.adapter_pre_attn.conv.weight, before)
