@@ -146,6 +146,21 @@ def test_identity_then_placement_with_random_adapters(name):
     assert torch.equal(adapted[:, :p], emb[:, :p]) and not torch.allclose(adapted[:, p:], emb[:, p:])
 
 
+@pytest.mark.parametrize("name", ["clip_model", "dinov2_registers"])
+def test_remove_restores_the_model(name):
+    model = build(name).eval()
+    tower = tower_of(model)
+    x = frames(2, 2)
+    before = encoder_output(tower, x)
+    inject_st_adapters(model, adapter_channels=8, positions=("pre_attn", "pre_mlp"), verbose=False)
+    randomize_adapters(model)
+    with using_num_frames(model, 2):
+        assert not torch.allclose(encoder_output(tower, x), before)
+    assert remove_st_adapters(model) == 4
+    assert list(iter_st_adapters(model)) == [] and "forward" not in layers_of(tower)[0].__dict__
+    assert torch.equal(encoder_output(tower, x), before)
+
+
 def test_clip_model_adapts_its_vision_tower_and_freezes_the_rest():
     model = build("clip_model")
     report = inject_st_adapters(model, adapter_channels=8, backend="reference", verbose=False)
