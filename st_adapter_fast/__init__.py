@@ -6,7 +6,7 @@
 """
 
 from .reference import reference
-from .backends import available_backends, register_backend
+from .backends import available_backends, backend_status, register_backend
 from .module import STAdapter
 from .ops import st_adapter
 
@@ -38,5 +38,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'st_adapter_fast' has no attribute {name!r}")
 
 
-__all__ = ["STAdapter", "st_adapter", "reference", "available_backends", "register_backend",
+__all__ = ["STAdapter", "st_adapter", "reference", "available_backends", "backend_status", "register_backend",
            "__version__", *_LAZY]
