@@ -1,7 +1,7 @@
 """The parity grid users can run: ``python -m st_adapter_fast verify``.
 
 CLI: every backend available on the device, against the reference evaluated in float64 on CPU,
-over the case grid of st_adapter_fast.parity (DESIGN.md section 6), for the output and the
+over the case grid of st_adapter_fast.parity (docs/design.md §6), for the output and the
 gradient of x and of every parameter, under THE rule of st_adapter_fast.parity (the tests use
 the same code). Exit status 0 only when every check passes.
 

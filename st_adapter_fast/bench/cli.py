@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when a GPU is visible, else cpu")
     p.add_argument("--shapes", default=None,
-                   help="comma-separated target shapes A,B,C (DESIGN section 5) or 'tiny'; "
+                   help="comma-separated target shapes A,B,C (docs/design.md §5) or 'tiny'; "
                         "default A,B,C on cuda, tiny on cpu")
     p.add_argument("--backends", default=None,
                    help="comma-separated subset of eager,eager-nocudnn,compile,compile-max-autotune,triton,cuda "
