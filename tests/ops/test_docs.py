@@ -12,6 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 DESIGN = ROOT / "docs" / "design.md"
+RESULTS = ROOT / "benchmarks" / "results"
 SUFFIXES = {".py", ".md", ".sh", ".cu", ".cuh", ".cpp", ".txt", ".json"}
 SKIP_DIRS = {"build", "dist", "node_modules", "__pycache__"}
 REFERENCE = re.compile(r"docs/design\.md §(\d+)")
@@ -68,7 +69,8 @@ def test_design_references_resolve():
                 refs += [int(n) for n in re.findall(r"§(\d+)", line)]
             found += len(refs)
             broken += [f"{rel}:{lineno}: §{n}" for n in refs if n not in sections]
-            if STALE.search(line) and path != Path(__file__):
+            # committed GPU results are records of a run: they keep the wording of their day
+            if STALE.search(line) and path != Path(__file__) and RESULTS not in path.parents:
                 stale.append(f"{rel}:{lineno}: {line.strip()}")
     assert not broken, "references to sections docs/design.md does not have:\n" + "\n".join(broken)
     assert not stale, "references to the design notes by an old name (use docs/design.md §N):\n" + "\n".join(stale)
