@@ -44,10 +44,12 @@ def _interpreter_problem(common) -> Optional[str]:
         return (f"CPU tensors run the Triton kernels only in the Triton interpreter, and {_WHEN}; "
                 "triton is already imported here without it (st_adapter_fast imports triton at the first "
                 "Triton-backend call), so restart with TRITON_INTERPRET=1 in the environment")
-    from triton.runtime.jit import JITFunction
     import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
 
-    if isinstance(getattr(tl.standard, "cdiv", None), JITFunction):
+    helper = getattr(tl.standard, "cdiv", None)  # one of triton's own @jit functions
+    if isinstance(helper, JITFunction) and not isinstance(helper, InterpretedFunction):
         return (f"TRITON_INTERPRET=1 was set after triton had been imported; {_WHEN} (triton decorates "
                 "its own functions at import), so restart with TRITON_INTERPRET=1 in the environment")
     return None
