@@ -60,8 +60,8 @@ def adapter_layouts(cfg: VitConfig):
     return [("0", False, False), (f"{n}x{ca} pre-MLP", False, True), (f"{2 * n}x{ca} pre-attn+pre-MLP", True, True)]
 
 
-# "builtin" named the benchmark's second copy of the ViT, gone since one CLIP ViT serves every
-# user (issue 11); the name is still accepted so older command lines keep working.
+# "builtin" named a second copy of the ViT that this module used to carry; the package now has
+# one CLIP ViT, and the name is still accepted so older command lines keep working.
 BUILDERS = ("library", "builtin")
 
 
