@@ -574,3 +574,23 @@ def test_preserved_state_and_perturb_adapters():
     _assert_unchanged(model, before)
     perturb_adapters(adapters, seed=4)
     assert not all(torch.equal(a, p) for a, p in zip(first, (p for m in adapters for p in m.parameters())))
+
+
+def test_readme_verify_model_cpu_example_runs():
+    """README's delimited CPU example, as a new user runs it: a fresh process without
+    TRITON_INTERPRET (the snippet sets it), in a scratch directory."""
+    import re
+    import tempfile
+
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    block = re.search(r"<!-- verify_model CPU example: begin.*?-->\s*```python\n(.*?)```\s*"
+                      r"<!-- verify_model CPU example: end -->", readme, re.S)
+    assert block, "README.md lost its delimited verify_model CPU example"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path even on a GPU machine
+    with tempfile.TemporaryDirectory() as scratch:
+        proc = subprocess.run([sys.executable, "-c", block.group(1)], cwd=scratch, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "verify_model PASSED" in proc.stdout and "perturbed adapter weights" in proc.stdout
+    assert "triton->triton" in proc.stdout
