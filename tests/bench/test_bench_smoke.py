@@ -299,7 +299,7 @@ def test_pytest_benchmark_suites_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     benches = json.loads(report.read_text())["benchmarks"]
     names = {b["name"].split("[")[0] for b in benches}
-    assert {"test_target_shape", "test_sweep_frames", "test_sweep_tokens", "test_memory", "test_train_step"} <= names
+    assert {"test_target_shape", "test_sweep", "test_memory", "test_train_step"} <= names
     for b in benches:
         info = b["extra_info"]
         assert b["stats"]["min"] > 0 and info["device"]
