@@ -21,7 +21,7 @@ from .core import COMPILE_MODES, fmt_bytes, roofline_floor_ms
 
 SCHEMA_VERSION = 1
 
-# DESIGN.md section 5 targets (bf16, H100), quoted in the report's headline.
+# docs/design.md §5 targets (bf16, H100), quoted in the report's headline.
 TARGETS = {"fwd_ms": 0.06, "fwd_bwd_ms": 0.26, "saved_beyond_x_bytes": 1e6, "e2e_12_train_ms": 39.5,
            "cuda_vs_triton": 1.1}
 
@@ -177,7 +177,7 @@ def render_markdown(results: dict) -> str:
             suites.append(r["suite"])
     for suite in suites:
         rows = [r for r in op_rows if r["suite"] == suite]
-        title = {"target": "Op level: target shapes (DESIGN section 5)", "sweep-T": "Sweep over T (B*T constant)",
+        title = {"target": "Op level: target shapes (docs/design.md §5)", "sweep-T": "Sweep over T (B*T constant)",
                  "sweep-tokens": "Sweep over token count (B at T = 8)"}.get(suite, suite)
         lines += [f"## {title}", ""]
         shapes = {}
@@ -259,7 +259,7 @@ def render_markdown(results: dict) -> str:
 
 
 def _headline(results: dict) -> List[str]:
-    """Shape A and the 12-adapter model against the DESIGN section 5 targets."""
+    """Shape A and the 12-adapter model against the docs/design.md §5 targets."""
     ops = {(r["provider"], r["mode"]): r for r in results.get("op", [])
            if r.get("suite") == "target" and r.get("shape_name") == "A" and r.get("status") == "ok"}
     mem = {r["provider"]: r for r in results.get("memory", []) if r.get("shape_name") == "A" and r.get("status") == "ok"}
@@ -271,7 +271,7 @@ def _headline(results: dict) -> List[str]:
     def verdict(value, target):
         return "-" if value is None else ("met" if value <= target else "missed")
 
-    lines = ["## Headline: shape A and the 12-adapter ViT-B/16 against the DESIGN targets", "",
+    lines = ["## Headline: shape A and the 12-adapter ViT-B/16 against the targets of docs/design.md §5", "",
              "| backend | fwd ms (<= 0.06) | fwd+bwd ms (<= 0.26) | saved beyond x (<= 1 MB) | "
              "12-adapter train step ms (<= 39.5) | vs eager fwd / fwd+bwd |", "|---|---|---|---|---|---|"]
     for p in ["eager", *fused]:
