@@ -17,7 +17,8 @@ from st_adapter_fast.models.checkpoint import load_adapters, load_official_check
 from st_adapter_fast.models.inject import inject_st_adapters, iter_st_adapters, remove_st_adapters, using_num_frames
 from st_adapter_fast.models.video import VideoClassifier
 
-from test_inject import adapter_ref, frames, randomize_adapters
+from helpers import fused_device
+from test_inject import adapter_ref, frames, randomize_adapters, requires_fused
 
 pytestmark = pytest.mark.integration
 
@@ -151,3 +152,23 @@ def test_self_check_catches_a_changed_block_forward(monkeypatch):
     remove_st_adapters(visual)
     inject_st_adapters(visual, adapter_channels=8, backend="reference", verbose=False)
     assert len(list(iter_st_adapters(visual))) == 2
+
+
+@requires_fused
+def test_triton_backend_matches_reference_in_sequence_first_blocks():
+    """The adapters see x.transpose(0, 1) of the (L, N, C) stream: a non-contiguous input."""
+    device = fused_device()
+    x = frames(1, 2).to(device)
+    outs, grads = {}, {}
+    for backend in ("reference", "triton"):
+        visual = tiny_visual().to(device)
+        inject_st_adapters(visual, adapter_channels=8, block_indices=[0], backend=backend, verbose=False)
+        randomize_adapters(visual)
+        with using_num_frames(visual, 2):
+            out = transformer_output(visual, x)
+        out.square().sum().backward()
+        outs[backend] = out.detach()
+        grads[backend] = [p.grad for _, a in iter_st_adapters(visual) for p in a.parameters()]
+    torch.testing.assert_close(outs["triton"], outs["reference"], rtol=1e-4, atol=1e-5)
+    for fused, ref in zip(grads["triton"], grads["reference"]):
+        torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
