@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import requires_cuda
 from st_adapter_fast.bench import core
 from st_adapter_fast.bench import cli as bench
 
 ROOT = Path(__file__).resolve().parents[2]
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 try:
     import matplotlib  # noqa: F401  (plots are checked only where it is installed)
 
