@@ -13,8 +13,9 @@ On a machine without a GPU (VERDICT_DEVICE=cpu, the dry run in CI) the same stag
 tiny stand-ins core.TINY_TARGETS with the Triton interpreter: the numbers mean nothing, the
 plumbing is what is checked.
 
-Test hook: VERDICT_INJECT="smoke=raise,sweep=hang" makes a stage fail or hang at its start, so
-tests can check that a failed or cut-short stage is reported as such.
+Test hook: VERDICT_INJECT="smoke=raise,sweep=hang,env=hang-after" makes a stage raise or hang at
+its start, or hang after writing its rows, so tests can check that a crashed or cut-short stage
+is reported as such, with what it finished.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from typing import Callable, Dict, List, Optional
 
 STAGES = ("env", "smoke", "headline", "parity", "sweep", "rest")
 FUSED = ("triton", "cuda")
+# The reason a cuda row gives while the background build runs; such rows are retried by `rest`.
+BUILD_PENDING = "the CUDA extension's JIT build is still running"
 RESULT_LISTS = ("op", "memory", "e2e", "skipped", "smoke", "parity", "sweep", "aux", "notes", "plots")
 # The rest stage leaves this much of its time to the e2e step when it starts max-autotune,
 # whose autotuning can take minutes (it compiles and times every mm template).
@@ -94,7 +97,9 @@ class Results:
 
 def _row_label(bucket: str, row: dict) -> str:
     parts = [row.get(k) for k in ("stage", "suite", "shape_name", "kernel", "provider", "mode", "config")]
-    return f"{bucket} " + " ".join(str(p) for p in parts if p)
+    if "candidate" in row:
+        parts.append(f"candidate #{row['candidate']}")
+    return f"{bucket} " + " ".join(str(p) for p in parts if p and not isinstance(p, dict))
 
 
 @dataclasses.dataclass
@@ -263,7 +268,7 @@ def _cuda_not_ready(ctx: Context, wait_s: float) -> Optional[str]:
     while not status_file.is_file() and time.time() < end:
         time.sleep(1.0)
     if not status_file.is_file():
-        return f"the CUDA extension's JIT build is still running (waited {wait_s:.0f} s)"
+        return f"{BUILD_PENDING} (waited {max(wait_s, 0):.0f} s)"
     status = json.loads(status_file.read_text())
     return None if status.get("ready") else f"CUDA extension unavailable: {status.get('error')}"
 
@@ -278,9 +283,11 @@ def _case_of(shape):
                 adapter_channels=shape.Ca, kernel=(shape.kt, 1, 1))
 
 
-def stage_smoke(ctx: Context) -> None:
+def stage_smoke(ctx: Context, backends=FUSED) -> None:
     """Each fused backend on shape A in bf16, fwd+bwd, against the float64 reference under THE
-    parity rule (st_adapter_fast/parity.py); one PASS / FAIL / NOT RUN line each."""
+    parity rule (st_adapter_fast/parity.py); one PASS / FAIL / NOT RUN line each. On a GPU a
+    backend that cannot run FAILs, except cuda while its build is still running (NOT RUN; the
+    rest stage retries it)."""
     import torch
 
     from st_adapter_fast.parity import compare, make_inputs, run
@@ -291,7 +298,7 @@ def stage_smoke(ctx: Context) -> None:
     inputs = make_inputs(case, seed=0)
     ref64 = run(case, inputs, "reference", torch.float64, ctx.device)  # float64 on the GPU: fast, same oracle
     eager = run(case, inputs, "reference", torch.bfloat16, ctx.device)
-    for backend in FUSED:
+    for backend in backends:
         def unavailable(backend=backend):
             if backend == "cuda" and not ctx.cpu:
                 reason = _cuda_not_ready(ctx, ctx.left() - 25)
@@ -311,10 +318,28 @@ def stage_smoke(ctx: Context) -> None:
         row = ctx.task("smoke", {"backend": backend, "case": case.label(), "dtype": "bfloat16"}, measure,
                        unavailable=unavailable, cap_s=90)
         if row["status"] != "ok":
-            # on a GPU machine both backends are expected to run: anything else fails the smoke
-            row["verdict"] = "NOT RUN" if ctx.cpu else "FAIL"
+            pending = str(row.get("reason", "")).startswith(BUILD_PENDING)
+            row["verdict"] = "NOT RUN" if ctx.cpu or pending else "FAIL"
             ctx.results.save()
         print(f"smoke {backend}: {row['verdict']} ({row.get('worst') or row.get('reason')})", flush=True)
+
+
+def _catch_up_cuda(ctx: Context) -> None:
+    """Smoke and shape A rows of cuda that earlier stages skipped while its build was running."""
+    if ctx.cpu or _cuda_not_ready(ctx, 0) is not None:
+        return
+    data = ctx.results.data
+    if any(r.get("backend") == "cuda" and r.get("verdict") == "NOT RUN" for r in data["smoke"]) and \
+            not any(r.get("backend") == "cuda" and r.get("verdict") in ("PASS", "FAIL") for r in data["smoke"]):
+        stage_smoke(ctx, backends=("cuda",))
+    shape = _shapes(ctx)["A"]
+    pending = lambda r: r.get("provider") == "cuda" and str(r.get("reason", "")).startswith(BUILD_PENDING)  # noqa: E731
+    for r in [r for r in data["op"] if pending(r) and r.get("shape_name") == shape.name]:
+        if not any(o.get("provider") == "cuda" and o.get("mode") == r["mode"] and o.get("shape_name") == shape.name
+                   and o.get("status") == "ok" for o in data["op"]):
+            _op_task(ctx, "target", shape, "cuda", r["mode"], quick=False, cap_s=60)
+    if any(pending(r) for r in data["memory"]):
+        _memory_task(ctx, shape, "cuda")
 
 
 # ------------------------------------------------------------------------------ headline
@@ -403,7 +428,17 @@ def stage_parity(ctx: Context) -> None:
     started = time.time()
     cut_short = False
     with open(log_path, "w") as log:
+        # its own session, so the SIGINT below reaches the xdist workers too; and if the script's
+        # timeout ends this process first, take pytest down with it (it must not hold the GPU
+        # through the next stage)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+        def on_term(signum, frame):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            sys.exit(124)
+
+        signal.signal(signal.SIGTERM, on_term)
         try:
             rc = proc.wait(timeout=budget)
         except subprocess.TimeoutExpired:
@@ -451,7 +486,8 @@ def parity_verdict(row: dict) -> str:
     bad = c.get("failed", 0) + c.get("error", 0)
     text = ", ".join(f"{n} {k}" for k, n in sorted(c.items())) or "no test finished"
     verdict = "FAIL" if bad else ("PASS" if c.get("passed") and not row.get("cut_short") else
-                                  "INCOMPLETE" if row.get("cut_short") else "NOTHING RAN")
+                                  "INCOMPLETE" if row.get("cut_short") else
+                                  "ALL SKIPPED" if c.get("skipped") else "NOTHING RAN")
     if row.get("cut_short"):
         text += f"; cut short after {row.get('seconds')} s with {done} of {row.get('selected', '?')} finished"
     elif row.get("rc") not in (0, 5) and not bad:
@@ -470,6 +506,7 @@ def stage_rest(ctx: Context) -> None:
     from . import e2e as e2e_mod
 
     shapes = _shapes(ctx)
+    _catch_up_cuda(ctx)
     for name in ("B", "C"):
         for provider in ("eager", "triton", "eager-nocudnn", "cuda"):
             for mode in core.MODES:
@@ -546,23 +583,33 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         results.data["meta"] = report.collect_meta(args.device, [], _dtype(ctx))
     injected = _injected(args.stage)
-    if injected == "hang":
-        ctx.log("VERDICT_INJECT: hanging until the script's timeout")
-        time.sleep(10 ** 6)
-    if injected == "raise":
-        raise RuntimeError(f"VERDICT_INJECT: stage {args.stage} raised on purpose")
-    if args.device == "cuda":
-        import torch
+    try:
+        if injected == "hang":
+            ctx.log("VERDICT_INJECT: hanging until the script's timeout")
+            time.sleep(10 ** 6)
+        if injected == "raise":
+            raise RuntimeError(f"VERDICT_INJECT: stage {args.stage} raised on purpose")
+        if args.device == "cuda":
+            import torch
 
-        if not torch.cuda.is_available():
-            print(f"[{args.stage}] VERDICT_DEVICE=cuda but torch sees no CUDA device", file=sys.stderr)
-            return 2
-    STAGE_FUNCS[args.stage](ctx)
+            if not torch.cuda.is_available():
+                print(f"[{args.stage}] VERDICT_DEVICE=cuda but torch sees no CUDA device", file=sys.stderr)
+                return 2
+        STAGE_FUNCS[args.stage](ctx)
+    except Exception as err:  # the stage's own code broke: say so in the report, exit 3
+        traceback.print_exc()
+        results.data["notes"].append(f"stage {args.stage} crashed: {type(err).__name__}: {str(err)[:300]}")
+        if args.stage != "cuda-build":
+            verdict_report.write(results, args.work, final=False, running=args.stage)
+        return 3
     if args.stage == "cuda-build":
         return 0
     rows = [r for bucket in ("op", "memory", "e2e", "smoke", "sweep", "aux")
             for r in results.data[bucket] if isinstance(r, dict) and r.get("stage") == args.stage]
     verdict_report.write(results, args.work, final=False, running=args.stage)
+    if injected == "hang-after":
+        ctx.log("VERDICT_INJECT: rows written; hanging until the script's timeout")
+        time.sleep(10 ** 6)
     return 1 if any(r.get("status") in ("error", "timeout") for r in rows) else 0
 
 

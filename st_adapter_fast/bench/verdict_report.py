@@ -17,7 +17,8 @@ from typing import Dict, List, Optional
 from .report import TARGETS, add_derived, render_roofline, render_tables, versions_line, write_json
 
 HEADLINE_PROVIDERS = ("eager", "eager-nocudnn", "compile", "compile-max-autotune", "triton", "cuda")
-EXIT_STATUS = {0: "ok", 1: "finished with errors", 2: "refused to run", 124: "cut short (time limit)",
+EXIT_STATUS = {0: "ok", 1: "finished with errors", 2: "refused to run", 3: "crashed (see notes)",
+               124: "cut short (time limit)",
                137: "cut short (killed)", 143: "cut short (terminated)", 130: "interrupted"}
 
 
@@ -102,9 +103,9 @@ def headline(data: dict) -> List[str]:
            if r.get("suite") == "target" and r.get("shape_name") == a and r.get("status") == "ok"}
     mem = {r["provider"]: r for r in data.get("memory", []) if r.get("shape_name") == a and r.get("status") == "ok"}
     shape = next((r["shape"] for r in data.get("op", []) if r.get("shape_name") == a and "shape" in r), None)
-    dims = (f"B{shape['B']} T{shape['T']} L{shape['L']} C{shape['C']} Ca{shape['Ca']} kt{shape['kt']}" if shape else "")
+    dims = (f"B{shape['B']} T{shape['T']} L{shape['L']} C{shape['C']} Ca{shape['Ca']} kt{shape['kt']}, " if shape else "")
     dtype = (data.get("meta") or {}).get("dtype", "?")
-    lines = [f"## Headline: shape {a} ({dims}, {dtype}) against the targets (docs/design.md §5)", ""]
+    lines = [f"## Headline: shape {a} ({dims}{dtype}) against the targets (docs/design.md §5)", ""]
     if data.get("device_type") == "cpu":
         lines += ["> CPU dry run: tiny stand-in shapes, Triton interpreter, torch.compile through aot_eager. "
                   "These numbers check the verdict's plumbing and say nothing about the kernels.", ""]
@@ -215,6 +216,9 @@ def render(data: dict, *, final: bool) -> str:
         lines += [versions_line(m), ""]
     if not final:
         lines += [f"> Partial report written {now} while the verdict was still running.", ""]
+    notes = [n for n in data.get("notes", []) if isinstance(n, str)]
+    if notes:
+        lines += [f"> {n}" for n in notes] + [""]
     lines += headline(data)
 
     lines += ["## Stages (priority order; each under its own time limit)", "",
