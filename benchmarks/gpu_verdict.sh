@@ -159,6 +159,14 @@ if [ "$SETUP_RC" != 0 ]; then
     pack_logs; rm -rf "$WORK"; exit 1
 fi
 
+if [ "$DEVICE" = cuda ] && ! grep -q "| cuda True" "$WORK/setup.log"; then
+    # nothing can be measured: keep the window's time, report what env sees (nvidia-smi, versions)
+    log "torch sees no CUDA device: running env and the report only"
+    echo "This is a GPU run but torch.cuda.is_available() is False: only env ran." >"$WORK/no_cuda.txt"
+    ONLY=",env,"
+    NO_CUDA=1
+fi
+
 # ------------------------------------------------------------------------------ stages
 BUILD_PID=""
 if selected env || selected smoke || selected headline || selected parity || selected rest; then
@@ -199,5 +207,6 @@ FILES=$(find "$OUT" -type f | wc -l)
 log "done in $(elapsed)s: $FILES files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 # the headline section, for a caller that sees only the end of the output
 awk '/^## Headline/{f=1} f && /^## Stages/{exit} f' "$OUT/report.md" 2>/dev/null
+if [ -n "${NO_CUDA:-}" ]; then log "no CUDA device: nothing measured"; exit 1; fi
 if [ -n "$FAILED_STAGES" ]; then log "stages not clean: $FAILED_STAGES(see report.md)"; exit 1; fi
 exit 0

@@ -217,6 +217,8 @@ def render(data: dict, *, final: bool) -> str:
     if not final:
         lines += [f"> Partial report written {now} while the verdict was still running.", ""]
     notes = [n for n in data.get("notes", []) if isinstance(n, str)]
+    if (data.get("env") or {}).get("cuda_available") is False and data.get("device_type") == "cuda":
+        notes.insert(0, "GPU run, but torch.cuda.is_available() is False: nothing was measured (see Environment).")
     if notes:
         lines += [f"> {n}" for n in notes] + [""]
     lines += headline(data)

@@ -216,3 +216,26 @@ def test_time_limit_interrupts_a_stuck_measurement():
         with verdict.time_limit(0.2):
             time.sleep(5)
     assert time.perf_counter() - started < 4
+
+
+def test_rest_retries_the_cuda_rows_its_build_delayed(tmp_path, monkeypatch):
+    """On a GPU, cuda rows skipped while the background build ran are run again once it is
+    ready; rows that ran (or failed for another reason) are not. The GPU calls are stubbed."""
+    results = verdict.Results(tmp_path, "cuda")
+    pending = verdict.BUILD_PENDING + " (waited 0 s)"
+    results.data["smoke"] = [{"backend": "triton", "verdict": "PASS"}, {"backend": "cuda", "verdict": "NOT RUN", "reason": pending}]
+    results.data["op"] = [{"provider": "cuda", "mode": "fwd", "shape_name": "A", "status": "skipped", "reason": pending},
+                          {"provider": "cuda", "mode": "fwd+bwd", "shape_name": "A", "status": "ok", "time_ms": 0.3},
+                          {"provider": "triton", "mode": "fwd", "shape_name": "A", "status": "skipped", "reason": pending}]
+    results.data["memory"] = [{"provider": "cuda", "shape_name": "A", "status": "skipped", "reason": pending}]
+    ctx = verdict.Context("rest", "cuda", tmp_path, tmp_path, ROOT, time.time() + 60, results)
+    calls = []
+    monkeypatch.setattr(verdict, "stage_smoke", lambda ctx, backends: calls.append(("smoke", backends)))
+    monkeypatch.setattr(verdict, "_op_task", lambda ctx, suite, shape, provider, mode, **kw: calls.append(("op", provider, mode)))
+    monkeypatch.setattr(verdict, "_memory_task", lambda ctx, shape, provider: calls.append(("memory", provider)))
+    monkeypatch.setattr(verdict, "_cuda_not_ready", lambda ctx, wait_s: "still building")
+    verdict._catch_up_cuda(ctx)
+    assert calls == []  # the build is not ready: nothing to retry yet
+    monkeypatch.setattr(verdict, "_cuda_not_ready", lambda ctx, wait_s: None)
+    verdict._catch_up_cuda(ctx)
+    assert calls == [("smoke", ("cuda",)), ("op", "cuda", "fwd"), ("memory", "cuda")]
