@@ -173,6 +173,11 @@ def _setup_device(device: str) -> None:
 
     if device == "cpu":
         core.COMPILE_BACKEND = "aot_eager"
+        import torch
+
+        # a 2-core box shared with other jobs: two intra-op threads made tiny eager ops take
+        # 100 ms instead of 0.2 ms (a thread waiting for a core); one keeps the dry run steady
+        torch.set_num_threads(1)
 
 
 def _shapes(ctx: Context) -> Dict[str, "object"]:
