@@ -37,6 +37,9 @@ from typing import Callable, Dict, List, Optional
 
 STAGES = ("env", "smoke", "headline", "parity", "sweep", "rest")
 FUSED = ("triton", "cuda")
+# Errors after which the process's CUDA context is unusable (every later call fails with them).
+STICKY_CUDA_ERRORS = ("illegal memory access", "illegal instruction", "unspecified launch failure",
+                      "misaligned address", "device-side assert")
 # The reason a cuda row gives while the background build runs; such rows are retried by `rest`.
 BUILD_PENDING = "the CUDA extension's JIT build is still running"
 RESULT_LISTS = ("op", "memory", "e2e", "skipped", "smoke", "parity", "sweep", "aux", "notes", "plots")
@@ -113,6 +116,9 @@ class Context:
     repo: Path
     deadline: float  # time.time() by which the stage must be done
     results: Results
+    # set by a sticky CUDA error (an illegal address): every later launch in this process fails
+    # too, so the stage's remaining rows are skipped and the next stage starts a fresh process
+    poisoned: Optional[str] = None
 
     @property
     def cpu(self) -> bool:
@@ -133,7 +139,11 @@ class Context:
         left = self.left() - 1.0  # a second to write the row
         started = time.time()
         try:
-            reason = unavailable() if unavailable is not None else None
+            reason = None
+            if self.poisoned:
+                reason = f"not run: an earlier CUDA error in this stage's process ({self.poisoned[:120]})"
+            if reason is None and unavailable is not None:
+                reason = unavailable()
             if reason is None and left < max(needs_s, 1.0):
                 reason = f"not started: {max(left, 0):.0f} s left in the stage, this needs ~{needs_s:.0f} s"
             if reason is not None:
@@ -148,6 +158,8 @@ class Context:
             first = str(err).splitlines()[0][:300] if str(err) else ""
             row.update(status="error", reason=f"{type(err).__name__}: {first}",
                        traceback=traceback.format_exc(limit=6))
+            if any(sticky in str(err) for sticky in STICKY_CUDA_ERRORS):
+                self.poisoned = row["reason"]
             _recover(self.device)
         row["seconds"] = round(time.time() - started, 2)
         self.log(f"{_row_label(bucket, dict(row, stage=None))}: {row['status']}"

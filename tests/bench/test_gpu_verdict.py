@@ -239,3 +239,20 @@ def test_rest_retries_the_cuda_rows_its_build_delayed(tmp_path, monkeypatch):
     monkeypatch.setattr(verdict, "_cuda_not_ready", lambda ctx, wait_s: None)
     verdict._catch_up_cuda(ctx)
     assert calls == [("smoke", ("cuda",)), ("op", "cuda", "fwd"), ("memory", "cuda")]
+
+
+def test_a_sticky_cuda_error_skips_the_rest_of_the_stage(tmp_path):
+    results = verdict.Results(tmp_path, "cpu")
+    ctx = verdict.Context("sweep", "cpu", tmp_path, tmp_path, ROOT, time.time() + 60, results)
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    first = ctx.task("sweep", {"kernel": "down_conv", "candidate": 3}, broken)
+    second = ctx.task("sweep", {"kernel": "down_conv", "candidate": 4}, lambda: {"time_ms": 1.0})
+    assert first["status"] == "error" and "illegal memory access" in first["reason"]
+    assert second["status"] == "skipped" and "earlier CUDA error" in second["reason"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["status"] for r in saved["sweep"]] == ["error", "skipped"]
+    ok = verdict.Context("sweep", "cpu", tmp_path, tmp_path, ROOT, time.time() + 60, results)
+    assert ok.task("sweep", {"kernel": "wgrad", "candidate": 0}, lambda: {"time_ms": 1.0})["status"] == "ok"
