@@ -164,7 +164,7 @@ def smoke_summary(data: dict) -> str:
 
 
 def parity_summary(data: dict) -> str:
-    from .verdict import parity_verdict
+    from .verdict_parity import parity_verdict
 
     rows = data.get("parity", [])
     return parity_verdict(rows[-1]) if rows else "not run"

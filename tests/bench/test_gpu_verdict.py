@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from st_adapter_fast.bench import verdict
+from st_adapter_fast.bench import verdict, verdict_parity
 from st_adapter_fast.bench.verdict_sweep import SWEEP_NOISE, pick_tuned
 from st_adapter_fast.kernels import tuning
 
@@ -171,16 +171,16 @@ def test_parse_pytest_log_reads_serial_and_xdist_outcomes():
               "tests/cuda/test_b.py::test_z FAILED                  [ 30%]\n"
               "FAILED tests/cuda/test_b.py::test_z - AssertionError: out err 1e-1 > bound\n"
               "==== 1 failed, 1 passed, 1 skipped in 3.00s ====\n")
-    row = verdict.parse_pytest_log(serial)
+    row = verdict_parity.parse_pytest_log(serial)
     assert row["selected"] == 10 and row["counts"] == {"passed": 1, "skipped": 1, "failed": 1}
     assert row["failures"] == ["FAILED tests/cuda/test_b.py::test_z - AssertionError: out err 1e-1 > bound"]
-    assert verdict.parity_verdict(dict(row, rc=1)).startswith("FAIL (1 failed, 1 passed, 1 skipped")
+    assert verdict_parity.parity_verdict(dict(row, rc=1)).startswith("FAIL (1 failed, 1 passed, 1 skipped")
     xdist = ("8 workers [3 items]\n"
              "[gw0] [ 33%] PASSED tests/ops/test_a.py::test_x[1] \n"
              "[gw1] [ 66%] PASSED tests/ops/test_a.py::test_x[2] \n")
-    row = verdict.parse_pytest_log(xdist)
+    row = verdict_parity.parse_pytest_log(xdist)
     assert row["selected"] == 3 and row["counts"] == {"passed": 2}
-    cut = verdict.parity_verdict(dict(row, rc=2, cut_short=True, seconds=70))
+    cut = verdict_parity.parity_verdict(dict(row, rc=2, cut_short=True, seconds=70))
     assert cut == "INCOMPLETE (2 passed; cut short after 70 s with 2 of 3 finished)"
 
 
