@@ -1,5 +1,5 @@
 """Op-level suite: forward and forward+backward of one adapter per backend, on the target
-shapes of DESIGN section 5 and sweeps over T and token count.
+shapes of docs/design.md §5 and sweeps over T and token count.
 
 pytest-benchmark's own numbers are wall time of synchronized calls (host dispatch included);
 the CUDA-event device time (L2 flushed), compile time, FLOPs, minimum bytes and roofline

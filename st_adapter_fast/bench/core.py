@@ -4,7 +4,7 @@ pytest-benchmark suites in benchmarks/: shapes, providers, GPU timing, memory, r
 Providers are the ways to run one adapter:
   eager                 the reference (plain PyTorch, what the official module runs), cuDNN on
   eager-nocudnn         the same under torch.backends.cudnn.flags(enabled=False): the native
-                        depthwise conv3d the official config meant to use (DESIGN section 1)
+                        depthwise conv3d the official config meant to use (docs/design.md §1)
   compile               torch.compile(reference), default mode
   compile-max-autotune  torch.compile(reference, mode="max-autotune")
   triton, cuda          the fused backends of st_adapter()
@@ -80,7 +80,7 @@ class OpShape:
         return dataclasses.asdict(self)
 
 
-# DESIGN.md section 5: A = ViT-B/16 (12x384), B = ViT-L/14, C = long clip.
+# docs/design.md §5: A = ViT-B/16 (12x384), B = ViT-L/14, C = long clip.
 TARGET_SHAPES = {
     "A": OpShape("A", B=16, T=8, L=197, C=768, Ca=384),
     "B": OpShape("B", B=8, T=8, L=257, C=1024, Ca=512),
@@ -130,7 +130,7 @@ def sweep_shapes(tiny: bool) -> Dict[str, List[OpShape]]:
 # ---------------------------------------------------------------------------------- roofline
 def op_flops(shape: OpShape, mode: str) -> int:
     """Minimum FLOPs: fwd = fc1 + conv + fc2 (2*N*C*Ca each GEMM, 2*N*Ca*kt the stencil);
-    fwd+bwd adds dg = dy Wu, dWu, dWd, dx (four GEMMs) and the conv's two (DESIGN section 2).
+    fwd+bwd adds dg = dy Wu, dWu, dWd, dx (four GEMMs) and the conv's two (docs/design.md §2).
     Recompute of h and g is not counted: the floor is the work no implementation can avoid."""
     n, c, ca, kt = shape.tokens, shape.C, shape.Ca, shape.kt
     gemm = 2 * n * c * ca
@@ -550,7 +550,7 @@ def measure_memory(provider: str, shape: OpShape, device: str, dtype: torch.dtyp
 
 
 def dtype_for(device: str, name: Optional[str] = None) -> torch.dtype:
-    """bf16 on GPU (DESIGN section 5); fp32 on CPU, where bf16 GEMMs are emulated and slow."""
+    """bf16 on GPU (docs/design.md §5); fp32 on CPU, where bf16 GEMMs are emulated and slow."""
     if name:
         table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                  "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}

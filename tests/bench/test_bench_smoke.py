@@ -40,11 +40,11 @@ def _rel(a, b):
 
 # ------------------------------------------------------------------------------ pure pieces
 def test_roofline_formulas_match_design():
-    """DESIGN section 5: shape A forward is 29.6 GFLOP and 77 MB of unavoidable traffic."""
+    """docs/design.md §5: shape A forward is 29.6 GFLOP and 77 MB of unavoidable traffic."""
     a = core.TARGET_SHAPES["A"]
     assert a.tokens == 16 * 8 * 196
     assert _rel(core.op_flops(a, "fwd"), 29.6e9) < 0.01
-    # 77.5 MB of x read + out written, plus 1.2 MB of weights the DESIGN figure leaves out
+    # 77.5 MB of x read + out written, plus 1.2 MB of weights the design figure (docs/design.md §5) leaves out
     assert _rel(core.op_min_bytes(a, "fwd"), 77e6) < 0.03
     # backward: four more GEMMs of the forward's size, so three times the forward
     assert _rel(core.op_flops(a, "fwd+bwd"), 3 * core.op_flops(a, "fwd")) < 1e-9
@@ -260,7 +260,7 @@ def test_cli_triton_interpreter_tiny(tmp_path, one_thread):
     assert cuda_rows and all(r["status"] == "skipped" and r["reason"] for r in cuda_rows)
     assert any(s["what"] == "cuda" for s in results["skipped"])
     (mem,) = _ok(results["memory"], provider="triton")
-    # the fused op saves x and the parameters only (DESIGN section 5 target: <= 1 MB beyond x)
+    # the fused op saves x and the parameters only (docs/design.md §5 target: <= 1 MB beyond x)
     assert mem["saves_x"] and mem["saved_beyond_x_bytes"] <= 1_000_000
 
 
