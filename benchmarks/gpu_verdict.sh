@@ -56,7 +56,7 @@ log() { echo "[verdict $(elapsed)s] $*"; }
 
 # ------------------------------------------------------------------------------------ plan
 STAGES=(setup env smoke headline parity sweep rest report)
-declare -A LIMIT=([setup]=30 [env]=15 [smoke]=45 [headline]=50 [parity]=80 [sweep]=100 [rest]=85 [report]=15)
+declare -A LIMIT=([setup]=25 [env]=20 [smoke]=45 [headline]=50 [parity]=80 [sweep]=100 [rest]=85 [report]=15)
 declare -A WHAT=(
     [setup]="package importable from this checkout (editable install or shim)"
     [env]="versions, GPU, clocks; CUDA extension JIT build starts in the background"

@@ -152,7 +152,7 @@ def test_a_crashed_and_a_cut_short_stage_are_reported_with_what_they_finished(tm
                        VERDICT_LIMIT_ENV="25")
     assert run.rc == 1, run.log
     stages, total = _plan(run.stdout)
-    assert [s for s, _ in stages] == ["setup", "env", "smoke", "report"] and total == 30 + 25 + 45 + 15
+    assert [s for s, _ in stages] == ["setup", "env", "smoke", "report"] and total == 25 + 25 + 45 + 15
     files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert {p.name for p in files} == {"report.md", "results.json", "logs.tar.gz"}
     md = (tmp_path / "out" / "report.md").read_text()
