@@ -102,10 +102,30 @@ if skip_reason is not None:
     print(f"st-adapter-fast: skipping the CUDA extension ({skip_reason}); "
           f"backend='cuda' JIT-builds it on first use where a CUDA torch and nvcc exist")
 
+with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+    long_description = readme.read()
+
 setup(
     name="st-adapter-fast",
     version="0.1.0",
     description="Fused Triton and CUDA kernels for ST-Adapter (parameter-efficient video transfer of image ViTs)",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    author="the st-adapter-fast authors",
+    # as the official ST-Adapter code (linziyi96/st-adapter); an SPDX expression, which
+    # setuptools >= 77 prefers to a "License ::" classifier (deprecated there)
+    license="MIT",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Developers",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     packages=["st_adapter_fast", "st_adapter_fast.backends", "st_adapter_fast.models", "st_adapter_fast.bench",
               "st_adapter_fast.kernels"],
     package_dir={"st_adapter_fast": "st_adapter_fast", "st_adapter_fast.kernels": "kernels"},

@@ -6,7 +6,8 @@ Selection through the environment, so the same files serve the GPU run and the C
                              (default: all on a GPU, eager on CPU)
   ST_ADAPTER_BENCH_QUICK=1   shorter timing
   ST_ADAPTER_BENCH_E2E=0     skip the end-to-end model
-  ST_ADAPTER_BENCH_E2E_MODEL builtin (default) | library (clip_vit + inject_st_adapters)
+  ST_ADAPTER_BENCH_E2E_MODEL library (default: clip_vit + inject_st_adapters + VideoClassifier;
+                             "builtin" is an older name for the same model)
 """
 
 import os
@@ -29,5 +30,5 @@ PROVIDERS = ([core.normalize_provider(b) for b in _BACKENDS_ENV.split(",") if b.
 PLAIN_PROVIDERS = [p for p in PROVIDERS if p not in core.COMPILE_MODES]
 QUICK = os.environ.get("ST_ADAPTER_BENCH_QUICK", "0") == "1"
 E2E = os.environ.get("ST_ADAPTER_BENCH_E2E", "1") != "0"
-E2E_MODEL = os.environ.get("ST_ADAPTER_BENCH_E2E_MODEL", "builtin")  # or "library"
+E2E_MODEL = os.environ.get("ST_ADAPTER_BENCH_E2E_MODEL", "library")
 DTYPE = core.dtype_for(DEVICE, os.environ.get("ST_ADAPTER_BENCH_DTYPE") or None)

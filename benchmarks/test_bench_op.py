@@ -50,17 +50,13 @@ def test_target_shape(benchmark, roofline, machine_info, shape, provider, mode):
     _bench_op(benchmark, roofline, machine_info, provider, shape, mode)
 
 
-@pytest.mark.parametrize("mode", core.MODES)
-@pytest.mark.parametrize("provider", PLAIN_PROVIDERS)
-@pytest.mark.parametrize("shape", SWEEPS["sweep-T"], ids=lambda s: s.name)
-def test_sweep_frames(benchmark, roofline, machine_info, shape, provider, mode):
-    benchmark.group = f"sweep-T {mode}"
-    _bench_op(benchmark, roofline, machine_info, provider, shape, mode)
+# the sweeps: one group per (sweep, mode), ids "sweep-T-<shape>", "sweep-tokens-<shape>"
+SWEEP_CASES = [(name, shape) for name in ("sweep-T", "sweep-tokens") for shape in SWEEPS[name]]
 
 
 @pytest.mark.parametrize("mode", core.MODES)
 @pytest.mark.parametrize("provider", PLAIN_PROVIDERS)
-@pytest.mark.parametrize("shape", SWEEPS["sweep-tokens"], ids=lambda s: s.name)
-def test_sweep_tokens(benchmark, roofline, machine_info, shape, provider, mode):
-    benchmark.group = f"sweep-tokens {mode}"
+@pytest.mark.parametrize("sweep, shape", SWEEP_CASES, ids=[f"{n}-{s.name}" for n, s in SWEEP_CASES])
+def test_sweep(benchmark, roofline, machine_info, sweep, shape, provider, mode):
+    benchmark.group = f"{sweep} {mode}"
     _bench_op(benchmark, roofline, machine_info, provider, shape, mode)

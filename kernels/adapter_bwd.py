@@ -1,6 +1,6 @@
 """Fused ST-Adapter backward in Triton, with recompute: only x and the parameters are saved.
 
-Given dO (B*T, L, C) (DESIGN.md section 2):
+Given dO (B*T, L, C) (docs/design.md §2):
 1. recompute g and h with the forward's down-conv kernel (STORE_H): h and g never saved.
 2. adapter_conv_bwd_kernel: dg = dy Wu per frame (dy = dO's spatial rows), the transposed
    temporal conv in the same register window as the forward (dh never needs dg in memory),

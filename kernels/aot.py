@@ -31,7 +31,7 @@ from . import _common, adapter_bwd, adapter_fwd
 # Shared memory a block may use (opt-in maximum): A100 163 KB, H100 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
-# (B, T, L, C, Ca) of DESIGN.md section 5 plus one odd small shape.
+# (B, T, L, C, Ca) of docs/design.md §5 plus one odd small shape.
 TARGET_SHAPES = {
     "A": (16, 8, 197, 768, 384),
     "B": (8, 8, 257, 1024, 512),

@@ -6,9 +6,12 @@
 """
 
 from .reference import reference
-from .backends import available_backends, register_backend
+from .backends import available_backends, backend_status, register_backend
 from .module import STAdapter
 from .ops import st_adapter
+# eager, not lazy: the submodule has the function's name, and importing the submodule would
+# otherwise rebind st_adapter_fast.verify_model to the module (it needs only torch, like the above)
+from .verify_model import verify_model
 
 __version__ = "0.1.0"
 
@@ -26,7 +29,6 @@ _LAZY = {
     "load_adapters": "st_adapter_fast.models.checkpoint",
     "load_official_checkpoint": "st_adapter_fast.models.checkpoint",
     "prepare_mixed_precision": "st_adapter_fast.models.mixed_precision",
-    "verify_model": "st_adapter_fast.verify_model",
 }
 
 
@@ -38,5 +40,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'st_adapter_fast' has no attribute {name!r}")
 
 
-__all__ = ["STAdapter", "st_adapter", "reference", "available_backends", "register_backend",
-           "__version__", *_LAZY]
+__all__ = ["STAdapter", "st_adapter", "reference", "available_backends", "backend_status", "register_backend",
+           "verify_model", "__version__", *_LAZY]

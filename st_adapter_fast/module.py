@@ -27,7 +27,9 @@ class STAdapter(nn.Module):
 
     Parameters match the official ``Adapter`` (fc1, conv, fc2; conv weight, all biases zero at
     init, so a fresh adapter is the identity). ``forward(x, num_frames)``: x (B*T, L, C) ->
-    (B*T, L, C), a new tensor unless ``inplace``.
+    (B*T, L, C), a new tensor unless ``inplace``. ``conv_cudnn=False``: where the reference
+    runs, cuDNN is off around its conv, as the official DWCONV3D_DISABLE_CUDNN means (see
+    st_adapter_fast.reference); an attribute, so it can be switched on a built model.
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class STAdapter(nn.Module):
         *,
         grid_size: Optional[Sequence[int]] = None,
         inplace: bool = False,
+        conv_cudnn: bool = True,
         device=None,
         dtype=None,
     ):
@@ -62,6 +65,7 @@ class STAdapter(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.grid_size = tuple(grid_size) if grid_size is not None else None
         self.inplace = inplace
+        self.conv_cudnn = conv_cudnn
         self.backend = backend
         nn.init.constant_(self.conv.weight, 0.0)
         nn.init.constant_(self.conv.bias, 0.0)
@@ -78,9 +82,10 @@ class STAdapter(nn.Module):
             self.fc1.weight, self.fc1.bias, self.conv.weight, self.conv.bias,
             self.fc2.weight, self.fc2.bias,
             num_prefix_tokens=self.num_prefix_tokens, grid_size=self.grid_size,
-            inplace=self.inplace, backend=self.backend,
+            inplace=self.inplace, backend=self.backend, conv_cudnn=self.conv_cudnn,
         )
 
     def extra_repr(self) -> str:
         return (f"num_prefix_tokens={self.num_prefix_tokens}, kernel_size={self.kernel_size}, "
-                f"backend={self.backend!r}, inplace={self.inplace}")
+                f"backend={self.backend!r}, inplace={self.inplace}"
+                + ("" if self.conv_cudnn else ", conv_cudnn=False"))

@@ -272,6 +272,7 @@ def st_adapter(
     grid_size: Optional[Sequence[int]] = None,
     inplace: bool = False,
     backend: str = "auto",
+    conv_cudnn: bool = True,
 ) -> Tensor:
     """ST-Adapter: ``x[:, P:] + fc2(conv3d(fc1(x[:, P:])))``, prefix tokens passed through.
 
@@ -285,6 +286,9 @@ def st_adapter(
         inplace: write the result into x and return x, like the official module. Autograd
             works as for any in-place op (x must not be a leaf that requires grad).
         backend: "auto" | "reference" | "triton" | "cuda" (see README's backend table).
+        conv_cudnn: where the call runs the reference, False turns cuDNN off around its conv
+            (what the official DWCONV3D_DISABLE_CUDNN means; see reference()). Fused backends
+            never use cuDNN.
 
     Under torch.autocast the parameters are cast to the autocast dtype (their grads stay in
     their own dtype) and the result keeps x's dtype, as the official module's in-place add does.
@@ -301,7 +305,7 @@ def st_adapter(
     name = resolve_backend(backend, x, kernel_size, compute_dtype)
     if name == "reference":
         return reference(x, num_frames, *params, num_prefix_tokens=num_prefix_tokens,
-                         grid_size=grid_size, inplace=inplace)
+                         grid_size=grid_size, inplace=inplace, conv_cudnn=conv_cudnn)
     if x.numel() == 0:
         return x if inplace else x.clone()
     if not inplace:

@@ -213,7 +213,7 @@ DTYPE_MODES: Dict[str, DtypeMode] = {
 
 
 def parity_grid(quick: bool = False) -> List[Case]:
-    """DESIGN.md section 6: T in {1, 2, 8, 17} x kt in {1, 3, 5} x P in {0, 1, 2}, spatial counts
+    """docs/design.md §6: T in {1, 2, 8, 17} x kt in {1, 3, 5} x P in {0, 1, 2}, spatial counts
     not divisible by any block size, C and Ca not powers of two, contiguous and sliced x, with
     and without biases; plus a wide-channel case (several K blocks) and a (3, 3, 3) kernel.
 

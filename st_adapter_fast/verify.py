@@ -1,7 +1,7 @@
 """The parity grid users can run: ``python -m st_adapter_fast verify``.
 
 CLI: every backend available on the device, against the reference evaluated in float64 on CPU,
-over the case grid of st_adapter_fast.parity (DESIGN.md section 6), for the output and the
+over the case grid of st_adapter_fast.parity (docs/design.md §6), for the output and the
 gradient of x and of every parameter, under THE rule of st_adapter_fast.parity (the tests use
 the same code). Exit status 0 only when every check passes.
 
@@ -102,6 +102,11 @@ def _prepare_device(device: Optional[str]) -> Tuple[str, List[str]]:
     return device, notes
 
 
+def _split_list(requested: Sequence[str]) -> List[str]:
+    """Names given as separate words or comma lists ("a b", "a,b"), empty entries dropped."""
+    return [name.strip() for entry in requested for name in entry.split(",") if name.strip()]
+
+
 def _select_backends(requested: Optional[Sequence[str]]) -> List[str]:
     from . import backends as _backends
 
@@ -110,19 +115,15 @@ def _select_backends(requested: Optional[Sequence[str]]) -> List[str]:
         # test-only backends register with auto=False; they run only when named
         return ["reference"] + [n for n in registered[1:] if _backends.get_backend(n).auto]
     names = []
-    for entry in requested:
-        for name in entry.split(","):
-            name = name.strip()
-            if not name:
-                continue
-            if name == "auto":
-                raise _UsageError("--backends auto: name the backends to check (auto picks one of them "
-                                  f"per call); registered: {', '.join(registered)}")
-            if name not in registered:
-                raise _UsageError(f"--backends: unknown backend {name!r}; registered backends: "
-                                  f"{', '.join(registered)}")
-            if name not in names:
-                names.append(name)
+    for name in _split_list(requested):
+        if name == "auto":
+            raise _UsageError("--backends auto: name the backends to check (auto picks one of them "
+                              f"per call); registered: {', '.join(registered)}")
+        if name not in registered:
+            raise _UsageError(f"--backends: unknown backend {name!r}; registered backends: "
+                              f"{', '.join(registered)}")
+        if name not in names:
+            names.append(name)
     return names
 
 
@@ -132,17 +133,13 @@ def _select_modes(requested: Optional[Sequence[str]]):
     if requested is None:
         return [DTYPE_MODES[n] for n in DEFAULT_DTYPES]
     modes = []
-    for entry in requested:
-        for name in entry.split(","):
-            name = name.strip()
-            if not name:
-                continue
-            key = _DTYPE_ALIASES.get(name.lower())
-            if key is None:
-                raise _UsageError(f"--dtypes: unknown dtype {name!r}; expected some of "
-                                  f"{', '.join(DEFAULT_DTYPES)}")
-            if DTYPE_MODES[key] not in modes:
-                modes.append(DTYPE_MODES[key])
+    for name in _split_list(requested):
+        key = _DTYPE_ALIASES.get(name.lower())
+        if key is None:
+            raise _UsageError(f"--dtypes: unknown dtype {name!r}; expected some of "
+                              f"{', '.join(DEFAULT_DTYPES)}")
+        if DTYPE_MODES[key] not in modes:
+            modes.append(DTYPE_MODES[key])
     return modes
 
 

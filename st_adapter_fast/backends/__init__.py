@@ -18,7 +18,8 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-__all__ = ["Backend", "register_backend", "get_backend", "available_backends", "FUSED_DTYPES"]
+__all__ = ["Backend", "BackendStatus", "register_backend", "get_backend", "available_backends", "backend_status",
+           "FUSED_DTYPES"]
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -60,9 +61,56 @@ def get_backend(name: str) -> Backend:
         ) from None
 
 
-def available_backends() -> list:
+def available_backends(device=None) -> list:
+    """Backend names, "reference" first.
+
+    device=None: every registered backend, whether or not it can run here (what ``backend=``
+    accepts). device="cpu" / "cuda" / a torch.device: only those that can run a float32
+    (3, 1, 1) adapter on tensors of that device; :func:`backend_status` says why the others
+    cannot.
+    """
     _ensure_builtin()
-    return ["reference", *_REGISTRY]
+    if device is None:
+        return ["reference", *_REGISTRY]
+    return [s.name for s in backend_status(device) if s.usable]
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    usable: bool  # can run a float32 (3, 1, 1) adapter on tensors of ``device``
+    device: str
+    reason: Optional[str] = None  # why not, when not usable
+
+    def __str__(self) -> str:
+        return f"{self.name}: {'usable' if self.usable else 'not usable'} on {self.device}" + (
+            f" ({self.reason})" if self.reason else "")
+
+
+def backend_status(device=None, *, dtype: torch.dtype = torch.float32,
+                   kernel_size: Sequence[int] = (3, 1, 1)) -> list:
+    """[BackendStatus] for "reference" and every registered backend on ``device`` (default: "cuda"
+    when a GPU is visible, else "cpu"): registered is not the same as usable here.
+
+    Each fused backend answers with the reason it gives an explicit ``backend=`` request, for a
+    probe tensor of ``dtype`` on that device and ``kernel_size``. Asking about "cuda" on a GPU
+    machine may JIT-build the CUDA extension once (as its first call would).
+    """
+    _ensure_builtin()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    probe, no_device = None, None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        no_device = ("no CUDA device here (torch.cuda.is_available() is False"
+                     + (f"; torch {torch.__version__} is a CPU-only build)" if torch.version.cuda is None else ")"))
+    else:
+        probe = torch.zeros(1, 2, 8, device=device, dtype=dtype)  # (B*T, L, C): CLS + one token
+    statuses = [BackendStatus("reference", no_device is None, str(device), no_device)]
+    for name, backend in _REGISTRY.items():
+        reason = no_device if probe is None else backend.unavailable_reason(probe, tuple(kernel_size), dtype)
+        statuses.append(BackendStatus(name, reason is None, str(device), reason))
+    return statuses
 
 
 def _missing(*args):

@@ -1,6 +1,6 @@
 """The CUDA backend: hand-written kernels in csrc/ behind the same fused op as the Triton backend.
 
-Same decomposition as kernels/adapter_fwd.py and kernels/adapter_bwd.py (DESIGN.md section 3):
+Same decomposition as kernels/adapter_fwd.py and kernels/adapter_bwd.py (docs/design.md §3):
 down-conv kernel with a register sliding window over frames, up-residual kernel over all B*T*L
 rows, conv-backward kernel, split-token weight gradients with fp32 partials summed in a fixed
 order (deterministic, no float atomics). fp16/bf16 run on tensor cores (WMMA), fp32 on an IEEE

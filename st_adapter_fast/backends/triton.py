@@ -6,6 +6,8 @@ why a call cannot run here (triton missing, CPU tensor without the interpreter, 
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -27,19 +29,51 @@ def _triton_kernels():
     return adapter_fwd, adapter_bwd, _common
 
 
+# When TRITON_INTERPRET must be set, found by experiment (triton 3.9, CPU): triton.jit decides at
+# decoration time whether a function is interpreted, and triton decorates its own helpers
+# (triton.language.standard) when triton is imported. Setting the flag after `import triton`
+# gives "InterpreterError: Cannot call @triton.jit'd outside of the scope of a kernel" at the
+# first kernel call. `import st_adapter_fast` (and its models) does not import triton; the first
+# Triton-backend call (or backend_status) does. So: before triton is first imported.
+_WHEN = "TRITON_INTERPRET=1 must be set before triton is first imported in the process"
+
+
+def _interpreter_problem(common) -> Optional[str]:
+    """None if the interpreter can run the kernels (CPU tensors), else why not."""
+    if not common.INTERPRET:
+        return (f"CPU tensors run the Triton kernels only in the Triton interpreter, and {_WHEN}; "
+                "triton is already imported here without it (st_adapter_fast imports triton at the first "
+                "Triton-backend call), so restart with TRITON_INTERPRET=1 in the environment")
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    helper = getattr(tl.standard, "cdiv", None)  # one of triton's own @jit functions
+    if isinstance(helper, JITFunction) and not isinstance(helper, InterpretedFunction):
+        return (f"TRITON_INTERPRET=1 was set after triton had been imported; {_WHEN} (triton decorates "
+                "its own functions at import), so restart with TRITON_INTERPRET=1 in the environment")
+    return None
+
+
 def _triton_unavailable(x: torch.Tensor, kernel_size: Sequence[int], dtype: torch.dtype) -> Optional[str]:
+    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1" and "triton" not in sys.modules:
+        # answer without importing triton, so setting the flag now still works
+        return (f"CPU tensors run the Triton kernels only in the Triton interpreter: {_WHEN}. Nothing has "
+                "imported triton yet, so os.environ['TRITON_INTERPRET'] = '1' now, before the first Triton "
+                "call, still works (or set it in the environment)")
     mods = _triton_kernels()
     if mods is None:
         return _TRITON_IMPORT_ERROR
     common = mods[2]
     if x.device.type == "cpu":
-        if not common.INTERPRET:
-            return ("CPU tensors run the Triton kernels only in the interpreter "
-                    "(set TRITON_INTERPRET=1 before importing st_adapter_fast)")
+        problem = _interpreter_problem(common)
+        if problem is not None:
+            return problem
     elif x.device.type != "cuda":
         return f"the Triton backend runs on CUDA tensors, got device {x.device}"
     elif common.INTERPRET:
-        return "TRITON_INTERPRET=1 is set, so the kernels can only run on CPU tensors"
+        return ("TRITON_INTERPRET=1 is set, so the kernels can only run on CPU tensors (unset it before "
+                "triton is first imported to compile them for the GPU)")
     if dtype not in FUSED_DTYPES or x.dtype not in FUSED_DTYPES:
         return f"the Triton backend supports float32/float16/bfloat16, got {x.dtype} activations and {dtype} weights"
     kt, kh, kw = kernel_size

@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="results folder (default bench-results/<device>-<date> in the current directory)")
     p.add_argument("--e2e", dest="e2e", action="store_true", default=True, help="end-to-end ViT model (default)")
     p.add_argument("--no-e2e", dest="e2e", action="store_false")
-    p.add_argument("--e2e-model", choices=("builtin", "library"), default="builtin",
-                   help="builtin: the bench's own CLIP-style ViT; library: st_adapter_fast.models.clip_vit + "
-                        "inject_st_adapters + VideoClassifier")
+    p.add_argument("--e2e-model", choices=("library", "builtin"), default="library",
+                   help="the e2e model is st_adapter_fast.models.clip_vit + inject_st_adapters + VideoClassifier; "
+                        "'builtin' is an older name for the same model")
     p.add_argument("--no-sweeps", dest="sweeps", action="store_false", default=True,
                    help="skip the sweeps over T and token count")
     p.add_argument("--profile", action="store_true",

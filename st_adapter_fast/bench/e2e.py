@@ -1,11 +1,12 @@
-"""End-to-end benchmark: a CLIP-style ViT-B/16 video classifier with 0, 12 (pre-MLP) or 24
+"""End-to-end benchmark: a CLIP ViT-B/16 video classifier with 0, 12 (pre-MLP) or 24
 (pre-attention + pre-MLP) ST-Adapters, trained and run the way the official code does it:
 frozen fp16 backbone, fp32 adapters and head, fp16 autocast, GradScaler, AdamW.
 
-The default model is built here, small and self-contained, so the benchmark does not depend on
-the CLIP loader; `build_video_vit(..., builder="library")` builds the same network through the
-library (clip_vit.CLIPVisionTransformer + inject_st_adapters + video.VideoClassifier). Module names follow OpenAI CLIP (conv1, ln_pre, transformer.resblocks.{i}.ln_1/attn/
-ln_2/mlp.c_fc/mlp.c_proj, ln_post) and the official adapters (adapter_pre_attn, adapter_pre_mlp).
+The model is the library's own, as users build it: st_adapter_fast.models.clip_vit's
+CLIPVisionTransformer (OpenAI CLIP's module names), adapters from inject_st_adapters (the
+official names adapter_pre_attn / adapter_pre_mlp) and the VideoClassifier head ``fc``.
+Provider "eager-nocudnn" is the same model with ``STAdapter.conv_cudnn = False``: cuDNN off
+around the reference's conv, what the official DWCONV3D_DISABLE_CUDNN config means to do.
 
 Note on the 0-adapter row: with a frozen backbone nothing below the head needs gradients, so
 its "train step" is forward + head update only; adapter rows also backpropagate through
@@ -17,14 +18,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections import OrderedDict
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from st_adapter_fast.module import STAdapter
+from ..models.clip_vit import CLIPVisionConfig, CLIPVisionTransformer
+from ..models.inject import inject_st_adapters, iter_st_adapters
+from ..models.video import VideoClassifier
+from ..module import STAdapter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,92 +60,9 @@ def adapter_layouts(cfg: VitConfig):
     return [("0", False, False), (f"{n}x{ca} pre-MLP", False, True), (f"{2 * n}x{ca} pre-attn+pre-MLP", True, True)]
 
 
-class LayerNorm(nn.LayerNorm):
-    """CLIP's LayerNorm: computes in fp32, returns the input dtype (keeps the residual fp16)."""
-
-    def forward(self, x):
-        return super().forward(x.float()).to(x.dtype)
-
-
-class QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-class CudnnOffSTAdapter(STAdapter):
-    """What the official config meant (DWCONV3D_DISABLE_CUDNN): cuDNN off around the adapter's
-    forward only -- the patch-embedding conv keeps cuDNN, and backward runs with the global flag."""
-
-    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        with torch.backends.cudnn.flags(enabled=False):
-            return super().forward(x, num_frames)
-
-
-class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int, pre_attn: Optional[STAdapter], pre_mlp: Optional[STAdapter]):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.ln_1 = LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, 4 * width)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(4 * width, width)),
-        ]))
-        self.ln_2 = LayerNorm(width)
-        self.adapter_pre_attn = pre_attn
-        self.adapter_pre_mlp = pre_mlp
-
-    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """x: (B*T, L, C)."""
-        if self.adapter_pre_attn is not None:
-            x = self.adapter_pre_attn(x, num_frames)
-        y = self.ln_1(x)
-        x = x + self.attn(y, y, y, need_weights=False)[0]
-        if self.adapter_pre_mlp is not None:
-            x = self.adapter_pre_mlp(x, num_frames)
-        return x + self.mlp(self.ln_2(x))
-
-
-class Transformer(nn.Module):
-    def __init__(self, resblocks):
-        super().__init__()
-        self.resblocks = nn.ModuleList(resblocks)
-
-
-class VideoViT(nn.Module):
-    """clips (B, 3, T, H, W) -> logits (B, classes): per-frame CLIP ViT, CLS after ln_post
-    averaged over frames, linear head (the official ST-Adapter classifier)."""
-
-    def __init__(self, cfg: VitConfig, pre_attn: bool, pre_mlp: bool, backend: str, cudnn_off: bool = False):
-        super().__init__()
-        w = cfg.width
-        self.conv1 = nn.Conv2d(3, w, kernel_size=cfg.patch, stride=cfg.patch, bias=False)
-        scale = w ** -0.5
-        self.class_embedding = nn.Parameter(scale * torch.randn(w))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.seq_len, w))
-        self.ln_pre = LayerNorm(w)
-
-        def adapter(on):
-            if not on:
-                return None
-            cls = CudnnOffSTAdapter if cudnn_off else STAdapter
-            return cls(w, cfg.adapter_channels, (3, 1, 1), num_prefix_tokens=1, backend=backend)
-
-        self.transformer = Transformer(
-            [ResidualAttentionBlock(w, cfg.heads, adapter(pre_attn), adapter(pre_mlp)) for _ in range(cfg.layers)]
-        )
-        self.ln_post = LayerNorm(w)
-        self.fc = nn.Linear(w, cfg.num_classes)
-
-    def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        b, _, t, h, w = clips.shape
-        x = clips.permute(0, 2, 1, 3, 4).reshape(b * t, 3, h, w).to(self.conv1.weight.dtype)
-        x = self.conv1(x).flatten(2).transpose(1, 2)  # (B*T, S, C)
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.ln_pre(x)
-        for block in self.transformer.resblocks:
-            x = block(x, t)
-        cls = self.ln_post(x[:, 0]).view(b, t, -1).mean(dim=1)
-        return self.fc(cls.to(self.fc.weight.dtype))
+# "builtin" named a second copy of the ViT that this module used to carry; the package now has
+# one CLIP ViT, and the name is still accepted so older command lines keep working.
+BUILDERS = ("library", "builtin")
 
 
 def _finish(model: nn.Module, backbone_dtype: torch.dtype) -> nn.Module:
@@ -164,20 +83,14 @@ def _finish(model: nn.Module, backbone_dtype: torch.dtype) -> nn.Module:
 
 
 def build_video_vit(cfg: VitConfig, pre_attn: bool, pre_mlp: bool, backend: str, device: str,
-                    backbone_dtype: torch.dtype, cudnn_off: bool = False, builder: str = "builtin") -> nn.Module:
-    """The benchmark's video model. builder="builtin": the self-contained model above;
-    "library": st_adapter_fast.models.clip_vit's CLIP ViT with adapters from inject_st_adapters and the
-    VideoClassifier head (the library's own path, as users build it)."""
-    if builder == "builtin":
-        with torch.device(device):
-            model = VideoViT(cfg, pre_attn, pre_mlp, backend, cudnn_off)
-        return _finish(model, backbone_dtype)
-    if builder != "library":
-        raise ValueError(f"e2e model builder must be 'builtin' or 'library', got {builder!r}")
-    from ..models.clip_vit import CLIPVisionConfig, CLIPVisionTransformer
-    from ..models.inject import inject_st_adapters
-    from ..models.video import VideoClassifier
+                    backbone_dtype: torch.dtype, cudnn_off: bool = False, builder: str = "library") -> nn.Module:
+    """The benchmark's video model: clips (B, 3, T, H, W) -> logits (B, num_classes).
 
+    CLIPVisionTransformer + inject_st_adapters(positions) + VideoClassifier (no dropout), then
+    the official precision set-up (_finish). cudnn_off: every adapter's conv_cudnn = False.
+    """
+    if builder not in BUILDERS:
+        raise ValueError(f"e2e model builder must be one of {BUILDERS}, got {builder!r}")
     config = CLIPVisionConfig(input_resolution=cfg.image, patch_size=cfg.patch, width=cfg.width,
                               layers=cfg.layers, heads=cfg.heads, output_dim=None)
     with torch.device(device):
@@ -187,10 +100,8 @@ def build_video_vit(cfg: VitConfig, pre_attn: bool, pre_mlp: bool, backend: str,
             inject_st_adapters(backbone, adapter_channels=cfg.adapter_channels, positions=positions,
                                backend=backend, verbose=False)
         model = VideoClassifier(backbone, cfg.num_classes, dropout=0.0)
-    if cudnn_off:
-        for module in model.modules():
-            if type(module) is STAdapter:
-                module.__class__ = CudnnOffSTAdapter
+    for _, adapter in iter_st_adapters(model):
+        adapter.conv_cudnn = not cudnn_off
     return _finish(model, backbone_dtype)
 
 
@@ -199,7 +110,7 @@ class E2EBench:
     ``infer()``; ``measure()`` times both and reads peak memory."""
 
     def __init__(self, cfg: VitConfig, pre_attn: bool, pre_mlp: bool, provider: str, device: str,
-                 builder: str = "builtin"):
+                 builder: str = "library"):
         self.cfg, self.provider, self.device = cfg, provider, device
         backend = {"eager": "reference", "eager-nocudnn": "reference", "none": "reference"}.get(provider, provider)
         self.cuda = device == "cuda"
@@ -281,7 +192,7 @@ class E2EBench:
 
 
 def run_e2e(cfg: VitConfig, pre_attn: bool, pre_mlp: bool, provider: str, device: str, quick: bool,
-            time_fn, builder: str = "builtin") -> dict:
+            time_fn, builder: str = "library") -> dict:
     bench = E2EBench(cfg, pre_attn, pre_mlp, provider, device, builder)
     try:
         return bench.measure(quick, time_fn)

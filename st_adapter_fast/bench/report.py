@@ -21,7 +21,7 @@ from .core import COMPILE_MODES, fmt_bytes, roofline_floor_ms
 
 SCHEMA_VERSION = 1
 
-# docs/design.md §5 targets (bf16, H100), quoted in the reports' headlines.
+# docs/design.md §5 targets (bf16, H100), quoted in the report's headline.
 TARGETS = {"fwd_ms": 0.06, "fwd_bwd_ms": 0.26, "saved_beyond_x_bytes": 1e6, "e2e_12_train_ms": 39.5,
            "cuda_vs_triton": 1.1}
 
@@ -295,7 +295,7 @@ def _headline(results: dict) -> List[str]:
     def verdict(value, target):
         return "-" if value is None else ("met" if value <= target else "missed")
 
-    lines = ["## Headline: shape A and the 12-adapter ViT-B/16 against the targets (docs/design.md §5)", "",
+    lines = ["## Headline: shape A and the 12-adapter ViT-B/16 against the targets of docs/design.md §5", "",
              "| backend | fwd ms (<= 0.06) | fwd+bwd ms (<= 0.26) | saved beyond x (<= 1 MB) | "
              "12-adapter train step ms (<= 39.5) | vs eager fwd / fwd+bwd |", "|---|---|---|---|---|---|"]
     for p in ["eager", *fused]:

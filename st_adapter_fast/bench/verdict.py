@@ -457,9 +457,10 @@ def stage_rest(ctx: Context) -> None:
                 reason = "the Triton interpreter is too slow for a whole model; e2e needs a GPU"
             return reason
 
-        row = {"config": label, "provider": provider, "model": dict(dataclasses.asdict(cfg), builder="builtin")}
+        row = {"config": label, "provider": provider, "model": dict(dataclasses.asdict(cfg), builder="library")}
         ctx.task("e2e", row, lambda pre_attn=pre_attn, pre_mlp=pre_mlp, provider=provider: e2e_mod.run_e2e(
-            cfg, pre_attn, pre_mlp, provider, ctx.device, True, core.time_fn), unavailable=unavailable, cap_s=120, needs_s=10)
+            cfg, pre_attn, pre_mlp, provider, ctx.device, True, core.time_fn, builder="library"),
+            unavailable=unavailable, cap_s=120, needs_s=10)
 
 
 # -------------------------------------------------------------------------------- driver

@@ -2,8 +2,27 @@
 
 Like PEFT's ``get_peft_model_state_dict``: only what trains is saved -- every STAdapter's
 parameters plus, by default, every other parameter with requires_grad (a VideoClassifier's
-``fc`` head) -- under the model's own qualified names. A ViT-B/16 12x384 checkpoint is ~28 MB
-instead of ~350 MB; the frozen backbone comes from its own weights file.
+``fc`` head). A ViT-B/16 12x384 checkpoint is ~28 MB instead of ~350 MB; the frozen backbone
+comes from its own weights file.
+
+File format (version 2), ``torch.save`` of::
+
+    {"model": {key: tensor},            # keys relative to the vision transformer ...
+     "st_adapter_fast": {"version": 2,
+                         "outside": [...],   # ... except these, relative to the model saved
+                         "vit_prefix": "backbone.",
+                         "adapters": {name: {block, position, in_channels, adapter_channels,
+                                             kernel_size, num_prefix_tokens, backend}}},
+     **extra}                           # optimizer=, epoch=, ... as given to save_adapters
+
+"Relative to the vision transformer" means relative to the module inject_st_adapters puts the
+adapters in (a VideoClassifier's ``backbone``, an open_clip CLIP's ``visual``, or the bare ViT),
+so a file saved from a VideoClassifier loads into the bare ViT and the other way round. For our
+CLIP ViT the keys are the official ones (``transformer.resblocks.{i}.adapter_pre_mlp.fc1.weight``,
+head ``fc.weight``). ``load_adapters(model, path, inject=True)`` re-creates the adapters the
+file describes in a plain model (PEFT's ``PeftModel.from_pretrained``), then loads them.
+Version 1 files (model-qualified keys) still load into the kind of model that saved them, and
+into the bare ViT / a VideoClassifier around it.
 
 Official files (linziyi96/st-adapter utils.save_model) are ``torch.save({'model': state_dict,
 'optimizer': ..., ...})`` where state_dict holds the trainable parameters:
@@ -18,11 +37,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from . import inject as _inject
 from .inject import iter_st_adapters
 
 __all__ = [
@@ -31,6 +51,10 @@ __all__ = [
 ]
 
 FORMAT_KEY = "st_adapter_fast"  # metadata entry next to 'model' in our files
+FORMAT_VERSION = 2  # 2: keys relative to the vision transformer, injection settings stored
+_POSITION_OF = {"adapter_pre_attn": "pre_attn", "adapter_pre_mlp": "pre_mlp"}
+# where older files (model-qualified keys) may have held the vision transformer
+_V1_WRAPPERS = ("backbone.visual.", "backbone.", "visual.")
 
 
 @dataclasses.dataclass
@@ -42,6 +66,12 @@ class CheckpointReport:
     missing_keys: List[str]
     unexpected_keys: List[str]
     mismatched_keys: List[str] = dataclasses.field(default_factory=list)
+    # load_adapters only. skipped: entries outside the vision transformer (a head) that only one
+    # side has -- a VideoClassifier's fc loading into a bare ViT, or the other way round (the
+    # model's own is left as it is); they never make a load fail.
+    skipped_keys: List[str] = dataclasses.field(default_factory=list)
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # the file's other entries (epoch=, ...)
+    injected: List[str] = dataclasses.field(default_factory=list)  # adapters inject=True created
 
     @property
     def ok(self) -> bool:
@@ -51,9 +81,12 @@ class CheckpointReport:
         def short(keys):
             return "[" + ", ".join(keys[:4]) + (f", ... {len(keys)} in all" if len(keys) > 4 else "") + "]"
 
-        return (f"loaded {len(self.loaded)} tensors; missing {len(self.missing_keys)} {short(self.missing_keys)}; "
+        text = (f"loaded {len(self.loaded)} tensors; missing {len(self.missing_keys)} {short(self.missing_keys)}; "
                 f"unexpected {len(self.unexpected_keys)} {short(self.unexpected_keys)}; "
                 f"mismatched {len(self.mismatched_keys)} {short(self.mismatched_keys)}")
+        if self.skipped_keys:
+            text += f"; skipped {len(self.skipped_keys)} {short(self.skipped_keys)}"
+        return text
 
 
 def _adapter_param_names(model: nn.Module) -> List[str]:
@@ -82,12 +115,17 @@ def load_adapter_state_dict(
     model: nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool = True,
     include_trainable: bool = True,
 ) -> CheckpointReport:
-    """Copy an adapter-only state dict into model (cast to each parameter's dtype/device).
+    """Copy an adapter-only state dict, keyed by model's qualified names (what adapter_state_dict
+    returns), into model (cast to each parameter's dtype/device).
 
     strict: raise ValueError unless every adapter (and trainable) parameter is filled and the
     file has no other keys. Shape mismatches always raise."""
+    return _copy_into(model, state, _trainable_names(model, include_trainable), strict=strict)
+
+
+def _copy_into(model: nn.Module, state: Mapping[str, torch.Tensor], wanted: List[str], *, strict: bool,
+               skipped: Optional[List[str]] = None) -> CheckpointReport:
     params = dict(model.named_parameters())
-    wanted = _trainable_names(model, include_trainable)
     loaded, unexpected, mismatched = [], [], []
     for key, value in state.items():
         if key not in params:
@@ -97,7 +135,8 @@ def load_adapter_state_dict(
     if mismatched:
         raise ValueError("checkpoint shapes do not fit the model:\n  " + "\n  ".join(mismatched[:8]))
     missing = [k for k in wanted if k not in state]
-    report = CheckpointReport(loaded=[], missing_keys=missing, unexpected_keys=unexpected)
+    report = CheckpointReport(loaded=[], missing_keys=missing, unexpected_keys=unexpected,
+                              skipped_keys=list(skipped or []))
     if strict and not report.ok:
         raise ValueError(f"adapter checkpoint does not match the model: {report}")
     with torch.no_grad():
@@ -109,45 +148,169 @@ def load_adapter_state_dict(
     return report
 
 
-def save_adapters(model: nn.Module, path: Union[str, os.PathLike], *, include_trainable: bool = True, **extra) -> Dict:
-    """torch.save({'model': adapter_state_dict(model), 'st_adapter_fast': {...}, **extra}, path).
+def _vit_prefix(model: nn.Module) -> str:
+    """Qualified-name prefix, within model, of the module that holds the adapters ("backbone.",
+    "visual.", "" for the bare ViT): inject_st_adapters' own target finder decides."""
+    return _inject._find_target(model)[1]
 
-    The 'model' entry follows the official files' layout; extra entries (optimizer state, epoch)
-    are stored as given. Returns the saved dict."""
-    adapters = list(iter_st_adapters(model))
-    meta = {
-        "version": 1,
-        "adapters": {name: {"in_channels": a.fc1.in_features, "adapter_channels": a.fc1.out_features,
-                            "kernel_size": tuple(a.kernel_size), "num_prefix_tokens": a.num_prefix_tokens}
-                     for name, a in adapters},
-    }
-    payload = {"model": {k: v.cpu() for k, v in adapter_state_dict(model, include_trainable=include_trainable).items()},
-               FORMAT_KEY: meta, **extra}
+
+def _slot(name: str) -> Tuple[Optional[int], Optional[str]]:
+    """(block index, position) of an adapter named like 'blocks.3.adapter_pre_mlp', else (None, None)."""
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[-1] in _POSITION_OF and parts[-2].isdigit():
+        return int(parts[-2]), _POSITION_OF[parts[-1]]
+    return None, None
+
+
+def save_adapters(model: nn.Module, path: Union[str, os.PathLike], *, include_trainable: bool = True, **extra) -> Dict:
+    """torch.save({'model': adapters (+ head), 'st_adapter_fast': settings, **extra}, path).
+
+    Keys are relative to the vision transformer (see the module docstring), so the file loads
+    into a VideoClassifier or the bare ViT alike; the settings of every adapter (block, position,
+    widths, kernel, prefix tokens) let ``load_adapters(..., inject=True)`` rebuild them. Extra
+    entries (optimizer state, epoch) are stored as given and come back as ``report.extra``.
+    Returns the saved dict."""
+    reserved = {"model", FORMAT_KEY} & set(extra)
+    if reserved:
+        raise ValueError(f"extra entries may not be named {sorted(reserved)}: save_adapters writes those")
+    prefix = _vit_prefix(model)
+    adapters = {}
+    for name, a in iter_st_adapters(model):
+        rel = name[len(prefix):] if name.startswith(prefix) else name
+        block, position = _slot(rel)
+        adapters[rel] = {"block": block, "position": position, "in_channels": a.fc1.in_features,
+                         "adapter_channels": a.fc1.out_features, "kernel_size": tuple(a.kernel_size),
+                         "num_prefix_tokens": a.num_prefix_tokens, "backend": a.backend}
+    state, outside = {}, []
+    for key, value in adapter_state_dict(model, include_trainable=include_trainable).items():
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+        else:
+            outside.append(key)  # e.g. a VideoClassifier's head 'fc.weight'
+        state[key] = value.cpu()
+    meta = {"version": FORMAT_VERSION, "vit_prefix": prefix, "outside": outside, "adapters": adapters}
+    payload = {"model": state, FORMAT_KEY: meta, **extra}
     torch.save(payload, os.fspath(path))
     return payload
 
 
-def _read_checkpoint(source) -> Dict[str, torch.Tensor]:
+def _read_payload(source) -> Tuple[Dict[str, torch.Tensor], Optional[Mapping], Dict[str, Any]]:
+    """(state dict, our metadata or None, the other top-level entries) of a file path or dict."""
     if isinstance(source, Mapping):
-        state = source
+        payload = source
     else:
         try:
-            state = torch.load(os.fspath(source), map_location="cpu", weights_only=True)
+            payload = torch.load(os.fspath(source), map_location="cpu", weights_only=True)
         except Exception as err:
             # never unpickle arbitrary objects on the caller's behalf
             raise ValueError(
                 f"{os.fspath(source)!r} does not load with torch.load(weights_only=True) ({err}); if you "
                 f"trust the file, load it yourself and pass the dict (or its 'model' entry)") from None
-    if isinstance(state, Mapping) and "model" in state and isinstance(state["model"], Mapping):
-        state = state["model"]
+    meta, extra, state = None, {}, payload
+    if isinstance(payload, Mapping) and "model" in payload and isinstance(payload["model"], Mapping):
+        state = payload["model"]
+        meta = payload.get(FORMAT_KEY)
+        extra = {k: v for k, v in payload.items() if k not in ("model", FORMAT_KEY)}
     if not isinstance(state, Mapping):
         raise TypeError(f"expected a state dict or a dict with a 'model' entry, got {type(state).__name__}")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return state, meta, extra
 
 
-def load_adapters(model: nn.Module, source, *, strict: bool = True, include_trainable: bool = True) -> CheckpointReport:
-    """Load a file written by save_adapters (or any {'model': state_dict} / bare state dict)."""
-    return load_adapter_state_dict(model, _read_checkpoint(source), strict=strict, include_trainable=include_trainable)
+def _read_checkpoint(source) -> Dict[str, torch.Tensor]:
+    return _read_payload(source)[0]
+
+
+def _to_model_keys(state: Mapping[str, torch.Tensor], meta: Optional[Mapping], model: nn.Module
+                   ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """File keys -> model's qualified names; returns (renamed state, file keys outside the vision
+    transformer that model has no parameter for)."""
+    prefix = _vit_prefix(model)
+    params = dict(model.named_parameters())
+    out, skipped = {}, []
+    if meta is not None and int(meta.get("version", 1)) >= 2:
+        outside = set(meta.get("outside", ()))
+        for key, value in state.items():
+            if key in outside:
+                if key in params:
+                    out[key] = value
+                else:
+                    skipped.append(key)
+            else:
+                out[prefix + key] = value
+        return out, skipped
+    # version 1 / a bare state dict: model-qualified keys of whatever model saved them
+    for key, value in state.items():
+        candidates = [key, prefix + key] + [prefix + key[len(w):] for w in _V1_WRAPPERS if key.startswith(w)]
+        out[next((c for c in candidates if c in params), key)] = value
+    return out, skipped
+
+
+def _inject_from_file(model: nn.Module, meta: Optional[Mapping], backend: str) -> List[str]:
+    """inject_st_adapters(model, ...) with the settings the file stores; returns the new names."""
+    if meta is None or not meta.get("adapters"):
+        raise ValueError("inject=True: the file has no adapter settings (it was not written by save_adapters); "
+                         "call inject_st_adapters(model, ...) with the original settings, then load_adapters "
+                         "without inject=True")
+    present = [name for name, _ in iter_st_adapters(model)]
+    if present:
+        raise ValueError(f"inject=True: the model already has {len(present)} ST-Adapters ({present[0]}, ...); "
+                         f"load without inject=True, or remove_st_adapters(model) first")
+    groups: Dict[Tuple, List[int]] = {}
+    for name, cfg in meta["adapters"].items():
+        block, position = cfg.get("block"), cfg.get("position")
+        if block is None or position is None:  # version 1 files: read it off the name
+            block, position = _slot(name)
+        if block is None:
+            raise ValueError(f"inject=True: cannot tell the block and position of adapter {name!r}; "
+                             f"inject the adapters by hand, then load without inject=True")
+        key = (position, int(cfg["adapter_channels"]), tuple(cfg["kernel_size"]), int(cfg["num_prefix_tokens"]))
+        groups.setdefault(key, []).append(int(block))
+    names = []
+    for (position, channels, kernel_size, prefix_tokens), blocks in groups.items():
+        report = _inject.inject_st_adapters(
+            model, adapter_channels=channels, kernel_size=kernel_size, positions=(position,),
+            block_indices=sorted(blocks), num_prefix_tokens=prefix_tokens, backend=backend, verbose=False)
+        names += report.adapters
+    return names
+
+
+def load_adapters(model: nn.Module, source, *, strict: bool = True, include_trainable: bool = True,
+                  inject: bool = False, backend: str = "auto") -> CheckpointReport:
+    """Load a file written by save_adapters (or any {'model': state_dict} / bare state dict).
+
+    Args:
+        model: the model to fill: a VideoClassifier, or the bare vision transformer, whichever
+            the file was saved from (keys are relative to the vision transformer).
+        source: a path, or the dict torch.load returns.
+        strict: raise ValueError (with the report) unless every adapter parameter of model and
+            every adapter entry of the file meet. A head only one side has is skipped, not an
+            error (``report.skipped_keys``); shape mismatches always raise.
+        include_trainable: also expect the model's other trainable parameters (the head).
+        inject: first inject_st_adapters into model as the file describes (block, position,
+            widths, kernel, prefix tokens of every adapter), as PEFT's from_pretrained does; model
+            must have no adapters yet. Freezes the backbone like inject_st_adapters.
+        backend: for the adapters inject=True creates ("auto": the fastest available here; the
+            backend the file was saved with is recorded but may not exist on this machine).
+    Returns a CheckpointReport; ``report.extra`` holds the file's other entries (optimizer=,
+    epoch=, ...) and ``report.injected`` the adapters inject=True created.
+    """
+    state, meta, extra = _read_payload(source)
+    injected = _inject_from_file(model, meta, backend) if inject else []
+    try:
+        mapped, skipped = _to_model_keys(state, meta, model)
+        wanted = _trainable_names(model, include_trainable)
+        prefix = _vit_prefix(model)
+        # the model's trainable parameters outside the vision transformer (a head) the file lacks
+        skipped += [k for k in wanted if not k.startswith(prefix) and k not in mapped]
+        wanted = [k for k in wanted if k not in skipped]
+        report = _copy_into(model, mapped, wanted, strict=strict, skipped=skipped)
+    except Exception:
+        if injected:
+            _inject.remove_st_adapters(model)  # leave no half-loaded adapters behind
+        raise
+    report.extra, report.injected = extra, injected
+    return report
 
 
 # ---------------------------------------------------------------------- official checkpoints

@@ -17,14 +17,22 @@ without loss scaling, bf16 ones do not (8 exponent bits), so bf16 needs no scale
         amp.step(loss, optimizer, max_grad_norm=1.0)       # scale, backward, unscale, clip, step, update
 
 ``amp.step`` is the usual sequence spelled out once: ``scaler.scale(loss).backward();
-scaler.unscale_(opt); clip_grad_norm_; scaler.step(opt); scaler.update(); opt.zero_grad()``.
+scaler.unscale_(opt); clip_grad_norm_; scaler.step(opt); scaler.update(); opt.zero_grad()``
+-- so the grads are zeroed (set to None) when it returns.
+
+Outside ``amp.autocast()`` (an eval loop, ``model(clips)`` under ``torch.no_grad()``) the prepared
+model enters the recipe's autocast itself: its frozen weights are half precision, so a plain fp32
+forward would fail inside the first layer ("Input type (float) and bias type (c10::Half) should
+be the same"). Outputs then come in the autocast dtype, as under ``amp.autocast()``. Pass
+``autocast_forward=False`` to get an error that says so instead. The hook sits on the module
+passed in: call that module, not a submodule, outside autocast.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -39,6 +47,14 @@ class MixedPrecision:
     dtype: torch.dtype
     device_type: str
     scaler: Optional["torch.amp.GradScaler"]  # fp16 only
+    # the forward hooks prepare_mixed_precision put on the model (remove() takes them off)
+    hooks: List = dataclasses.field(default_factory=list, repr=False)
+
+    def remove(self) -> None:
+        """Take the forward hooks off the model (the parameter dtypes stay as they are)."""
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks.clear()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
@@ -66,8 +82,42 @@ class MixedPrecision:
         return norm
 
 
+_HOOKS_ATTR = "_st_adapter_fast_amp"  # on the model: the MixedPrecision whose hooks it carries
+
+
+def _install_forward_hooks(model: nn.Module, amp: MixedPrecision, autocast_forward: bool) -> None:
+    """Hooks that make a forward outside autocast either run under amp's autocast or fail clearly."""
+    previous = getattr(model, _HOOKS_ATTR, None)
+    if previous is not None:
+        previous.remove()  # prepared again: the new recipe's hooks replace the old ones
+    active: List[Optional[contextlib.AbstractContextManager]] = []  # one entry per forward in flight
+
+    def enter(module, args):
+        if torch.is_autocast_enabled(amp.device_type):
+            active.append(None)
+            return
+        if not autocast_forward:
+            raise RuntimeError(
+                f"this model was prepared by prepare_mixed_precision({amp.dtype}): its frozen weights are "
+                f"{amp.dtype}, so run it under `with amp.autocast():` (eval loops too), or prepare it with "
+                f"autocast_forward=True to have it enter autocast itself")
+        ctx = amp.autocast()
+        ctx.__enter__()
+        active.append(ctx)
+
+    def leave(module, args, output):
+        ctx = active.pop() if active else None
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+    # always_call: the autocast entered above is left even when the forward raises
+    amp.hooks += [model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True)]
+    setattr(model, _HOOKS_ATTR, amp)
+
+
 def prepare_mixed_precision(
     model: nn.Module, dtype: torch.dtype = torch.float16, *, device_type: Optional[str] = None,
+    autocast_forward: bool = True,
 ) -> MixedPrecision:
     """Cast frozen parameters (requires_grad=False) to ``dtype`` and trainable ones to fp32, in
     place (the Parameter objects stay, so optimizers built before or after both work).
@@ -76,6 +126,8 @@ def prepare_mixed_precision(
         model: e.g. a VideoClassifier whose backbone inject_st_adapters froze.
         dtype: torch.float16 (official; returns a GradScaler) or torch.bfloat16 (no scaler).
         device_type: for autocast / GradScaler; read off the model's parameters when None.
+        autocast_forward: a forward of ``model`` outside autocast enters the recipe's autocast
+            itself (True), or raises a RuntimeError saying to use ``amp.autocast()`` (False).
     Raises ValueError if nothing is trainable (inject adapters first) or dtype is not half.
     """
     if dtype not in _HALF:
@@ -93,4 +145,6 @@ def prepare_mixed_precision(
         if p.dtype != want:
             p.data = p.data.to(want)  # as the official model does: same Parameter, new storage
     scaler = torch.amp.GradScaler(device_type) if dtype == torch.float16 else None
-    return MixedPrecision(dtype=dtype, device_type=device_type, scaler=scaler)
+    amp = MixedPrecision(dtype=dtype, device_type=device_type, scaler=scaler)
+    _install_forward_hooks(model, amp, autocast_forward)
+    return amp

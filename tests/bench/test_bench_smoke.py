@@ -44,7 +44,7 @@ def test_roofline_formulas_match_design():
     a = core.TARGET_SHAPES["A"]
     assert a.tokens == 16 * 8 * 196
     assert _rel(core.op_flops(a, "fwd"), 29.6e9) < 0.01
-    # 77.5 MB of x read + out written, plus 1.2 MB of weights the design figure (docs/design.md §5) leaves out
+    # 77.5 MB of x read + out written, plus 1.2 MB of weights the docs/design.md §5 figure leaves out
     assert _rel(core.op_min_bytes(a, "fwd"), 77e6) < 0.03
     # backward: four more GEMMs of the forward's size, so three times the forward
     assert _rel(core.op_flops(a, "fwd+bwd"), 3 * core.op_flops(a, "fwd")) < 1e-9
@@ -84,22 +84,38 @@ def test_time_fn_on_cpu_returns_ordered_statistics():
 
 
 @pytest.mark.parametrize("pre_attn,pre_mlp", [(False, False), (False, True), (True, True)])
-def test_e2e_builtin_model_matches_library_model(pre_attn, pre_mlp, one_thread):
-    """The bench's self-contained ViT and the library's CLIP ViT + inject_st_adapters agree in
-    structure, so either one measures the same network."""
+def test_e2e_model_is_the_library_clip_vit(pre_attn, pre_mlp, one_thread):
+    """The bench measures the library's own network (one CLIP ViT in the package): clip_vit +
+    inject_st_adapters + VideoClassifier, official module names, adapters and head trainable;
+    eager-nocudnn is the same model with the conv_cudnn switch off."""
     from st_adapter_fast.bench import e2e
+    from st_adapter_fast.models.clip_vit import CLIPVisionTransformer
+    from st_adapter_fast.models.video import VideoClassifier
     from st_adapter_fast.module import STAdapter
 
     cfg = e2e.VIT_TINY
-    models = {b: e2e.build_video_vit(cfg, pre_attn, pre_mlp, "reference", "cpu", torch.float32, builder=b)
-              for b in ("builtin", "library")}
-    counts = {b: (sum(p.numel() for p in m.parameters()), sum(p.numel() for p in m.parameters() if p.requires_grad),
-                  sum(isinstance(mod, STAdapter) for mod in m.modules())) for b, m in models.items()}
-    assert counts["builtin"] == counts["library"]
-    assert counts["builtin"][2] == cfg.layers * (int(pre_attn) + int(pre_mlp))
+    model = e2e.build_video_vit(cfg, pre_attn, pre_mlp, "reference", "cpu", torch.float32)
+    assert isinstance(model, VideoClassifier) and isinstance(model.backbone, CLIPVisionTransformer)
+    adapters = {n: m for n, m in model.named_modules() if isinstance(m, STAdapter)}
+    want = [f"backbone.transformer.resblocks.{i}.adapter_{pos}" for i in range(cfg.layers)
+            for pos, on in (("pre_attn", pre_attn), ("pre_mlp", pre_mlp)) if on]
+    assert sorted(adapters) == sorted(want)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{a}.{p}" for a, m in adapters.items() for p, _ in m.named_parameters()} | {"fc.weight", "fc.bias"}
+    for m in adapters.values():  # non-zero like trained adapters, so the conv path does work
+        assert m.conv.weight.abs().sum() > 0 and m.conv_cudnn
     clips = torch.randn(cfg.batch, 3, cfg.frames, cfg.image, cfg.image)
-    for m in models.values():
-        assert m(clips).shape == (cfg.batch, cfg.num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        nocudnn = e2e.build_video_vit(cfg, pre_attn, pre_mlp, "reference", "cpu", torch.float32, cudnn_off=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        same = e2e.build_video_vit(cfg, pre_attn, pre_mlp, "reference", "cpu", torch.float32, builder="builtin")
+    assert all(not m.conv_cudnn for m in nocudnn.modules() if isinstance(m, STAdapter))
+    assert same.state_dict().keys() == nocudnn.state_dict().keys() == model.state_dict().keys()
+    # CPU tensors never use cuDNN: switching it off around the conv changes nothing here
+    assert torch.equal(same(clips), nocudnn(clips))
+    assert model(clips).shape == (cfg.batch, cfg.num_classes)
     with pytest.raises(ValueError, match="builder"):
         e2e.build_video_vit(cfg, False, False, "reference", "cpu", torch.float32, builder="timm")
 
@@ -295,7 +311,7 @@ def test_pytest_benchmark_suites_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     benches = json.loads(report.read_text())["benchmarks"]
     names = {b["name"].split("[")[0] for b in benches}
-    assert {"test_target_shape", "test_sweep_frames", "test_sweep_tokens", "test_memory", "test_train_step"} <= names
+    assert {"test_target_shape", "test_sweep", "test_memory", "test_train_step"} <= names
     for b in benches:
         info = b["extra_info"]
         assert b["stats"]["min"] > 0 and info["device"]

@@ -1,7 +1,7 @@
 """The CUDA backend (csrc/) against the float64 reference: outputs and every gradient, with the
 parity rule of tests/helpers.py.
 
-GPU tests (skipped without CUDA): the parity grid of DESIGN.md section 6 in fp32/fp16/bf16, halo
+GPU tests (skipped without CUDA): the parity grid of docs/design.md §6 in fp32/fp16/bf16, halo
 recompute (clips split into short frame runs), kt 7 and 9, autocast, a seeded fuzz, bitwise
 determinism of the gradients, torch.compile and opcheck through the registered op.
 CPU twins (every run): the backend is registered, and every reason it refuses a call (CPU

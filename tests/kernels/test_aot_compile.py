@@ -3,7 +3,7 @@ sm_90 on this CPU machine: no register spills, shared memory within the chip's l
 "wgmma serialized" warning from ptxas.
 
 The variants come from running the real launchers on meta tensors (kernels/aot.py), for the
-DESIGN target shape A (aligned: cp.async / wgmma paths) and an unaligned odd shape (C=200,
+Target shape A of docs/design.md §5 (aligned: cp.async / wgmma paths) and an unaligned odd shape (C=200,
 L=50: the register-hungriest path), fp32 (IEEE and TF32), fp16 and bf16, forward and backward.
 Temporal kernels: KT=1, 3 (the common case) and 9, the largest of the KT > 3 tile bucket --
 register pressure grows with KT (KT-1 fp32 partials), so KT 5 and 7 share 9's tiles with room

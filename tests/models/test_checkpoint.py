@@ -15,6 +15,7 @@ from st_adapter_fast.models.clip_vit import (
     load_openai_clip_visual,
 )
 from st_adapter_fast.models.inject import inject_st_adapters, iter_st_adapters, set_num_frames
+from st_adapter_fast.models.video import VideoClassifier
 
 from test_inject import TINY, randomize_adapters, tiny_clip, tiny_timm
 
@@ -63,6 +64,122 @@ def test_adapter_state_dict_strictness():
     bad["fc.weight"] = torch.zeros(5, TINY.width)
     with pytest.raises(ValueError, match="shapes do not fit"):
         load_adapter_state_dict(model, bad, strict=False)
+
+
+def features(backbone, x: torch.Tensor) -> torch.Tensor:
+    """The bare ViT's per-clip output (frames through the backbone), for comparing adapters."""
+    set_num_frames(backbone, x.shape[2])
+    return backbone(x.transpose(1, 2).flatten(0, 1))
+
+
+def test_files_are_relative_to_the_vit_and_load_into_either(tmp_path):
+    trained = video_model(seed=0)
+    randomize_adapters(trained, seed=11)
+    path = tmp_path / "video.pt"
+    payload = save_adapters(trained, path)
+    # keys relative to the vision transformer (for our CLIP ViT the official ones); the head stays 'fc.*'
+    assert "transformer.resblocks.0.adapter_pre_mlp.fc1.weight" in payload["model"]
+    assert not any(k.startswith("backbone.") for k in payload["model"])
+    assert payload["st_adapter_fast"]["outside"] == ["fc.weight", "fc.bias"]
+    x = clips()
+    # VideoClassifier file -> bare ViT (the head has no place there: skipped, not an error)
+    bare = tiny_clip(seed=0)
+    inject_st_adapters(bare, adapter_channels=8, positions=("pre_attn", "pre_mlp"), backend="reference", verbose=False)
+    assert not torch.allclose(features(bare, x), features(trained.backbone, x))
+    report = load_adapters(bare, path)
+    assert report.ok and report.skipped_keys == ["fc.weight", "fc.bias"] and len(report.loaded) == 12 * TINY.layers
+    torch.testing.assert_close(features(bare, x), features(trained.backbone, x), rtol=0, atol=0)
+    # bare-ViT file -> VideoClassifier (its own head is left as it is)
+    save_adapters(bare, tmp_path / "bare.pt")
+    assert set(torch.load(tmp_path / "bare.pt")["model"]) == {k for k in payload["model"] if not k.startswith("fc.")}
+    video = video_model(seed=0)
+    head = video.fc.weight.detach().clone()
+    report = load_adapters(video, tmp_path / "bare.pt")
+    assert report.ok and report.skipped_keys == ["fc.weight", "fc.bias"] and torch.equal(video.fc.weight, head)
+    torch.testing.assert_close(features(video.backbone, x), features(trained.backbone, x), rtol=0, atol=0)
+    # the same file is an official-format checkpoint too
+    again = video_model(seed=0)
+    assert load_official_checkpoint(again, path).ok
+    torch.testing.assert_close(again(x), trained(x), rtol=0, atol=0)
+
+
+def test_inject_from_the_file_alone_and_extras_come_back(tmp_path):
+    torch.manual_seed(0)
+    backbone = tiny_clip(seed=0)
+    # mixed settings: 8-wide (3,1,1) before attention in blocks 0-1, 4-wide (5,1,1) before the MLP of block 2
+    inject_st_adapters(backbone, adapter_channels=8, positions=("pre_attn",), block_indices=[0, 1],
+                       backend="reference", verbose=False)
+    inject_st_adapters(backbone, adapter_channels=4, kernel_size=(5, 1, 1), positions=("pre_mlp",),
+                       block_indices=[2], num_prefix_tokens=1, backend="reference", verbose=False)
+    trained = VideoClassifier(backbone, num_classes=4, dropout=0.0).eval()
+    randomize_adapters(trained, seed=5)
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-3)
+    x = clips()
+    trained(x).sum().backward()
+    optimizer.step()
+    save_adapters(trained, tmp_path / "a.pt", epoch=7, optimizer=optimizer.state_dict())
+
+    plain = VideoClassifier(tiny_clip(seed=0), num_classes=4, dropout=0.0).eval()  # no adapters at all
+    report = load_adapters(plain, tmp_path / "a.pt", inject=True, backend="reference")
+    assert report.ok and not report.skipped_keys
+    assert sorted(report.injected) == sorted(n for n, _ in iter_st_adapters(trained))
+    for (name, a), (name2, b) in zip(iter_st_adapters(plain), iter_st_adapters(trained)):
+        assert name == name2 and a.kernel_size == b.kernel_size and a.fc1.out_features == b.fc1.out_features
+    assert {n for n, p in plain.named_parameters() if p.requires_grad} == {
+        n for n, p in trained.named_parameters() if p.requires_grad}  # backbone frozen, adapters + head train
+    torch.testing.assert_close(plain(x), trained(x), rtol=0, atol=0)
+    # extras come back: resume the optimizer from them
+    assert report.extra["epoch"] == 7
+    resumed = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-3)
+    resumed.load_state_dict(report.extra["optimizer"])
+    assert resumed.state_dict()["state"][0]["step"] == 1
+    # into a bare plain ViT as well
+    bare = tiny_clip(seed=0)
+    assert load_adapters(bare, tmp_path / "a.pt", inject=True, backend="reference").ok
+    torch.testing.assert_close(features(bare, x), features(trained.backbone, x), rtol=0, atol=0)
+    # inject=True needs a plain model and a file that describes its adapters
+    with pytest.raises(ValueError, match="already has 3 ST-Adapters"):
+        load_adapters(bare, tmp_path / "a.pt", inject=True)
+    with pytest.raises(ValueError, match="no adapter settings"):
+        load_adapters(tiny_clip(), adapter_state_dict(trained), inject=True)
+    # a file that does not fit leaves no half-loaded adapters behind
+    wide = tiny_clip(seed=0)
+    inject_st_adapters(wide, adapter_channels=6, positions=("pre_mlp",), backend="reference", verbose=False)
+    save_adapters(wide, tmp_path / "wide.pt")
+    small = tiny_clip(seed=0)
+    small.transformer.resblocks[0].ln_1 = torch.nn.LayerNorm(16)  # a narrower width read by inject
+    with pytest.raises((ValueError, RuntimeError)):
+        load_adapters(small, tmp_path / "wide.pt", inject=True)
+    assert not list(iter_st_adapters(small))
+
+
+def test_version_1_files_still_load(tmp_path):
+    """Files written before keys became relative: model-qualified keys, settings without block/position."""
+    trained = video_model(seed=0)
+    randomize_adapters(trained, seed=3)
+    old = {"model": {k: v.clone() for k, v in adapter_state_dict(trained).items()},
+           "st_adapter_fast": {"version": 1, "adapters": {
+               name: {"in_channels": a.fc1.in_features, "adapter_channels": a.fc1.out_features,
+                      "kernel_size": tuple(a.kernel_size), "num_prefix_tokens": a.num_prefix_tokens}
+               for name, a in iter_st_adapters(trained)}},
+           "epoch": 2}
+    torch.save(old, tmp_path / "v1.pt")
+    x = clips()
+    same_kind = video_model(seed=0)
+    report = load_adapters(same_kind, tmp_path / "v1.pt")
+    assert report.ok and report.extra == {"epoch": 2}
+    torch.testing.assert_close(same_kind(x), trained(x), rtol=0, atol=0)
+    # into the bare ViT: its 'backbone.' keys find the adapters, the head has no place (strict says so)
+    bare = tiny_clip(seed=0)
+    inject_st_adapters(bare, adapter_channels=8, positions=("pre_attn", "pre_mlp"), backend="reference", verbose=False)
+    with pytest.raises(ValueError, match=r"unexpected 2 \[fc.weight, fc.bias\]"):
+        load_adapters(bare, tmp_path / "v1.pt")
+    assert len(load_adapters(bare, tmp_path / "v1.pt", strict=False).loaded) == 12 * TINY.layers
+    torch.testing.assert_close(features(bare, x), features(trained.backbone, x), rtol=0, atol=0)
+    # and inject=True reads block and position off the version-1 names
+    plain = VideoClassifier(tiny_clip(seed=0), num_classes=4, dropout=0.0).eval()
+    assert load_adapters(plain, tmp_path / "v1.pt", inject=True, backend="reference").ok
+    torch.testing.assert_close(plain(x), trained(x), rtol=0, atol=0)
 
 
 def official_checkpoint(layers: int, width: int, ca: int, classes: int, positions, seed: int = 0):

@@ -65,6 +65,38 @@ def test_reference_matches_official_module_code():
     torch.testing.assert_close(m(x, 3), want, rtol=0, atol=0)
 
 
+def test_conv_cudnn_switch_turns_cudnn_off_around_the_conv_only(monkeypatch):
+    """conv_cudnn=False (the official DWCONV3D_DISABLE_CUDNN's intent): cuDNN is off while the
+    reference's conv runs, and the global flag is back afterwards, also when the conv raises."""
+    import torch.nn.functional as F
+
+    seen = []
+    conv3d = F.conv3d
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cudnn.enabled)
+        return conv3d(*args, **kwargs)
+
+    monkeypatch.setattr(F, "conv3d", spy)
+    torch.manual_seed(0)
+    m = _adapter(c=12, ca=8, backend="reference").cpu()
+    x = torch.randn(2 * 3, 1 + 4, 12)
+    assert torch.backends.cudnn.enabled
+    want = m(x, 3)
+    m.conv_cudnn = False
+    assert "conv_cudnn=False" in repr(m)
+    torch.testing.assert_close(m(x, 3), want, rtol=0, atol=0)  # CPU convs never use cuDNN
+    assert seen == [True, False] and torch.backends.cudnn.enabled
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("conv failed")
+
+    monkeypatch.setattr(F, "conv3d", broken)
+    with pytest.raises(RuntimeError, match="conv failed"):
+        m(x, 3)
+    assert torch.backends.cudnn.enabled
+
+
 @fused_ok
 def test_forward_does_not_mutate_input_and_inplace_does():
     m = _adapter()

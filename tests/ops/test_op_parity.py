@@ -1,4 +1,4 @@
-"""Parity grid of DESIGN.md section 6: the fused Triton op against the float64 reference, for the
+"""Parity grid of docs/design.md §6: the fused Triton op against the float64 reference, for the
 output and the gradient of x and of every parameter.
 
 What runs where:
@@ -10,7 +10,7 @@ What runs where:
   same exact-product, fp32-accumulate math a bf16 tensor-core MMA does. Everything around the
   dot (loads, casts, the conv window, bias, stores in bf16) is the GPU code path.
 - GPU (test_parity_grid_gpu, skipped without CUDA): the same grid with the real bf16/fp16 MMAs,
-  TF32 off and on, plus the DESIGN target shapes.
+  TF32 off and on, plus the target shapes of docs/design.md §5.
 """
 
 import itertools

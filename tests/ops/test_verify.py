@@ -3,8 +3,9 @@
 The CLI runs in-process (main([...])) to save start-up time, plus one real subprocess run that
 proves the CLI sets TRITON_INTERPRET=1 itself. Deliberately broken backends (registered with
 auto=False, computed with the plain-PyTorch reference so they cost no interpreter time) prove
-that the checks can fail: a flipped conv sign, and a correct forward with a 5% wrong conv-bias
-gradient (only the gradient check can catch that one).
+that the checks can fail: a flipped conv sign, a correct forward with a 5% wrong conv-bias
+gradient (only the gradient check can catch that one), and fc1 gradients 1.5x too large (on a
+freshly injected model only verify_model's perturbed weights can catch that one).
 """
 
 from __future__ import annotations
@@ -21,16 +22,21 @@ from torch import nn
 import st_adapter_fast
 from st_adapter_fast import STAdapter, parity, reference
 from st_adapter_fast.backends import Backend, register_backend, unregister_backend
+from st_adapter_fast.models.clip_vit import CLIPVisionTransformer
+from st_adapter_fast.models.inject import inject_st_adapters
+from st_adapter_fast.models.video import VideoClassifier
 from st_adapter_fast.verify import main
-from st_adapter_fast.verify_model import verify_model
+from st_adapter_fast.verify_model import perturb_adapters, preserved_state, verify_model
 
+import tiny_clip
 from helpers import RESULT_NAMES, TOLERANCES, assert_parity, requires_cuda, triton_interpreter_on
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ------------------------------------------------------------------- broken test backends
-def _reference_backend(conv_sign: float = 1.0, conv_bias_grad_scale: float = 1.0) -> Backend:
+def _reference_backend(conv_sign: float = 1.0, conv_bias_grad_scale: float = 1.0, fc1_grad_scale: float = 1.0,
+                       backward_error: str = "") -> Backend:
     """A fused-backend stand-in computed with the reference (backend signature of backends.py),
     wrong in a chosen way."""
 
@@ -56,8 +62,12 @@ def _reference_backend(conv_sign: float = 1.0, conv_bias_grad_scale: float = 1.0
         grads = vjp(d_out.to(x.dtype))
         dx, rest = grads[0], iter(grads[1:])
         dwd, dbd, dtaps, dbc, dwu, dbu = [next(rest) if t is not None else None for t in (wd, bd, taps, bc, wu, bu)]
+        if backward_error:
+            raise RuntimeError(backward_error)
         if dbc is not None:
             dbc = dbc * conv_bias_grad_scale
+        dwd = dwd * fc1_grad_scale
+        dbd = None if dbd is None else dbd * fc1_grad_scale
         as32 = lambda t: None if t is None else t.float()
         return dx, as32(dwd), as32(dbd), as32(dtaps), as32(dbc), as32(dwu), as32(dbu)
 
@@ -72,6 +82,7 @@ def _reference_backend(conv_sign: float = 1.0, conv_bias_grad_scale: float = 1.0
 @pytest.fixture
 def broken_backends():
     names = {"test_sign_flip": dict(conv_sign=-1.0), "test_bad_dbias": dict(conv_bias_grad_scale=1.05),
+             "test_bad_dfc1": dict(fc1_grad_scale=1.5), "test_bwd_raises": dict(backward_error="fused backward failed"),
              "test_honest": {}}
     for name, kw in names.items():
         fwd, bwd, why = _reference_backend(**kw)
@@ -424,9 +435,162 @@ def test_verify_model_bad_arguments():
     model = _tiny_model()
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         verify_model(model, torch.randn(6, 10, 10), backend="nope")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        verify_model(model, torch.randn(6, 10, 10), backend="triton", weights="trained")
     with pytest.raises(TypeError, match="nn.Module"):
         verify_model(lambda x: x, torch.randn(2, 3))
 
 
 def test_verify_model_lazy_export():
     assert st_adapter_fast.verify_model is verify_model
+
+
+# ------------------------------------------------- verify_model that can fail (issue 19)
+def _fresh_clip_model():
+    """A freshly injected model, as users have it before training: the library's CLIP ViT,
+    inject_st_adapters (adapters at their identity init: conv weight and biases zero) and the
+    VideoClassifier head."""
+    torch.manual_seed(0)
+    backbone = CLIPVisionTransformer(tiny_clip.CONFIG)
+    inject_st_adapters(backbone, adapter_channels=tiny_clip.ADAPTER_CHANNELS, positions=("pre_attn", "pre_mlp"),
+                       verbose=False)
+    return VideoClassifier(backbone, tiny_clip.NUM_CLASSES, dropout=0.0)
+
+
+def _clips(seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 3, tiny_clip.FRAMES, tiny_clip.IMAGE_SIZE, tiny_clip.IMAGE_SIZE, generator=gen)
+
+
+def _adapters(model):
+    return [m for m in model.modules() if isinstance(m, STAdapter)]
+
+
+def test_verify_model_fails_a_bad_fc1_gradient_on_a_freshly_injected_model(broken_backends):
+    model = _fresh_clip_model()
+    assert all(torch.count_nonzero(m.conv.weight) == 0 for m in _adapters(model))
+    clips = _clips()
+    before = _snapshot(model)
+    # weights="as_is" on the identity init: fc1's gradients are exactly zero in every backend, so a
+    # backend with dWd and dbd 1.5x too large passes -- the vacuous check the default avoids
+    as_is = verify_model(model, clips, backend="test_bad_dfc1", weights="as_is")
+    _assert_unchanged(model, before)
+    assert as_is.passed and as_is.weights == "as_is"
+    fc1_as_is = [t for t in as_is.grads if ".fc1." in t.name]
+    assert fc1_as_is and all(t.scale == 0 for t in fc1_as_is)
+
+    bad = verify_model(model, clips, backend="test_bad_dfc1")  # default: perturbed weights
+    _assert_unchanged(model, before)  # the zero convs are back, bitwise
+    assert not bad.passed and bad.weights == "perturbed" and bad.fused_checked
+    assert all(a.passed for a in bad.adapters)  # the forward is right: only gradients can tell
+    failed = {t.name for t in bad.grads if not t.passed}
+    assert failed and all(".fc1." in name for name in failed), failed
+    assert any(name.endswith("fc1.weight") for name in failed) and any(name.endswith("fc1.bias") for name in failed)
+    assert "verify_model FAILED" in str(bad) and "perturbed adapter weights" in str(bad)
+
+    honest = verify_model(model, clips, backend="test_honest")
+    assert honest.passed, str(honest)
+    # perturbed weights reach fc1: non-zero gradients (the last pre-MLP adapter cannot reach the
+    # CLS-pooled logits: its gradients are zero in any weights, see tests/tiny_clip.py)
+    reaching = [t for t in honest.grads if ".fc1." in t.name and "resblocks.1.adapter_pre_mlp" not in t.name]
+    assert reaching and all(t.scale > 0 for t in reaching)
+    _assert_unchanged(model, before)
+
+
+def test_verify_model_refuses_to_pass_when_nothing_fused_ran(broken_backends):
+    model = _fresh_clip_model()  # every adapter on backend "auto"
+    clips = _clips()
+    before = _snapshot(model)
+    result = verify_model(model, clips)  # "auto" on CPU tensors resolves to the reference
+    _assert_unchanged(model, before)
+    assert not result.passed and not result.fused_checked
+    assert result.adapters and all(a.ran == "reference" and not a.fused and not a.passed for a in result.adapters)
+    text = str(result)
+    assert "verify_model FAILED (nothing fused was checked)" in text and "NOT FUSED" in text
+    assert any("nothing fused was checked for every adapter" in n for n in result.notes)
+    assert len(result.failures()) >= len(result.adapters)
+    with pytest.raises(ValueError, match="check nothing fused"):
+        verify_model(model, clips, backend="reference")
+
+    # one adapter fused, the others on the reference: the others checked nothing, so no pass
+    adapters = _adapters(model)
+    adapters[0].backend = "test_honest"
+    before = _snapshot(model)
+    mixed = verify_model(model, clips)
+    _assert_unchanged(model, before)
+    assert mixed.fused_checked and not mixed.passed
+    assert [a.fused for a in mixed.adapters] == [True] + [False] * (len(adapters) - 1)
+    assert mixed.adapters[0].passed
+    assert any(f"{len(adapters) - 1} of {len(adapters)} adapters" in n for n in mixed.notes)
+
+
+def test_verify_model_restores_state_bitwise_after_success_and_after_an_exception(broken_backends):
+    model = TinyVideoModel()  # fresh adapters (identity), BatchNorm buffers, dropout
+    model.bn.running_mean.fill_(0.25)
+    model.blocks[0].adapter.backend = "test_honest"  # adapter backends come back as they were
+    model.blocks[1].norm.weight.requires_grad_(False)
+    model.head.weight.grad = torch.full_like(model.head.weight, 7.0)
+    model.train()
+    x = torch.randn(2 * 3, 1 + 9, 10)
+    before = _snapshot(model)
+    # train=True: every run updates the BatchNorm statistics; perturbed weights overwrite the adapters
+    assert verify_model(model, x, backend="test_honest", train=True).passed
+    _assert_unchanged(model, before)
+    # fails in the fused run's backward: after the perturbation, the float64 copy, the reference
+    # run and the fused forward have each changed what they change
+    with pytest.raises(RuntimeError, match="fused backward failed"):
+        verify_model(model, x, backend="test_bwd_raises", train=True)
+    _assert_unchanged(model, before)
+    with pytest.raises(RuntimeError, match="fused backward failed"):
+        verify_model(model, x, backend="test_bwd_raises")  # default eval mode
+    _assert_unchanged(model, before)
+    assert model.training and all(torch.count_nonzero(m.conv.weight) == 0 for m in _adapters(model))
+
+
+def test_preserved_state_and_perturb_adapters():
+    model = TinyVideoModel()
+    adapters = _adapters(model)
+    before = _snapshot(model)
+    with pytest.raises(KeyError):
+        with preserved_state(model) as snapshot:
+            perturb_adapters(adapters, seed=3)
+            first = [p.detach().clone() for m in adapters for p in m.parameters()]
+            perturb_adapters(adapters, seed=3)
+            assert all(torch.equal(a, p) for a, p in zip(first, (p for m in adapters for p in m.parameters())))
+            for m in adapters:  # seeded, non-zero, at an adapter's scale
+                for name, p in m.named_parameters():
+                    assert torch.count_nonzero(p) == p.numel(), name
+                    assert p.abs().max() < 5 * (m.fc1.in_features ** -0.5 if name == "fc1.weight" else 1.0)
+            model.eval()
+            model.bn.running_mean.add_(1.0)
+            snapshot.reset_buffers()
+            assert torch.equal(model.bn.running_mean, before["state"]["bn.running_mean"])
+            model.bn.running_var.mul_(3.0)
+            adapters[0].backend = "reference"
+            model.head.weight.requires_grad_(False)
+            model.head.bias.grad = torch.ones_like(model.head.bias)
+            torch.randn(3)  # moves the global RNG
+            raise KeyError("inside")
+    _assert_unchanged(model, before)
+    perturb_adapters(adapters, seed=4)
+    assert not all(torch.equal(a, p) for a, p in zip(first, (p for m in adapters for p in m.parameters())))
+
+
+def test_readme_verify_model_cpu_example_runs():
+    """README's delimited CPU example, as a new user runs it: a fresh process without
+    TRITON_INTERPRET (the snippet sets it), in a scratch directory."""
+    import re
+    import tempfile
+
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    block = re.search(r"<!-- verify_model CPU example: begin.*?-->\s*```python\n(.*?)```\s*"
+                      r"<!-- verify_model CPU example: end -->", readme, re.S)
+    assert block, "README.md lost its delimited verify_model CPU example"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path even on a GPU machine
+    with tempfile.TemporaryDirectory() as scratch:
+        proc = subprocess.run([sys.executable, "-c", block.group(1)], cwd=scratch, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "verify_model PASSED" in proc.stdout and "perturbed adapter weights" in proc.stdout
+    assert "triton->triton" in proc.stdout
