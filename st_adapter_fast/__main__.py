@@ -11,7 +11,7 @@ import sys
 
 COMMANDS = {
     "verify": ("st_adapter_fast.verify", "parity of every available backend against the float64 reference"),
-    "bench": ("st_adapter_fast.bench.cli", "op-level and end-to-end benchmarks, written to benchmarks/results/"),
+    "bench": ("st_adapter_fast.bench.cli", "op-level and end-to-end benchmarks, written to ./bench-results/"),
     "train-demo": ("st_adapter_fast.demo", "synthetic video task showing adapters learn temporal order"),
 }
 

@@ -36,7 +36,15 @@ from st_adapter_fast.parity import (  # noqa: F401  (re-exported for the tests)
 
 _place = place  # older name, kept for tests that used it
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+_skip_without_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def requires_cuda(test):
+    """Decorator for a test that needs a CUDA GPU: marked `gpu` (the GPU verdict's parity stage
+    runs `pytest -m gpu`) and skipped where torch sees no GPU."""
+    return pytest.mark.gpu(_skip_without_cuda(test))
+
+
 requires_interpreter = pytest.mark.skipif(
     not triton_interpreter_on(), reason="the CPU twin runs the Triton kernels under TRITON_INTERPRET=1"
 )

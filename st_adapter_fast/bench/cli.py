@@ -1,5 +1,6 @@
 """``python -m st_adapter_fast bench``: op-level, memory, roofline and end-to-end benchmarks of
-every backend, written to benchmarks/results/<device>-<date>/ (results.json, report.md, PNGs).
+every backend, written to bench-results/<device>-<date>/ in the current directory (results.json,
+report.md, PNGs; --out DIR elsewhere).
 
     python -m st_adapter_fast bench                       # GPU: everything, target shapes A,B,C
     python -m st_adapter_fast bench --quick --no-e2e      # a fast look
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="bf16 (cuda default) | fp16 | fp32 (cpu default)")
     p.add_argument("--quick", action="store_true",
                    help="shorter timing, 3-point sweeps, max-autotune on the first shape only")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>-<date>)")
+    p.add_argument("--out", default=None, help="results folder (default bench-results/<device>-<date> in the current directory)")
     p.add_argument("--e2e", dest="e2e", action="store_true", default=True, help="end-to-end ViT model (default)")
     p.add_argument("--no-e2e", dest="e2e", action="store_false")
     p.add_argument("--e2e-model", choices=("library", "builtin"), default="library",
@@ -180,9 +181,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         tasks.append(_Task(label, run, on_skip))
 
     def op_task(suite: str, shape, provider: str, mode: str) -> None:
-        row = {"suite": suite, "shape_name": shape.name, "shape": shape.as_dict(), "provider": provider,
-               "mode": mode, "flops": core.op_flops(shape, mode),
-               "min_bytes": core.op_min_bytes(shape, mode, torch.finfo(dtype).bits // 8)}
+        row = core.op_row(suite, shape, provider, mode, dtype)
         add_task(f"{suite} {shape.name} {provider} {mode}", "op", row,
                  lambda: core.provider_unavailable(provider, shape, device, dtype),
                  lambda: core.time_op(provider, shape, mode, device, dtype, args.quick),

@@ -33,14 +33,18 @@ import st_adapter_fast
 from st_adapter_fast.reference import reference
 
 __all__ = [
-    "OpShape", "TARGET_SHAPES", "TINY_SHAPES", "PROVIDERS", "MODES", "parse_shapes", "sweep_shapes",
+    "OpShape", "TARGET_SHAPES", "TINY_SHAPES", "TINY_TARGETS", "PROVIDERS", "MODES", "parse_shapes", "sweep_shapes",
     "op_flops", "op_min_bytes", "measure_roofline", "provider_unavailable", "make_op_inputs",
-    "make_step", "prepare_op", "time_fn", "SavedTensorCounter", "measure_memory", "nvtx_range", "time_op",
+    "make_step", "prepare_op", "op_row", "time_fn", "SavedTensorCounter", "measure_memory", "nvtx_range", "time_op",
 ]
 
 MODES = ("fwd", "fwd+bwd")
 PROVIDERS = ("eager", "eager-nocudnn", "compile", "compile-max-autotune", "triton", "cuda")
 COMPILE_MODES = {"compile": None, "compile-max-autotune": "max-autotune"}
+# None: torch.compile's default backend (inductor). The verdict's CPU dry run sets "aot_eager",
+# which traces the same graph without inductor's C++ codegen: 85 s -> a few s on 2 CPU cores.
+# A backend other than inductor takes no mode, so both compile providers then run the same.
+COMPILE_BACKEND = None
 PROVIDER_ALIASES = {"reference": "eager", "reference-nocudnn": "eager-nocudnn"}
 # CPU tensors reach the Triton kernels only through the interpreter: usable on tiny shapes.
 INTERPRETER_MAX_TOKENS = 4096
@@ -84,6 +88,13 @@ TARGET_SHAPES = {
 }
 # Small enough for the CPU reference and the Triton interpreter; C, Ca not powers of two.
 TINY_SHAPES = {"tiny": OpShape("tiny", B=2, T=4, L=17, C=48, Ca=24)}
+# Stand-ins for A, B, C where kernels run in the interpreter (the verdict's CPU dry run): the
+# same roles (B wider with a longer sequence, C the longest clip), each a few seconds per pass.
+TINY_TARGETS = {
+    "A": TINY_SHAPES["tiny"],
+    "B": OpShape("tiny-B", B=1, T=4, L=26, C=64, Ca=32),
+    "C": OpShape("tiny-C", B=1, T=8, L=17, C=48, Ca=24),
+}
 
 
 def parse_shapes(spec: str) -> List[OpShape]:
@@ -235,6 +246,8 @@ def make_op_callable(provider: str, shape: OpShape) -> Callable:
         return _reference_fn(shape)
     if provider in COMPILE_MODES:
         torch._dynamo.reset()
+        if COMPILE_BACKEND is not None:
+            return torch.compile(_reference_fn(shape), backend=COMPILE_BACKEND, dynamic=False, fullgraph=True)
         mode = COMPILE_MODES[provider]
         return torch.compile(_reference_fn(shape), mode=mode, dynamic=False, fullgraph=True)
 
@@ -315,10 +328,13 @@ def time_fn(
     min_reps: int = 5,
     max_reps: int = 1000,
     loop: bool = True,
+    fixed_reps: Optional[int] = None,
 ) -> dict:
     """Median time of fn in ms (plus p20/p80, mean, reps). CUDA: per-repetition events, L2
     flushed, a queued GPU sleep hides host dispatch; also `loop_ms`, back-to-back launches.
-    CPU: perf_counter per repetition. `setup` runs before each repetition, outside the timing."""
+    CPU: perf_counter per repetition. `setup` runs before each repetition, outside the timing.
+    fixed_reps: exactly one warm-up call and that many repetitions, no time-based sizing (the
+    interpreter's dry runs, where each call takes a second)."""
     if setup is None:
         setup = lambda: None  # noqa: E731
     cuda = device == "cuda"
@@ -326,17 +342,22 @@ def time_fn(
 
     # estimate one call, then size warm-up and repetitions by time like do_bench
     setup()
+    t0 = time.perf_counter()
     fn()
     sync()
-    t0 = time.perf_counter()
-    n_est = 3
-    for _ in range(n_est):
-        setup()
-        fn()
-    sync()
-    est_ms = max((time.perf_counter() - t0) * 1e3 / n_est, 1e-3)
-    n_warmup = max(1, min(int(warmup_ms / est_ms), max_reps))
-    n_rep = max(min_reps, min(int(rep_ms / est_ms), max_reps))
+    if fixed_reps is not None:
+        est_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
+        n_warmup, n_rep = 0, max(1, fixed_reps)
+    else:
+        t0 = time.perf_counter()
+        n_est = 3
+        for _ in range(n_est):
+            setup()
+            fn()
+        sync()
+        est_ms = max((time.perf_counter() - t0) * 1e3 / n_est, 1e-3)
+        n_warmup = max(1, min(int(warmup_ms / est_ms), max_reps))
+        n_rep = max(min_reps, min(int(rep_ms / est_ms), max_reps))
     for _ in range(n_warmup):
         setup()
         fn()
@@ -406,10 +427,18 @@ def prepare_op(provider: str, shape: OpShape, mode: str, device: str, dtype: tor
     return step, reset, time.perf_counter() - t0
 
 
-def time_op(provider: str, shape: OpShape, mode: str, device: str, dtype: torch.dtype, quick: bool) -> dict:
-    """Time one (provider, shape, mode): first call (compile) separately, then time_fn."""
+def op_row(suite: str, shape: OpShape, provider: str, mode: str, dtype: torch.dtype) -> dict:
+    """The identifying fields of one op-level result row (the bench CLI's and the verdict's)."""
+    return {"suite": suite, "shape_name": shape.name, "shape": shape.as_dict(), "provider": provider,
+            "mode": mode, "flops": op_flops(shape, mode), "min_bytes": op_min_bytes(shape, mode, torch.finfo(dtype).bits // 8)}
+
+
+def time_op(provider: str, shape: OpShape, mode: str, device: str, dtype: torch.dtype, quick: bool,
+            timing: Optional[dict] = None) -> dict:
+    """Time one (provider, shape, mode): first call (compile) separately, then time_fn with
+    `timing` (time_fn's keyword arguments) or else timing_budget(device, quick)."""
     step, reset, first_call_s = prepare_op(provider, shape, mode, device, dtype)
-    stats = time_fn(step, device, setup=reset, **timing_budget(device, quick))
+    stats = time_fn(step, device, setup=reset, **(timing if timing is not None else timing_budget(device, quick)))
     stats["first_call_s"] = first_call_s
     if provider in COMPILE_MODES:
         stats["compile_s"] = first_call_s

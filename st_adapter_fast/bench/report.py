@@ -37,15 +37,16 @@ def slug(text: str) -> str:
 
 
 def repo_root() -> Optional[Path]:
-    """The checkout holding this package (editable install), if any."""
-    root = Path(__file__).resolve().parents[1]
+    """The checkout holding this package (editable install), if any: st_adapter_fast/bench/ -> ../.."""
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "benchmarks").is_dir() or (root / ".git").exists() else None
 
 
 def default_out_dir(device: str) -> Path:
-    root = repo_root() or Path.cwd()
+    """bench-results/<device>-<date> in the current directory: a run never writes into the
+    installed package or the source tree unless asked to (--out benchmarks/results/...)."""
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    return root / "benchmarks" / "results" / f"{slug(device_name(device))}-{date}"
+    return Path.cwd() / "bench-results" / f"{slug(device_name(device))}-{date}"
 
 
 def _git(*args: str) -> Optional[str]:
@@ -144,20 +145,41 @@ def _pct(v):
     return "-" if v is None else f"{100 * v:.0f}%"
 
 
+def versions_line(m: dict) -> str:
+    return (f"torch {m['torch']}, triton {m['triton']}, python {m['python']}, CUDA {m['cuda']}, "
+            f"st-adapter-fast {m['library_version']} (commit {(m.get('git_commit') or '?')[:10]}"
+            f"{', dirty' if m.get('git_dirty') else ''}); dtype {m['dtype']}; {m['datetime_utc']}")
+
+
 def render_markdown(results: dict) -> str:
     m = results["meta"]
-    lines = [
-        f"# st-adapter-fast benchmark: {m['device']}, {m['date']}",
-        "",
-        f"torch {m['torch']}, triton {m['triton']}, python {m['python']}, CUDA {m['cuda']}, "
-        f"st-adapter-fast {m['library_version']} (commit {(m['git_commit'] or '?')[:10]}"
-        f"{', dirty' if m.get('git_dirty') else ''}); dtype {m['dtype']}; {m['datetime_utc']}",
-        "",
-    ]
+    lines = [f"# st-adapter-fast benchmark: {m['device']}, {m['date']}", "", versions_line(m), ""]
     for note in results.get("notes", []):
         lines.append(f"> {note}")
     if results.get("notes"):
         lines.append("")
+    lines += render_roofline(results)
+    lines += _headline(results)
+    lines += render_tables(results)
+    lines.append(f"Total run time {results.get('elapsed_s', 0):.1f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def _sweep_title(suite: str, rows: List[dict]) -> str:
+    """Section title of an op suite; the sweeps name the values they hold fixed, read from the rows."""
+    if suite == "target":
+        return "Op level: target shapes (docs/design.md §5)"
+    frames = sorted({r["shape"]["T"] for r in rows})
+    tokens = sorted({r["shape"]["B"] * r["shape"]["T"] for r in rows})
+    if suite == "sweep-T":
+        return "Sweep over T (B*T constant" + (f" = {tokens[0]})" if len(tokens) == 1 else ")")
+    if suite == "sweep-tokens":
+        return "Sweep over token count (B" + (f" at T = {frames[0]})" if len(frames) == 1 else ")")
+    return suite
+
+
+def render_roofline(results: dict) -> List[str]:
+    lines: List[str] = []
     roof = results.get("roofline")
     if roof:
         lines += [
@@ -169,7 +191,12 @@ def render_markdown(results: dict) -> str:
             "roofline % = floor / measured time.",
             "",
         ]
-    lines += _headline(results)
+    return lines
+
+
+def render_tables(results: dict) -> List[str]:
+    """Every table of a run after the headline: op suites, memory, end to end, what was skipped."""
+    lines: List[str] = []
     op_rows = results.get("op", [])
     suites = []
     for r in op_rows:
@@ -177,9 +204,7 @@ def render_markdown(results: dict) -> str:
             suites.append(r["suite"])
     for suite in suites:
         rows = [r for r in op_rows if r["suite"] == suite]
-        title = {"target": "Op level: target shapes (docs/design.md §5)", "sweep-T": "Sweep over T (B*T constant)",
-                 "sweep-tokens": "Sweep over token count (B at T = 8)"}.get(suite, suite)
-        lines += [f"## {title}", ""]
+        lines += [f"## {_sweep_title(suite, rows)}", ""]
         shapes = {}
         for r in rows:
             shapes.setdefault(r["shape_name"], dict(r["shape"], name=r["shape_name"]))
@@ -254,8 +279,7 @@ def render_markdown(results: dict) -> str:
     plots = results.get("plots", [])
     if plots:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
-    lines.append(f"Total run time {results.get('elapsed_s', 0):.1f} s.")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _headline(results: dict) -> List[str]:

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import requires_cuda
 from st_adapter_fast.bench import core
 from st_adapter_fast.bench import cli as bench
 
 ROOT = Path(__file__).resolve().parents[2]
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 try:
     import matplotlib  # noqa: F401  (plots are checked only where it is installed)
 
@@ -152,6 +152,15 @@ def test_report_headline_compares_shape_a_with_the_targets():
     assert row["bound"] == "compute" and abs(row["roofline_frac"] - 0.037 / 0.05) < 0.02
 
 
+def test_default_out_dir_is_in_the_current_directory(tmp_path, monkeypatch):
+    from st_adapter_fast.bench import report
+
+    monkeypatch.chdir(tmp_path)
+    out = report.default_out_dir("cpu")
+    assert out.parent == tmp_path / "bench-results" and out.name.startswith("cpu-")
+    assert ROOT not in out.parents
+
+
 def test_cli_rejects_bad_arguments(capsys):
     assert bench.main(["--device", "cpu", "--shapes", "Z"]) == 2
     assert "unknown shape" in capsys.readouterr().err
@@ -225,6 +234,9 @@ def test_cli_cpu_reference_end_to_end(tmp_path, one_thread, capsys):
     md = (out / "report.md").read_text()
     for heading in ("Roofline", "Op level", "Sweep over T", "Memory per adapter", "End to end"):
         assert heading in md, heading
+    # the sweep headings name the values held fixed in the rows: the tiny shape has T = 4
+    assert "## Sweep over token count (B at T = 4)" in md and "T = 8" not in md
+    assert f"## Sweep over T (B*T constant = {8})" in md
     assert "Kernel timings need a GPU" in md
     if HAS_MPL:
         for name in ("time_per_shape.png", "speedup.png", "sweeps.png", "memory.png", "e2e.png"):

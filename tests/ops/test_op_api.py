@@ -250,6 +250,7 @@ def test_spatial_kernels_not_pretended_fused():
     torch.testing.assert_close(got, reference(x, 2, *params))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="auto picks a fused backend only for CUDA tensors")
 def test_auto_falls_back_with_one_warning_gpu():
     x = torch.randn(4, 5, 8, device="cuda")
