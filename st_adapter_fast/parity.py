@@ -391,8 +391,10 @@ def run(
                       prefix_mode=v.prefix_mode, scale=params["scale"], drop_path=v.drop_path,
                       training=v.drop_path > 0)
     official = [params[n] for n in PARAM_NAMES]
-    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
-        torch.manual_seed(DROP_PATH_SEED)  # the same clips dropped in every run of the case
+    cuda = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, enabled=v.drop_path > 0):  # the caller's RNG stays as it was
+        if v.drop_path > 0:
+            torch.manual_seed(DROP_PATH_SEED)  # the same clips dropped in every run of the case
         if autocast is not None:
             with torch.autocast(device_type=device, dtype=autocast):
                 out = st_adapter_fast.st_adapter(x, case.frames, *official, **kwargs)
