@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import backends as _backends
 from .reference import infer_grid, reference
-from .variants import OFFICIAL, Variant, check_drop_path
+from .variants import Variant, check_drop_path
 
 __all__ = ["st_adapter", "resolve_backend", "check_inputs", "check_variant_inputs"]
 
