@@ -468,3 +468,22 @@ def test_a_backend_claiming_variants_cannot_silently_drop_them():
             st_adapter(torch.randn(4, 5, 8), 2, *_weights(), backend="test_claims_all", act_after_fc1="relu")
     finally:
         unregister_backend("test_claims_all")
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_variant_compiles_fullgraph_and_matches_eager(training):
+    """Every switch at once traces without graph breaks (fullgraph=True raises on one); with
+    DropPath the compiled run draws the same mask from the same seed."""
+    m = STAdapter(16, 8, (3, 3, 3), norm="layernorm", act_after_fc1="gelu", act_after_conv="relu",
+                  prefix_mode="mlp", scale=0.5, drop_path=0.5).train(training)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(6 * 2, 10, 16)
+    compiled = torch.compile(lambda t: m(t, 2), fullgraph=True, backend="aot_eager")
+    torch.manual_seed(2)
+    got = compiled(x)
+    torch.manual_seed(2)
+    assert torch.equal(got, m(x, 2))
+    if training:  # the seed drops some clips and keeps others
+        per_clip = (got - x).reshape(6, -1).abs().sum(1)
+        assert (per_clip == 0).any() and (per_clip > 0).any(), per_clip
