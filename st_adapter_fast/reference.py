@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .variants import ACTIVATIONS
+from .variants import ACTIVATIONS, Variant
 
 __all__ = ["reference", "infer_grid", "activation", "drop_path_mask"]
 
@@ -137,6 +137,7 @@ def reference(
         (the spatial tokens; every token with prefix_mode="mlp").
     """
     del backend, unused  # same signature as st_adapter(); the reference has one backend
+    Variant(norm, act_after_fc1, act_after_conv, prefix_mode, scale is not None, drop_path)  # names a bad switch
     bt, seq_len, channels = x.shape
     p = num_prefix_tokens
     t = num_frames

@@ -234,6 +234,19 @@ def test_op_rejects_bad_variant_inputs(kwargs, exc, words):
         assert word in str(info.value), (word, str(info.value))
 
 
+def test_prefix_only_frames_go_through_the_mlp():
+    """L = P (no spatial tokens): prefix_mode="mlp" still adapts the prefix rows, without a conv."""
+    w1, b1, wc, bc, w2, b2 = [t.double() for t in _weights()]
+    x = torch.randn(4, 1, 8, dtype=torch.float64)
+    got = reference(x, 2, w1, b1, wc, bc, w2, b2, prefix_mode="mlp", act_after_fc1="relu",
+                    act_after_conv="gelu")
+    want = x + _act("gelu", _act("relu", x @ w1.t() + b1)) @ w2.t() + b2
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(reference(x, 2, w1, b1, wc, bc, w2, b2), x)  # skip: a copy
+    with pytest.raises(ValueError, match="prefix_mode"):
+        reference(x, 2, w1, b1, wc, bc, w2, b2, prefix_mode="MLP")
+
+
 # -------------------------------------------------------------------------------- DropPath
 def _drop_adapter(p, clips=64, frames=3):
     torch.manual_seed(5)
