@@ -212,15 +212,22 @@ def test_loading_into_other_switches_warns():
 
 
 def test_save_adapters_records_switches_and_inject_refuses_them(tmp_path):
+    """inject_st_adapters builds official adapters only: a file saved from variant adapters says
+    so, and load_adapters(inject=True) refuses it instead of silently losing activations."""
+    import tiny_clip
     from st_adapter_fast.models.checkpoint import load_adapters, save_adapters
 
-    model = _Backbone(lambda: STAdapter(16, 8, (3, 3, 3), **MMACTION2_SWITCHES))
-    model.blocks[0].temp_model.num_prefix_tokens = 1
-    payload = save_adapters(model, tmp_path / "a.pt", include_trainable=False)
-    cfg = payload["st_adapter_fast"]["adapters"]["blocks.0.temp_model"]
-    assert cfg["switches"] == {"act_after_conv": "relu", "prefix_mode": "mlp", "scale": True, "drop_path": 0.1}
-    official = _Backbone(lambda: STAdapter(16, 8))
-    saved = save_adapters(official, tmp_path / "b.pt", include_trainable=False)["st_adapter_fast"]["adapters"]
-    assert saved["blocks.0.temp_model"]["switches"] == {}
+    model = tiny_clip.build_model()
+    saved = save_adapters(model, tmp_path / "official.pt")["st_adapter_fast"]["adapters"]
+    assert saved and all(cfg["switches"] == {} for cfg in saved.values())
+    for _, adapter in tiny_clip.adapter_modules(model):  # switches without parameters
+        adapter.act_after_conv, adapter.prefix_mode = "relu", "mlp"
+    saved = save_adapters(model, tmp_path / "variant.pt")["st_adapter_fast"]["adapters"]
+    assert all(cfg["switches"] == {"act_after_conv": "relu", "prefix_mode": "mlp"} for cfg in saved.values())
+    plain = tiny_clip.build_model()
+    from st_adapter_fast.models.inject import remove_st_adapters
+
+    remove_st_adapters(plain)
     with pytest.raises(ValueError, match="variant switches"):
-        load_adapters(nn.Sequential(nn.Linear(2, 2)), tmp_path / "a.pt", inject=True)
+        load_adapters(plain, tmp_path / "variant.pt", inject=True)
+    assert load_adapters(plain, tmp_path / "official.pt", inject=True, backend="reference").ok
