@@ -349,6 +349,10 @@ def run_grid(
             if mine and all(r.status == "SKIP" for r in mine):
                 unavailable[name] = f"runs none of the variants grid's cases (first: {mine[0].case}: {mine[0].reason})"
                 rows = [r for r in rows if r.backend != name]
+        if any(parity.backstop_exempt(c) for c in cases):
+            notes.append("the backstop does not bind cases with a ReLU (gate flips: eager bf16 itself exceeds it) "
+                         "nor the scale gradient (a cancelling sum); ratio * eager + floor still does "
+                         "(st_adapter_fast.parity.backstop_exempt)")
         if not any(r.backend != "reference" for r in rows):
             notes.append("no fused backend covers the variant switches yet (docs/design.md §9): this grid "
                          "checks only the reference -- eager PyTorch in each dtype -- against its own float64 run")
