@@ -500,3 +500,21 @@ def test_variant_compiles_fullgraph_and_matches_eager(training):
     if training:  # the seed drops some clips and keeps others
         per_clip = (got - x).reshape(6, -1).abs().sum(1)
         assert (per_clip == 0).any() and (per_clip > 0).any(), per_clip
+
+
+def test_backstop_exemptions_are_named_and_narrow():
+    """Only ReLU cases (every tensor) and the scale gradient go without the backstop; the
+    ratio-to-eager bound still binds them."""
+    relu = parity.Case(kernel=(3, 3, 3), variant=parity.MMACTION2)
+    assert set(parity.backstop_exempt(relu)) >= {"out", "x", "fc1_weight", "scale"}
+    assert parity.backstop_exempt(parity.Case(kernel=(1, 3, 3), variant=Variant(scale=True))) == ("scale",)
+    assert parity.backstop_exempt(parity.Case(kernel=(1, 3, 3), variant=Variant(act_after_fc1="gelu"))) == ()
+    assert parity.backstop_exempt(parity.Case()) == ()
+    ref = {"scale": torch.tensor(1.0, dtype=torch.float64), "out": torch.ones(3, dtype=torch.float64)}
+    eager = {"scale": torch.tensor(1.2, dtype=torch.float64), "out": torch.full((3,), 1.2, dtype=torch.float64)}
+    got = {"scale": torch.tensor(1.3, dtype=torch.float64), "out": torch.full((3,), 1.3, dtype=torch.float64)}
+    errs = {e.name: e for e in parity.compare(got, ref, eager, torch.bfloat16, exempt=("scale",))}
+    assert errs["scale"].passed and not errs["out"].passed  # 0.3 <= 2 * 0.2 + floor; the backstop 0.05 binds "out"
+    worse = dict(got, scale=torch.tensor(1.5, dtype=torch.float64))
+    errs = {e.name: e for e in parity.compare(worse, ref, eager, torch.bfloat16, exempt=("scale",))}
+    assert not errs["scale"].passed  # 0.5 > 2 * 0.2 + 0.008
