@@ -28,6 +28,7 @@ _LAZY = {
     "save_adapters": "st_adapter_fast.models.checkpoint",
     "load_adapters": "st_adapter_fast.models.checkpoint",
     "load_official_checkpoint": "st_adapter_fast.models.checkpoint",
+    "load_mmaction_checkpoint": "st_adapter_fast.models.checkpoint",
     "prepare_mixed_precision": "st_adapter_fast.models.mixed_precision",
 }
 

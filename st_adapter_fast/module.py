@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .ops import BACKEND_NAMES, st_adapter
+from .variants import Variant, check_drop_path
 
 __all__ = ["STAdapter"]
 
@@ -30,6 +31,17 @@ class STAdapter(nn.Module):
     (B*T, L, C), a new tensor unless ``inplace``. ``conv_cudnn=False``: where the reference
     runs, cuDNN is off around its conv, as the official DWCONV3D_DISABLE_CUDNN means (see
     st_adapter_fast.reference); an attribute, so it can be switched on a built model.
+
+    Variant switches (docs/design.md §9; the defaults are the official module, bit for bit):
+    ``norm="layernorm"`` adds child ``norm`` (nn.LayerNorm(C), eps 1e-5) before fc1;
+    ``act_after_fc1`` / ``act_after_conv`` in None, "gelu", "quick_gelu", "relu";
+    ``prefix_mode="mlp"`` sends prefix tokens through fc1 -> activations -> fc2 (no conv);
+    ``scale=s0`` adds a 0-dim Parameter ``scale`` (initialised to s0) multiplying the branch;
+    ``drop_path=p`` drops the branch per clip with probability p in training mode (identity in
+    eval). MMAction2's STAdapter is ``STAdapter(C, Ca, (3, 3, 3), act_after_conv="relu",
+    prefix_mode="mlp", scale=0.0, drop_path=0.1)`` (models.checkpoint.load_mmaction_checkpoint
+    maps its keys). No fused backend runs a non-official switch yet: backend="auto" falls back
+    to the reference with a one-time warning naming the switch.
     """
 
     def __init__(
@@ -43,6 +55,12 @@ class STAdapter(nn.Module):
         grid_size: Optional[Sequence[int]] = None,
         inplace: bool = False,
         conv_cudnn: bool = True,
+        norm: Optional[str] = None,
+        act_after_fc1: Optional[str] = None,
+        act_after_conv: Optional[str] = None,
+        prefix_mode: str = "skip",
+        scale: Optional[float] = None,
+        drop_path: float = 0.0,
         device=None,
         dtype=None,
     ):
@@ -55,6 +73,11 @@ class STAdapter(nn.Module):
 
             if backend not in available_backends():
                 raise ValueError(f"unknown backend {backend!r}; expected one of {BACKEND_NAMES}")
+        # validates every switch by name (ValueError naming the choices)
+        Variant(norm=norm, act_after_fc1=act_after_fc1, act_after_conv=act_after_conv,
+                prefix_mode=prefix_mode, drop_path=check_drop_path(drop_path))
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+            raise TypeError(f"scale must be None or the float its Parameter starts at, got {scale!r}")
         factory = dict(device=device, dtype=dtype)
         self.fc1 = nn.Linear(in_channels, adapter_channels, **factory)
         self.conv = nn.Conv3d(
@@ -62,6 +85,15 @@ class STAdapter(nn.Module):
             padding=tuple(k // 2 for k in kernel_size), groups=adapter_channels, **factory,
         )
         self.fc2 = nn.Linear(adapter_channels, in_channels, **factory)
+        self.norm = nn.LayerNorm(in_channels, eps=1e-5, **factory) if norm == "layernorm" else None
+        if scale is None:
+            self.register_parameter("scale", None)
+        else:
+            self.scale = nn.Parameter(torch.full((), float(scale), **factory))
+        self.act_after_fc1 = act_after_fc1
+        self.act_after_conv = act_after_conv
+        self.prefix_mode = prefix_mode
+        self.drop_path = float(drop_path)
         self.num_prefix_tokens = num_prefix_tokens
         self.grid_size = tuple(grid_size) if grid_size is not None else None
         self.inplace = inplace
@@ -83,9 +115,30 @@ class STAdapter(nn.Module):
             self.fc2.weight, self.fc2.bias,
             num_prefix_tokens=self.num_prefix_tokens, grid_size=self.grid_size,
             inplace=self.inplace, backend=self.backend, conv_cudnn=self.conv_cudnn,
+            norm="layernorm" if self.norm is not None else None,
+            norm_weight=self.norm.weight if self.norm is not None else None,
+            norm_bias=self.norm.bias if self.norm is not None else None,
+            norm_eps=self.norm.eps if self.norm is not None else 1e-5,
+            act_after_fc1=self.act_after_fc1, act_after_conv=self.act_after_conv,
+            prefix_mode=self.prefix_mode, scale=self.scale, drop_path=self.drop_path,
+            training=self.training,
         )
 
+    @property
+    def variant(self) -> Variant:
+        """This adapter's docs/design.md §9 switches (drop_path as in effect in this mode)."""
+        return Variant(norm="layernorm" if self.norm is not None else None,
+                       act_after_fc1=self.act_after_fc1, act_after_conv=self.act_after_conv,
+                       prefix_mode=self.prefix_mode, scale=self.scale is not None,
+                       drop_path=self.drop_path if self.training else 0.0)
+
     def extra_repr(self) -> str:
+        switches = [f"{k}={getattr(self, k)!r}" for k in ("act_after_fc1", "act_after_conv") if getattr(self, k)]
+        if self.prefix_mode != "skip":
+            switches.append(f"prefix_mode={self.prefix_mode!r}")
+        if self.drop_path:
+            switches.append(f"drop_path={self.drop_path:g}")
         return (f"num_prefix_tokens={self.num_prefix_tokens}, kernel_size={self.kernel_size}, "
                 f"backend={self.backend!r}, inplace={self.inplace}"
-                + ("" if self.conv_cudnn else ", conv_cudnn=False"))
+                + ("" if self.conv_cudnn else ", conv_cudnn=False")
+                + "".join(", " + s for s in switches))

@@ -16,8 +16,9 @@ from torch import Tensor
 
 from . import backends as _backends
 from .reference import infer_grid, reference
+from .variants import Variant, check_drop_path
 
-__all__ = ["st_adapter", "resolve_backend", "check_inputs"]
+__all__ = ["st_adapter", "resolve_backend", "check_inputs", "check_variant_inputs"]
 
 BACKEND_NAMES = ("auto", "reference", "triton", "cuda")
 
@@ -100,12 +101,59 @@ def check_inputs(
     (pdtype,) = dtypes
     if not pdtype.is_floating_point:
         raise TypeError(f"adapter parameters must be floating point, got {pdtype}")
-    if pdtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+    if pdtype != x.dtype and not _autocast_on(x.device.type):
         raise TypeError(
             f"x is {x.dtype} but the adapter parameters are {pdtype}; cast one of them "
             f"or run under torch.autocast"
         )
     return c, ca, kernel_size
+
+
+def _autocast_on(device_type: str) -> bool:
+    """torch.is_autocast_enabled for x's device; False where autocast does not exist (meta
+    tensors: torch.is_autocast_enabled("meta") raises "unknown device type for autocast")."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def check_variant_inputs(
+    x: Tensor,
+    param_dtype: torch.dtype,
+    *,
+    norm: Optional[str],
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    act_after_fc1: Optional[str],
+    act_after_conv: Optional[str],
+    prefix_mode: str,
+    scale: Optional[Tensor],
+    drop_path: float,
+    training: bool,
+) -> Variant:
+    """Validate docs/design.md §9's switches of a call; returns its Variant (drop_path as in
+    effect: 0 unless training). Errors name the expected and actual shapes, dtypes, devices."""
+    c = x.shape[-1]
+    check_drop_path(drop_path)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    variant = Variant(norm=norm, act_after_fc1=act_after_fc1, act_after_conv=act_after_conv,
+                      prefix_mode=prefix_mode, scale=scale is not None,
+                      drop_path=float(drop_path) if training else 0.0)
+    if norm is None and (norm_weight is not None or norm_bias is not None):
+        raise ValueError("norm_weight / norm_bias were given but norm is None; pass norm='layernorm'")
+    extra = {"norm_weight": (norm_weight, (c,)), "norm_bias": (norm_bias, (c,)), "scale": (scale, ())}
+    for name, (t, shape) in extra.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share a device")
+        if t.dtype != param_dtype:
+            raise TypeError(f"{name} is {t.dtype} but the adapter parameters are {param_dtype}; "
+                            f"all adapter parameters must share one dtype")
+    return variant
 
 
 # ---------------------------------------------------------------------------- backend choice
@@ -118,14 +166,22 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, stacklevel=3)
 
 
+# devices whose tensors "auto" offers to the fused backends (CPU: eager PyTorch is the fast path)
+AUTO_FUSED_DEVICES = ("cuda",)
+
+
 def resolve_backend(
-    backend: str, x: Tensor, kernel_size: Sequence[int], compute_dtype: torch.dtype
+    backend: str, x: Tensor, kernel_size: Sequence[int], compute_dtype: torch.dtype,
+    variant: Optional[Variant] = None,
 ) -> str:
     """The backend that runs this call: 'reference' or a registered fused backend.
 
     An explicitly named backend that cannot run it raises ValueError/RuntimeError with the
     reason; 'auto' takes the first fused backend that can (on CUDA tensors), else the reference,
-    warning once per case when a CUDA call falls back.
+    warning once per case when a CUDA call falls back. ``variant`` (docs/design.md §9 switches,
+    None = official) goes to each backend's unavailable_reason (Backend.reason). Meta tensors
+    under "auto" run the reference (shapes only); a named fused backend on meta tensors runs
+    its registered fake (st_adapter_fast::fused_adapter) where it covers the case.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
@@ -133,11 +189,11 @@ def resolve_backend(
         return backend
     if backend != "auto":
         impl = _backends.get_backend(backend)  # ValueError for unknown names
-        reason = impl.unavailable_reason(x, kernel_size, compute_dtype)
+        reason = impl.reason(x, kernel_size, compute_dtype, variant)
         if reason is not None:
             raise RuntimeError(f"backend={backend!r} cannot run this call: {reason}")
         return backend
-    if x.device.type != "cuda":
+    if x.device.type not in AUTO_FUSED_DEVICES:
         return "reference"  # CPU: eager PyTorch is the fast path (the interpreter is for tests)
     reasons = []
     for name in _backends.available_backends():
@@ -146,7 +202,7 @@ def resolve_backend(
         impl = _backends.get_backend(name)
         if not impl.auto:
             continue
-        reason = impl.unavailable_reason(x, kernel_size, compute_dtype)
+        reason = impl.reason(x, kernel_size, compute_dtype, variant)
         if reason is None:
             return name
         reasons.append(f"{name}: {reason}")
@@ -273,6 +329,16 @@ def st_adapter(
     inplace: bool = False,
     backend: str = "auto",
     conv_cudnn: bool = True,
+    norm: Optional[str] = None,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    norm_eps: float = 1e-5,
+    act_after_fc1: Optional[str] = None,
+    act_after_conv: Optional[str] = None,
+    prefix_mode: str = "skip",
+    scale: Optional[Tensor] = None,
+    drop_path: float = 0.0,
+    training: bool = False,
 ) -> Tensor:
     """ST-Adapter: ``x[:, P:] + fc2(conv3d(fc1(x[:, P:])))``, prefix tokens passed through.
 
@@ -290,22 +356,46 @@ def st_adapter(
             (what the official DWCONV3D_DISABLE_CUDNN means; see reference()). Fused backends
             never use cuDNN.
 
-    Under torch.autocast the parameters are cast to the autocast dtype (their grads stay in
-    their own dtype) and the result keeps x's dtype, as the official module's in-place add does.
+    Variant switches (docs/design.md §9; defaults = the official module):
+        norm: None | "layernorm", with norm_weight, norm_bias (C,) (or None) and norm_eps.
+        act_after_fc1, act_after_conv: None | "gelu" | "quick_gelu" | "relu".
+        prefix_mode: "skip" | "mlp" (prefix tokens through fc1 -> activations -> fc2, no conv).
+        scale: a 0-dim tensor multiplying the branch (None: 1).
+        drop_path: probability; with training=True one Bernoulli per clip zeroes the branch or
+            scales it by 1/(1-p) (torch's RNG: a seeded run repeats). training=False: identity.
+    No fused backend runs a non-official switch yet: "auto" falls back to the reference with a
+    one-time warning naming the switch, and backend="triton"/"cuda" raises naming it.
+
+    Under torch.autocast the parameters (and scale) are cast to the autocast dtype (their grads
+    stay in their own dtype; the LayerNorm runs as autocast runs F.layer_norm) and the result
+    keeps x's dtype, as the official module's in-place add does. Meta tensors give a meta result
+    of x's shape.
     """
     c, ca, kernel_size = check_inputs(
         x, num_frames, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias,
         num_prefix_tokens, grid_size,
     )
+    variant = check_variant_inputs(
+        x, fc1_weight.dtype, norm=norm, norm_weight=norm_weight, norm_bias=norm_bias,
+        act_after_fc1=act_after_fc1, act_after_conv=act_after_conv, prefix_mode=prefix_mode,
+        scale=scale, drop_path=drop_path, training=training,
+    )
     params = [fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias]
-    if torch.is_autocast_enabled(x.device.type):
+    if _autocast_on(x.device.type):
         cast_to = torch.get_autocast_dtype(x.device.type)
         params = [p.to(cast_to) if p is not None else None for p in params]
+        scale = scale.to(cast_to) if scale is not None else None
     compute_dtype = params[0].dtype
-    name = resolve_backend(backend, x, kernel_size, compute_dtype)
+    name = resolve_backend(backend, x, kernel_size, compute_dtype, None if variant.official else variant)
     if name == "reference":
         return reference(x, num_frames, *params, num_prefix_tokens=num_prefix_tokens,
-                         grid_size=grid_size, inplace=inplace, conv_cudnn=conv_cudnn)
+                         grid_size=grid_size, inplace=inplace, conv_cudnn=conv_cudnn,
+                         norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps,
+                         act_after_fc1=act_after_fc1, act_after_conv=act_after_conv,
+                         prefix_mode=prefix_mode, scale=scale, drop_path=drop_path, training=training)
+    if not variant.official:  # the fused op has no switch arguments yet (docs/design.md §9)
+        raise RuntimeError(f"backend {name!r} accepted {variant.describe()}, but the fused op runs only the "
+                           f"official switches so far; its unavailable_reason must refuse them")
     if x.numel() == 0:
         return x if inplace else x.clone()
     if not inplace:

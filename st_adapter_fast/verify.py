@@ -7,6 +7,11 @@ the same code). Exit status 0 only when every check passes.
 
     python -m st_adapter_fast verify --quick                 # CPU: reference + Triton interpreter
     python -m st_adapter_fast verify --device cuda --json verify.json
+    python -m st_adapter_fast verify --variants [--quick]    # docs/design.md §9 variants grid
+
+``--variants`` checks the variant switches (LayerNorm, activations, prefix MLP, scale, DropPath,
+spatial kernels) for every backend that can run them; a backend that runs none of them is listed
+as unavailable with its reason, never counted as passing.
 
 Whole-model parity (``verify_model``) lives in st_adapter_fast/verify_model.py.
 """
@@ -60,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"any of {', '.join(DEFAULT_DTYPES)} (default: all)")
     p.add_argument("--quick", action="store_true",
                    help="a small subset of the grid touching every T, kt and P (under a minute on CPU)")
+    p.add_argument("--variants", action="store_true",
+                   help="the docs/design.md §9 variants grid (each switch alone, MMAction2's combination, "
+                        "P 0-2, non-square grids, kernels (1|3|5, 3, 3), T 1/2/8) instead of the parity grid; "
+                        "with --quick each variant once")
     p.add_argument("--json", metavar="PATH", default=None, help="also write every number to this JSON file")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and parameters")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -144,8 +153,9 @@ def _select_modes(requested: Optional[Sequence[str]]):
 
 
 def _backend_unavailable(name: str, device: str, kernel_size, dtype: torch.dtype,
-                         x: Optional[torch.Tensor] = None) -> Optional[str]:
-    """Why backend `name` cannot run this call here (None: it can)."""
+                         x: Optional[torch.Tensor] = None, variant=None) -> Optional[str]:
+    """Why backend `name` cannot run this call here (None: it can); variant: the case's
+    docs/design.md §9 switches (None: official)."""
     if name == "reference":
         return None
     from . import backends as _backends
@@ -153,7 +163,7 @@ def _backend_unavailable(name: str, device: str, kernel_size, dtype: torch.dtype
     if x is None:
         x = torch.empty(0, device=device, dtype=dtype)
     try:
-        return _backends.get_backend(name).unavailable_reason(x, tuple(kernel_size), dtype)
+        return _backends.get_backend(name).reason(x, tuple(kernel_size), dtype, variant)
     except Exception as err:  # a backend whose probe itself breaks is unavailable, and says so
         return f"availability check raised {type(err).__name__}: {err}"
 
@@ -271,8 +281,12 @@ def run_grid(
     progress: bool = True,
     requested: bool = False,
     notes: Sequence[str] = (),
+    variants: bool = False,
 ) -> GridResult:
-    """Check every backend x dtype mode x case; nothing is printed but the progress bar."""
+    """Check every backend x dtype mode x case; nothing is printed but the progress bar.
+
+    variants: the cases are the variants grid: a fused backend that can run none of them is
+    reported unavailable (with its reason for the first case) instead of as rows of SKIPs."""
     from . import parity
 
     start = time.perf_counter()
@@ -291,7 +305,8 @@ def run_grid(
     try:
         for case_index, case in enumerate(cases):
             inputs = parity.make_inputs(case, seed=seed + case_index)
-            ref64 = parity.reference64(case, inputs)
+            # a DropPath mask comes from the device's RNG: draw the float64 one there too
+            ref64 = parity.reference64(case, inputs, device=device if case.variant.drop_path > 0 else "cpu")
             for mode in modes:
                 eager = None
                 eager_error = None
@@ -299,7 +314,8 @@ def run_grid(
                     t0 = time.perf_counter()
                     row = CheckRow(name, mode.name, case.label(), "PASS", [])
                     probe = torch.empty(0, device=device, dtype=mode.tensor_dtype)
-                    why = _backend_unavailable(name, device, case.kernel, mode.dtype, probe)
+                    variant = None if case.variant.official else case.variant
+                    why = _backend_unavailable(name, device, case.kernel, mode.dtype, probe, variant)
                     if why is not None:
                         row.status, row.reason = "SKIP", why
                     else:
@@ -313,7 +329,8 @@ def run_grid(
                                 raise RuntimeError(eager_error)
                             # the reference backend IS eager PyTorch in that dtype: reuse the run
                             got = eager if name == "reference" else parity.run_mode(case, inputs, name, mode, device)
-                            row.tensors = parity.compare(got, ref64, eager, mode.dtype)
+                            row.tensors = parity.compare(got, ref64, eager, mode.dtype,
+                                                         exempt=parity.backstop_exempt(case))
                             row.status = "PASS" if all(t.passed for t in row.tensors) else "FAIL"
                         except Exception as err:  # noqa: BLE001 -- a crash is a failed check, not an abort
                             row.status, row.reason = "ERROR", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -322,10 +339,24 @@ def run_grid(
                     bar.update(f"{name} {mode.name} {case.label()}")
     finally:
         bar.close()
+    notes = list(notes)
+    if variants:
+        for name in [n for n in active if n != "reference"]:
+            mine = [r for r in rows if r.backend == name]
+            if mine and all(r.status == "SKIP" for r in mine):
+                unavailable[name] = f"runs none of the variants grid's cases (first: {mine[0].case}: {mine[0].reason})"
+                rows = [r for r in rows if r.backend != name]
+        if any(parity.backstop_exempt(c) for c in cases):
+            notes.append("the backstop does not bind cases with a ReLU (gate flips: eager bf16 itself exceeds it) "
+                         "nor the scale gradient (a cancelling sum); ratio * eager + floor still does "
+                         "(st_adapter_fast.parity.backstop_exempt)")
+        if not any(r.backend != "reference" for r in rows):
+            notes.append("no fused backend covers the variant switches yet (docs/design.md §9): this grid "
+                         "checks only the reference -- eager PyTorch in each dtype -- against its own float64 run")
     return GridResult(
         device=device, device_name=_device_name(device), backends=list(backend_names),
         unavailable=unavailable, requested_unavailable=[n for n in unavailable if requested],
-        rows=rows, cases={c.label(): c for c in cases}, notes=list(notes),
+        rows=rows, cases={c.label(): c for c in cases}, notes=notes,
         seconds=time.perf_counter() - start,
     )
 
@@ -430,16 +461,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
 
-    from .parity import parity_grid
+    from .parity import parity_grid, variant_grid
 
-    cases = parity_grid(quick=args.quick)
+    cases = variant_grid(full=not args.quick) if args.variants else parity_grid(quick=args.quick)
     result = run_grid(device, names, modes, cases, seed=args.seed, progress=not args.no_progress,
-                      requested=args.backends is not None, notes=notes)
+                      requested=args.backends is not None, notes=notes, variants=args.variants)
     print(format_grid(result, verbose=args.verbose), flush=True)
     if args.json:
         payload = grid_to_json(result, {
             "device": device, "backends": names, "dtypes": [m.name for m in modes],
-            "quick": args.quick, "seed": args.seed, "cases": len(cases),
+            "quick": args.quick, "variants": args.variants, "seed": args.seed, "cases": len(cases),
         })
         directory = os.path.dirname(os.path.abspath(args.json))
         os.makedirs(directory, exist_ok=True)

@@ -4,6 +4,12 @@ A backend computes the fused forward and the recompute backward for the cases it
 Each one says *why* it cannot run a call (``unavailable_reason``), so an explicit request fails
 with that reason and ``backend="auto"`` can fall back to the reference naming the case.
 
+Variant switches (docs/design.md §9): dispatch asks ``Backend.reason(x, kernel_size, dtype,
+variant)``. A backend registered with ``variant_aware=True`` gets the call's
+st_adapter_fast.variants.Variant as a ``variant=`` keyword of its unavailable_reason (None for
+the official switches) and decides; any other backend keeps its 3-argument unavailable_reason
+and is refused every non-official switch, by name.
+
 Backend functions take conv taps as a contiguous (Ca, KT) tensor (conv.weight reshaped), x and
 dO with any strides, and return (see kernels.adapter_bwd.adapter_backward):
   forward(x, T, P, Wd, bd, taps, bc, Wu, bu) -> out (B*T, L, C), x's dtype, contiguous
@@ -33,6 +39,18 @@ class Backend:
     backward: Callable
     # picked by backend="auto" (a test-only backend registers with auto=False)
     auto: bool = True
+    # unavailable_reason takes variant= (a Variant, or None for the official switches)
+    variant_aware: bool = False
+
+    def reason(self, x: torch.Tensor, kernel_size: Sequence[int], dtype: torch.dtype,
+               variant=None) -> Optional[str]:
+        """None if this backend can run the call, else why not; variant: the call's
+        st_adapter_fast.variants.Variant, None (or an official one) for the official module."""
+        if variant is None or variant.official:
+            return self.unavailable_reason(x, kernel_size, dtype)
+        if self.variant_aware:
+            return self.unavailable_reason(x, kernel_size, dtype, variant=variant)
+        return f"the {self.name} backend fuses only the official switches, not {variant.describe()}"
 
 
 _REGISTRY: Dict[str, Backend] = {}

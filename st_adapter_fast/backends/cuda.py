@@ -125,9 +125,12 @@ def extension_error() -> Optional[str]:
     return _EXT_ERROR
 
 
-def unavailable_reason(x: torch.Tensor, kernel_size: Sequence[int], dtype: torch.dtype) -> Optional[str]:
+def unavailable_reason(x: torch.Tensor, kernel_size: Sequence[int], dtype: torch.dtype,
+                       variant=None) -> Optional[str]:
     """None if the CUDA kernels can run this call, else why not. Checks the cheap things first, so
-    CPU tensors and unsupported cases never trigger a build."""
+    CPU tensors and unsupported cases never trigger a build. variant: the call's docs/design.md §9
+    switches (None: official); only the official ones are fused. Meta tensors skip the device
+    checks (the op's registered fake gives the shape)."""
     if dtype not in FUSED_DTYPES or x.dtype not in FUSED_DTYPES:
         return (f"the CUDA backend supports float32/float16/bfloat16, got {x.dtype} activations and "
                 f"{dtype} weights")
@@ -139,6 +142,10 @@ def unavailable_reason(x: torch.Tensor, kernel_size: Sequence[int], dtype: torch
         return f"kernel_size {tuple(kernel_size)}: only temporal kernels (kt, 1, 1) are fused"
     if kt > MAX_KT:
         return f"kernel_size {tuple(kernel_size)}: temporal kernels up to {MAX_KT} are fused"
+    if variant is not None and not variant.official:
+        return f"the CUDA backend fuses only the official switches, not {variant.describe()}"
+    if x.device.type == "meta":
+        return None  # shapes only: no device, capability or build to check
     if x.device.type != "cuda":
         return f"the CUDA backend runs on CUDA tensors, got device {x.device}"
     capability = torch.cuda.get_device_capability(x.device)
@@ -185,4 +192,4 @@ def adapter_backward(dout, x, num_frames, num_prefix_tokens, fc1_weight, fc1_bia
     ))
 
 
-BACKEND = Backend("cuda", unavailable_reason, adapter_forward, adapter_backward)
+BACKEND = Backend("cuda", unavailable_reason, adapter_forward, adapter_backward, variant_aware=True)

@@ -55,7 +55,10 @@ def _interpreter_problem(common) -> Optional[str]:
     return None
 
 
-def _triton_unavailable(x: torch.Tensor, kernel_size: Sequence[int], dtype: torch.dtype) -> Optional[str]:
+def _triton_unavailable(x: torch.Tensor, kernel_size: Sequence[int], dtype: torch.dtype,
+                        variant=None) -> Optional[str]:
+    """None if the Triton kernels can run this call, else why not. Meta tensors need no device:
+    the case checks still apply and the op's registered fake gives the shape."""
     if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1" and "triton" not in sys.modules:
         # answer without importing triton, so setting the flag now still works
         return (f"CPU tensors run the Triton kernels only in the Triton interpreter: {_WHEN}. Nothing has "
@@ -69,6 +72,8 @@ def _triton_unavailable(x: torch.Tensor, kernel_size: Sequence[int], dtype: torc
         problem = _interpreter_problem(common)
         if problem is not None:
             return problem
+    elif x.device.type == "meta":
+        pass  # shapes only (the fake of st_adapter_fast::fused_adapter); no device to check
     elif x.device.type != "cuda":
         return f"the Triton backend runs on CUDA tensors, got device {x.device}"
     elif common.INTERPRET:
@@ -81,6 +86,8 @@ def _triton_unavailable(x: torch.Tensor, kernel_size: Sequence[int], dtype: torc
         return f"kernel_size {tuple(kernel_size)}: only temporal kernels (kt, 1, 1) are fused"
     if kt > common.MAX_FUSED_KT:
         return f"kernel_size {tuple(kernel_size)}: temporal kernels up to {common.MAX_FUSED_KT} are fused"
+    if variant is not None and not variant.official:
+        return f"the variant switches are not fused yet (docs/design.md §9): {variant.describe()}"
     return None
 
 
@@ -92,4 +99,4 @@ def _triton_backward(*args):
     return _triton_kernels()[1].adapter_backward(*args)
 
 
-BACKEND = Backend("triton", _triton_unavailable, _triton_forward, _triton_backward)
+BACKEND = Backend("triton", _triton_unavailable, _triton_forward, _triton_backward, variant_aware=True)

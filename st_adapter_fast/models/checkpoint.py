@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -48,6 +49,7 @@ from .inject import iter_st_adapters
 __all__ = [
     "adapter_state_dict", "load_adapter_state_dict", "save_adapters", "load_adapters",
     "map_official_state_dict", "load_official_checkpoint", "CheckpointReport",
+    "map_mmaction_state_dict", "load_mmaction_checkpoint", "MMACTION2_SWITCHES",
 ]
 
 FORMAT_KEY = "st_adapter_fast"  # metadata entry next to 'model' in our files
@@ -162,6 +164,19 @@ def _slot(name: str) -> Tuple[Optional[int], Optional[str]]:
     return None, None
 
 
+def _switches_of(adapter) -> Dict[str, Any]:
+    """An adapter's docs/design.md §9 switches as plain values ({} for the official module)."""
+    out = {"norm": "layernorm" if getattr(adapter, "norm", None) is not None else None,
+           "act_after_fc1": getattr(adapter, "act_after_fc1", None),
+           "act_after_conv": getattr(adapter, "act_after_conv", None),
+           "prefix_mode": getattr(adapter, "prefix_mode", "skip"),
+           "scale": getattr(adapter, "scale", None) is not None,
+           "drop_path": float(getattr(adapter, "drop_path", 0.0))}
+    defaults = {"norm": None, "act_after_fc1": None, "act_after_conv": None, "prefix_mode": "skip",
+                "scale": False, "drop_path": 0.0}
+    return {k: v for k, v in out.items() if v != defaults[k]}
+
+
 def save_adapters(model: nn.Module, path: Union[str, os.PathLike], *, include_trainable: bool = True, **extra) -> Dict:
     """torch.save({'model': adapters (+ head), 'st_adapter_fast': settings, **extra}, path).
 
@@ -180,7 +195,8 @@ def save_adapters(model: nn.Module, path: Union[str, os.PathLike], *, include_tr
         block, position = _slot(rel)
         adapters[rel] = {"block": block, "position": position, "in_channels": a.fc1.in_features,
                          "adapter_channels": a.fc1.out_features, "kernel_size": tuple(a.kernel_size),
-                         "num_prefix_tokens": a.num_prefix_tokens, "backend": a.backend}
+                         "num_prefix_tokens": a.num_prefix_tokens, "backend": a.backend,
+                         "switches": _switches_of(a)}
     state, outside = {}, []
     for key, value in adapter_state_dict(model, include_trainable=include_trainable).items():
         if key.startswith(prefix):
@@ -258,6 +274,12 @@ def _inject_from_file(model: nn.Module, meta: Optional[Mapping], backend: str) -
                          f"load without inject=True, or remove_st_adapters(model) first")
     groups: Dict[Tuple, List[int]] = {}
     for name, cfg in meta["adapters"].items():
+        if cfg.get("switches"):
+            # inject_st_adapters builds official adapters only: rebuilding these would lose
+            # switches that have no parameters (activations, prefix_mode) without an error
+            raise ValueError(f"inject=True: adapter {name!r} was saved with variant switches {cfg['switches']} "
+                             f"that inject_st_adapters cannot rebuild yet; build the adapters by hand, then "
+                             f"load without inject=True")
         block, position = cfg.get("block"), cfg.get("position")
         if block is None or position is None:  # version 1 files: read it off the name
             block, position = _slot(name)
@@ -381,6 +403,113 @@ def load_official_checkpoint(model: nn.Module, source, *, strict: bool = True) -
     mapped, report = map_official_state_dict(_read_checkpoint(source), model)
     if strict and not report.ok:
         raise ValueError(f"official checkpoint does not match the model: {report}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in mapped.items():
+            params[key].copy_(value)
+    return report
+
+
+# --------------------------------------------------------------------- MMAction2 checkpoints
+# MMAction2's STAdapter (mmaction/models/multimodal/vindlu/temporal_model.py, used by its
+# ViT-CLIP / VindLU backbones): linear1 -> depthwise conv (3, 3, 3) on the patch tokens, CLS
+# without it -> ReLU -> linear2, out = x + scale * DropPath(.), scale a 0-dim zero-init
+# Parameter. Our STAdapter with MMACTION2_SWITCHES computes the same (docs/design.md §9).
+_MMACTION_ADAPTER = re.compile(r"^(?:(?P<path>.*)\.)?(?P<leaf>linear1|conv|linear2)\.(?P<kind>weight|bias)$")
+_MMACTION_SCALE = re.compile(r"^(?:(?P<path>.*)\.)?scale$")
+_MMACTION_LEAF = {"linear1": "fc1", "conv": "conv", "linear2": "fc2"}
+MMACTION2_SWITCHES = dict(act_after_conv="relu", prefix_mode="mlp", scale=0.0, drop_path=0.1)
+
+
+def _mmaction_switch_mismatch(adapter) -> List[str]:
+    """How an STAdapter's switches differ from MMAction2's forward (drop_path, a training-time
+    regulariser, may differ)."""
+    want = {"norm": None, "act_after_fc1": None, "act_after_conv": "relu", "prefix_mode": "mlp"}
+    have = {"norm": "layernorm" if adapter.norm is not None else None, "act_after_fc1": adapter.act_after_fc1,
+            "act_after_conv": adapter.act_after_conv, "prefix_mode": adapter.prefix_mode}
+    out = [f"{k}={have[k]!r} (MMAction2: {v!r})" for k, v in want.items() if have[k] != v]
+    if adapter.scale is None:
+        out.append("no scale (MMAction2 has one)")
+    return out
+
+
+def map_mmaction_state_dict(
+    state: Mapping[str, torch.Tensor], model: nn.Module, *, module_map=None,
+) -> Tuple[Dict[str, torch.Tensor], CheckpointReport]:
+    """Rename MMAction2 STAdapter keys onto model's STAdapters.
+
+    ``{path}.linear1.{weight,bias}`` -> ``{path'}.fc1.*``, ``{path}.conv.*`` -> ``{path'}.conv.*``,
+    ``{path}.linear2.*`` -> ``{path'}.fc2.*``, ``{path}.scale`` -> ``{path'}.scale``, where path'
+    is ``module_map(path)`` (a callable, or a dict of file prefix -> model prefix, longest first;
+    default: the same path) and must name an STAdapter of model ("" when model is one). Keys
+    without an STAdapter at path' are unexpected (a whole MMAction2 checkpoint's backbone
+    weights, or a ``scale`` for an adapter built without ``scale=``); missing = model adapter
+    parameters the file did not fill; mismatched = same place, other shape (not loaded).
+    """
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    adapters = dict(iter_st_adapters(model))
+    params = dict(model.named_parameters())
+
+    def to_model_path(path: str) -> Optional[str]:
+        if module_map is None:
+            return path
+        if callable(module_map):
+            return module_map(path)
+        for src in sorted(module_map, key=len, reverse=True):
+            if path == src or path.startswith(src + ".") or src == "":
+                rest = path[len(src):].lstrip(".")
+                dst = module_map[src]
+                return ".".join(p for p in (dst, rest) if p)
+        return path
+
+    def join(*parts: str) -> str:
+        return ".".join(p for p in parts if p)
+
+    mapped, unexpected, mismatched = {}, [], []
+    for key, value in state.items():
+        m = _MMACTION_ADAPTER.match(key)
+        s = _MMACTION_SCALE.match(key) if m is None else None
+        target = None
+        if m is not None or s is not None:
+            path = to_model_path((m or s).group("path") or "")
+            if path is not None and path in adapters:
+                target = (join(path, _MMACTION_LEAF[m.group("leaf")], m.group("kind")) if m is not None
+                          else join(path, "scale"))
+        if target is None or target not in params:
+            unexpected.append(key)
+        elif tuple(params[target].shape) != tuple(value.shape):
+            mismatched.append(f"{key} -> {target}: file {tuple(value.shape)} vs model {tuple(params[target].shape)}")
+        else:
+            mapped[target] = value
+    wanted = [join(name, n) for name, a in adapters.items() for n, _ in a.named_parameters()]
+    missing = [k for k in wanted if k not in mapped]
+    return mapped, CheckpointReport(loaded=sorted(mapped), missing_keys=missing,
+                                    unexpected_keys=unexpected, mismatched_keys=mismatched)
+
+
+def load_mmaction_checkpoint(model: nn.Module, source, *, strict: bool = True, module_map=None) -> CheckpointReport:
+    """Load MMAction2 STAdapter weights (a file path, a dict, or its 'state_dict' / 'model'
+    entry) into model's STAdapters; see map_mmaction_state_dict for the key mapping.
+
+    strict: raise ValueError (with the report) unless every key maps and every adapter
+    parameter is filled; otherwise load what maps and return the report. Warns when a target
+    adapter's switches differ from MMAction2's forward (build it with
+    ``STAdapter(C, Ca, (3, 3, 3), **MMACTION2_SWITCHES)``). MMAction2's module returns its input
+    unchanged for single-frame clips (T = 1); ours adapts them like any clip.
+    """
+    state = _read_checkpoint(source)
+    if isinstance(state.get("state_dict"), Mapping):  # mmengine's layout: {'meta': ..., 'state_dict': ...}
+        state = _read_checkpoint(state["state_dict"])
+    mapped, report = map_mmaction_state_dict(state, model, module_map=module_map)
+    if strict and not report.ok:
+        raise ValueError(f"MMAction2 checkpoint does not match the model: {report}")
+    # the adapter each mapped key belongs to: drop 'fc1.weight' (two parts) or 'scale' (one)
+    filled = {".".join(k.split(".")[:-1] if k.split(".")[-1] == "scale" else k.split(".")[:-2]) for k in mapped}
+    for name, adapter in iter_st_adapters(model):
+        mismatch = _mmaction_switch_mismatch(adapter)
+        if name in filled and mismatch:
+            warnings.warn(f"adapter {name or '<model>'} received MMAction2 weights but its switches differ from "
+                          f"MMAction2's forward: {', '.join(mismatch)}", stacklevel=2)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, value in mapped.items():
