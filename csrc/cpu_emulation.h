@@ -8,7 +8,7 @@
 //   fragment work (the other lanes' calls are no-ops); mma_sync multiplies exactly rounded
 //   operands with fp32 accumulation (what HMMA computes, up to summation order).
 // Not emulated: warp-level timing, races a real GPU could expose, the HMMA summation order.
-// Used by tests/test_cuda_emulated.py only; never part of the extension build.
+// Used by tests/cuda/test_cuda_emulated.py only; never part of the extension build.
 #pragma once
 
 #include <barrier>
@@ -38,9 +38,12 @@ inline void __syncthreads() { sta_emu_barrier->arrive_and_wait(); }
 using cudaError_t = int;
 constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
+constexpr cudaError_t cudaErrorInvalidConfiguration = 9;  // CUDA's value
 using cudaStream_t = void*;
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline const char* cudaGetErrorString(cudaError_t err) { return err == cudaSuccess ? "no error" : "invalid value"; }
+inline const char* cudaGetErrorString(cudaError_t err) {
+  return err == cudaSuccess ? "no error" : err == cudaErrorInvalidConfiguration ? "invalid configuration argument" : "invalid value";
+}
 
 // Runs kernel(args...) over `blocks` blocks of `threads` threads, one block at a time.
 template <typename Kernel, typename... Args>

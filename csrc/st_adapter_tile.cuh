@@ -12,19 +12,53 @@
 
 #include <stdint.h>
 
+#include <type_traits>
+
 #ifdef STA_CPU_EMULATION
 #include "cpu_emulation.h"  // tests only: the kernels on CPU threads
-#define STA_LAUNCH(kernel, blocks, threads, stream, ...) sta_emu_launch(kernel, blocks, threads, __VA_ARGS__)
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
-#define STA_LAUNCH(kernel, blocks, threads, stream, ...) kernel<<<blocks, threads, 0, stream>>>(__VA_ARGS__)
 #endif
 
+#include "st_adapter_dispatch.h"
 #include "st_adapter_index.cuh"
 
 namespace st_adapter {
+
+// The element type of a dispatch tag (st_adapter_dispatch.h): CType<DTypeTag<kFloat16>> = __half.
+template <DType D>
+struct CTypeOf;
+template <>
+struct CTypeOf<DType::kFloat32> {
+  using type = float;
+};
+template <>
+struct CTypeOf<DType::kFloat16> {
+  using type = __half;
+};
+template <>
+struct CTypeOf<DType::kBFloat16> {
+  using type = __nv_bfloat16;
+};
+template <typename Tag>
+using CType = typename CTypeOf<Tag::value>::type;
+
+// kernel<<<blocks, threads, 0, stream>>>(args...) on a 1-D grid: nothing for 0 blocks, and
+// cudaErrorInvalidConfiguration (never a wrapped grid) past gridDim.x's limit (grid_fits).
+template <typename Kernel, typename... Args>
+cudaError_t launch_1d(Kernel kernel, int64_t blocks, int threads, cudaStream_t stream, const Args&... args) {
+  if (blocks == 0) return cudaSuccess;
+  if (!grid_fits(blocks)) return cudaErrorInvalidConfiguration;
+#ifdef STA_CPU_EMULATION
+  (void)stream;
+  sta_emu_launch(kernel, static_cast<unsigned>(blocks), static_cast<unsigned>(threads), args...);
+#else
+  kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(args...);
+#endif
+  return cudaGetLastError();
+}
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v);
@@ -306,5 +340,49 @@ struct WarpGrid {
   static constexpr int kM = BM >= 64 ? 4 : 2;
   static constexpr int kN = 8 / kM;
 };
+
+// ------------------------------------------------------------------------ block GEMM
+// The K loop every GEMM kernel but wgrad runs: C (BM x BN fp32 at Layout::c(smem)) = A B with
+// A(m, k) = src[row_off[m] + k * stride_k] (RowsTile; row_off < 0 rows are zeros) and
+// B(k, n) = W(n0 + n, k) = w[(n0 + n) * stride_wn + k * stride_wk] (WeightTile), k in [0, K),
+// n0 + n < N. row_off must be visible to every thread (synced) before the call; C is visible
+// to every thread after it.
+template <typename TS, typename T, int BM, int BN, int BK>
+__device__ __forceinline__ void block_gemm(unsigned char* smem, const TS* __restrict__ src, const int64_t* row_off,
+                                           int64_t K, int64_t stride_k, bool vec_a, const T* __restrict__ w, int64_t n0,
+                                           int64_t N, int64_t stride_wn, int64_t stride_wk) {
+  // Stage the next K step's loads in registers during the MMA only where the registers are
+  // there: the fp32 SIMT accumulators (plus the conv kernels' window) leave no room (252
+  // registers, spills on sm_80/sm_90).
+  constexpr bool kPipeline = !std::is_same<T, float>::value;
+  using Layout = TileLayout<T, BM, BN, BK>;
+  using Warps = WarpGrid<BM, BN>;
+  RowsTile<TS, T, BM, BK> a_tile;
+  WeightTile<T, BN, BK> b_tile;
+  if constexpr (kPipeline) {
+    a_tile.fetch(src, row_off, 0, K, stride_k, vec_a);
+    b_tile.fetch(w, n0, N, 0, K, stride_wn, stride_wk);
+  }
+  BlockMma<T, BM, BN, BK, Warps::kM, Warps::kN> mma;
+  mma.zero();
+  for (int64_t k0 = 0; k0 < K; k0 += BK) {
+    if constexpr (!kPipeline) {
+      a_tile.fetch(src, row_off, k0, K, stride_k, vec_a);
+      b_tile.fetch(w, n0, N, k0, K, stride_wn, stride_wk);
+    }
+    __syncthreads();  // the previous step's MMA is done with As / Bs
+    a_tile.template commit<Layout::kLdA>(Layout::a(smem), vec_a);
+    b_tile.template commit<Layout::kLdB>(Layout::b(smem), stride_wk);
+    __syncthreads();
+    if (kPipeline && k0 + BK < K) {  // in flight during this step's MMA
+      a_tile.fetch(src, row_off, k0 + BK, K, stride_k, vec_a);
+      b_tile.fetch(w, n0, N, k0 + BK, K, stride_wn, stride_wk);
+    }
+    mma.step(Layout::a(smem), Layout::kLdA, Layout::b(smem), Layout::kLdB);
+  }
+  __syncthreads();  // C aliases A / B
+  mma.store(Layout::c(smem), Layout::kLdC);
+  __syncthreads();
+}
 
 }  // namespace st_adapter

@@ -43,10 +43,10 @@ __global__ void __launch_bounds__(kThreads, 1) wgrad_kernel(WgradParams p) {
   auto fill_offsets = [&](int buf, int64_t n0) {
     if (threadIdx.x < BK) {
       const int64_t n = n0 + threadIdx.x;
-      off_a[buf][threadIdx.x] = n < n_end ? token_offset(n, p.a.S, p.a.P, p.a.stride_f, p.a.stride_l) : -1;
+      off_a[buf][threadIdx.x] = n < n_end ? token_offset(n, p.S, p.a.P, p.a.stride_f, p.a.stride_l) : -1;
     } else if (threadIdx.x < 2 * BK) {
       const int64_t n = n0 + threadIdx.x - BK;
-      off_b[buf][threadIdx.x - BK] = n < n_end ? token_offset(n, p.b.S, p.b.P, p.b.stride_f, p.b.stride_l) : -1;
+      off_b[buf][threadIdx.x - BK] = n < n_end ? token_offset(n, p.S, p.b.P, p.b.stride_f, p.b.stride_l) : -1;
     }
   };
   // Register-staged tiles: As[i][k] = A[token n0 + k][i0 + i], Bs[k][j] = B[token n0 + k][j0 + j].
@@ -129,15 +129,6 @@ __global__ void __launch_bounds__(kThreads, 1) wgrad_kernel(WgradParams p) {
   }
 }
 
-template <typename TA, typename TB, typename T>
-cudaError_t launch(const WgradParams& p, cudaStream_t stream) {
-  const int64_t blocks = cdiv(p.J, kWgradBlockN) * cdiv(p.I, kWgradBlockM) * p.split.splits;
-  if (blocks == 0) return cudaSuccess;
-  auto kernel = wgrad_kernel<TA, TB, T>;
-  STA_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, stream, p);
-  return cudaGetLastError();
-}
-
 __global__ void sum_partials_kernel(const float* __restrict__ part, float* __restrict__ out, int64_t n_parts,
                                     int64_t numel) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -151,35 +142,15 @@ __global__ void sum_partials_kernel(const float* __restrict__ part, float* __res
 
 cudaError_t weight_grad(const WgradParams& p, cudaStream_t stream) {
   // Operands are token tensors in x's dtype (fp32 under autocast) or buffers in the weights'.
-  const DType ta = p.a.dtype, tb = p.b.dtype, t = p.compute_dtype;
-  if (ta == t && tb == t) {
-    switch (t) {
-      case DType::kFloat32: return launch<float, float, float>(p, stream);
-      case DType::kFloat16: return launch<__half, __half, __half>(p, stream);
-      case DType::kBFloat16: return launch<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16>(p, stream);
-    }
-  } else if (ta == DType::kFloat32 && tb == t) {
-    switch (t) {
-      case DType::kFloat16: return launch<float, __half, __half>(p, stream);
-      case DType::kBFloat16: return launch<float, __nv_bfloat16, __nv_bfloat16>(p, stream);
-      default: break;
-    }
-  } else if (ta == t && tb == DType::kFloat32) {
-    switch (t) {
-      case DType::kFloat16: return launch<__half, float, __half>(p, stream);
-      case DType::kBFloat16: return launch<__nv_bfloat16, float, __nv_bfloat16>(p, stream);
-      default: break;
-    }
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtypes(p.compute_dtype, cudaErrorInvalidValue, [&](auto a_dtype, auto b_dtype, auto dtype) {
+    auto kernel = wgrad_kernel<CType<decltype(a_dtype)>, CType<decltype(b_dtype)>, CType<decltype(dtype)>>;
+    return launch_1d(kernel, wgrad_blocks(p.I, p.J, p.split.splits), kThreads, stream, p);
+  }, p.a.dtype, p.b.dtype);
 }
 
 cudaError_t sum_partials(const float* part, float* out, int64_t n_parts, int64_t numel, cudaStream_t stream) {
-  if (numel == 0) return cudaSuccess;
-  constexpr int threads = 256;
-  auto kernel = sum_partials_kernel;
-  STA_LAUNCH(kernel, static_cast<unsigned>(cdiv(numel, threads)), threads, stream, part, out, n_parts, numel);
-  return cudaGetLastError();
+  return launch_1d(sum_partials_kernel, sum_partials_blocks(numel), kSumPartialsThreads, stream, part, out, n_parts,
+                   numel);
 }
 
 }  // namespace st_adapter

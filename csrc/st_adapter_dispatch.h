@@ -1,0 +1,106 @@
+// The one dtype x KT table of the ST-Adapter kernels and the dispatch from runtime values (DType,
+// kt) to template instantiations. Every kernel file dispatches through it, binding.cpp checks its
+// inputs against it, and the CPU emulation compiles the same kernel files and exports it
+// (cpu_emulation_api.cpp), so no list of dtypes or kernel sizes is written twice.
+//
+// Free of torch and of CUDA types: the dispatch hands the callee tags (DTypeTag, KtTag), and the
+// kernel files turn a DTypeTag into float / __half / __nv_bfloat16 (CType in st_adapter_tile.cuh).
+#pragma once
+
+#include <stdint.h>
+
+#include <type_traits>
+
+#include "st_adapter_index.cuh"
+
+namespace st_adapter {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+template <DType D>
+using DTypeTag = std::integral_constant<DType, D>;
+template <int KT>
+using KtTag = std::integral_constant<int, KT>;
+
+template <DType... Ds>
+struct DTypeList {};
+template <int... Ks>
+struct KtList {};
+
+// ---------------------------------------------------------------------------------- the table
+// Compute dtypes, i.e. the weights' dtype: fp16/bf16 on tensor cores, fp32 on IEEE SIMT.
+using ComputeDTypes = DTypeList<DType::kFloat32, DType::kFloat16, DType::kBFloat16>;
+// Temporal kernel sizes the conv kernels are instantiated for (the register window is unrolled
+// per KT): every odd size up to kMaxKT.
+using KernelSizes = KtList<1, 3, 5, 7, 9>;
+// Operand dtypes of one launch: every operand in the compute dtype, except that at most one of
+// them -- the caller's activations x or dO -- may be fp32 under autocast (cast on load, as the
+// Triton kernels' _mma does). The work buffers g, h, dh are always in the compute dtype.
+constexpr int kMaxFp32Operands = 1;
+
+// ----------------------------------------------------------------------------- dispatch
+namespace detail {
+
+template <int... Ks>
+constexpr int max_kt(KtList<Ks...>) {
+  int m = 0;
+  ((m = Ks > m ? Ks : m), ...);
+  return m;
+}
+
+template <typename R, typename F, int... Ks>
+R dispatch_kt(int kt, R fallback, F& f, KtList<Ks...>) {
+  R out = fallback;
+  ((kt == Ks ? (out = f(KtTag<Ks>{}), true) : false) || ...);
+  return out;
+}
+
+// Picks each operand's dtype (compute or fp32) one at a time; Done holds those already picked.
+template <DType C, DType... Done, typename R, typename F>
+R pick_operands(DTypeList<Done...>, R /*fallback*/, F& f) {
+  return f(DTypeTag<Done>{}..., DTypeTag<C>{});
+}
+template <DType C, DType... Done, typename R, typename F, typename... Rest>
+R pick_operands(DTypeList<Done...>, R fallback, F& f, DType first, Rest... rest) {
+  constexpr int fp32_picked = (0 + ... + (Done == DType::kFloat32 ? 1 : 0));
+  if (first == C) return pick_operands<C>(DTypeList<Done..., C>{}, fallback, f, rest...);
+  if constexpr (C != DType::kFloat32 && fp32_picked < kMaxFp32Operands) {
+    if (first == DType::kFloat32) return pick_operands<C>(DTypeList<Done..., DType::kFloat32>{}, fallback, f, rest...);
+  }
+  return fallback;
+}
+
+template <typename R, typename F, DType... Cs, typename... Ops>
+R dispatch_dtypes(DType compute, R fallback, F& f, DTypeList<Cs...>, Ops... operands) {
+  R out = fallback;
+  ((compute == Cs ? (out = pick_operands<Cs>(DTypeList<>{}, fallback, f, operands...), true) : false) || ...);
+  return out;
+}
+
+}  // namespace detail
+
+static_assert(detail::max_kt(KernelSizes{}) == kMaxKT, "the table's widest KT is the register window's kMaxKT");
+
+// f(KtTag<kt>{}) for a kt of the table, else fallback.
+template <typename R, typename F>
+R dispatch_kt(int kt, R fallback, F&& f) {
+  return detail::dispatch_kt(kt, fallback, f, KernelSizes{});
+}
+
+// f(DTypeTag<operand dtype>{}..., DTypeTag<compute>{}) for a pairing the table allows, else fallback.
+template <typename R, typename F, typename... Ops>
+R dispatch_dtypes(DType compute, R fallback, F&& f, Ops... operand_dtypes) {
+  static_assert((std::is_same<Ops, DType>::value && ...), "operand dtypes are DType values");
+  return detail::dispatch_dtypes(compute, fallback, f, ComputeDTypes{}, operand_dtypes...);
+}
+
+// Host-side questions for binding.cpp and the tests, answered by the same dispatch.
+inline bool kt_supported(int kt) {
+  return dispatch_kt(kt, false, [](auto) { return true; });
+}
+template <typename... Ops>
+bool dtypes_supported(DType compute, Ops... operand_dtypes) {
+  return dispatch_dtypes(compute, false, [](auto...) { return true; }, operand_dtypes...);
+}
+
+}  // namespace st_adapter
