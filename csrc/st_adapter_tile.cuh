@@ -1,7 +1,7 @@
 // Block-tile GEMM pieces shared by the ST-Adapter kernels: dtype conversion, the shared-memory
 // tile layout, tile loaders that cast to the compute dtype on load (autocast: fp32 x against
 // fp16/bf16 weights, as the Triton kernels' _mma does), and the per-block MMA:
-// tensor cores (WMMA m16n16k16, fp32 accumulate) for fp16/bf16, an fp32 SIMT micro-tile for fp32
+// tensor cores (mma.sync m16n8k16 fed by ldmatrix, fp32 accumulate) for fp16/bf16, an fp32 SIMT micro-tile for fp32
 // (IEEE fp32 like torch's matmul without TF32, so fp32 parity holds).
 //
 // A block is 256 threads (8 warps). One K step: every thread stages part of A (BM x BK) and
@@ -19,11 +19,11 @@
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 #endif
 
 #include "st_adapter_dispatch.h"
 #include "st_adapter_index.cuh"
+#include "st_adapter_mma.cuh"
 
 namespace st_adapter {
 
@@ -78,8 +78,8 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// Shared-memory layout of one block tile. Row pads keep WMMA's ldm a multiple of 8 (16-bit)
-// / 4 (fp32) elements and every fragment start 32-byte aligned; they also skew banks.
+// Shared-memory layout of one block tile. Row pads keep every ldmatrix row 16-byte aligned
+// (lda, ldb multiples of 8 16-bit elements) and skew banks (80-byte rows: 8 rows hit 8 disjoint bank quads).
 template <typename T, int BM, int BN, int BK>
 struct TileLayout {
   static constexpr int kLdA = BK + 8;  // As[m][k]
@@ -241,53 +241,70 @@ struct WeightTile {
 };
 
 // ------------------------------------------------------------------------ block MMA
-// WM x WN warps; warp (wm, wn) owns rows [wm*BM/WM, ...) and columns [wn*BN/WN, ...).
+// WM x WN warps; warp (wm, wn) owns rows [wm*BM/WM, ...) and columns [wn*BN/WN, ...) as
+// kFragM x kFragN tiles of mma.sync m16n8k16 (fp32 accumulators in registers). Per 16-deep k
+// slice, ldmatrix.x4 loads one 16x16 A fragment from As[m][k] and ldmatrix.x4.trans two 16x8 B
+// fragments from Bs[k][n] (rows 16-byte aligned: the TileLayout pads keep lda, ldb multiples of 8).
 template <typename T, int BM, int BN, int BK, int WM, int WN>
 struct BlockMma {
   static_assert(WM * WN * 32 == kThreads, "8 warps per block");
   static constexpr int kFragM = BM / (16 * WM);
-  static constexpr int kFragN = BN / (16 * WN);
-  static_assert(kFragM >= 1 && kFragN >= 1 && BM % (16 * WM) == 0 && BN % (16 * WN) == 0, "tile/warp mismatch");
+  static constexpr int kFragN = BN / (8 * WN);
+  static_assert(kFragM >= 1 && kFragN >= 2 && kFragN % 2 == 0 && BM % (16 * WM) == 0 && BN % (16 * WN) == 0,
+                "tile/warp mismatch");
   static_assert(BK % 16 == 0, "BK must be a multiple of the MMA k");
 
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[kFragM][kFragN];
+  float acc[kFragM][kFragN][4];
 
   __device__ __forceinline__ void zero() {
 #pragma unroll
     for (int i = 0; i < kFragM; ++i)
 #pragma unroll
-      for (int j = 0; j < kFragN; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.f);
+      for (int j = 0; j < kFragN; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
   }
 
   __device__ __forceinline__ void step(const T* As, int lda, const T* Bs, int ldb) {
     const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
     const int row0 = (warp / WN) * (BM / WM);
     const int col0 = (warp % WN) * (BN / WN);
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
-      nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> a[kFragM];
-      nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::row_major> b[kFragN];
+      uint32_t a[kFragM][4];
+      uint32_t b[kFragN][2];
+      // A: matrices (rows 0-7 | 8-15) x (k 0-7 | 8-15); lane l gives row l % 16, k half l / 16
 #pragma unroll
-      for (int i = 0; i < kFragM; ++i) nvcuda::wmma::load_matrix_sync(a[i], As + (row0 + 16 * i) * lda + kk, lda);
+      for (int i = 0; i < kFragM; ++i) ldmatrix_x4<false>(a[i], As + (row0 + 16 * i + (lane & 15)) * lda + kk + (lane >> 4) * 8);
+      // B: matrices (k 0-7 | 8-15) x (n 0-7 | 8-15), transposed into col-major fragments
 #pragma unroll
-      for (int j = 0; j < kFragN; ++j) nvcuda::wmma::load_matrix_sync(b[j], Bs + kk * ldb + col0 + 16 * j, ldb);
+      for (int j = 0; j < kFragN; j += 2) {
+        uint32_t r[4];
+        ldmatrix_x4<true>(r, Bs + (kk + (lane & 15)) * ldb + col0 + 8 * j + (lane >> 4) * 8);
+        b[j][0] = r[0];
+        b[j][1] = r[1];
+        b[j + 1][0] = r[2];
+        b[j + 1][1] = r[3];
+      }
 #pragma unroll
       for (int i = 0; i < kFragM; ++i)
 #pragma unroll
-        for (int j = 0; j < kFragN; ++j) nvcuda::wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        for (int j = 0; j < kFragN; ++j) mma_16816<T>(acc[i][j], a[i], b[j]);
     }
   }
 
   __device__ __forceinline__ void store(float* Cs, int ldc) {
     const int warp = threadIdx.x / 32;
-    const int row0 = (warp / WN) * (BM / WM);
-    const int col0 = (warp % WN) * (BN / WN);
+    const int lane = threadIdx.x % 32;
+    const int row = (warp / WN) * (BM / WM) + lane / 4;
+    const int col = (warp % WN) * (BN / WN) + 2 * (lane % 4);
 #pragma unroll
     for (int i = 0; i < kFragM; ++i)
 #pragma unroll
       for (int j = 0; j < kFragN; ++j)
-        nvcuda::wmma::store_matrix_sync(Cs + (row0 + 16 * i) * ldc + col0 + 16 * j, acc[i][j], ldc,
-                                        nvcuda::wmma::mem_row_major);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) Cs[(row + 16 * i + (e / 2) * 8) * ldc + col + 8 * j + e % 2] = acc[i][j][e];
   }
 };
 
