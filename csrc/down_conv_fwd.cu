@@ -13,7 +13,7 @@
 namespace st_adapter {
 namespace {
 
-template <typename TX, typename T, int KT>
+template <typename TX, typename T, int KT, int STAGES>
 __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvParams p) {
   constexpr int BM = kConvBlockM<KT>;
   constexpr int BN = kConvBlockN;
@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvPara
   constexpr int E = BM * BN / kThreads;  // tile elements per thread, all in one channel
   constexpr int ROW_STEP = kThreads / BN;
   static_assert(kThreads % BN == 0, "a thread's elements must share one channel");
-  using Layout = TileLayout<T, BM, BN, BK>;
+  using Layout = GemmLayout<T, BM, BN, BK, STAGES>;
 
   __shared__ __align__(128) unsigned char smem[Layout::kBytes];
   __shared__ int64_t row_off[BM];
@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvPara
         row_off[m] = s0 + m < p.S ? frame_token_offset(frame, s0 + m, p.x.P, p.x.stride_f, p.x.stride_l) : -1;
       __syncthreads();
       // B(k = c, n = ca) = Wd[ca, c]
-      block_gemm<TX, T, BM, BN, BK>(smem, x, row_off, p.C, p.x.stride_c, vec_a, wd, ca0, p.Ca, p.wd.stride_n,
+      block_gemm<TX, T, BM, BN, BK, STAGES>(smem, x, row_off, p.C, p.x.stride_c, vec_a, wd, ca0, p.Ca, p.wd.stride_n,
                                     p.wd.stride_k);
       const float* cs = Layout::c(smem);
       const bool store_h = h_out != nullptr && t_in >= run.t0 && t_in < run.t1;
@@ -103,8 +103,11 @@ __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvPara
 cudaError_t down_conv_forward(const DownConvParams& p, cudaStream_t stream) {
   return dispatch_dtypes(p.w_dtype, cudaErrorInvalidValue, [&](auto x_dtype, auto w_dtype) {
     return dispatch_kt(p.KT, cudaErrorInvalidValue, [&](auto kt) {
-      auto kernel = down_conv_fwd_kernel<CType<decltype(x_dtype)>, CType<decltype(w_dtype)>, decltype(kt)::value>;
-      return launch_1d(kernel, conv_blocks(p), kThreads, stream, p);
+      return dispatch_stages<decltype(w_dtype)>(p.stages, cudaErrorInvalidValue, [&](auto stages) {
+        auto kernel = down_conv_fwd_kernel<CType<decltype(x_dtype)>, CType<decltype(w_dtype)>, decltype(kt)::value,
+                                     decltype(stages)::value>;
+        return launch_1d(kernel, conv_blocks(p), kThreads, stream, p);
+      });
     });
   }, p.x.dtype);
 }

@@ -3,7 +3,7 @@
 // inputs against it, and the CPU emulation compiles the same kernel files and exports it
 // (cpu_emulation_api.cpp), so no list of dtypes or kernel sizes is written twice.
 //
-// Free of torch and of CUDA types: the dispatch hands the callee tags (DTypeTag, KtTag), and the
+// Free of torch and of CUDA types: the dispatch hands the callee tags (DTypeTag, IntTag), and the
 // kernel files turn a DTypeTag into float / __half / __nv_bfloat16 (CType in st_adapter_tile.cuh).
 #pragma once
 
@@ -19,39 +19,44 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 template <DType D>
 using DTypeTag = std::integral_constant<DType, D>;
-template <int KT>
-using KtTag = std::integral_constant<int, KT>;
+template <int N>
+using IntTag = std::integral_constant<int, N>;
 
 template <DType... Ds>
 struct DTypeList {};
-template <int... Ks>
-struct KtList {};
+template <int... Ns>
+struct IntList {};
 
 // ---------------------------------------------------------------------------------- the table
 // Compute dtypes, i.e. the weights' dtype: fp16/bf16 on tensor cores, fp32 on IEEE SIMT.
 using ComputeDTypes = DTypeList<DType::kFloat32, DType::kFloat16, DType::kBFloat16>;
 // Temporal kernel sizes the conv kernels are instantiated for (the register window is unrolled
 // per KT): every odd size up to kMaxKT.
-using KernelSizes = KtList<1, 3, 5, 7, 9>;
+using KernelSizes = IntList<1, 3, 5, 7, 9>;
 // Operand dtypes of one launch: every operand in the compute dtype, except that at most one of
 // them -- the caller's activations x or dO -- may be fp32 under autocast (cast on load, as the
 // Triton kernels' _mma does). The work buffers g, h, dh are always in the compute dtype.
 constexpr int kMaxFp32Operands = 1;
+// cp.async pipeline depths of the 16-bit GEMMs (a ring of STAGES tiles keeps STAGES - 1 K steps
+// in flight), selectable per call for the GPU sweep; 0 asks for kDefaultStages. The fp32 kernels
+// (IEEE SIMT, loads in-step) are instantiated once and take any listed value.
+using PipelineStages = IntList<3, 2>;
+constexpr int kDefaultStages = 3;
 
 // ----------------------------------------------------------------------------- dispatch
 namespace detail {
 
 template <int... Ks>
-constexpr int max_kt(KtList<Ks...>) {
+constexpr int max_kt(IntList<Ks...>) {
   int m = 0;
   ((m = Ks > m ? Ks : m), ...);
   return m;
 }
 
-template <typename R, typename F, int... Ks>
-R dispatch_kt(int kt, R fallback, F& f, KtList<Ks...>) {
+template <typename R, typename F, int... Ns>
+R dispatch_int(int value, R fallback, F& f, IntList<Ns...>) {
   R out = fallback;
-  ((kt == Ks ? (out = f(KtTag<Ks>{}), true) : false) || ...);
+  ((value == Ns ? (out = f(IntTag<Ns>{}), true) : false) || ...);
   return out;
 }
 
@@ -81,10 +86,23 @@ R dispatch_dtypes(DType compute, R fallback, F& f, DTypeList<Cs...>, Ops... oper
 
 static_assert(detail::max_kt(KernelSizes{}) == kMaxKT, "the table's widest KT is the register window's kMaxKT");
 
-// f(KtTag<kt>{}) for a kt of the table, else fallback.
+// f(IntTag<kt>{}) for a kt of the table, else fallback.
 template <typename R, typename F>
 R dispatch_kt(int kt, R fallback, F&& f) {
-  return detail::dispatch_kt(kt, fallback, f, KernelSizes{});
+  return detail::dispatch_int(kt, fallback, f, KernelSizes{});
+}
+
+// f(IntTag<stages>{}) for a pipeline depth of the table (0: the default), else fallback; fp32
+// compute (a DTypeTag) always gets the default: its kernels have no pipeline.
+template <typename ComputeTag, typename R, typename F>
+R dispatch_stages(int stages, R fallback, F&& f) {
+  if (stages == 0) stages = kDefaultStages;
+  if constexpr (ComputeTag::value == DType::kFloat32) {
+    auto fp32 = [&](auto) { return f(IntTag<kDefaultStages>{}); };
+    return detail::dispatch_int(stages, fallback, fp32, PipelineStages{});
+  } else {
+    return detail::dispatch_int(stages, fallback, f, PipelineStages{});
+  }
 }
 
 // f(DTypeTag<operand dtype>{}..., DTypeTag<compute>{}) for a pairing the table allows, else fallback.
@@ -97,6 +115,9 @@ R dispatch_dtypes(DType compute, R fallback, F&& f, Ops... operand_dtypes) {
 // Host-side questions for binding.cpp and the tests, answered by the same dispatch.
 inline bool kt_supported(int kt) {
   return dispatch_kt(kt, false, [](auto) { return true; });
+}
+inline bool stages_supported(int stages) {
+  return dispatch_stages<DTypeTag<DType::kFloat16>>(stages, false, [](auto) { return true; });
 }
 template <typename... Ops>
 bool dtypes_supported(DType compute, Ops... operand_dtypes) {

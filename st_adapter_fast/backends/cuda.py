@@ -3,8 +3,9 @@
 Same decomposition as kernels/adapter_fwd.py and kernels/adapter_bwd.py (DESIGN.md section 3):
 down-conv kernel with a register sliding window over frames, up-residual kernel over all B*T*L
 rows, conv-backward kernel, split-token weight gradients with fp32 partials summed in a fixed
-order (deterministic, no float atomics). fp16/bf16 run on tensor cores (WMMA), fp32 on an IEEE
-fp32 SIMT path. Needs sm_80 or newer.
+order (deterministic, no float atomics). fp16/bf16 run on tensor cores (mma.sync m16n8k16 fed by
+ldmatrix, a cp.async pipeline of ST_ADAPTER_CUDA_STAGES tiles), fp32 on an IEEE fp32 SIMT path.
+Needs sm_80 or newer.
 
 The compiled module is ``st_adapter_fast._cuda`` when setup.py built it ahead of time; otherwise
 the first call on a GPU machine JIT-builds csrc/ with torch.utils.cpp_extension.load (ninja,
@@ -166,12 +167,20 @@ def _frames_per_run(frames_per_prog: Optional[int]) -> int:
     return int(env) if env else 0
 
 
+def pipeline_stages() -> int:
+    """cp.async pipeline depth of the 16-bit GEMM kernels (csrc/st_adapter_dispatch.h's
+    PipelineStages: 3 keeps two K steps in flight, 2 one); 0 = the kernels' default. The GPU
+    sweep sets ST_ADAPTER_CUDA_STAGES; fp32 kernels (IEEE SIMT) ignore it."""
+    env = os.environ.get("ST_ADAPTER_CUDA_STAGES")
+    return int(env) if env else 0
+
+
 def adapter_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
                     fc2_weight, fc2_bias, *, frames_per_prog: Optional[int] = None) -> torch.Tensor:
     """Fused forward: x (B*T, L, C) -> new (B*T, L, C) tensor of x's dtype."""
     return _require().fwd(
         x, int(num_frames), int(num_prefix_tokens), fc1_weight, fc1_bias, conv_taps, conv_bias,
-        fc2_weight, fc2_bias, _frames_per_run(frames_per_prog),
+        fc2_weight, fc2_bias, _frames_per_run(frames_per_prog), pipeline_stages(),
     )
 
 
@@ -181,7 +190,7 @@ def adapter_backward(dout, x, num_frames, num_prefix_tokens, fc1_weight, fc1_bia
     None for absent biases. Deterministic: bitwise-equal over runs on the same device."""
     return tuple(_require().bwd(
         dout, x, int(num_frames), int(num_prefix_tokens), fc1_weight, fc1_bias, conv_taps, conv_bias,
-        fc2_weight, fc2_bias, _frames_per_run(frames_per_prog),
+        fc2_weight, fc2_bias, _frames_per_run(frames_per_prog), pipeline_stages(),
     ))
 
 

@@ -1,13 +1,15 @@
 """CPU twin of the CUDA parity tests: the real kernel code of csrc/*.cu, compiled with g++ against
-csrc/cpu_emulation.h (blocks of 256 std::threads, __syncthreads = std::barrier, exact-operand
-fp32-accumulate WMMA), held to the same parity rule as every backend.
+csrc/cpu_emulation.h (a block's 256 threads as fibers, __syncthreads and warp barriers as fiber
+switches; ldmatrix and mma.sync m16n8k16 lane by lane with the PTX fragment layouts, exact-operand
+fp32 accumulation; cp.async copies that land only when their group is waited for), held to the
+same parity rule as every backend.
 
 What this covers without a GPU: every kernel's tiling and index math, the register window and
 halo, dwc/dbc partials, split-token weight gradients with fixed-order sums, prefix passthrough,
 strided inputs, all dtype pairs (fp32 x with fp16/bf16 weights included), the launch
 sequence of binding.cpp (restated in Python below, with the same buffers and the same views:
 tokens, weights, conv shape), the dispatch table (asked, not restated), and the grid-limit check.
-What it cannot cover: real HMMA/WMMA fragment layouts, GPU races, and binding.cpp itself
+What it cannot cover: GPU timing and races, the HMMA summation order, and binding.cpp itself
 (tests/cuda/test_cuda_build.py compiles it; test_cuda_parity.py runs it on a GPU).
 """
 
@@ -21,6 +23,7 @@ import torch
 
 import st_adapter_fast
 from st_adapter_fast import backends
+from st_adapter_fast.backends import cuda as cuda_backend
 
 from helpers import Case, assert_parity, make_inputs, reference64, run
 
@@ -51,11 +54,14 @@ def _lib(tmp_dir: Path):
         i64, i32, vp = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
         arr = ctypes.POINTER(i64)  # the views: tokens {P, stride_f, stride_l, stride_c}, weights
         # {stride_n, stride_k}, conv shape {B, T, S, C, Ca, KT, frames_per_run}
-        lib.sta_emu_down_conv.argtypes = [vp, i32, arr, vp, arr, i32, vp, vp, vp, vp, vp, arr]
-        lib.sta_emu_conv_bwd.argtypes = [vp, i32, arr, vp, arr, i32, vp, vp, vp, vp, vp, arr]
-        lib.sta_emu_up_residual.argtypes = [vp, i32, arr, vp, vp, arr, i32, vp, vp, i64, i64, i64, i64]
-        lib.sta_emu_weight_grad.argtypes = [vp, i32, arr, vp, i32, arr, i32, i64, i64, i64, i64, i64, i64, vp, vp]
+        # the last argument of every launch: cp.async pipeline stages (0 = default)
+        lib.sta_emu_down_conv.argtypes = [vp, i32, arr, vp, arr, i32, vp, vp, vp, vp, vp, arr, i32]
+        lib.sta_emu_conv_bwd.argtypes = [vp, i32, arr, vp, arr, i32, vp, vp, vp, vp, vp, arr, i32]
+        lib.sta_emu_up_residual.argtypes = [vp, i32, arr, vp, vp, arr, i32, vp, vp, i64, i64, i64, i64, i32]
+        lib.sta_emu_weight_grad.argtypes = [vp, i32, arr, vp, i32, arr, i32, i64, i64, i64, i64, i64, i64, vp, vp,
+                                            i32]
         lib.sta_emu_kt_supported.argtypes = [i32]
+        lib.sta_emu_stages_supported.argtypes = [i32]
         lib.sta_emu_dtypes_supported.argtypes = [i32, i32, ctypes.POINTER(i32)]
         lib.sta_emu_sum_partials.argtypes = [vp, vp, i64, i64]
         lib.sta_emu_frames_per_run.argtypes = [i64, i32, i64, i64, i64, i64]
@@ -115,14 +121,14 @@ def _conv_shape(x, t, p, taps, fpr):
 def _down_conv(lib, x, t, p, wd, bd, taps, bc, g, h, fpr):
     _ok(lib.sta_emu_down_conv(_ptr(x), DTYPE_CODE[x.dtype], _tokens(x, x.shape[1] - p, p), _ptr(wd), _weight(wd),
                               DTYPE_CODE[wd.dtype], _ptr(bd), _ptr(taps), _ptr(bc), _ptr(g), _ptr(h),
-                              _conv_shape(x, t, p, taps, fpr)))
+                              _conv_shape(x, t, p, taps, fpr), cuda_backend.pipeline_stages()))
 
 
 def _up_residual(lib, res, p, a, w, transposed, bias, out):
     f, seq_len, nout = out.shape
     _ok(lib.sta_emu_up_residual(_ptr(res), DTYPE_CODE[res.dtype], _tokens(res, seq_len - p, p), _ptr(a), _ptr(w),
                                 _weight(w, transposed), DTYPE_CODE[w.dtype], _ptr(bias), _ptr(out), f, seq_len - p,
-                                a.shape[1], nout))
+                                a.shape[1], nout, cuda_backend.pipeline_stages()))
 
 
 def _weight_grad(lib, a, b, s, p, n, compute, with_bias):
@@ -138,7 +144,7 @@ def _weight_grad(lib, a, b, s, p, n, compute, with_bias):
     db_part = (torch.empty(splits, i_dim) if splits > 1 else db) if with_bias else None
     _ok(lib.sta_emu_weight_grad(_ptr(a), DTYPE_CODE[a.dtype], _tokens(a, s, p), _ptr(b), DTYPE_CODE[b.dtype],
                                 _tokens(b, s, p), DTYPE_CODE[compute], s, n, i_dim, j_dim, splits, tps,
-                                _ptr(dw_part), _ptr(db_part)))
+                                _ptr(dw_part), _ptr(db_part), cuda_backend.pipeline_stages()))
     if splits > 1:
         _ok(lib.sta_emu_sum_partials(_ptr(dw_part), _ptr(dw), splits, i_dim * j_dim))
         if with_bias:
@@ -183,7 +189,8 @@ def emu_backward(lib, dout, x, t, p, wd, bd, taps, bc, wu, bu, *, frames_per_pro
         dbc_part = torch.empty(parts, ca)
         _ok(lib.sta_emu_conv_bwd(_ptr(dout), DTYPE_CODE[dout.dtype], _tokens(dout, s, p), _ptr(wu),
                                  _weight(wu, transposed=True), DTYPE_CODE[wd.dtype], _ptr(taps), _ptr(h), _ptr(dh),
-                                 _ptr(dwc_part), _ptr(dbc_part), _conv_shape(x, t, p, taps, fpr)))
+                                 _ptr(dwc_part), _ptr(dbc_part), _conv_shape(x, t, p, taps, fpr),
+                                 cuda_backend.pipeline_stages()))
         _ok(lib.sta_emu_sum_partials(_ptr(dwc_part), _ptr(dwc), parts, ca * kt))
         _ok(lib.sta_emu_sum_partials(_ptr(dbc_part), _ptr(dbc), parts, ca))
     dx = torch.empty(f, seq_len, c, dtype=dout.dtype)
@@ -254,6 +261,15 @@ def test_emulated_wide_kernels_and_halo(kt, emulated, monkeypatch):
         monkeypatch.setenv("ST_ADAPTER_FRAMES_PER_PROGRAM", str(fpr))
         _check(Case(batch=2, frames=11, grid=(2, 3), prefix=1, channels=20, adapter_channels=24, kernel=(kt, 1, 1)),
                torch.bfloat16 if fpr == 2 else torch.float32)
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_emulated_pipeline_depths(stages, emulated, monkeypatch):
+    """Each cp.async ring depth the table lists, with more K steps than stages (C = 72: 3 steps of
+    32, Ca = 136: 5) so the ring wraps; a wait for too few groups would read a stale stage here."""
+    monkeypatch.setenv("ST_ADAPTER_CUDA_STAGES", str(stages))
+    _check(Case(batch=1, frames=3, grid=(3, 3), prefix=1, channels=72, adapter_channels=136, kernel=(3, 1, 1)),
+           torch.bfloat16 if stages == 2 else torch.float16)
 
 
 @pytest.mark.parametrize("autocast", [torch.float16, torch.bfloat16], ids=str)
@@ -335,7 +351,11 @@ def test_dispatch_table(emulated):
     assert (torch.float32, torch.float16, torch.float16) in two and (torch.bfloat16, torch.float32, torch.bfloat16) in two
     # a dtype the table lacks is refused by the launcher, not launched
     assert emulated.sta_emu_up_residual(None, 1, _i64s(0, 8, 8, 1), None, None, _i64s(8, 1), 2, None, None,
-                                        1, 1, 8, 8) == CUDA_ERROR_INVALID_VALUE
+                                        1, 1, 8, 8, 0) == CUDA_ERROR_INVALID_VALUE
+    # pipeline depths: 3 (default, two K steps in flight) and 2; others are refused
+    assert [s for s in range(0, 8) if emulated.sta_emu_stages_supported(s)] == [0, 2, 3]
+    assert emulated.sta_emu_up_residual(None, 1, _i64s(0, 8, 8, 1), None, None, _i64s(8, 1), 1, None, None,
+                                        1, 1, 8, 8, 4) == CUDA_ERROR_INVALID_VALUE
 
 
 def test_launch_refuses_grids_past_the_hardware_limit(emulated):
@@ -344,12 +364,12 @@ def test_launch_refuses_grids_past_the_hardware_limit(emulated):
     (the null pointers below are never touched). One block under the limit is not refused."""
     too_many_rows = 128 * (2 ** 31)  # up-residual: 128 rows per block, one 64-column tile
     rc = emulated.sta_emu_up_residual(None, 0, _i64s(0, 64, 64, 1), None, None, _i64s(64, 1), 0, None, None,
-                                      too_many_rows, 1, 64, 64)
+                                      too_many_rows, 1, 64, 64, 0)
     assert rc == CUDA_ERROR_INVALID_CONFIGURATION
     # down-conv: 2**31 clips of one frame, one (64 x 64) tile each
     shape = _i64s(2 ** 31, 1, 1, 64, 64, 3, 1)
     rc = emulated.sta_emu_down_conv(None, 0, _i64s(0, 64, 64, 1), None, _i64s(64, 1), 0, None, None, None, None, None,
-                                    shape)
+                                    shape, 0)
     assert rc == CUDA_ERROR_INVALID_CONFIGURATION
     assert emulated.sta_emu_sum_partials(None, None, 1, 256 * (2 ** 31)) == CUDA_ERROR_INVALID_CONFIGURATION
     # a grid under the limit runs: sum_partials of one block (numel 256)
