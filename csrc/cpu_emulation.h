@@ -195,10 +195,6 @@ inline __half __ushort_as_half(unsigned short b) {
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 v) { return v.bits; }
 inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b) { return __nv_bfloat16{b}; }
 
-struct uint4 {
-  unsigned x, y, z, w;
-};
-inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
 inline float sta_emu_to_float(float v) { return v; }
 inline float sta_emu_to_float(__half v) { return __half2float(v); }

@@ -1,13 +1,15 @@
-// Block-tile GEMM pieces shared by the ST-Adapter kernels: dtype conversion, the shared-memory
-// tile layout, tile loaders that cast to the compute dtype on load (autocast: fp32 x against
-// fp16/bf16 weights, as the Triton kernels' _mma does), and the per-block MMA:
-// tensor cores (mma.sync m16n8k16 fed by ldmatrix, fp32 accumulate) for fp16/bf16, an fp32 SIMT micro-tile for fp32
-// (IEEE fp32 like torch's matmul without TF32, so fp32 parity holds).
+// Block-tile GEMM pieces shared by the ST-Adapter kernels: dtype conversion, the launch helper,
+// shared-memory tile layouts, stage loaders that cast to the compute dtype on load where they must
+// (autocast: fp32 x against fp16/bf16 weights, as the Triton kernels' _mma does), and the
+// per-block MMA: tensor cores (mma.sync m16n8k16 fed by ldmatrix, fp32 accumulate) for fp16/bf16,
+// an fp32 SIMT micro-tile for fp32 (IEEE fp32 like torch's matmul without TF32, so fp32 parity
+// holds).
 //
-// A block is 256 threads (8 warps). One K step: every thread stages part of A (BM x BK) and
-// B (BK x BN) into shared memory as the compute dtype, then the warps multiply. After the K
-// loop the fp32 accumulators go to a BM x BN shared tile C (aliasing A/B) that the kernels'
-// epilogues read element-wise with a channel-stable thread mapping.
+// A block is 256 threads (8 warps). 16-bit: a ring of STAGES shared-memory (A, B) tiles filled by
+// 16-byte cp.async chunks keeps STAGES - 1 K steps in flight while the warps multiply (element
+// loads where the data is fp32, strided or misaligned). fp32: one tile, loaded in-step. After the
+// K loop the fp32 accumulators go to a BM x BN shared tile C (aliasing the A/B tiles) that the
+// kernels' epilogues read element-wise with a channel-stable thread mapping.
 #pragma once
 
 #include <stdint.h>
@@ -96,97 +98,8 @@ struct TileLayout {
   __device__ static float* c(unsigned char* smem) { return reinterpret_cast<float*>(smem); }
 };
 
-// Tile loads are split in two so a block can overlap the next K step's global loads with the
-// current step's MMA (register staging, the num_stages=2 of a Triton kernel):
-//   fetch(k0 + BK) -> registers; mma.step(smem); __syncthreads(); commit() -> smem
-// Every thread owns fixed tile elements idx = tid + i*256, the same in fetch and commit.
-
-// Raw bits of 16-bit values, for 16-byte vector loads and stores of 8 elements.
-__device__ __forceinline__ uint32_t bits16(__half v) { return __half_as_ushort(v); }
-__device__ __forceinline__ uint32_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
-template <typename T>
-__device__ __forceinline__ T from_bits16(uint32_t b);
-template <>
-__device__ __forceinline__ __half from_bits16<__half>(uint32_t b) { return __ushort_as_half(static_cast<unsigned short>(b)); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_bits16<__nv_bfloat16>(uint32_t b) {
-  return __ushort_as_bfloat16(static_cast<unsigned short>(b));
-}
-
-// A(m, k) = src[row_off[m] + k * stride_k] cast to T, staged for As[m][k]; rows with
-// row_off < 0 and columns k >= K are zeros. k is the fastest index (A rows are contiguous
-// along k for the usual contiguous x / dO / g / dh).
-// Vector mode (16-bit A already in the compute dtype, k-contiguous, K and every row offset a
-// multiple of 8, 16-byte aligned base; see rows_vector_ok): one 16-byte load and store per 8
-// elements instead of eight 2-byte ones. The mode must be the same in fetch and commit.
-template <typename TS, typename T, int BM, int BK>
-struct RowsTile {
-  static constexpr int kPer = BM * BK / kThreads;
-  static_assert(BM * BK % kThreads == 0, "tile elements must split evenly over the block");
-  static constexpr bool kCanVector = sizeof(T) == 2 && sizeof(TS) == 2 && kPer % 8 == 0 && BK % 8 == 0;
-  T v[kPer];
-
-  __device__ __forceinline__ void fetch(const TS* __restrict__ src, const int64_t* row_off, int64_t k0, int64_t K,
-                                        int64_t stride_k, bool vector) {
-    if constexpr (kCanVector) {
-      if (vector) {
-#pragma unroll
-        for (int j = 0; j < kPer / 8; ++j) {
-          const int vid = threadIdx.x + j * kThreads;
-          const int m = vid / (BK / 8);
-          const int k = (vid - m * (BK / 8)) * 8;
-          const int64_t off = row_off[m];
-          uint4 q = make_uint4(0u, 0u, 0u, 0u);
-          if (off >= 0 && k0 + k < K) q = *reinterpret_cast<const uint4*>(src + off + k0 + k);
-          const uint32_t words[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-          for (int e = 0; e < 8; ++e) v[j * 8 + e] = from_bits16<T>((words[e / 2] >> (16 * (e % 2))) & 0xffffu);
-        }
-        return;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int idx = threadIdx.x + i * kThreads;
-      const int m = idx / BK;
-      const int k = idx - m * BK;
-      const int64_t off = row_off[m];
-      float x = 0.f;
-      if (off >= 0 && k0 + k < K) x = to_float(src[off + (k0 + k) * stride_k]);
-      v[i] = from_float<T>(x);
-    }
-  }
-
-  template <int LDA>
-  __device__ __forceinline__ void commit(T* As, bool vector) const {
-    if constexpr (kCanVector) {
-      static_assert(LDA % 8 == 0, "16-byte shared stores need 16-byte aligned rows");
-      if (vector) {
-#pragma unroll
-        for (int j = 0; j < kPer / 8; ++j) {
-          const int vid = threadIdx.x + j * kThreads;
-          const int m = vid / (BK / 8);
-          const int k = (vid - m * (BK / 8)) * 8;
-          uint4 q;
-          q.x = bits16(v[j * 8 + 0]) | (bits16(v[j * 8 + 1]) << 16);
-          q.y = bits16(v[j * 8 + 2]) | (bits16(v[j * 8 + 3]) << 16);
-          q.z = bits16(v[j * 8 + 4]) | (bits16(v[j * 8 + 5]) << 16);
-          q.w = bits16(v[j * 8 + 6]) | (bits16(v[j * 8 + 7]) << 16);
-          *reinterpret_cast<uint4*>(As + m * LDA + k) = q;
-        }
-        return;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int idx = threadIdx.x + i * kThreads;
-      const int m = idx / BK;
-      As[m * LDA + idx - m * BK] = v[i];
-    }
-  }
-};
-
-// Whether RowsTile's vector mode may read A: k-contiguous, K and every row offset (frame and
+// Whether A rows may go to shared memory as 16-byte chunks (cp.async): 16-bit A in the compute
+// dtype, k-contiguous, K and every row offset (frame and
 // token strides) multiples of 8 elements, base 16-byte aligned. Uniform per launch.
 template <typename TS, typename T>
 __host__ __device__ __forceinline__ bool rows_vector_ok(const void* base, int64_t K, int64_t stride_k,
@@ -194,51 +107,6 @@ __host__ __device__ __forceinline__ bool rows_vector_ok(const void* base, int64_
   return sizeof(TS) == 2 && sizeof(T) == 2 && stride_k == 1 && K % 8 == 0 && stride_f % 8 == 0 &&
          stride_l % 8 == 0 && reinterpret_cast<uintptr_t>(base) % 16 == 0;
 }
-
-// W(n, k) = w[n * stride_n + k * stride_k] staged for Bs[k][n], zeros outside (N, K). The thread
-// order follows whichever of W's dims is contiguous (k_fastest = stride_k == 1: W = Wu (C, Ca)
-// read as (n = c, k = ca); Wu^T and Wd^T views are n-contiguous). k_fastest must be the same in
-// fetch and commit.
-template <typename T, int BN, int BK>
-struct WeightTile {
-  static constexpr int kPer = BN * BK / kThreads;
-  static_assert(BN * BK % kThreads == 0, "tile elements must split evenly over the block");
-  T v[kPer];
-
-  __device__ __forceinline__ static void position(int idx, bool k_fastest, int& n, int& k) {
-    if (k_fastest) {
-      n = idx / BK;
-      k = idx - n * BK;
-    } else {
-      k = idx / BN;
-      n = idx - k * BN;
-    }
-  }
-
-  __device__ __forceinline__ void fetch(const T* __restrict__ w, int64_t n0, int64_t N, int64_t k0, int64_t K,
-                                        int64_t stride_n, int64_t stride_k) {
-    const bool k_fastest = stride_k == 1;
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      int n, k;
-      position(threadIdx.x + i * kThreads, k_fastest, n, k);
-      T x = from_float<T>(0.f);
-      if (n0 + n < N && k0 + k < K) x = w[(n0 + n) * stride_n + (k0 + k) * stride_k];
-      v[i] = x;
-    }
-  }
-
-  template <int LDB>
-  __device__ __forceinline__ void commit(T* Bs, int64_t stride_k) const {
-    const bool k_fastest = stride_k == 1;
-#pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      int n, k;
-      position(threadIdx.x + i * kThreads, k_fastest, n, k);
-      Bs[k * LDB + n] = v[i];
-    }
-  }
-};
 
 // ------------------------------------------------------------------------ block MMA
 // WM x WN warps; warp (wm, wn) owns rows [wm*BM/WM, ...) and columns [wn*BN/WN, ...) as
@@ -487,17 +355,13 @@ __device__ __forceinline__ void block_gemm(unsigned char* smem, const TS* __rest
   BlockMma<T, BM, BN, BK, Warps::kM, Warps::kN> mma;
   mma.zero();
   if constexpr (std::is_same<T, float>::value) {
-    // fp32 (IEEE SIMT): loads in-step; the SIMT accumulators (plus the conv kernels' window)
-    // leave no registers to stage the next step (252 registers, spills on sm_80/sm_90).
+    // fp32 (IEEE SIMT): element loads in-step; the SIMT accumulators (plus the conv kernels'
+    // window) left no registers to stage the next step (252 registers, spills on sm_80/sm_90).
     using Layout = TileLayout<T, BM, BN, BK>;
-    RowsTile<TS, T, BM, BK> a_tile;
-    WeightTile<T, BN, BK> b_tile;
     for (int64_t k0 = 0; k0 < K; k0 += BK) {
-      a_tile.fetch(src, row_off, k0, K, stride_k, vec_a);
-      b_tile.fetch(w, n0, N, k0, K, stride_wn, stride_wk);
       __syncthreads();  // the previous step's MMA is done with As / Bs
-      a_tile.template commit<Layout::kLdA>(Layout::a(smem), vec_a);
-      b_tile.template commit<Layout::kLdB>(Layout::b(smem), stride_wk);
+      load_rows_stage<TS, T, BM, BK>(Layout::a(smem), src, row_off, k0, K, stride_k, false);
+      load_weight_stage<T, BN, BK>(Layout::b(smem), w, n0, N, k0, K, stride_wn, stride_wk, WeightLoad::kElements);
       __syncthreads();
       mma.step(Layout::a(smem), Layout::kLdA, Layout::b(smem), Layout::kLdB);
     }

@@ -129,7 +129,7 @@ _EXPECTED = {
     "down_conv_fwd.cu": ("down_conv_fwd_kernel", (1 + 4 * STAGE_COUNTS) * 5),
     "conv_bwd.cu": ("conv_bwd_kernel", (1 + 4 * STAGE_COUNTS) * 5),
     "up_residual.cu": ("up_residual_kernel", 1 + 4 * STAGE_COUNTS),
-    "wgrad.cu": ("wgrad_", 1 + 6 * STAGE_COUNTS),
+    "wgrad.cu": ("_kernelI", 1 + 6 * STAGE_COUNTS),  # wgrad_simt_kernel<...> and wgrad_mma_kernel<...>
 }
 
 
