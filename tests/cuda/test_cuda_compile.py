@@ -7,7 +7,8 @@ their PTX is a cp.async pipeline feeding ldmatrix + mma.sync m16n8k16, with no W
 
 Only the kernel files are compiled (-c, no torch): the binding needs a CUDA build of torch
 (tests/cuda/test_cuda_build.py, marker cuda_build). Objects are cached per session in a tmp dir; the
-four files x two archs compile in ~1 minute on 2 cores.
+four files x two archs (the 16-bit kernels at two pipeline depths) compile in 6-7 minutes on a busy
+2-core machine (2-3 minutes with one depth).
 """
 
 import concurrent.futures
