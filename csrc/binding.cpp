@@ -2,13 +2,13 @@
 // sequence, and the pybind11 module st_adapter_fast._cuda (or the JIT-built twin that
 // st_adapter_fast.backends.cuda loads). The kernels (*.cu) stay free of torch headers.
 //
-//   fwd(x, T, P, Wd, bd?, taps, bc?, Wu, bu?, frames_per_run=0, stages=0) -> out (F, L, C), x's dtype
-//   bwd(dO, x, T, P, Wd, bd?, taps, bc?, Wu, bu?, frames_per_run=0, stages=0)
+//   fwd(x, T, P, Wd, bd?, taps, bc?, Wu, bu?, frames_per_run=0, gemm_config=0) -> out (F, L, C), x's dtype
+//   bwd(dO, x, T, P, Wd, bd?, taps, bc?, Wu, bu?, frames_per_run=0, gemm_config=0)
 //       -> (dx, dWd, dbd?, dtaps (Ca, KT), dbc?, dWu, dbu?), parameter grads fp32, dx dO's dtype
 //
 // x, dO: (F = B*T, L, C) with any strides; Wd (Ca, C), Wu (C, Ca) any strides; taps (Ca, KT).
-// x / dO may be fp32 with fp16/bf16 weights (autocast): the kernels cast on load. stages: the
-// cp.async pipeline depth of the 16-bit GEMMs (st_adapter_dispatch.h's PipelineStages; 0 = default).
+// x / dO may be fp32 with fp16/bf16 weights (autocast): the kernels cast on load. gemm_config:
+// the 16-bit GEMMs' tile configuration, an index into st_adapter_dispatch.h's GemmConfigs (0 = default).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -49,7 +49,7 @@ void check_grid(int64_t blocks, const char* what) {
 struct Dims {
   int64_t F = 0, L = 0, C = 0, B = 0, T = 0, P = 0, S = 0, Ca = 0;
   int KT = 0;
-  int stages = 0;  // cp.async pipeline depth of the 16-bit GEMMs, 0 = the table's default
+  int gemm_config = 0;  // index into GemmConfigs (16-bit tile K depth x cp.async stages), 0 = default
 };
 
 void check_param(const at::Tensor& t, const char* name, const at::Tensor& x, at::ScalarType wtype,
@@ -68,7 +68,7 @@ void check_activation_dtype(const at::Tensor& t, const char* name, const at::Ten
 
 Dims check_inputs(const at::Tensor& x, int64_t T, int64_t P, const at::Tensor& wd, const OptTensor& bd,
                   const at::Tensor& taps, const OptTensor& bc, const at::Tensor& wu, const OptTensor& bu,
-                  int64_t stages) {
+                  int64_t gemm_config) {
   TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor, got device ", x.device());
   TORCH_CHECK_VALUE(x.dim() == 3, "x must have shape (B*T, L, C), got ", x.sizes());
   Dims d;
@@ -91,9 +91,9 @@ Dims check_inputs(const at::Tensor& x, int64_t T, int64_t P, const at::Tensor& w
   d.KT = static_cast<int>(taps.size(1));
   TORCH_CHECK_VALUE(st_adapter::kt_supported(d.KT), "temporal kernel size must be odd and <= ", st_adapter::kMaxKT,
                     ", got ", taps.size(1));
-  TORCH_CHECK_VALUE(stages == 0 || st_adapter::stages_supported(static_cast<int>(stages)),
-                    "pipeline stages must be a depth the kernels are built for (3 or 2; 0 = default), got ", stages);
-  d.stages = static_cast<int>(stages);
+  TORCH_CHECK_VALUE(st_adapter::gemm_config_supported(static_cast<int>(gemm_config)),
+                    "gemm_config must index the kernels' GemmConfigs (0 = default, 1), got ", gemm_config);
+  d.gemm_config = static_cast<int>(gemm_config);
   check_param(wd, "fc1 weight", x, wtype, {d.Ca, d.C});
   check_param(taps, "conv taps", x, wtype, {d.Ca, static_cast<int64_t>(d.KT)});
   check_param(wu, "fc2 weight", x, wtype, {d.C, d.Ca});
@@ -141,7 +141,7 @@ void run_down_conv(const at::Tensor& x, const Dims& d, const at::Tensor& wd, con
                    int64_t fpr, cudaStream_t stream) {
   const st_adapter::DownConvParams p{conv_shape(d, fpr), token_view(x, d, "x"), weight_view(wd, false),
                                      dtype_of(wd, "fc1 weight"), opt_ptr(bd), taps.data_ptr(), opt_ptr(bc),
-                                     g.data_ptr(), h != nullptr ? h->data_ptr() : nullptr, d.stages};
+                                     g.data_ptr(), h != nullptr ? h->data_ptr() : nullptr, d.gemm_config};
   check_grid(st_adapter::conv_blocks(p), "down_conv_forward");
   check_launch(st_adapter::down_conv_forward(p, stream), "down_conv_forward");
 }
@@ -157,7 +157,7 @@ void run_conv_backward(const at::Tensor& dout, const Dims& d, const at::Tensor& 
   // W(n = ca, k = c) = Wu[c, ca]
   const st_adapter::ConvBwdParams p{conv_shape(d, fpr), token_view(dout, d, "grad_out"), weight_view(wu, true),
                                     dtype_of(wu, "fc2 weight"), taps.data_ptr(), h.data_ptr(), dh.data_ptr(),
-                                    dwc_part.data_ptr<float>(), dbc_part.data_ptr<float>(), d.stages};
+                                    dwc_part.data_ptr<float>(), dbc_part.data_ptr<float>(), d.gemm_config};
   check_grid(st_adapter::conv_blocks(p), "conv_backward");
   check_launch(st_adapter::conv_backward(p, stream), "conv_backward");
   run_sum_partials(dwc_part, dwc, n_parts, stream);
@@ -170,7 +170,7 @@ void run_up_residual(const at::Tensor& res, const Dims& d, const at::Tensor& a, 
   const int64_t nout = out.size(2);
   const st_adapter::UpResidualParams p{token_view(res, d, "residual"), a.data_ptr(), weight_view(w, transposed),
                                        dtype_of(w, "weight"), opt_ptr(bias), out.data_ptr(), d.F, d.S, a.size(1),
-                                       nout, d.stages};
+                                       nout, d.gemm_config};
   check_grid(st_adapter::up_residual_blocks(d.F, d.L, nout), "up_residual_forward");
   check_launch(st_adapter::up_residual_forward(p, stream), "up_residual_forward");
 }
@@ -195,7 +195,7 @@ std::pair<at::Tensor, OptTensor> run_weight_grad(const at::Tensor& a, const at::
   if (with_bias) db_part = split.splits > 1 ? at::empty({split.splits, I}, f32) : *db;
   const st_adapter::WgradParams p{token_view(a, d, "operand"), token_view(b, d, "operand"), compute, d.S, N, I, J,
                                   split, dw_part.data_ptr<float>(), db_part ? db_part->data_ptr<float>() : nullptr,
-                                  d.stages};
+                                  d.gemm_config};
   check_grid(st_adapter::wgrad_blocks(I, J, split.splits), "weight_grad");
   check_launch(st_adapter::weight_grad(p, stream), "weight_grad");
   if (split.splits > 1) {
@@ -207,8 +207,8 @@ std::pair<at::Tensor, OptTensor> run_weight_grad(const at::Tensor& a, const at::
 
 at::Tensor fwd(const at::Tensor& x, int64_t T, int64_t P, const at::Tensor& wd, const OptTensor& bd_in,
                const at::Tensor& taps_in, const OptTensor& bc_in, const at::Tensor& wu, const OptTensor& bu_in,
-               int64_t frames_per_run, int64_t stages) {
-  const Dims d = check_inputs(x, T, P, wd, bd_in, taps_in, bc_in, wu, bu_in, stages);
+               int64_t frames_per_run, int64_t gemm_config) {
+  const Dims d = check_inputs(x, T, P, wd, bd_in, taps_in, bc_in, wu, bu_in, gemm_config);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // the kernels index biases and taps densely
@@ -228,8 +228,8 @@ at::Tensor fwd(const at::Tensor& x, int64_t T, int64_t P, const at::Tensor& wd, 
 std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, OptTensor, at::Tensor, OptTensor> bwd(
     const at::Tensor& dout, const at::Tensor& x, int64_t T, int64_t P, const at::Tensor& wd, const OptTensor& bd_in,
     const at::Tensor& taps_in, const OptTensor& bc_in, const at::Tensor& wu, const OptTensor& bu_in,
-    int64_t frames_per_run, int64_t stages) {
-  const Dims d = check_inputs(x, T, P, wd, bd_in, taps_in, bc_in, wu, bu_in, stages);
+    int64_t frames_per_run, int64_t gemm_config) {
+  const Dims d = check_inputs(x, T, P, wd, bd_in, taps_in, bc_in, wu, bu_in, gemm_config);
   TORCH_CHECK_VALUE(dout.device() == x.device() && dout.sizes().equals(x.sizes()),
                     "grad_out must match x: expected ", x.sizes(), " on ", x.device(), ", got ", dout.sizes(), " on ",
                     dout.device());
@@ -275,10 +275,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "fused forward: out = x + fc2(conv_t(fc1(x_s))) on spatial tokens", pybind11::arg("x"),
         pybind11::arg("num_frames"), pybind11::arg("num_prefix_tokens"), pybind11::arg("fc1_weight"),
         pybind11::arg("fc1_bias"), pybind11::arg("conv_taps"), pybind11::arg("conv_bias"), pybind11::arg("fc2_weight"),
-        pybind11::arg("fc2_bias"), pybind11::arg("frames_per_run") = 0, pybind11::arg("stages") = 0);
+        pybind11::arg("fc2_bias"), pybind11::arg("frames_per_run") = 0, pybind11::arg("gemm_config") = 0);
   m.def("bwd", &bwd, "fused backward with recompute: (dx, dWd, dbd, dtaps, dbc, dWu, dbu)", pybind11::arg("grad_out"),
         pybind11::arg("x"), pybind11::arg("num_frames"), pybind11::arg("num_prefix_tokens"),
         pybind11::arg("fc1_weight"), pybind11::arg("fc1_bias"), pybind11::arg("conv_taps"), pybind11::arg("conv_bias"),
-        pybind11::arg("fc2_weight"), pybind11::arg("fc2_bias"), pybind11::arg("frames_per_run") = 0, pybind11::arg("stages") = 0);
+        pybind11::arg("fc2_weight"), pybind11::arg("fc2_bias"), pybind11::arg("frames_per_run") = 0, pybind11::arg("gemm_config") = 0);
   m.attr("MAX_KT") = st_adapter::kMaxKT;
 }

@@ -9,16 +9,16 @@
 namespace st_adapter {
 namespace {
 
-template <typename TD, typename T, int KT, int STAGES>
+template <typename TD, typename T, int KT, typename CFG>
 __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) {
   constexpr int BM = kConvBlockM<KT>;
   constexpr int BN = kConvBlockN;
-  constexpr int BK = kConvBlockK;
+  constexpr int BK = CFG::kBlockK;  // the K depth of a step (st_adapter_dispatch.h's GemmConfigs)
   constexpr int PAD = KT / 2;
   constexpr int E = BM * BN / kThreads;
   constexpr int ROW_STEP = kThreads / BN;
   static_assert(kThreads % BN == 0, "a thread's elements must share one channel");
-  using Layout = GemmLayout<T, BM, BN, BK, STAGES>;
+  using Layout = GemmLayout<T, BM, BN, BK, CFG::kStages>;
 
   __shared__ __align__(128) unsigned char smem[Layout::kBytes];
   __shared__ int64_t row_off[BM];
@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) 
         row_off[m] = s0 + m < p.S ? frame_token_offset(frame, s0 + m, p.dout.P, p.dout.stride_f, p.dout.stride_l) : -1;
       __syncthreads();
       // dg = dy @ Wu: B(k = c, n = ca) = Wu[c, ca] = W(n, k) of the view wu
-      block_gemm<TD, T, BM, BN, BK, STAGES>(smem, dout, row_off, p.C, p.dout.stride_c, vec_a, wu, ca0, p.Ca, p.wu.stride_n,
+      block_gemm<TD, T, BM, BN, BK, CFG::kStages>(smem, dout, row_off, p.C, p.dout.stride_c, vec_a, wu, ca0, p.Ca, p.wu.stride_n,
                                     p.wu.stride_k);
       const float* cs = Layout::c(smem);
 #pragma unroll
@@ -134,9 +134,9 @@ __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) 
 cudaError_t conv_backward(const ConvBwdParams& p, cudaStream_t stream) {
   return dispatch_dtypes(p.w_dtype, cudaErrorInvalidValue, [&](auto dout_dtype, auto w_dtype) {
     return dispatch_kt(p.KT, cudaErrorInvalidValue, [&](auto kt) {
-      return dispatch_stages<decltype(w_dtype)>(p.stages, cudaErrorInvalidValue, [&](auto stages) {
+      return dispatch_gemm_config<decltype(w_dtype)>(p.gemm_config, cudaErrorInvalidValue, [&](auto config) {
         auto kernel = conv_bwd_kernel<CType<decltype(dout_dtype)>, CType<decltype(w_dtype)>, decltype(kt)::value,
-                                     decltype(stages)::value>;
+                                     decltype(config)>;
         return launch_1d(kernel, conv_blocks(p), kThreads, stream, p);
       });
     });

@@ -33,34 +33,34 @@ extern "C" {
 
 int sta_emu_down_conv(const void* x, int x_dtype, const int64_t* x_view, const void* wd, const int64_t* wd_view,
                       int w_dtype, const void* bd, const void* taps, const void* bc, void* g, void* h,
-                      const int64_t* shape, int stages) {
+                      const int64_t* shape, int gemm_config) {
   const DownConvParams p{conv_shape(shape), token_view(x, x_dtype, x_view), weight_view(wd, wd_view),
-                         static_cast<DType>(w_dtype), bd, taps, bc, g, h, stages};
+                         static_cast<DType>(w_dtype), bd, taps, bc, g, h, gemm_config};
   return down_conv_forward(p, nullptr);
 }
 
 int sta_emu_conv_bwd(const void* dout, int dout_dtype, const int64_t* dout_view, const void* wu,
                      const int64_t* wu_view, int w_dtype, const void* taps, const void* h, void* dh, float* dwc_part,
-                     float* dbc_part, const int64_t* shape, int stages) {
+                     float* dbc_part, const int64_t* shape, int gemm_config) {
   const ConvBwdParams p{conv_shape(shape), token_view(dout, dout_dtype, dout_view), weight_view(wu, wu_view),
-                        static_cast<DType>(w_dtype), taps, h, dh, dwc_part, dbc_part, stages};
+                        static_cast<DType>(w_dtype), taps, h, dh, dwc_part, dbc_part, gemm_config};
   return conv_backward(p, nullptr);
 }
 
 int sta_emu_up_residual(const void* res, int res_dtype, const int64_t* res_view, const void* a, const void* w,
                         const int64_t* w_view, int w_dtype, const void* bias, void* out, int64_t F, int64_t S,
-                        int64_t K, int64_t NOUT, int stages) {
+                        int64_t K, int64_t NOUT, int gemm_config) {
   const UpResidualParams p{token_view(res, res_dtype, res_view), a, weight_view(w, w_view),
-                           static_cast<DType>(w_dtype), bias, out, F, S, K, NOUT, stages};
+                           static_cast<DType>(w_dtype), bias, out, F, S, K, NOUT, gemm_config};
   return up_residual_forward(p, nullptr);
 }
 
 int sta_emu_weight_grad(const void* a, int a_dtype, const int64_t* a_view, const void* b, int b_dtype,
                         const int64_t* b_view, int compute_dtype, int64_t S, int64_t N, int64_t I, int64_t J,
-                        int64_t splits, int64_t tokens_per_split, float* dw_part, float* db_part, int stages) {
+                        int64_t splits, int64_t tokens_per_split, float* dw_part, float* db_part, int gemm_config) {
   const WgradParams p{token_view(a, a_dtype, a_view), token_view(b, b_dtype, b_view),
                       static_cast<DType>(compute_dtype), S, N, I, J, WgradSplit{splits, tokens_per_split},
-                      dw_part, db_part, stages};
+                      dw_part, db_part, gemm_config};
   return weight_grad(p, nullptr);
 }
 
@@ -82,11 +82,11 @@ void sta_emu_wgrad_split(int64_t N, int64_t I, int64_t J, int64_t sms, int64_t* 
   out[1] = s.tokens_per_split;
 }
 
-// The dispatch table: whether kt and a pipeline depth have kernels, and whether a compute dtype takes these operand
+// The dispatch table: whether kt and a GEMM config index have kernels, and whether a compute dtype takes these operand
 // dtypes (n_operands of them).
 int sta_emu_kt_supported(int kt) { return kt_supported(kt) ? 1 : 0; }
 
-int sta_emu_stages_supported(int stages) { return stages_supported(stages) ? 1 : 0; }
+int sta_emu_gemm_config_supported(int config) { return gemm_config_supported(config) ? 1 : 0; }
 
 int sta_emu_dtypes_supported(int compute, int n_operands, const int* operands) {
   const DType c = static_cast<DType>(compute);

@@ -13,16 +13,16 @@
 namespace st_adapter {
 namespace {
 
-template <typename TX, typename T, int KT, int STAGES>
+template <typename TX, typename T, int KT, typename CFG>
 __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvParams p) {
   constexpr int BM = kConvBlockM<KT>;
   constexpr int BN = kConvBlockN;
-  constexpr int BK = kConvBlockK;
+  constexpr int BK = CFG::kBlockK;  // the K depth of a step (st_adapter_dispatch.h's GemmConfigs)
   constexpr int PAD = KT / 2;
   constexpr int E = BM * BN / kThreads;  // tile elements per thread, all in one channel
   constexpr int ROW_STEP = kThreads / BN;
   static_assert(kThreads % BN == 0, "a thread's elements must share one channel");
-  using Layout = GemmLayout<T, BM, BN, BK, STAGES>;
+  using Layout = GemmLayout<T, BM, BN, BK, CFG::kStages>;
 
   __shared__ __align__(128) unsigned char smem[Layout::kBytes];
   __shared__ int64_t row_off[BM];
@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvPara
         row_off[m] = s0 + m < p.S ? frame_token_offset(frame, s0 + m, p.x.P, p.x.stride_f, p.x.stride_l) : -1;
       __syncthreads();
       // B(k = c, n = ca) = Wd[ca, c]
-      block_gemm<TX, T, BM, BN, BK, STAGES>(smem, x, row_off, p.C, p.x.stride_c, vec_a, wd, ca0, p.Ca, p.wd.stride_n,
+      block_gemm<TX, T, BM, BN, BK, CFG::kStages>(smem, x, row_off, p.C, p.x.stride_c, vec_a, wd, ca0, p.Ca, p.wd.stride_n,
                                     p.wd.stride_k);
       const float* cs = Layout::c(smem);
       const bool store_h = h_out != nullptr && t_in >= run.t0 && t_in < run.t1;
@@ -103,9 +103,9 @@ __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvPara
 cudaError_t down_conv_forward(const DownConvParams& p, cudaStream_t stream) {
   return dispatch_dtypes(p.w_dtype, cudaErrorInvalidValue, [&](auto x_dtype, auto w_dtype) {
     return dispatch_kt(p.KT, cudaErrorInvalidValue, [&](auto kt) {
-      return dispatch_stages<decltype(w_dtype)>(p.stages, cudaErrorInvalidValue, [&](auto stages) {
+      return dispatch_gemm_config<decltype(w_dtype)>(p.gemm_config, cudaErrorInvalidValue, [&](auto config) {
         auto kernel = down_conv_fwd_kernel<CType<decltype(x_dtype)>, CType<decltype(w_dtype)>, decltype(kt)::value,
-                                     decltype(stages)::value>;
+                                     decltype(config)>;
         return launch_1d(kernel, conv_blocks(p), kThreads, stream, p);
       });
     });

@@ -52,7 +52,7 @@ struct DownConvParams : ConvShape {
   const void* bc;    // (Ca,) or nullptr
   void* g;           // (N, Ca)
   void* h;           // (N, Ca) or nullptr
-  int stages;        // cp.async pipeline depth of the 16-bit GEMM, 0 = default
+  int gemm_config;   // index into GemmConfigs (16-bit tile K depth x cp.async stages), 0 = default
 };
 
 // dh = conv_t^T(dO_s Wu) and per-block fp32 partials of dwc (n_parts, Ca, KT) and dbc (n_parts, Ca).
@@ -65,7 +65,7 @@ struct ConvBwdParams : ConvShape {
   void* dh;          // (N, Ca)
   float* dwc_part;   // (n_parts, Ca, KT)
   float* dbc_part;   // (n_parts, Ca)
-  int stages;        // cp.async pipeline depth of the 16-bit GEMM, 0 = default
+  int gemm_config;   // index into GemmConfigs (16-bit tile K depth x cp.async stages), 0 = default
 };
 
 // out (F, L = P + S, NOUT) contiguous = res + [row is spatial] * (a[token] W^T + bias).
@@ -78,7 +78,7 @@ struct UpResidualParams {
   const void* bias;  // (NOUT,) or nullptr
   void* out;
   int64_t F, S, K, NOUT;
-  int stages;        // cp.async pipeline depth of the 16-bit GEMM, 0 = default
+  int gemm_config;   // index into GemmConfigs (16-bit tile K depth x cp.async stages), 0 = default
 };
 
 // dw_part[split] = sum over the split's tokens of A[n]^T B[n] (I, J) fp32; db_part[split] =
@@ -91,7 +91,7 @@ struct WgradParams {
   WgradSplit split;
   float* dw_part;  // (splits, I, J)
   float* db_part;  // (splits, I) or nullptr
-  int stages;        // cp.async pipeline depth of the 16-bit GEMM, 0 = default
+  int gemm_config;   // index into GemmConfigs (16-bit tile K depth x cp.async stages), 0 = default
 };
 
 cudaError_t down_conv_forward(const DownConvParams& p, cudaStream_t stream);

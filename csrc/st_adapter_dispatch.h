@@ -37,11 +37,20 @@ using KernelSizes = IntList<1, 3, 5, 7, 9>;
 // them -- the caller's activations x or dO -- may be fp32 under autocast (cast on load, as the
 // Triton kernels' _mma does). The work buffers g, h, dh are always in the compute dtype.
 constexpr int kMaxFp32Operands = 1;
-// cp.async pipeline depths of the 16-bit GEMMs (a ring of STAGES tiles keeps STAGES - 1 K steps
-// in flight), selectable per call for the GPU sweep; 0 asks for kDefaultStages. The fp32 kernels
-// (IEEE SIMT, loads in-step) are instantiated once and take any listed value.
-using PipelineStages = IntList<3, 2>;
-constexpr int kDefaultStages = 3;
+// Tile configurations of the 16-bit GEMMs, selectable per call for the GPU sweep (an index into
+// GemmConfigs; 0 = the first, the default): the K depth of a block step and the depth of the
+// cp.async ring (STAGES tiles keep STAGES - 1 K steps in flight). Both keep >= 2 steps in flight:
+// 32-deep steps x 3 stages, or 16-deep steps x 4 stages (half the shared memory per stage, one
+// more step in flight). The fp32 kernels (IEEE SIMT, loads in-step) are built for the default only.
+template <int BK, int STAGES>
+struct GemmConfig {
+  static constexpr int kBlockK = BK;
+  static constexpr int kStages = STAGES;
+};
+template <typename... Cs>
+struct ConfigList {};
+using GemmConfigs = ConfigList<GemmConfig<32, 3>, GemmConfig<16, 4>>;
+using DefaultGemmConfig = GemmConfig<32, 3>;
 
 // ----------------------------------------------------------------------------- dispatch
 namespace detail {
@@ -61,6 +70,14 @@ R dispatch_int(int value, R fallback, F& f, IntList<Ns...>) {
 }
 
 // Picks each operand's dtype (compute or fp32) one at a time; Done holds those already picked.
+template <typename R, typename F, typename... Cs>
+R dispatch_config(int index, R fallback, F& f, ConfigList<Cs...>) {
+  R out = fallback;
+  int i = 0;
+  ((index == i++ ? (out = f(Cs{}), true) : false) || ...);
+  return out;
+}
+
 template <DType C, DType... Done, typename R, typename F>
 R pick_operands(DTypeList<Done...>, R /*fallback*/, F& f) {
   return f(DTypeTag<Done>{}..., DTypeTag<C>{});
@@ -92,16 +109,15 @@ R dispatch_kt(int kt, R fallback, F&& f) {
   return detail::dispatch_int(kt, fallback, f, KernelSizes{});
 }
 
-// f(IntTag<stages>{}) for a pipeline depth of the table (0: the default), else fallback; fp32
-// compute (a DTypeTag) always gets the default: its kernels have no pipeline.
+// f(GemmConfig<...>{}) for the config index of the table, else fallback; fp32 compute (a
+// DTypeTag) always gets the default: its kernels have no pipeline.
 template <typename ComputeTag, typename R, typename F>
-R dispatch_stages(int stages, R fallback, F&& f) {
-  if (stages == 0) stages = kDefaultStages;
+R dispatch_gemm_config(int config, R fallback, F&& f) {
   if constexpr (ComputeTag::value == DType::kFloat32) {
-    auto fp32 = [&](auto) { return f(IntTag<kDefaultStages>{}); };
-    return detail::dispatch_int(stages, fallback, fp32, PipelineStages{});
+    auto fp32 = [&](auto) { return f(DefaultGemmConfig{}); };
+    return detail::dispatch_config(config, fallback, fp32, GemmConfigs{});
   } else {
-    return detail::dispatch_int(stages, fallback, f, PipelineStages{});
+    return detail::dispatch_config(config, fallback, f, GemmConfigs{});
   }
 }
 
@@ -116,8 +132,8 @@ R dispatch_dtypes(DType compute, R fallback, F&& f, Ops... operand_dtypes) {
 inline bool kt_supported(int kt) {
   return dispatch_kt(kt, false, [](auto) { return true; });
 }
-inline bool stages_supported(int stages) {
-  return dispatch_stages<DTypeTag<DType::kFloat16>>(stages, false, [](auto) { return true; });
+inline bool gemm_config_supported(int config) {
+  return dispatch_gemm_config<DTypeTag<DType::kFloat16>>(config, false, [](auto) { return true; });
 }
 template <typename... Ops>
 bool dtypes_supported(DType compute, Ops... operand_dtypes) {

@@ -143,12 +143,11 @@ template <int KT>
 constexpr int kConvBlockM = KT <= 3 ? 64 : 32;
 STA_HD int conv_block_m(int kt) { return kt <= 3 ? 64 : 32; }
 constexpr int kConvBlockN = 64;
-constexpr int kConvBlockK = 32;
 // Up-residual (also the dgrad dx = dO + dh Wd).
 constexpr int kUpBlockM = 128;
 constexpr int kUpBlockN = 64;
-constexpr int kUpBlockK = 32;
-// Weight gradients: (I, J) tile, BLOCK_K tokens per step.
+// Weight gradients: (I, J) tile; token splits are multiples of kWgradBlockK (the fp32 step;
+// 16-bit steps take GemmConfigs' K depth, a divisor of it).
 constexpr int kWgradBlockM = 64;
 constexpr int kWgradBlockN = 64;
 constexpr int kWgradBlockK = 32;

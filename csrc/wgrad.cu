@@ -176,13 +176,15 @@ __device__ __forceinline__ void load_tokens_stage(T* Xs, const TX* __restrict__ 
   }
 }
 
-// 16-bit: token-major A^T and B tiles (As[k][i], Bs[k][j]) through a STAGES-deep cp.async ring,
-// STAGES - 1 token steps in flight during each step's mma.sync (A fragments by ldmatrix.trans).
-template <typename TA, typename TB, typename T, int STAGES>
+// 16-bit: token-major A^T and B tiles (As[k][i], Bs[k][j]) through a CFG::kStages-deep cp.async
+// ring, kStages - 1 token steps in flight during each step's mma.sync (A fragments by ldmatrix.trans).
+template <typename TA, typename TB, typename T, typename CFG>
 __global__ void __launch_bounds__(kThreads, 1) wgrad_mma_kernel(WgradParams p) {
   constexpr int BM = kWgradBlockM;  // I per tile
   constexpr int BN = kWgradBlockN;  // J per tile
-  constexpr int BK = kWgradBlockK;  // tokens per step
+  constexpr int BK = CFG::kBlockK;  // tokens per step
+  constexpr int STAGES = CFG::kStages;
+  static_assert(kWgradBlockK % BK == 0, "token splits (multiples of kWgradBlockK) are whole steps");
   constexpr int LDA = BM + 8;       // As[k][i]
   constexpr int LDB = BN + 8;       // Bs[k][j]
   using Layout = PipeLayout<T, BM, BN, BK, STAGES>;
@@ -257,12 +259,12 @@ cudaError_t weight_grad(const WgradParams& p, cudaStream_t stream) {
     using TA = CType<decltype(a_dtype)>;
     using TB = CType<decltype(b_dtype)>;
     using T = CType<decltype(dtype)>;
-    return dispatch_stages<decltype(dtype)>(p.stages, cudaErrorInvalidValue, [&](auto stages) {
+    return dispatch_gemm_config<decltype(dtype)>(p.gemm_config, cudaErrorInvalidValue, [&](auto config) {
       const int64_t blocks = wgrad_blocks(p.I, p.J, p.split.splits);
       if constexpr (std::is_same<T, float>::value)
         return launch_1d(wgrad_simt_kernel<TA, TB, T>, blocks, kThreads, stream, p);
       else
-        return launch_1d(wgrad_mma_kernel<TA, TB, T, decltype(stages)::value>, blocks, kThreads, stream, p);
+        return launch_1d(wgrad_mma_kernel<TA, TB, T, decltype(config)>, blocks, kThreads, stream, p);
     });
   }, p.a.dtype, p.b.dtype);
 }

@@ -4,7 +4,8 @@ Same decomposition as kernels/adapter_fwd.py and kernels/adapter_bwd.py (DESIGN.
 down-conv kernel with a register sliding window over frames, up-residual kernel over all B*T*L
 rows, conv-backward kernel, split-token weight gradients with fp32 partials summed in a fixed
 order (deterministic, no float atomics). fp16/bf16 run on tensor cores (mma.sync m16n8k16 fed by
-ldmatrix, a cp.async pipeline of ST_ADAPTER_CUDA_STAGES tiles), fp32 on an IEEE fp32 SIMT path.
+ldmatrix, a multi-stage cp.async pipeline; tiles per ST_ADAPTER_CUDA_GEMM_CONFIG), fp32 on an IEEE
+fp32 SIMT path.
 Needs sm_80 or newer.
 
 The compiled module is ``st_adapter_fast._cuda`` when setup.py built it ahead of time; otherwise
@@ -167,11 +168,11 @@ def _frames_per_run(frames_per_prog: Optional[int]) -> int:
     return int(env) if env else 0
 
 
-def pipeline_stages() -> int:
-    """cp.async pipeline depth of the 16-bit GEMM kernels (csrc/st_adapter_dispatch.h's
-    PipelineStages: 3 keeps two K steps in flight, 2 one); 0 = the kernels' default. The GPU
-    sweep sets ST_ADAPTER_CUDA_STAGES; fp32 kernels (IEEE SIMT) ignore it."""
-    env = os.environ.get("ST_ADAPTER_CUDA_STAGES")
+def gemm_config() -> int:
+    """Tile configuration of the 16-bit GEMM kernels: an index into csrc/st_adapter_dispatch.h's
+    GemmConfigs -- 0 (default): 32-deep K steps through a 3-stage cp.async ring; 1: 16-deep steps,
+    4 stages. The GPU sweep sets ST_ADAPTER_CUDA_GEMM_CONFIG; fp32 kernels (IEEE SIMT) ignore it."""
+    env = os.environ.get("ST_ADAPTER_CUDA_GEMM_CONFIG")
     return int(env) if env else 0
 
 
@@ -180,7 +181,7 @@ def adapter_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv
     """Fused forward: x (B*T, L, C) -> new (B*T, L, C) tensor of x's dtype."""
     return _require().fwd(
         x, int(num_frames), int(num_prefix_tokens), fc1_weight, fc1_bias, conv_taps, conv_bias,
-        fc2_weight, fc2_bias, _frames_per_run(frames_per_prog), pipeline_stages(),
+        fc2_weight, fc2_bias, _frames_per_run(frames_per_prog), gemm_config(),
     )
 
 
@@ -190,7 +191,7 @@ def adapter_backward(dout, x, num_frames, num_prefix_tokens, fc1_weight, fc1_bia
     None for absent biases. Deterministic: bitwise-equal over runs on the same device."""
     return tuple(_require().bwd(
         dout, x, int(num_frames), int(num_prefix_tokens), fc1_weight, fc1_bias, conv_taps, conv_bias,
-        fc2_weight, fc2_bias, _frames_per_run(frames_per_prog), pipeline_stages(),
+        fc2_weight, fc2_bias, _frames_per_run(frames_per_prog), gemm_config(),
     ))
 
 

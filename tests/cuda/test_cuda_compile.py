@@ -1,13 +1,13 @@
 """CPU check of the CUDA kernels: nvcc compiles every csrc/*.cu kernel file for sm_80 and sm_90
 with ``-Xptxas -v``; the test fails on a compile error, a register spill, a stack frame (a
 window array demoted to local memory), or static shared memory over the arch's per-block limit.
-It also checks that every (kernel, dtype, KT, pipeline depth) instantiation the dispatch can
+It also checks that every (kernel, dtype, KT, GEMM config) instantiation the dispatch can
 launch was compiled, that the fp16/bf16 kernels run on tensor cores (HMMA in the SASS), and that
 their PTX is a cp.async pipeline feeding ldmatrix + mma.sync m16n8k16, with no WMMA anywhere.
 
 Only the kernel files are compiled (-c, no torch): the binding needs a CUDA build of torch
 (tests/cuda/test_cuda_build.py, marker cuda_build). Objects are cached per session in a tmp dir; the
-four files x two archs (the 16-bit kernels at two pipeline depths) compile in 6-7 minutes on a busy
+four files x two archs (the 16-bit kernels in two GEMM configs) compile in 6-7 minutes on a busy
 2-core machine (2-3 minutes with one depth).
 """
 
@@ -124,13 +124,13 @@ def test_kernels_compile_without_spills(src, arch, compiled):
 
 
 # every instantiation the host dispatch can pick, by mangled-name fragments: dtype pairs
-# (1 fp32 + 4 with 16-bit compute; wgrad: 1 + 6) x KT (5) x pipeline depths (2, 16-bit only)
-STAGE_COUNTS = 2
+# (1 fp32 + 4 with 16-bit compute; wgrad: 1 + 6) x KT (5) x GEMM configs (2, 16-bit only)
+GEMM_CONFIGS = 2
 _EXPECTED = {
-    "down_conv_fwd.cu": ("down_conv_fwd_kernel", (1 + 4 * STAGE_COUNTS) * 5),
-    "conv_bwd.cu": ("conv_bwd_kernel", (1 + 4 * STAGE_COUNTS) * 5),
-    "up_residual.cu": ("up_residual_kernel", 1 + 4 * STAGE_COUNTS),
-    "wgrad.cu": ("_kernelI", 1 + 6 * STAGE_COUNTS),  # wgrad_simt_kernel<...> and wgrad_mma_kernel<...>
+    "down_conv_fwd.cu": ("down_conv_fwd_kernel", (1 + 4 * GEMM_CONFIGS) * 5),
+    "conv_bwd.cu": ("conv_bwd_kernel", (1 + 4 * GEMM_CONFIGS) * 5),
+    "up_residual.cu": ("up_residual_kernel", 1 + 4 * GEMM_CONFIGS),
+    "wgrad.cu": ("_kernelI", 1 + 6 * GEMM_CONFIGS),  # wgrad_simt_kernel<...> and wgrad_mma_kernel<...>
 }
 
 
@@ -143,9 +143,9 @@ def test_every_dispatched_instantiation_is_compiled(src, compiled):
     assert len(names) == count, f"{src}: expected {count} instantiations of {fragment}, got {len(names)}"
     if src in ("down_conv_fwd.cu", "conv_bwd.cu"):
         for kt in (1, 3, 5, 7, 9):
-            # template int arguments in order: KT, then the pipeline depth
-            assert sum(re.findall(r"Li(\d+)E", n)[0] == str(kt) for n in names) == 1 + 4 * STAGE_COUNTS, \
-                f"{src}: KT={kt} not compiled for every dtype pair and pipeline depth"
+            # template int arguments in order: KT, then the config's K depth and stages
+            assert sum(re.findall(r"Li(\d+)E", n)[0] == str(kt) for n in names) == 1 + 4 * GEMM_CONFIGS, \
+                f"{src}: KT={kt} not compiled for every dtype pair and GEMM config"
 
 
 def _find_cuobjdump():

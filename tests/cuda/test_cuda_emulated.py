@@ -54,14 +54,14 @@ def _lib(tmp_dir: Path):
         i64, i32, vp = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
         arr = ctypes.POINTER(i64)  # the views: tokens {P, stride_f, stride_l, stride_c}, weights
         # {stride_n, stride_k}, conv shape {B, T, S, C, Ca, KT, frames_per_run}
-        # the last argument of every launch: cp.async pipeline stages (0 = default)
+        # the last argument of every launch: the 16-bit GEMM config index (0 = default)
         lib.sta_emu_down_conv.argtypes = [vp, i32, arr, vp, arr, i32, vp, vp, vp, vp, vp, arr, i32]
         lib.sta_emu_conv_bwd.argtypes = [vp, i32, arr, vp, arr, i32, vp, vp, vp, vp, vp, arr, i32]
         lib.sta_emu_up_residual.argtypes = [vp, i32, arr, vp, vp, arr, i32, vp, vp, i64, i64, i64, i64, i32]
         lib.sta_emu_weight_grad.argtypes = [vp, i32, arr, vp, i32, arr, i32, i64, i64, i64, i64, i64, i64, vp, vp,
                                             i32]
         lib.sta_emu_kt_supported.argtypes = [i32]
-        lib.sta_emu_stages_supported.argtypes = [i32]
+        lib.sta_emu_gemm_config_supported.argtypes = [i32]
         lib.sta_emu_dtypes_supported.argtypes = [i32, i32, ctypes.POINTER(i32)]
         lib.sta_emu_sum_partials.argtypes = [vp, vp, i64, i64]
         lib.sta_emu_frames_per_run.argtypes = [i64, i32, i64, i64, i64, i64]
@@ -121,14 +121,14 @@ def _conv_shape(x, t, p, taps, fpr):
 def _down_conv(lib, x, t, p, wd, bd, taps, bc, g, h, fpr):
     _ok(lib.sta_emu_down_conv(_ptr(x), DTYPE_CODE[x.dtype], _tokens(x, x.shape[1] - p, p), _ptr(wd), _weight(wd),
                               DTYPE_CODE[wd.dtype], _ptr(bd), _ptr(taps), _ptr(bc), _ptr(g), _ptr(h),
-                              _conv_shape(x, t, p, taps, fpr), cuda_backend.pipeline_stages()))
+                              _conv_shape(x, t, p, taps, fpr), cuda_backend.gemm_config()))
 
 
 def _up_residual(lib, res, p, a, w, transposed, bias, out):
     f, seq_len, nout = out.shape
     _ok(lib.sta_emu_up_residual(_ptr(res), DTYPE_CODE[res.dtype], _tokens(res, seq_len - p, p), _ptr(a), _ptr(w),
                                 _weight(w, transposed), DTYPE_CODE[w.dtype], _ptr(bias), _ptr(out), f, seq_len - p,
-                                a.shape[1], nout, cuda_backend.pipeline_stages()))
+                                a.shape[1], nout, cuda_backend.gemm_config()))
 
 
 def _weight_grad(lib, a, b, s, p, n, compute, with_bias):
@@ -144,7 +144,7 @@ def _weight_grad(lib, a, b, s, p, n, compute, with_bias):
     db_part = (torch.empty(splits, i_dim) if splits > 1 else db) if with_bias else None
     _ok(lib.sta_emu_weight_grad(_ptr(a), DTYPE_CODE[a.dtype], _tokens(a, s, p), _ptr(b), DTYPE_CODE[b.dtype],
                                 _tokens(b, s, p), DTYPE_CODE[compute], s, n, i_dim, j_dim, splits, tps,
-                                _ptr(dw_part), _ptr(db_part), cuda_backend.pipeline_stages()))
+                                _ptr(dw_part), _ptr(db_part), cuda_backend.gemm_config()))
     if splits > 1:
         _ok(lib.sta_emu_sum_partials(_ptr(dw_part), _ptr(dw), splits, i_dim * j_dim))
         if with_bias:
@@ -190,7 +190,7 @@ def emu_backward(lib, dout, x, t, p, wd, bd, taps, bc, wu, bu, *, frames_per_pro
         _ok(lib.sta_emu_conv_bwd(_ptr(dout), DTYPE_CODE[dout.dtype], _tokens(dout, s, p), _ptr(wu),
                                  _weight(wu, transposed=True), DTYPE_CODE[wd.dtype], _ptr(taps), _ptr(h), _ptr(dh),
                                  _ptr(dwc_part), _ptr(dbc_part), _conv_shape(x, t, p, taps, fpr),
-                                 cuda_backend.pipeline_stages()))
+                                 cuda_backend.gemm_config()))
         _ok(lib.sta_emu_sum_partials(_ptr(dwc_part), _ptr(dwc), parts, ca * kt))
         _ok(lib.sta_emu_sum_partials(_ptr(dbc_part), _ptr(dbc), parts, ca))
     dx = torch.empty(f, seq_len, c, dtype=dout.dtype)
@@ -263,13 +263,14 @@ def test_emulated_wide_kernels_and_halo(kt, emulated, monkeypatch):
                torch.bfloat16 if fpr == 2 else torch.float32)
 
 
-@pytest.mark.parametrize("stages", [2, 3])
-def test_emulated_pipeline_depths(stages, emulated, monkeypatch):
-    """Each cp.async ring depth the table lists, with more K steps than stages (C = 72: 3 steps of
-    32, Ca = 136: 5) so the ring wraps; a wait for too few groups would read a stale stage here."""
-    monkeypatch.setenv("ST_ADAPTER_CUDA_STAGES", str(stages))
+@pytest.mark.parametrize("config", [0, 1])
+def test_emulated_gemm_configs(config, emulated, monkeypatch):
+    """Each 16-bit GEMM config of the table (32-deep steps x 3 stages, 16-deep x 4), with more K
+    steps than stages (C = 72, Ca = 136: up to 9 steps of 16) so the cp.async ring wraps; a wait for
+    too few groups would read a stale stage here."""
+    monkeypatch.setenv("ST_ADAPTER_CUDA_GEMM_CONFIG", str(config))
     _check(Case(batch=1, frames=3, grid=(3, 3), prefix=1, channels=72, adapter_channels=136, kernel=(3, 1, 1)),
-           torch.bfloat16 if stages == 2 else torch.float16)
+           torch.bfloat16 if config else torch.float16)
 
 
 @pytest.mark.parametrize("autocast", [torch.float16, torch.bfloat16], ids=str)
@@ -352,10 +353,10 @@ def test_dispatch_table(emulated):
     # a dtype the table lacks is refused by the launcher, not launched
     assert emulated.sta_emu_up_residual(None, 1, _i64s(0, 8, 8, 1), None, None, _i64s(8, 1), 2, None, None,
                                         1, 1, 8, 8, 0) == CUDA_ERROR_INVALID_VALUE
-    # pipeline depths: 3 (default, two K steps in flight) and 2; others are refused
-    assert [s for s in range(0, 8) if emulated.sta_emu_stages_supported(s)] == [0, 2, 3]
+    # 16-bit GEMM configs: 0 (default) and 1; others are refused
+    assert [c for c in range(-1, 8) if emulated.sta_emu_gemm_config_supported(c)] == [0, 1]
     assert emulated.sta_emu_up_residual(None, 1, _i64s(0, 8, 8, 1), None, None, _i64s(8, 1), 1, None, None,
-                                        1, 1, 8, 8, 4) == CUDA_ERROR_INVALID_VALUE
+                                        1, 1, 8, 8, 2) == CUDA_ERROR_INVALID_VALUE
 
 
 def test_launch_refuses_grids_past_the_hardware_limit(emulated):
