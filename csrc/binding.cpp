@@ -2,12 +2,13 @@
 // sequence, and the pybind11 module st_adapter_fast._cuda (or the JIT-built twin that
 // st_adapter_fast.backends.cuda loads). The kernels (*.cu) stay free of torch headers.
 //
-//   fwd(x, T, P, Wd, bd?, taps, bc?, Wu, bu?, frames_per_run=0) -> out (F, L, C), x's dtype
-//   bwd(dO, x, T, P, Wd, bd?, taps, bc?, Wu, bu?, frames_per_run=0)
+//   fwd(x, T, P, Wd, bd?, taps, bc?, Wu, bu?, frames_per_run=0, gemm_config=0) -> out (F, L, C), x's dtype
+//   bwd(dO, x, T, P, Wd, bd?, taps, bc?, Wu, bu?, frames_per_run=0, gemm_config=0)
 //       -> (dx, dWd, dbd?, dtaps (Ca, KT), dbc?, dWu, dbu?), parameter grads fp32, dx dO's dtype
 //
 // x, dO: (F = B*T, L, C) with any strides; Wd (Ca, C), Wu (C, Ca) any strides; taps (Ca, KT).
-// x / dO may be fp32 with fp16/bf16 weights (autocast): the kernels cast on load.
+// x / dO may be fp32 with fp16/bf16 weights (autocast): the kernels cast on load. gemm_config:
+// the 16-bit GEMMs' tile configuration, an index into st_adapter_dispatch.h's GemmConfigs (0 = default).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -37,9 +38,18 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "st_adapter_fast CUDA kernel ", what, " failed: ", cudaGetErrorString(err));
 }
 
+// Up-front check of a launch's 1-D grid against gridDim.x's limit (the launchers refuse it too,
+// with a bare cudaErrorInvalidConfiguration), so a huge input gets an error that says why.
+void check_grid(int64_t blocks, const char* what) {
+  TORCH_CHECK_VALUE(st_adapter::grid_fits(blocks) || blocks == 0, "st_adapter_fast CUDA kernel ", what, " needs ",
+                    blocks, " blocks, more than the GPU's grid limit of ", st_adapter::kMaxGridX,
+                    " (gridDim.x); split the batch");
+}
+
 struct Dims {
   int64_t F = 0, L = 0, C = 0, B = 0, T = 0, P = 0, S = 0, Ca = 0;
   int KT = 0;
+  int gemm_config = 0;  // index into GemmConfigs (16-bit tile K depth x cp.async stages), 0 = default
 };
 
 void check_param(const at::Tensor& t, const char* name, const at::Tensor& x, at::ScalarType wtype,
@@ -49,8 +59,16 @@ void check_param(const at::Tensor& t, const char* name, const at::Tensor& x, at:
   TORCH_CHECK_VALUE(t.sizes().equals(shape), name, " must have shape ", at::IntArrayRef(shape), ", got ", t.sizes());
 }
 
+// x or dO against the weights: a pairing of the kernels' dispatch table (st_adapter_dispatch.h).
+void check_activation_dtype(const at::Tensor& t, const char* name, const at::Tensor& wd) {
+  TORCH_CHECK_TYPE(st_adapter::dtypes_supported(dtype_of(wd, "fc1 weight"), dtype_of(t, name)), name,
+                   " must have the weights' dtype ", wd.scalar_type(), " (or float32 under autocast), got ",
+                   t.scalar_type());
+}
+
 Dims check_inputs(const at::Tensor& x, int64_t T, int64_t P, const at::Tensor& wd, const OptTensor& bd,
-                  const at::Tensor& taps, const OptTensor& bc, const at::Tensor& wu, const OptTensor& bu) {
+                  const at::Tensor& taps, const OptTensor& bc, const at::Tensor& wu, const OptTensor& bu,
+                  int64_t gemm_config) {
   TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor, got device ", x.device());
   TORCH_CHECK_VALUE(x.dim() == 3, "x must have shape (B*T, L, C), got ", x.sizes());
   Dims d;
@@ -67,16 +85,15 @@ Dims check_inputs(const at::Tensor& x, int64_t T, int64_t P, const at::Tensor& w
                     wd.sizes());
   d.Ca = wd.size(0);
   const at::ScalarType wtype = wd.scalar_type();
-  dtype_of(wd, "fc1 weight");
-  const at::ScalarType xtype = x.scalar_type();
-  dtype_of(x, "x");
-  TORCH_CHECK_TYPE(xtype == wtype || xtype == at::kFloat,
-                   "x must have the weights' dtype ", wtype, " (or float32 under autocast), got ", xtype);
+  check_activation_dtype(x, "x", wd);
   TORCH_CHECK_VALUE(taps.dim() == 2 && taps.size(0) == d.Ca, "conv taps must have shape (Ca=", d.Ca, ", KT), got ",
                     taps.sizes());
   d.KT = static_cast<int>(taps.size(1));
-  TORCH_CHECK_VALUE(d.KT % 2 == 1 && d.KT >= 1 && d.KT <= st_adapter::kMaxKT, "temporal kernel size must be odd and <= ",
-                    st_adapter::kMaxKT, ", got ", d.KT);
+  TORCH_CHECK_VALUE(st_adapter::kt_supported(d.KT), "temporal kernel size must be odd and <= ", st_adapter::kMaxKT,
+                    ", got ", taps.size(1));
+  TORCH_CHECK_VALUE(st_adapter::gemm_config_supported(static_cast<int>(gemm_config)),
+                    "gemm_config must index the kernels' GemmConfigs (0 = default, 1), got ", gemm_config);
+  d.gemm_config = static_cast<int>(gemm_config);
   check_param(wd, "fc1 weight", x, wtype, {d.Ca, d.C});
   check_param(taps, "conv taps", x, wtype, {d.Ca, static_cast<int64_t>(d.KT)});
   check_param(wu, "fc2 weight", x, wtype, {d.C, d.Ca});
@@ -95,84 +112,72 @@ int64_t pick_frames_per_run(const Dims& d, int64_t requested) {
   return st_adapter::frames_per_run(d.T, d.KT, per_run, sms);
 }
 
+// ------------------------------------------------------- the views every launch is filled from
+// A token tensor (F, L, K) or a flat (N = F*S, K) buffer.
+st_adapter::TokenView token_view(const at::Tensor& t, const Dims& d, const char* name) {
+  if (t.dim() == 3) return {t.data_ptr(), dtype_of(t, name), d.P, t.stride(0), t.stride(1), t.stride(2)};
+  return {t.data_ptr(), dtype_of(t, name), 0, d.S * t.stride(0), t.stride(0), t.stride(1)};
+}
+
+// W(n, k) = w[n, k], or w[k, n] when transposed.
+st_adapter::WeightView weight_view(const at::Tensor& w, bool transposed) {
+  if (transposed) return {w.data_ptr(), w.stride(1), w.stride(0)};
+  return {w.data_ptr(), w.stride(0), w.stride(1)};
+}
+
+st_adapter::ConvShape conv_shape(const Dims& d, int64_t fpr) { return {d.B, d.T, d.S, d.C, d.Ca, d.KT, fpr}; }
+
+// ------------------------------------------------------------------------------ launches
+// out = sum over the n_parts leading slices of part, in a fixed order (deterministic).
+void run_sum_partials(const at::Tensor& part, const at::Tensor& out, int64_t n_parts, cudaStream_t stream) {
+  check_grid(st_adapter::sum_partials_blocks(out.numel()), "sum_partials");
+  check_launch(st_adapter::sum_partials(part.data_ptr<float>(), out.data_ptr<float>(), n_parts, out.numel(), stream),
+               "sum_partials");
+}
+
 // g (and h) (N, Ca) in the weights' dtype.
 void run_down_conv(const at::Tensor& x, const Dims& d, const at::Tensor& wd, const OptTensor& bd,
                    const at::Tensor& taps, const OptTensor& bc, const at::Tensor& g, const at::Tensor* h,
                    int64_t fpr, cudaStream_t stream) {
-  st_adapter::DownConvParams p{};
-  p.x = x.data_ptr();
-  p.x_dtype = dtype_of(x, "x");
-  p.stride_xf = x.stride(0);
-  p.stride_xl = x.stride(1);
-  p.stride_xc = x.stride(2);
-  p.wd = wd.data_ptr();
-  p.stride_wd_o = wd.stride(0);
-  p.stride_wd_i = wd.stride(1);
-  p.bd = opt_ptr(bd);
-  p.taps = taps.data_ptr();
-  p.bc = opt_ptr(bc);
-  p.w_dtype = dtype_of(wd, "fc1 weight");
-  p.g = g.data_ptr();
-  p.h = h != nullptr ? h->data_ptr() : nullptr;
-  p.B = d.B;
-  p.T = d.T;
-  p.S = d.S;
-  p.P = d.P;
-  p.C = d.C;
-  p.Ca = d.Ca;
-  p.KT = d.KT;
-  p.frames_per_run = fpr;
+  const st_adapter::DownConvParams p{conv_shape(d, fpr), token_view(x, d, "x"), weight_view(wd, false),
+                                     dtype_of(wd, "fc1 weight"), opt_ptr(bd), taps.data_ptr(), opt_ptr(bc),
+                                     g.data_ptr(), h != nullptr ? h->data_ptr() : nullptr, d.gemm_config};
+  check_grid(st_adapter::conv_blocks(p), "down_conv_forward");
   check_launch(st_adapter::down_conv_forward(p, stream), "down_conv_forward");
 }
 
-// out (F, L, NOUT) = res + [spatial] (a W^T + bias); W(n, k) = w[n * stride_wo + k * stride_wi].
-void run_up_residual(const at::Tensor& res, const Dims& d, const at::Tensor& a, const at::Tensor& w,
-                     int64_t stride_wo, int64_t stride_wi, int64_t nout, const OptTensor& bias,
-                     const at::Tensor& out, cudaStream_t stream) {
-  st_adapter::UpResidualParams p{};
-  p.res = res.data_ptr();
-  p.res_dtype = dtype_of(res, "residual");
-  p.stride_rf = res.stride(0);
-  p.stride_rl = res.stride(1);
-  p.stride_rc = res.stride(2);
-  p.a = a.data_ptr();
-  p.w = w.data_ptr();
-  p.stride_wo = stride_wo;
-  p.stride_wi = stride_wi;
-  p.bias = opt_ptr(bias);
-  p.w_dtype = dtype_of(w, "weight");
-  p.out = out.data_ptr();
-  p.F = d.F;
-  p.L = d.L;
-  p.P = d.P;
-  p.S = d.S;
-  p.K = a.size(1);
-  p.NOUT = nout;
-  check_launch(st_adapter::up_residual_forward(p, stream), "up_residual_forward");
+// dh (N, Ca) and the summed conv-parameter gradients dwc (Ca, KT), dbc (Ca,).
+void run_conv_backward(const at::Tensor& dout, const Dims& d, const at::Tensor& wu, const at::Tensor& taps,
+                       const at::Tensor& h, const at::Tensor& dh, const at::Tensor& dwc, const at::Tensor& dbc,
+                       int64_t fpr, cudaStream_t stream) {
+  const auto f32 = dout.options().dtype(at::kFloat);
+  const int64_t n_parts = st_adapter::conv_bwd_num_parts(d.KT, d.B, d.T, d.S, fpr);
+  at::Tensor dwc_part = at::empty({n_parts, d.Ca, d.KT}, f32);
+  at::Tensor dbc_part = at::empty({n_parts, d.Ca}, f32);
+  // W(n = ca, k = c) = Wu[c, ca]
+  const st_adapter::ConvBwdParams p{conv_shape(d, fpr), token_view(dout, d, "grad_out"), weight_view(wu, true),
+                                    dtype_of(wu, "fc2 weight"), taps.data_ptr(), h.data_ptr(), dh.data_ptr(),
+                                    dwc_part.data_ptr<float>(), dbc_part.data_ptr<float>(), d.gemm_config};
+  check_grid(st_adapter::conv_blocks(p), "conv_backward");
+  check_launch(st_adapter::conv_backward(p, stream), "conv_backward");
+  run_sum_partials(dwc_part, dwc, n_parts, stream);
+  run_sum_partials(dbc_part, dbc, n_parts, stream);
 }
 
-st_adapter::TokenView token_view(const at::Tensor& t, const Dims& d) {
-  st_adapter::TokenView v{};
-  v.ptr = t.data_ptr();
-  v.dtype = dtype_of(t, "operand");
-  v.S = d.S;
-  if (t.dim() == 3) {  // (F, L, K) token tensor
-    v.P = d.P;
-    v.stride_f = t.stride(0);
-    v.stride_l = t.stride(1);
-    v.stride_c = t.stride(2);
-  } else {  // flat (N, K) buffer
-    v.P = 0;
-    v.stride_f = d.S * t.stride(0);
-    v.stride_l = t.stride(0);
-    v.stride_c = t.stride(1);
-  }
-  return v;
+// out (F, L, NOUT) = res + [spatial] (a W^T + bias); W(n, k) = w[n, k], or w[k, n] when transposed.
+void run_up_residual(const at::Tensor& res, const Dims& d, const at::Tensor& a, const at::Tensor& w, bool transposed,
+                     const OptTensor& bias, const at::Tensor& out, cudaStream_t stream) {
+  const int64_t nout = out.size(2);
+  const st_adapter::UpResidualParams p{token_view(res, d, "residual"), a.data_ptr(), weight_view(w, transposed),
+                                       dtype_of(w, "weight"), opt_ptr(bias), out.data_ptr(), d.F, d.S, a.size(1),
+                                       nout, d.gemm_config};
+  check_grid(st_adapter::up_residual_blocks(d.F, d.L, nout), "up_residual_forward");
+  check_launch(st_adapter::up_residual_forward(p, stream), "up_residual_forward");
 }
 
 // (sum_n A[n]^T B[n] (I, J), sum_n A[n] (I,) if with_bias), fp32, deterministic.
 std::pair<at::Tensor, OptTensor> run_weight_grad(const at::Tensor& a, const at::Tensor& b, const Dims& d,
-                                                 at::ScalarType compute, bool with_bias, cudaStream_t stream) {
+                                                 DType compute, bool with_bias, cudaStream_t stream) {
   const int64_t I = a.size(-1), J = b.size(-1), N = d.F * d.S;
   const auto f32 = a.options().dtype(at::kFloat);
   at::Tensor dw = at::empty({I, J}, f32);
@@ -184,34 +189,26 @@ std::pair<at::Tensor, OptTensor> run_weight_grad(const at::Tensor& a, const at::
     return {dw, db};
   }
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  st_adapter::WgradParams p{};
-  p.a = token_view(a, d);
-  p.b = token_view(b, d);
-  p.compute_dtype = compute == at::kFloat ? DType::kFloat32 : compute == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
-  p.N = N;
-  p.I = I;
-  p.J = J;
-  p.split = st_adapter::wgrad_split(N, I, J, sms);
-  at::Tensor dw_part = p.split.splits > 1 ? at::empty({p.split.splits, I, J}, f32) : dw;
+  const st_adapter::WgradSplit split = st_adapter::wgrad_split(N, I, J, sms);
+  at::Tensor dw_part = split.splits > 1 ? at::empty({split.splits, I, J}, f32) : dw;
   OptTensor db_part;
-  if (with_bias) db_part = p.split.splits > 1 ? at::empty({p.split.splits, I}, f32) : *db;
-  p.dw_part = dw_part.data_ptr<float>();
-  p.db_part = db_part ? db_part->data_ptr<float>() : nullptr;
+  if (with_bias) db_part = split.splits > 1 ? at::empty({split.splits, I}, f32) : *db;
+  const st_adapter::WgradParams p{token_view(a, d, "operand"), token_view(b, d, "operand"), compute, d.S, N, I, J,
+                                  split, dw_part.data_ptr<float>(), db_part ? db_part->data_ptr<float>() : nullptr,
+                                  d.gemm_config};
+  check_grid(st_adapter::wgrad_blocks(I, J, split.splits), "weight_grad");
   check_launch(st_adapter::weight_grad(p, stream), "weight_grad");
-  if (p.split.splits > 1) {
-    check_launch(st_adapter::sum_partials(p.dw_part, dw.data_ptr<float>(), p.split.splits, I * J, stream),
-                 "sum_partials");
-    if (db)
-      check_launch(st_adapter::sum_partials(p.db_part, db->data_ptr<float>(), p.split.splits, I, stream),
-                   "sum_partials");
+  if (split.splits > 1) {
+    run_sum_partials(dw_part, dw, split.splits, stream);
+    if (db) run_sum_partials(*db_part, *db, split.splits, stream);
   }
   return {dw, db};
 }
 
 at::Tensor fwd(const at::Tensor& x, int64_t T, int64_t P, const at::Tensor& wd, const OptTensor& bd_in,
                const at::Tensor& taps_in, const OptTensor& bc_in, const at::Tensor& wu, const OptTensor& bu_in,
-               int64_t frames_per_run) {
-  const Dims d = check_inputs(x, T, P, wd, bd_in, taps_in, bc_in, wu, bu_in);
+               int64_t frames_per_run, int64_t gemm_config) {
+  const Dims d = check_inputs(x, T, P, wd, bd_in, taps_in, bc_in, wu, bu_in, gemm_config);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // the kernels index biases and taps densely
@@ -224,21 +221,19 @@ at::Tensor fwd(const at::Tensor& x, int64_t T, int64_t P, const at::Tensor& wd, 
   at::Tensor g = at::empty({d.F * d.S, d.Ca}, wd.options());
   if (out.numel() == 0) return out;
   if (g.numel() > 0) run_down_conv(x, d, wd, bd, taps, bc, g, nullptr, pick_frames_per_run(d, frames_per_run), stream);
-  run_up_residual(x, d, g, wu, wu.stride(0), wu.stride(1), d.C, bu, out, stream);
+  run_up_residual(x, d, g, wu, false, bu, out, stream);
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, OptTensor, at::Tensor, OptTensor> bwd(
     const at::Tensor& dout, const at::Tensor& x, int64_t T, int64_t P, const at::Tensor& wd, const OptTensor& bd_in,
     const at::Tensor& taps_in, const OptTensor& bc_in, const at::Tensor& wu, const OptTensor& bu_in,
-    int64_t frames_per_run) {
-  const Dims d = check_inputs(x, T, P, wd, bd_in, taps_in, bc_in, wu, bu_in);
+    int64_t frames_per_run, int64_t gemm_config) {
+  const Dims d = check_inputs(x, T, P, wd, bd_in, taps_in, bc_in, wu, bu_in, gemm_config);
   TORCH_CHECK_VALUE(dout.device() == x.device() && dout.sizes().equals(x.sizes()),
                     "grad_out must match x: expected ", x.sizes(), " on ", x.device(), ", got ", dout.sizes(), " on ",
                     dout.device());
-  TORCH_CHECK_TYPE(dout.scalar_type() == wd.scalar_type() || dout.scalar_type() == at::kFloat,
-                   "grad_out must have the weights' dtype ", wd.scalar_type(), " (or float32 under autocast), got ",
-                   dout.scalar_type());
+  check_activation_dtype(dout, "grad_out", wd);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor taps = taps_in.contiguous();
@@ -257,48 +252,17 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, OptTensor, at::Tensor,
   at::Tensor dh = at::empty({N, d.Ca}, wd.options());
   at::Tensor dwc = at::zeros({d.Ca, d.KT}, f32);
   at::Tensor dbc_full = at::zeros({d.Ca}, f32);
-  if (N > 0) {
-    const int64_t n_parts = st_adapter::conv_bwd_num_parts(d.KT, d.B, d.T, d.S, fpr);
-    at::Tensor dwc_part = at::empty({n_parts, d.Ca, d.KT}, f32);
-    at::Tensor dbc_part = at::empty({n_parts, d.Ca}, f32);
-    st_adapter::ConvBwdParams p{};
-    p.dout = dout.data_ptr();
-    p.dout_dtype = dtype_of(dout, "grad_out");
-    p.stride_df = dout.stride(0);
-    p.stride_dl = dout.stride(1);
-    p.stride_dc = dout.stride(2);
-    p.wu = wu.data_ptr();
-    p.stride_wu_o = wu.stride(0);
-    p.stride_wu_i = wu.stride(1);
-    p.taps = taps.data_ptr();
-    p.h = h.data_ptr();
-    p.w_dtype = dtype_of(wd, "fc1 weight");
-    p.dh = dh.data_ptr();
-    p.dwc_part = dwc_part.data_ptr<float>();
-    p.dbc_part = dbc_part.data_ptr<float>();
-    p.B = d.B;
-    p.T = d.T;
-    p.S = d.S;
-    p.P = d.P;
-    p.C = d.C;
-    p.Ca = d.Ca;
-    p.KT = d.KT;
-    p.frames_per_run = fpr;
-    check_launch(st_adapter::conv_backward(p, stream), "conv_backward");
-    check_launch(st_adapter::sum_partials(p.dwc_part, dwc.data_ptr<float>(), n_parts, d.Ca * d.KT, stream),
-                 "sum_partials");
-    check_launch(st_adapter::sum_partials(p.dbc_part, dbc_full.data_ptr<float>(), n_parts, d.Ca, stream),
-                 "sum_partials");
-  }
+  if (N > 0) run_conv_backward(dout, d, wu, taps, h, dh, dwc, dbc_full, fpr, stream);
   h.reset();
 
   // 3. dx = dO + dh Wd: the up-residual kernel with W(n = c, k = ca) = Wd[ca, c]
   at::Tensor dx = at::empty({d.F, d.L, d.C}, dout.options());
-  if (dx.numel() > 0) run_up_residual(dout, d, dh, wd, wd.stride(1), wd.stride(0), d.C, OptTensor(), dx, stream);
+  if (dx.numel() > 0) run_up_residual(dout, d, dh, wd, true, OptTensor(), dx, stream);
 
   // 4. dWu = dy^T g (+ dbu), dWd = dh^T x_s (+ dbd)
-  auto [dwu, dbu] = run_weight_grad(dout, g, d, wd.scalar_type(), bu_in.has_value(), stream);
-  auto [dwd, dbd] = run_weight_grad(dh, x, d, wd.scalar_type(), bd_in.has_value(), stream);
+  const DType wtype = dtype_of(wd, "fc1 weight");
+  auto [dwu, dbu] = run_weight_grad(dout, g, d, wtype, bu_in.has_value(), stream);
+  auto [dwd, dbd] = run_weight_grad(dh, x, d, wtype, bd_in.has_value(), stream);
   OptTensor dbc;
   if (bc_in) dbc = dbc_full;
   return {dx, dwd, dbd, dwc, dbc, dwu, dbu};
@@ -311,10 +275,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "fused forward: out = x + fc2(conv_t(fc1(x_s))) on spatial tokens", pybind11::arg("x"),
         pybind11::arg("num_frames"), pybind11::arg("num_prefix_tokens"), pybind11::arg("fc1_weight"),
         pybind11::arg("fc1_bias"), pybind11::arg("conv_taps"), pybind11::arg("conv_bias"), pybind11::arg("fc2_weight"),
-        pybind11::arg("fc2_bias"), pybind11::arg("frames_per_run") = 0);
+        pybind11::arg("fc2_bias"), pybind11::arg("frames_per_run") = 0, pybind11::arg("gemm_config") = 0);
   m.def("bwd", &bwd, "fused backward with recompute: (dx, dWd, dbd, dtaps, dbc, dWu, dbu)", pybind11::arg("grad_out"),
         pybind11::arg("x"), pybind11::arg("num_frames"), pybind11::arg("num_prefix_tokens"),
         pybind11::arg("fc1_weight"), pybind11::arg("fc1_bias"), pybind11::arg("conv_taps"), pybind11::arg("conv_bias"),
-        pybind11::arg("fc2_weight"), pybind11::arg("fc2_bias"), pybind11::arg("frames_per_run") = 0);
+        pybind11::arg("fc2_weight"), pybind11::arg("fc2_bias"), pybind11::arg("frames_per_run") = 0, pybind11::arg("gemm_config") = 0);
   m.attr("MAX_KT") = st_adapter::kMaxKT;
 }

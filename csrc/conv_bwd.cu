@@ -3,35 +3,29 @@
 // sums of dwc[c, j] = sum dg_t * h_{t+j-KT/2} and dbc = sum dg over the frames the block owns.
 // The partials are reduced in a fixed order (sum_partials): deterministic, no float atomics.
 // Mirrors kernels/adapter_bwd.py's adapter_conv_bwd_kernel.
-#include <type_traits>
-
 #include "st_adapter.h"
 #include "st_adapter_tile.cuh"
 
 namespace st_adapter {
 namespace {
 
-template <typename TD, typename T, int KT>
+template <typename TD, typename T, int KT, typename CFG>
 __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) {
   constexpr int BM = kConvBlockM<KT>;
-  // Stage the next K step's loads in registers during the MMA only where the registers are
-  // there: the fp32 SIMT accumulators plus the window leave no room (spills on sm_80/sm_90).
-  constexpr bool kPipeline = !std::is_same<T, float>::value;
   constexpr int BN = kConvBlockN;
-  constexpr int BK = kConvBlockK;
+  constexpr int BK = CFG::kBlockK;  // the K depth of a step (st_adapter_dispatch.h's GemmConfigs)
   constexpr int PAD = KT / 2;
   constexpr int E = BM * BN / kThreads;
   constexpr int ROW_STEP = kThreads / BN;
   static_assert(kThreads % BN == 0, "a thread's elements must share one channel");
-  using Layout = TileLayout<T, BM, BN, BK>;
-  using Warps = WarpGrid<BM, BN>;
+  using Layout = GemmLayout<T, BM, BN, BK, CFG::kStages>;
 
   __shared__ __align__(128) unsigned char smem[Layout::kBytes];
   __shared__ int64_t row_off[BM];
   __shared__ float reduce_buf[ROW_STEP][BN];
 
-  const TD* __restrict__ dout = static_cast<const TD*>(p.dout);
-  const T* __restrict__ wu = static_cast<const T*>(p.wu);
+  const TD* __restrict__ dout = static_cast<const TD*>(p.dout.ptr);
+  const T* __restrict__ wu = static_cast<const T*>(p.wu.ptr);
   const T* __restrict__ taps = static_cast<const T*>(p.taps);
   const T* __restrict__ h_buf = static_cast<const T*>(p.h);
   T* __restrict__ dh = static_cast<T*>(p.dh);
@@ -53,7 +47,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) 
 #pragma unroll
   for (int i = 0; i < KT; ++i) r[i] = ca_ok ? to_float(taps[ca * KT + i]) : 0.f;
 
-  const bool vec_a = rows_vector_ok<TD, T>(p.dout, p.C, p.stride_dc, p.stride_df, p.stride_dl);
+  const bool vec_a = rows_vector_ok<TD, T>(p.dout.ptr, p.C, p.dout.stride_c, p.dout.stride_f, p.dout.stride_l);
 
   float q[ConvWindow<KT>::kPartials][E];
 #pragma unroll
@@ -65,7 +59,6 @@ __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) 
   for (int j = 0; j < KT; ++j) dwc_acc[j] = 0.f;
   float dbc_acc = 0.f;
 
-  BlockMma<T, BM, BN, BK, Warps::kM, Warps::kN> mma;
   for (int64_t t_in = halo_begin(run.t0, KT); t_in < halo_end(run.t1, KT); ++t_in) {
     float dg[E];
 #pragma unroll
@@ -74,34 +67,11 @@ __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) 
       const int64_t frame = run.b * p.T + t_in;
       __syncthreads();  // the previous frame's readers of smem / row_off are done
       for (int m = threadIdx.x; m < BM; m += kThreads)
-        row_off[m] = s0 + m < p.S ? frame_token_offset(frame, s0 + m, p.P, p.stride_df, p.stride_dl) : -1;
+        row_off[m] = s0 + m < p.S ? frame_token_offset(frame, s0 + m, p.dout.P, p.dout.stride_f, p.dout.stride_l) : -1;
       __syncthreads();
-      // dg = dy @ Wu: B(k = c, n = ca) = Wu[c, ca], i.e. W(n, k) with strides (wu_i, wu_o)
-      RowsTile<TD, T, BM, BK> a_tile;
-      WeightTile<T, BN, BK> b_tile;
-      if constexpr (kPipeline) {
-        a_tile.fetch(dout, row_off, 0, p.C, p.stride_dc, vec_a);
-        b_tile.fetch(wu, ca0, p.Ca, 0, p.C, p.stride_wu_i, p.stride_wu_o);
-      }
-      mma.zero();
-      for (int64_t k0 = 0; k0 < p.C; k0 += BK) {
-        if constexpr (!kPipeline) {
-          a_tile.fetch(dout, row_off, k0, p.C, p.stride_dc, vec_a);
-          b_tile.fetch(wu, ca0, p.Ca, k0, p.C, p.stride_wu_i, p.stride_wu_o);
-        }
-        __syncthreads();
-        a_tile.template commit<Layout::kLdA>(Layout::a(smem), vec_a);
-        b_tile.template commit<Layout::kLdB>(Layout::b(smem), p.stride_wu_o);
-        __syncthreads();
-        if (kPipeline && k0 + BK < p.C) {
-          a_tile.fetch(dout, row_off, k0 + BK, p.C, p.stride_dc, vec_a);
-          b_tile.fetch(wu, ca0, p.Ca, k0 + BK, p.C, p.stride_wu_i, p.stride_wu_o);
-        }
-        mma.step(Layout::a(smem), Layout::kLdA, Layout::b(smem), Layout::kLdB);
-      }
-      __syncthreads();
-      mma.store(Layout::c(smem), Layout::kLdC);
-      __syncthreads();
+      // dg = dy @ Wu: B(k = c, n = ca) = Wu[c, ca] = W(n, k) of the view wu
+      block_gemm<TD, T, BM, BN, BK, CFG::kStages>(smem, dout, row_off, p.C, p.dout.stride_c, vec_a, wu, ca0, p.Ca, p.wu.stride_n,
+                                    p.wu.stride_k);
       const float* cs = Layout::c(smem);
 #pragma unroll
       for (int e = 0; e < E; ++e) dg[e] = cs[(row_first + e * ROW_STEP) * Layout::kLdC + col];
@@ -159,45 +129,18 @@ __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) 
   }
 }
 
-template <typename TD, typename T, int KT>
-cudaError_t launch(const ConvBwdParams& p, cudaStream_t stream) {
-  const int64_t runs = p.B * cdiv(p.T, p.frames_per_run);
-  const int64_t blocks = conv_blocks_per_run(KT, p.S, p.Ca) * runs;
-  if (blocks == 0) return cudaSuccess;
-  auto kernel = conv_bwd_kernel<TD, T, KT>;
-  STA_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, stream, p);
-  return cudaGetLastError();
-}
-
-template <typename TD, typename T>
-cudaError_t dispatch_kt(const ConvBwdParams& p, cudaStream_t stream) {
-  switch (p.KT) {
-    case 1: return launch<TD, T, 1>(p, stream);
-    case 3: return launch<TD, T, 3>(p, stream);
-    case 5: return launch<TD, T, 5>(p, stream);
-    case 7: return launch<TD, T, 7>(p, stream);
-    case 9: return launch<TD, T, 9>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace
 
 cudaError_t conv_backward(const ConvBwdParams& p, cudaStream_t stream) {
-  if (p.dout_dtype == p.w_dtype) {
-    switch (p.w_dtype) {
-      case DType::kFloat32: return dispatch_kt<float, float>(p, stream);
-      case DType::kFloat16: return dispatch_kt<__half, __half>(p, stream);
-      case DType::kBFloat16: return dispatch_kt<__nv_bfloat16, __nv_bfloat16>(p, stream);
-    }
-  } else if (p.dout_dtype == DType::kFloat32) {
-    switch (p.w_dtype) {
-      case DType::kFloat16: return dispatch_kt<float, __half>(p, stream);
-      case DType::kBFloat16: return dispatch_kt<float, __nv_bfloat16>(p, stream);
-      default: break;
-    }
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtypes(p.w_dtype, cudaErrorInvalidValue, [&](auto dout_dtype, auto w_dtype) {
+    return dispatch_kt(p.KT, cudaErrorInvalidValue, [&](auto kt) {
+      return dispatch_gemm_config<decltype(w_dtype)>(p.gemm_config, cudaErrorInvalidValue, [&](auto config) {
+        auto kernel = conv_bwd_kernel<CType<decltype(dout_dtype)>, CType<decltype(w_dtype)>, decltype(kt)::value,
+                                     decltype(config)>;
+        return launch_1d(kernel, conv_blocks(p), kThreads, stream, p);
+      });
+    });
+  }, p.dout.dtype);
 }
 
 }  // namespace st_adapter

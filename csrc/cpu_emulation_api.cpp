@@ -1,8 +1,11 @@
-// C entry points of the CPU-emulated kernels for tests/test_cuda_emulated.py (ctypes). Each one
-// fills the same parameter struct binding.cpp fills and calls the same host launcher; the
-// kernels run on CPU threads (cpu_emulation.h). Build:
-//   g++ -std=c++20 -O1 -DSTA_CPU_EMULATION -fPIC -shared -pthread -I csrc \
-//       -x c++ csrc/{down_conv_fwd,conv_bwd,up_residual,wgrad}.cu csrc/cpu_emulation_api.cpp
+// C entry points of the CPU-emulated kernels for tests/cuda/test_cuda_emulated.py (ctypes). Each
+// one fills the parameter struct from the same three views binding.cpp fills it from (TokenView,
+// WeightView, ConvShape; passed here as int64 arrays) and calls the same host launcher, which
+// dispatches through st_adapter_dispatch.h's table; the kernels run on CPU threads
+// (cpu_emulation.h). The table itself is exported too, so the tests ask it instead of restating it.
+// Build:
+//   g++ -std=c++20 -O1 -DSTA_CPU_EMULATION -fPIC -shared -pthread -I csrc -x c++
+//       csrc/{down_conv_fwd,conv_bwd,up_residual,wgrad}.cu csrc/cpu_emulation_api.cpp
 #ifndef STA_CPU_EMULATION
 #error "cpu_emulation_api.cpp is the CPU test harness; build it with -DSTA_CPU_EMULATION"
 #endif
@@ -11,108 +14,53 @@
 
 using namespace st_adapter;
 
+namespace {
+
+// view: {P, stride_f, stride_l, stride_c}
+TokenView token_view(const void* ptr, int dtype, const int64_t* view) {
+  return TokenView{ptr, static_cast<DType>(dtype), view[0], view[1], view[2], view[3]};
+}
+// view: {stride_n, stride_k}
+WeightView weight_view(const void* ptr, const int64_t* view) { return WeightView{ptr, view[0], view[1]}; }
+// shape: {B, T, S, C, Ca, KT, frames_per_run}
+ConvShape conv_shape(const int64_t* s) {
+  return ConvShape{s[0], s[1], s[2], s[3], s[4], static_cast<int>(s[5]), s[6]};
+}
+
+}  // namespace
+
 extern "C" {
 
-int sta_emu_down_conv(const void* x, int x_dtype, int64_t sxf, int64_t sxl, int64_t sxc, const void* wd,
-                      int64_t swo, int64_t swi, const void* bd, const void* taps, const void* bc, int w_dtype, void* g,
-                      void* h, int64_t B, int64_t T, int64_t S, int64_t P, int64_t C, int64_t Ca, int KT,
-                      int64_t frames_per_run) {
-  DownConvParams p{};
-  p.x = x;
-  p.x_dtype = static_cast<DType>(x_dtype);
-  p.stride_xf = sxf;
-  p.stride_xl = sxl;
-  p.stride_xc = sxc;
-  p.wd = wd;
-  p.stride_wd_o = swo;
-  p.stride_wd_i = swi;
-  p.bd = bd;
-  p.taps = taps;
-  p.bc = bc;
-  p.w_dtype = static_cast<DType>(w_dtype);
-  p.g = g;
-  p.h = h;
-  p.B = B;
-  p.T = T;
-  p.S = S;
-  p.P = P;
-  p.C = C;
-  p.Ca = Ca;
-  p.KT = KT;
-  p.frames_per_run = frames_per_run;
+int sta_emu_down_conv(const void* x, int x_dtype, const int64_t* x_view, const void* wd, const int64_t* wd_view,
+                      int w_dtype, const void* bd, const void* taps, const void* bc, void* g, void* h,
+                      const int64_t* shape, int gemm_config) {
+  const DownConvParams p{conv_shape(shape), token_view(x, x_dtype, x_view), weight_view(wd, wd_view),
+                         static_cast<DType>(w_dtype), bd, taps, bc, g, h, gemm_config};
   return down_conv_forward(p, nullptr);
 }
 
-int sta_emu_conv_bwd(const void* dout, int dout_dtype, int64_t sdf, int64_t sdl, int64_t sdc, const void* wu,
-                     int64_t swo, int64_t swi, const void* taps, const void* h, int w_dtype, void* dh, float* dwc_part,
-                     float* dbc_part, int64_t B, int64_t T, int64_t S, int64_t P, int64_t C, int64_t Ca, int KT,
-                     int64_t frames_per_run) {
-  ConvBwdParams p{};
-  p.dout = dout;
-  p.dout_dtype = static_cast<DType>(dout_dtype);
-  p.stride_df = sdf;
-  p.stride_dl = sdl;
-  p.stride_dc = sdc;
-  p.wu = wu;
-  p.stride_wu_o = swo;
-  p.stride_wu_i = swi;
-  p.taps = taps;
-  p.h = h;
-  p.w_dtype = static_cast<DType>(w_dtype);
-  p.dh = dh;
-  p.dwc_part = dwc_part;
-  p.dbc_part = dbc_part;
-  p.B = B;
-  p.T = T;
-  p.S = S;
-  p.P = P;
-  p.C = C;
-  p.Ca = Ca;
-  p.KT = KT;
-  p.frames_per_run = frames_per_run;
+int sta_emu_conv_bwd(const void* dout, int dout_dtype, const int64_t* dout_view, const void* wu,
+                     const int64_t* wu_view, int w_dtype, const void* taps, const void* h, void* dh, float* dwc_part,
+                     float* dbc_part, const int64_t* shape, int gemm_config) {
+  const ConvBwdParams p{conv_shape(shape), token_view(dout, dout_dtype, dout_view), weight_view(wu, wu_view),
+                        static_cast<DType>(w_dtype), taps, h, dh, dwc_part, dbc_part, gemm_config};
   return conv_backward(p, nullptr);
 }
 
-int sta_emu_up_residual(const void* res, int res_dtype, int64_t srf, int64_t srl, int64_t src, const void* a,
-                        const void* w, int64_t swo, int64_t swi, const void* bias, int w_dtype, void* out, int64_t F,
-                        int64_t L, int64_t P, int64_t S, int64_t K, int64_t NOUT) {
-  UpResidualParams p{};
-  p.res = res;
-  p.res_dtype = static_cast<DType>(res_dtype);
-  p.stride_rf = srf;
-  p.stride_rl = srl;
-  p.stride_rc = src;
-  p.a = a;
-  p.w = w;
-  p.stride_wo = swo;
-  p.stride_wi = swi;
-  p.bias = bias;
-  p.w_dtype = static_cast<DType>(w_dtype);
-  p.out = out;
-  p.F = F;
-  p.L = L;
-  p.P = P;
-  p.S = S;
-  p.K = K;
-  p.NOUT = NOUT;
+int sta_emu_up_residual(const void* res, int res_dtype, const int64_t* res_view, const void* a, const void* w,
+                        const int64_t* w_view, int w_dtype, const void* bias, void* out, int64_t F, int64_t S,
+                        int64_t K, int64_t NOUT, int gemm_config) {
+  const UpResidualParams p{token_view(res, res_dtype, res_view), a, weight_view(w, w_view),
+                           static_cast<DType>(w_dtype), bias, out, F, S, K, NOUT, gemm_config};
   return up_residual_forward(p, nullptr);
 }
 
-// a_view / b_view: {S, P, stride_f, stride_l, stride_c}
 int sta_emu_weight_grad(const void* a, int a_dtype, const int64_t* a_view, const void* b, int b_dtype,
-                        const int64_t* b_view, int compute_dtype, int64_t N, int64_t I, int64_t J, int64_t splits,
-                        int64_t tokens_per_split, float* dw_part, float* db_part) {
-  WgradParams p{};
-  p.a = TokenView{a, static_cast<DType>(a_dtype), a_view[0], a_view[1], a_view[2], a_view[3], a_view[4]};
-  p.b = TokenView{b, static_cast<DType>(b_dtype), b_view[0], b_view[1], b_view[2], b_view[3], b_view[4]};
-  p.compute_dtype = static_cast<DType>(compute_dtype);
-  p.N = N;
-  p.I = I;
-  p.J = J;
-  p.split.splits = splits;
-  p.split.tokens_per_split = tokens_per_split;
-  p.dw_part = dw_part;
-  p.db_part = db_part;
+                        const int64_t* b_view, int compute_dtype, int64_t S, int64_t N, int64_t I, int64_t J,
+                        int64_t splits, int64_t tokens_per_split, float* dw_part, float* db_part, int gemm_config) {
+  const WgradParams p{token_view(a, a_dtype, a_view), token_view(b, b_dtype, b_view),
+                      static_cast<DType>(compute_dtype), S, N, I, J, WgradSplit{splits, tokens_per_split},
+                      dw_part, db_part, gemm_config};
   return weight_grad(p, nullptr);
 }
 
@@ -132,6 +80,22 @@ void sta_emu_wgrad_split(int64_t N, int64_t I, int64_t J, int64_t sms, int64_t* 
   const WgradSplit s = wgrad_split(N, I, J, sms);
   out[0] = s.splits;
   out[1] = s.tokens_per_split;
+}
+
+// The dispatch table: whether kt and a GEMM config index have kernels, and whether a compute dtype takes these operand
+// dtypes (n_operands of them).
+int sta_emu_kt_supported(int kt) { return kt_supported(kt) ? 1 : 0; }
+
+int sta_emu_gemm_config_supported(int config) { return gemm_config_supported(config) ? 1 : 0; }
+
+int sta_emu_dtypes_supported(int compute, int n_operands, const int* operands) {
+  const DType c = static_cast<DType>(compute);
+  auto op = [&](int i) { return static_cast<DType>(operands[i]); };
+  switch (n_operands) {
+    case 1: return dtypes_supported(c, op(0)) ? 1 : 0;
+    case 2: return dtypes_supported(c, op(0), op(1)) ? 1 : 0;
+    default: return -1;
+  }
 }
 
 }  // extern "C"

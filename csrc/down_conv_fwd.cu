@@ -7,34 +7,28 @@
 // t_in - KT/2: each h tile is computed once (plus the halo), h never goes to memory (unless the
 // backward asks for it), and g is written once. Mirrors kernels/adapter_fwd.py's
 // adapter_down_conv_fwd_kernel.
-#include <type_traits>
-
 #include "st_adapter.h"
 #include "st_adapter_tile.cuh"
 
 namespace st_adapter {
 namespace {
 
-template <typename TX, typename T, int KT>
+template <typename TX, typename T, int KT, typename CFG>
 __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvParams p) {
   constexpr int BM = kConvBlockM<KT>;
-  // Stage the next K step's loads in registers during the MMA only where the registers are
-  // there: the fp32 SIMT accumulators plus the window leave no room (spills on sm_80/sm_90).
-  constexpr bool kPipeline = !std::is_same<T, float>::value;
   constexpr int BN = kConvBlockN;
-  constexpr int BK = kConvBlockK;
+  constexpr int BK = CFG::kBlockK;  // the K depth of a step (st_adapter_dispatch.h's GemmConfigs)
   constexpr int PAD = KT / 2;
   constexpr int E = BM * BN / kThreads;  // tile elements per thread, all in one channel
   constexpr int ROW_STEP = kThreads / BN;
   static_assert(kThreads % BN == 0, "a thread's elements must share one channel");
-  using Layout = TileLayout<T, BM, BN, BK>;
-  using Warps = WarpGrid<BM, BN>;
+  using Layout = GemmLayout<T, BM, BN, BK, CFG::kStages>;
 
   __shared__ __align__(128) unsigned char smem[Layout::kBytes];
   __shared__ int64_t row_off[BM];
 
-  const TX* __restrict__ x = static_cast<const TX*>(p.x);
-  const T* __restrict__ wd = static_cast<const T*>(p.wd);
+  const TX* __restrict__ x = static_cast<const TX*>(p.x.ptr);
+  const T* __restrict__ wd = static_cast<const T*>(p.wd.ptr);
   const T* __restrict__ taps = static_cast<const T*>(p.taps);
   T* __restrict__ g = static_cast<T*>(p.g);
   T* __restrict__ h_out = static_cast<T*>(p.h);
@@ -59,7 +53,7 @@ __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvPara
   const float bd = (ca_ok && p.bd != nullptr) ? to_float(static_cast<const T*>(p.bd)[ca]) : 0.f;
   const float bc = (ca_ok && p.bc != nullptr) ? to_float(static_cast<const T*>(p.bc)[ca]) : 0.f;
 
-  const bool vec_a = rows_vector_ok<TX, T>(p.x, p.C, p.stride_xc, p.stride_xf, p.stride_xl);
+  const bool vec_a = rows_vector_ok<TX, T>(p.x.ptr, p.C, p.x.stride_c, p.x.stride_f, p.x.stride_l);
 
   float q[ConvWindow<KT>::kPartials][E];
 #pragma unroll
@@ -67,7 +61,6 @@ __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvPara
 #pragma unroll
     for (int e = 0; e < E; ++e) q[i][e] = 0.f;
 
-  BlockMma<T, BM, BN, BK, Warps::kM, Warps::kN> mma;
   for (int64_t t_in = halo_begin(run.t0, KT); t_in < halo_end(run.t1, KT); ++t_in) {
     float h[E];
 #pragma unroll
@@ -76,34 +69,11 @@ __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvPara
     if (in_clip(t_in, p.T)) {  // uniform across the block
       __syncthreads();  // the previous frame's readers of smem / row_off are done
       for (int m = threadIdx.x; m < BM; m += kThreads)
-        row_off[m] = s0 + m < p.S ? frame_token_offset(frame, s0 + m, p.P, p.stride_xf, p.stride_xl) : -1;
+        row_off[m] = s0 + m < p.S ? frame_token_offset(frame, s0 + m, p.x.P, p.x.stride_f, p.x.stride_l) : -1;
       __syncthreads();
-      // B(k = c, n = ca) = Wd[ca, c]; the next K step's loads fly during this step's MMA
-      RowsTile<TX, T, BM, BK> a_tile;
-      WeightTile<T, BN, BK> b_tile;
-      if constexpr (kPipeline) {
-        a_tile.fetch(x, row_off, 0, p.C, p.stride_xc, vec_a);
-        b_tile.fetch(wd, ca0, p.Ca, 0, p.C, p.stride_wd_o, p.stride_wd_i);
-      }
-      mma.zero();
-      for (int64_t k0 = 0; k0 < p.C; k0 += BK) {
-        if constexpr (!kPipeline) {
-          a_tile.fetch(x, row_off, k0, p.C, p.stride_xc, vec_a);
-          b_tile.fetch(wd, ca0, p.Ca, k0, p.C, p.stride_wd_o, p.stride_wd_i);
-        }
-        __syncthreads();
-        a_tile.template commit<Layout::kLdA>(Layout::a(smem), vec_a);
-        b_tile.template commit<Layout::kLdB>(Layout::b(smem), p.stride_wd_i);
-        __syncthreads();
-        if (kPipeline && k0 + BK < p.C) {
-          a_tile.fetch(x, row_off, k0 + BK, p.C, p.stride_xc, vec_a);
-          b_tile.fetch(wd, ca0, p.Ca, k0 + BK, p.C, p.stride_wd_o, p.stride_wd_i);
-        }
-        mma.step(Layout::a(smem), Layout::kLdA, Layout::b(smem), Layout::kLdB);
-      }
-      __syncthreads();
-      mma.store(Layout::c(smem), Layout::kLdC);
-      __syncthreads();
+      // B(k = c, n = ca) = Wd[ca, c]
+      block_gemm<TX, T, BM, BN, BK, CFG::kStages>(smem, x, row_off, p.C, p.x.stride_c, vec_a, wd, ca0, p.Ca, p.wd.stride_n,
+                                    p.wd.stride_k);
       const float* cs = Layout::c(smem);
       const bool store_h = h_out != nullptr && t_in >= run.t0 && t_in < run.t1;
 #pragma unroll
@@ -128,46 +98,18 @@ __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvPara
   }
 }
 
-template <typename TX, typename T, int KT>
-cudaError_t launch(const DownConvParams& p, cudaStream_t stream) {
-  const int64_t runs = p.B * cdiv(p.T, p.frames_per_run);
-  const int64_t blocks = conv_blocks_per_run(KT, p.S, p.Ca) * runs;
-  if (blocks == 0) return cudaSuccess;
-  auto kernel = down_conv_fwd_kernel<TX, T, KT>;
-  STA_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, stream, p);
-  return cudaGetLastError();
-}
-
-template <typename TX, typename T>
-cudaError_t dispatch_kt(const DownConvParams& p, cudaStream_t stream) {
-  switch (p.KT) {
-    case 1: return launch<TX, T, 1>(p, stream);
-    case 3: return launch<TX, T, 3>(p, stream);
-    case 5: return launch<TX, T, 5>(p, stream);
-    case 7: return launch<TX, T, 7>(p, stream);
-    case 9: return launch<TX, T, 9>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace
 
 cudaError_t down_conv_forward(const DownConvParams& p, cudaStream_t stream) {
-  // x is the weights' dtype, or fp32 under autocast (cast on load, as Triton's _mma does).
-  if (p.x_dtype == p.w_dtype) {
-    switch (p.w_dtype) {
-      case DType::kFloat32: return dispatch_kt<float, float>(p, stream);
-      case DType::kFloat16: return dispatch_kt<__half, __half>(p, stream);
-      case DType::kBFloat16: return dispatch_kt<__nv_bfloat16, __nv_bfloat16>(p, stream);
-    }
-  } else if (p.x_dtype == DType::kFloat32) {
-    switch (p.w_dtype) {
-      case DType::kFloat16: return dispatch_kt<float, __half>(p, stream);
-      case DType::kBFloat16: return dispatch_kt<float, __nv_bfloat16>(p, stream);
-      default: break;
-    }
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtypes(p.w_dtype, cudaErrorInvalidValue, [&](auto x_dtype, auto w_dtype) {
+    return dispatch_kt(p.KT, cudaErrorInvalidValue, [&](auto kt) {
+      return dispatch_gemm_config<decltype(w_dtype)>(p.gemm_config, cudaErrorInvalidValue, [&](auto config) {
+        auto kernel = down_conv_fwd_kernel<CType<decltype(x_dtype)>, CType<decltype(w_dtype)>, decltype(kt)::value,
+                                     decltype(config)>;
+        return launch_1d(kernel, conv_blocks(p), kThreads, stream, p);
+      });
+    });
+  }, p.x.dtype);
 }
 
 }  // namespace st_adapter

@@ -8,6 +8,7 @@
 //   fpr T kt blocks_per_run sms        -> frames_per_run
 //   split N I J sms                    -> splits tokens_per_split
 //   dec linear nx ny                   -> x y z
+//   grid x y z                         -> 1 if the grid fits the hardware limits, else 0
 //   conv KT T B fpr transposed v_0 .. v_{B*T-1} w_0 .. w_{KT-1}
 //        -> B*T outputs of the sliding-window temporal conv, run split and halo included, two
 //           lanes (v and 2v+1) checked against each other; "ERR ..." when a frame is written
@@ -101,6 +102,10 @@ int main() {
       in >> lin >> nx >> ny;
       const BlockCoord c = decode_block(lin, nx, ny);
       std::printf("%lld %lld %lld\n", (long long)c.x, (long long)c.y, (long long)c.z);
+    } else if (cmd == "grid") {
+      int64_t x, y, z;
+      in >> x >> y >> z;
+      std::printf("%d\n", grid_fits(x, y, z) ? 1 : 0);
     } else if (cmd == "conv") {
       int kt;
       int64_t T, B, fpr;

@@ -1,5 +1,7 @@
 // Host API of the ST-Adapter CUDA kernels: raw pointers, sizes, strides and a stream; no torch.
-// binding.cpp allocates buffers and fills these structs; the .cu files dispatch on dtype and KT.
+// binding.cpp (torch tensors) and cpu_emulation_api.cpp (ctypes) fill these structs from the same
+// three views -- TokenView, WeightView, ConvShape -- and the .cu files dispatch on dtype and KT
+// through the one table of st_adapter_dispatch.h.
 //
 // Shapes: x, dO, out, dx (F = B*T, L, C) with any strides; g, h, dh (N = F*S, Ca) contiguous in
 // the weights' dtype; Wd (Ca, C), Wu (C, Ca) with any strides; taps (Ca, KT) contiguous;
@@ -13,68 +15,70 @@
 #endif
 #include <stdint.h>
 
+#include "st_adapter_dispatch.h"
 #include "st_adapter_index.cuh"
 
 namespace st_adapter {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// Spatial tokens of a token tensor (F, L, K) with any strides -- token n = f*S + s is row
+// (f, P + s) -- or of a flat (N, K) buffer (P = 0, stride_f = S * stride_l).
+struct TokenView {
+  const void* ptr;
+  DType dtype;  // the weights' dtype, or fp32 under autocast (cast on load)
+  int64_t P, stride_f, stride_l, stride_c;
+};
+
+// A weight read as W(n, k) = ptr[n * stride_n + k * stride_k], in the compute dtype.
+struct WeightView {
+  const void* ptr;
+  int64_t stride_n, stride_k;
+};
+
+// B clips of T frames of S spatial tokens, C model and Ca adapter channels, kernel KT; the down-conv
+// and conv-backward blocks walk runs of frames_per_run frames.
+struct ConvShape {
+  int64_t B, T, S, C, Ca;
+  int KT;
+  int64_t frames_per_run;
+};
 
 // g = conv_t(x_s Wd^T + bd) + bc per clip; also h = x_s Wd^T + bd when h != nullptr (backward).
-struct DownConvParams {
-  const void* x;
-  DType x_dtype;  // the weights' dtype, or fp32 under autocast (cast on load)
-  int64_t stride_xf, stride_xl, stride_xc;
-  const void* wd;
-  int64_t stride_wd_o, stride_wd_i;
+struct DownConvParams : ConvShape {
+  TokenView x;
+  WeightView wd;     // W(n = ca, k = c) = Wd[ca, c]
+  DType w_dtype;
   const void* bd;    // (Ca,) or nullptr
   const void* taps;  // (Ca, KT)
   const void* bc;    // (Ca,) or nullptr
-  DType w_dtype;
-  void* g;  // (N, Ca)
-  void* h;  // (N, Ca) or nullptr
-  int64_t B, T, S, P, C, Ca;
-  int KT;
-  int64_t frames_per_run;
+  void* g;           // (N, Ca)
+  void* h;           // (N, Ca) or nullptr
+  int gemm_config;   // index into GemmConfigs (16-bit tile K depth x cp.async stages), 0 = default
 };
 
 // dh = conv_t^T(dO_s Wu) and per-block fp32 partials of dwc (n_parts, Ca, KT) and dbc (n_parts, Ca).
-struct ConvBwdParams {
-  const void* dout;
-  DType dout_dtype;
-  int64_t stride_df, stride_dl, stride_dc;
-  const void* wu;  // (C, Ca)
-  int64_t stride_wu_o, stride_wu_i;
+struct ConvBwdParams : ConvShape {
+  TokenView dout;
+  WeightView wu;     // W(n = ca, k = c) = Wu[c, ca]
+  DType w_dtype;
   const void* taps;  // (Ca, KT)
   const void* h;     // (N, Ca), from DownConvParams.h
-  DType w_dtype;
   void* dh;          // (N, Ca)
   float* dwc_part;   // (n_parts, Ca, KT)
   float* dbc_part;   // (n_parts, Ca)
-  int64_t B, T, S, P, C, Ca;
-  int KT;
-  int64_t frames_per_run;
+  int gemm_config;   // index into GemmConfigs (16-bit tile K depth x cp.async stages), 0 = default
 };
 
-// out (F, L, NOUT) contiguous = res + [row is spatial] * (a[token] W^T + bias).
-// Forward: res = x, a = g, W = Wu. Backward dgrad: res = dO, a = dh, W = Wd^T (strides swapped).
+// out (F, L = P + S, NOUT) contiguous = res + [row is spatial] * (a[token] W^T + bias).
+// Forward: res = x, a = g, W = Wu. Backward dgrad: res = dO, a = dh, W = Wd^T.
 struct UpResidualParams {
-  const void* res;
-  DType res_dtype;  // also out's dtype
-  int64_t stride_rf, stride_rl, stride_rc;
-  const void* a;  // (N, K) contiguous, w_dtype
-  const void* w;  // W(n, k) = w[n * stride_wo + k * stride_wi]
-  int64_t stride_wo, stride_wi;
-  const void* bias;  // (NOUT,) or nullptr
+  TokenView res;     // also out's dtype
+  const void* a;     // (N, K) contiguous, w_dtype
+  WeightView w;      // W(n, k), (NOUT, K)
   DType w_dtype;
+  const void* bias;  // (NOUT,) or nullptr
   void* out;
-  int64_t F, L, P, S, K, NOUT;
-};
-
-// A token tensor (F, L, K) or a flat (N, K) buffer (S = S, P = 0, stride_f = S*K, stride_l = K).
-struct TokenView {
-  const void* ptr;
-  DType dtype;
-  int64_t S, P, stride_f, stride_l, stride_c;
+  int64_t F, S, K, NOUT;
+  int gemm_config;   // index into GemmConfigs (16-bit tile K depth x cp.async stages), 0 = default
 };
 
 // dw_part[split] = sum over the split's tokens of A[n]^T B[n] (I, J) fp32; db_part[split] =
@@ -83,10 +87,11 @@ struct WgradParams {
   TokenView a;  // I columns
   TokenView b;  // J columns
   DType compute_dtype;
-  int64_t N, I, J;
+  int64_t S, N, I, J;
   WgradSplit split;
   float* dw_part;  // (splits, I, J)
   float* db_part;  // (splits, I) or nullptr
+  int gemm_config;   // index into GemmConfigs (16-bit tile K depth x cp.async stages), 0 = default
 };
 
 cudaError_t down_conv_forward(const DownConvParams& p, cudaStream_t stream);
@@ -96,11 +101,25 @@ cudaError_t weight_grad(const WgradParams& p, cudaStream_t stream);
 // out[i] = sum_p part[p * numel + i], summed in order p = 0, 1, ...: deterministic.
 cudaError_t sum_partials(const float* part, float* out, int64_t n_parts, int64_t numel, cudaStream_t stream);
 
-// Blocks of one frame run of the down-conv / conv-backward grids (for frames_per_run), and the
-// number of dwc/dbc partials conv_backward writes.
+// ------------------------------------------------------------------------------ grids
+// Blocks of every launch (1-D grids), for the launchers and for binding.cpp's up-front check.
+// Blocks of one frame run of the down-conv / conv-backward grids (for frames_per_run).
 inline int64_t conv_blocks_per_run(int kt, int64_t S, int64_t Ca) {
   return cdiv(S, conv_block_m(kt)) * cdiv(Ca, kConvBlockN);
 }
+inline int64_t conv_blocks(const ConvShape& s) {
+  return conv_blocks_per_run(s.KT, s.S, s.Ca) * s.B * cdiv(s.T, s.frames_per_run);
+}
+inline int64_t up_residual_blocks(int64_t F, int64_t L, int64_t NOUT) {
+  return cdiv(NOUT, kUpBlockN) * cdiv(F * L, kUpBlockM);
+}
+inline int64_t wgrad_blocks(int64_t I, int64_t J, int64_t splits) {
+  return cdiv(J, kWgradBlockN) * cdiv(I, kWgradBlockM) * splits;
+}
+constexpr int kSumPartialsThreads = 256;
+inline int64_t sum_partials_blocks(int64_t numel) { return cdiv(numel, kSumPartialsThreads); }
+
+// The number of dwc/dbc partials conv_backward writes.
 inline int64_t conv_bwd_num_parts(int kt, int64_t B, int64_t T, int64_t S, int64_t frames_per_run) {
   return B * cdiv(T, frames_per_run) * cdiv(S, conv_block_m(kt));
 }

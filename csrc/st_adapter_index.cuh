@@ -112,6 +112,15 @@ STA_HD int64_t frames_per_run(int64_t T, int kt, int64_t blocks_per_frame_run, i
 // --------------------------------------------------------------------- flattened grids
 // Grids are 1-D (gridDim.x allows 2^31 - 1 blocks; y and z stop at 65535, which B*T*L / 128
 // passes for long clips). x is the fastest coordinate: blocks sharing an input tile run together.
+constexpr int64_t kMaxGridX = 2147483647;  // 2^31 - 1
+constexpr int64_t kMaxGridYZ = 65535;
+
+// Whether a grid fits the hardware limits. Every launch checks its int64 block count here before
+// the cast to unsigned, so a too-large launch fails with an error instead of wrapping silently.
+STA_HD bool grid_fits(int64_t x, int64_t y = 1, int64_t z = 1) {
+  return x >= 1 && x <= kMaxGridX && y >= 1 && y <= kMaxGridYZ && z >= 1 && z <= kMaxGridYZ;
+}
+
 struct BlockCoord {
   int64_t x, y, z;
 };
@@ -134,12 +143,11 @@ template <int KT>
 constexpr int kConvBlockM = KT <= 3 ? 64 : 32;
 STA_HD int conv_block_m(int kt) { return kt <= 3 ? 64 : 32; }
 constexpr int kConvBlockN = 64;
-constexpr int kConvBlockK = 32;
 // Up-residual (also the dgrad dx = dO + dh Wd).
 constexpr int kUpBlockM = 128;
 constexpr int kUpBlockN = 64;
-constexpr int kUpBlockK = 32;
-// Weight gradients: (I, J) tile, BLOCK_K tokens per step.
+// Weight gradients: (I, J) tile; token splits are multiples of kWgradBlockK (the fp32 step;
+// 16-bit steps take GemmConfigs' K depth, a divisor of it).
 constexpr int kWgradBlockM = 64;
 constexpr int kWgradBlockN = 64;
 constexpr int kWgradBlockK = 32;

@@ -1,14 +1,44 @@
 // Weight gradients dWu = dy^T g (+ dbu = sum dy) and dWd = dh^T x_s (+ dbd = sum dh), split over
 // tokens into fp32 partials (splits, I, J) that sum_partials adds in a fixed order:
 // deterministic, no float atomics. Mirrors kernels/adapter_bwd.py's adapter_wgrad_kernel.
+#include <type_traits>
+
 #include "st_adapter.h"
 #include "st_adapter_tile.cuh"
 
 namespace st_adapter {
 namespace {
 
+// Writes the block's (BM x BN) fp32 partial from C (smem) to dw_part[split], and the bias partial
+// db_part[split] from every thread's column sum (thread tid summed column tid % BM).
+template <int BM, int BN>
+__device__ __forceinline__ void store_partials(const WgradParams& p, const float* cs, int ldc, int64_t split,
+                                               int64_t i0, int64_t j0, bool with_bias, float bias_acc,
+                                               float (&bias_buf)[kThreads / BM][BM]) {
+  float* dw = p.dw_part + split * p.I * p.J;
+  const int col = threadIdx.x % BN;
+#pragma unroll 4
+  for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
+    const int i = idx / BN;
+    if (i0 + i < p.I && j0 + col < p.J) dw[(i0 + i) * p.J + j0 + col] = cs[i * ldc + col];
+  }
+  if (with_bias) {  // uniform per block
+    const int my_i = threadIdx.x % BM;
+    bias_buf[threadIdx.x / BM][my_i] = bias_acc;
+    __syncthreads();
+    if (threadIdx.x < BM && i0 + my_i < p.I) {
+      float sum = 0.f;
+#pragma unroll
+      for (int r = 0; r < kThreads / BM; ++r) sum += bias_buf[r][my_i];
+      p.db_part[split * p.I + i0 + my_i] = sum;
+    }
+  }
+}
+
+// fp32 (IEEE SIMT): token offsets double-buffered in shared memory, the next step's loads staged
+// in registers during this step's MMA.
 template <typename TA, typename TB, typename T>
-__global__ void __launch_bounds__(kThreads, 1) wgrad_kernel(WgradParams p) {
+__global__ void __launch_bounds__(kThreads, 1) wgrad_simt_kernel(WgradParams p) {
   constexpr int BM = kWgradBlockM;  // I per tile
   constexpr int BN = kWgradBlockN;  // J per tile
   constexpr int BK = kWgradBlockK;  // tokens per step
@@ -36,17 +66,16 @@ __global__ void __launch_bounds__(kThreads, 1) wgrad_kernel(WgradParams p) {
 
   // A^T tile loads run i-fastest: thread tid always loads column i = tid % BM, so it can keep a
   // private fp32 bias sum of the values it loads (in their source precision, before the cast).
-  const int my_i = threadIdx.x % BM;
   float bias_acc = 0.f;
 
   // Token offsets of the BK tokens from n0 into buffer buf (-1 past the split's end).
   auto fill_offsets = [&](int buf, int64_t n0) {
     if (threadIdx.x < BK) {
       const int64_t n = n0 + threadIdx.x;
-      off_a[buf][threadIdx.x] = n < n_end ? token_offset(n, p.a.S, p.a.P, p.a.stride_f, p.a.stride_l) : -1;
+      off_a[buf][threadIdx.x] = n < n_end ? token_offset(n, p.S, p.a.P, p.a.stride_f, p.a.stride_l) : -1;
     } else if (threadIdx.x < 2 * BK) {
       const int64_t n = n0 + threadIdx.x - BK;
-      off_b[buf][threadIdx.x - BK] = n < n_end ? token_offset(n, p.b.S, p.b.P, p.b.stride_f, p.b.stride_l) : -1;
+      off_b[buf][threadIdx.x - BK] = n < n_end ? token_offset(n, p.S, p.b.P, p.b.stride_f, p.b.stride_l) : -1;
     }
   };
   // Register-staged tiles: As[i][k] = A[token n0 + k][i0 + i], Bs[k][j] = B[token n0 + k][j0 + j].
@@ -109,33 +138,108 @@ __global__ void __launch_bounds__(kThreads, 1) wgrad_kernel(WgradParams p) {
   mma.store(Layout::c(smem), Layout::kLdC);
   __syncthreads();
 
-  const float* cs = Layout::c(smem);
-  float* dw = p.dw_part + split * p.I * p.J;
-  const int col = threadIdx.x % BN;
-#pragma unroll 4
-  for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
-    const int i = idx / BN;
-    if (i0 + i < p.I && j0 + col < p.J) dw[(i0 + i) * p.J + j0 + col] = cs[i * Layout::kLdC + col];
-  }
-  if (with_bias) {  // uniform per block
-    bias_buf[threadIdx.x / BM][my_i] = bias_acc;
-    __syncthreads();
-    if (threadIdx.x < BM && i0 + my_i < p.I) {
-      float sum = 0.f;
-#pragma unroll
-      for (int r = 0; r < ROW_STEP; ++r) sum += bias_buf[r][my_i];
-      p.db_part[split * p.I + i0 + my_i] = sum;
+  store_partials<BM, BN>(p, Layout::c(smem), Layout::kLdC, split, i0, j0, with_bias, bias_acc, bias_buf);
+}
+
+// One stage of the A^T (or B) tile of a wgrad step: Xs[k][c] = X[token n0 + k][c0 + c] for
+// c < COLS (zeros past n_end / n_cols), 16-byte cp.async chunks when `vector` (16-bit X in the
+// compute dtype, column-contiguous, aligned rows), else element loads cast to T that add each
+// value, before the cast, to col_sum (thread tid always loads column tid % COLS).
+template <typename TX, typename T, int COLS, int BK>
+__device__ __forceinline__ void load_tokens_stage(T* Xs, const TX* __restrict__ x, const TokenView& v, int64_t S,
+                                                  int64_t n0, int64_t n_end, int64_t c0, int64_t n_cols,
+                                                  bool vector, float& col_sum) {
+  constexpr int LD = COLS + 8;
+  if constexpr (sizeof(TX) == 2) {
+    if (vector) {
+      for (int c = threadIdx.x; c < BK * COLS / 8; c += kThreads) {
+        const int k = c / (COLS / 8);
+        const int col = (c - k * (COLS / 8)) * 8;
+        const int64_t n = n0 + k;
+        const bool ok = n < n_end && c0 + col < n_cols;
+        const TX* src = ok ? x + token_offset(n, S, v.P, v.stride_f, v.stride_l) + c0 + col : x;
+        cp_async16(Xs + k * LD + col, src, ok ? 16 : 0);
+      }
+      return;
     }
+  }
+#pragma unroll 4
+  for (int idx = threadIdx.x; idx < BK * COLS; idx += kThreads) {
+    const int k = idx / COLS;
+    const int col = idx - k * COLS;
+    const int64_t n = n0 + k;
+    float val = 0.f;
+    if (n < n_end && c0 + col < n_cols)
+      val = to_float(x[token_offset(n, S, v.P, v.stride_f, v.stride_l) + (c0 + col) * v.stride_c]);
+    col_sum += val;
+    Xs[k * LD + col] = from_float<T>(val);
   }
 }
 
-template <typename TA, typename TB, typename T>
-cudaError_t launch(const WgradParams& p, cudaStream_t stream) {
-  const int64_t blocks = cdiv(p.J, kWgradBlockN) * cdiv(p.I, kWgradBlockM) * p.split.splits;
-  if (blocks == 0) return cudaSuccess;
-  auto kernel = wgrad_kernel<TA, TB, T>;
-  STA_LAUNCH(kernel, static_cast<unsigned>(blocks), kThreads, stream, p);
-  return cudaGetLastError();
+// 16-bit: token-major A^T and B tiles (As[k][i], Bs[k][j]) through a CFG::kStages-deep cp.async
+// ring, kStages - 1 token steps in flight during each step's mma.sync (A fragments by ldmatrix.trans).
+template <typename TA, typename TB, typename T, typename CFG>
+__global__ void __launch_bounds__(kThreads, 1) wgrad_mma_kernel(WgradParams p) {
+  constexpr int BM = kWgradBlockM;  // I per tile
+  constexpr int BN = kWgradBlockN;  // J per tile
+  constexpr int BK = CFG::kBlockK;  // tokens per step
+  constexpr int STAGES = CFG::kStages;
+  static_assert(kWgradBlockK % BK == 0, "token splits (multiples of kWgradBlockK) are whole steps");
+  constexpr int LDA = BM + 8;       // As[k][i]
+  constexpr int LDB = BN + 8;       // Bs[k][j]
+  using Layout = PipeLayout<T, BM, BN, BK, STAGES>;
+  static_assert(BK * LDA <= Layout::kElemsA && BK * LDB <= Layout::kElemsB, "token-major tiles fit the stages");
+  using Warps = WarpGrid<BM, BN>;
+
+  __shared__ __align__(128) unsigned char smem[Layout::kBytes];
+  __shared__ float bias_buf[kThreads / BM][BM];
+
+  const TA* __restrict__ a = static_cast<const TA*>(p.a.ptr);
+  const TB* __restrict__ b = static_cast<const TB*>(p.b.ptr);
+  const BlockCoord blk = decode_block(blockIdx.x, cdiv(p.J, BN), cdiv(p.I, BM));
+  const int64_t j0 = blk.x * BN;
+  const int64_t i0 = blk.y * BM;
+  const int64_t split = blk.z;
+  const int64_t n_start = split * p.split.tokens_per_split;
+  const int64_t n_end_split = n_start + p.split.tokens_per_split;
+  const int64_t n_end = n_end_split < p.N ? n_end_split : p.N;
+  const bool with_bias = p.db_part != nullptr && blk.x == 0;
+  const bool vec_a = rows_vector_ok<TA, T>(p.a.ptr, p.I, p.a.stride_c, p.a.stride_f, p.a.stride_l);
+  const bool vec_b = rows_vector_ok<TB, T>(p.b.ptr, p.J, p.b.stride_c, p.b.stride_f, p.b.stride_l);
+
+  float bias_acc = 0.f;  // column threadIdx.x % BM of A, summed in token order
+  float unused = 0.f;
+  const int64_t nk = n_end > n_start ? cdiv(n_end - n_start, BK) : 0;
+  auto load = [&](int stage, int64_t kt) {
+    const int64_t n0 = n_start + kt * BK;
+    load_tokens_stage<TA, T, BM, BK>(Layout::a(smem, stage), a, p.a, p.S, n0, n_end, i0, p.I, vec_a, bias_acc);
+    load_tokens_stage<TB, T, BN, BK>(Layout::b(smem, stage), b, p.b, p.S, n0, n_end, j0, p.J, vec_b, unused);
+  };
+  BlockMma<T, BM, BN, BK, Warps::kM, Warps::kN> mma;
+  mma.zero();
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nk) load(s, s);
+    cp_async_commit();
+  }
+  for (int64_t kt = 0; kt < nk; ++kt) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // stage kt landed everywhere; step kt - 1's readers are done with its stage
+    if (kt + STAGES - 1 < nk) load(static_cast<int>((kt + STAGES - 1) % STAGES), kt + STAGES - 1);
+    cp_async_commit();
+    const int s = static_cast<int>(kt % STAGES);
+    const T* As = Layout::a(smem, s);
+    if (with_bias && vec_a) {  // chunks bypass registers: sum this thread's column from the stage
+#pragma unroll
+      for (int k = threadIdx.x / BM; k < BK; k += kThreads / BM) bias_acc += to_float(As[k * LDA + threadIdx.x % BM]);
+    }
+    mma.template step<true>(As, LDA, Layout::b(smem, s), LDB);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // C aliases the stages
+  mma.store(Layout::c(smem), Layout::kLdC);
+  __syncthreads();
+  store_partials<BM, BN>(p, Layout::c(smem), Layout::kLdC, split, i0, j0, with_bias, bias_acc, bias_buf);
 }
 
 __global__ void sum_partials_kernel(const float* __restrict__ part, float* __restrict__ out, int64_t n_parts,
@@ -151,35 +255,23 @@ __global__ void sum_partials_kernel(const float* __restrict__ part, float* __res
 
 cudaError_t weight_grad(const WgradParams& p, cudaStream_t stream) {
   // Operands are token tensors in x's dtype (fp32 under autocast) or buffers in the weights'.
-  const DType ta = p.a.dtype, tb = p.b.dtype, t = p.compute_dtype;
-  if (ta == t && tb == t) {
-    switch (t) {
-      case DType::kFloat32: return launch<float, float, float>(p, stream);
-      case DType::kFloat16: return launch<__half, __half, __half>(p, stream);
-      case DType::kBFloat16: return launch<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16>(p, stream);
-    }
-  } else if (ta == DType::kFloat32 && tb == t) {
-    switch (t) {
-      case DType::kFloat16: return launch<float, __half, __half>(p, stream);
-      case DType::kBFloat16: return launch<float, __nv_bfloat16, __nv_bfloat16>(p, stream);
-      default: break;
-    }
-  } else if (ta == t && tb == DType::kFloat32) {
-    switch (t) {
-      case DType::kFloat16: return launch<__half, float, __half>(p, stream);
-      case DType::kBFloat16: return launch<__nv_bfloat16, float, __nv_bfloat16>(p, stream);
-      default: break;
-    }
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtypes(p.compute_dtype, cudaErrorInvalidValue, [&](auto a_dtype, auto b_dtype, auto dtype) {
+    using TA = CType<decltype(a_dtype)>;
+    using TB = CType<decltype(b_dtype)>;
+    using T = CType<decltype(dtype)>;
+    return dispatch_gemm_config<decltype(dtype)>(p.gemm_config, cudaErrorInvalidValue, [&](auto config) {
+      const int64_t blocks = wgrad_blocks(p.I, p.J, p.split.splits);
+      if constexpr (std::is_same<T, float>::value)
+        return launch_1d(wgrad_simt_kernel<TA, TB, T>, blocks, kThreads, stream, p);
+      else
+        return launch_1d(wgrad_mma_kernel<TA, TB, T, decltype(config)>, blocks, kThreads, stream, p);
+    });
+  }, p.a.dtype, p.b.dtype);
 }
 
 cudaError_t sum_partials(const float* part, float* out, int64_t n_parts, int64_t numel, cudaStream_t stream) {
-  if (numel == 0) return cudaSuccess;
-  constexpr int threads = 256;
-  auto kernel = sum_partials_kernel;
-  STA_LAUNCH(kernel, static_cast<unsigned>(cdiv(numel, threads)), threads, stream, part, out, n_parts, numel);
-  return cudaGetLastError();
+  return launch_1d(sum_partials_kernel, sum_partials_blocks(numel), kSumPartialsThreads, stream, part, out, n_parts,
+                   numel);
 }
 
 }  // namespace st_adapter

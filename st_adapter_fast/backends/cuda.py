@@ -3,8 +3,10 @@
 Same decomposition as kernels/adapter_fwd.py and kernels/adapter_bwd.py (docs/design.md §3):
 down-conv kernel with a register sliding window over frames, up-residual kernel over all B*T*L
 rows, conv-backward kernel, split-token weight gradients with fp32 partials summed in a fixed
-order (deterministic, no float atomics). fp16/bf16 run on tensor cores (WMMA), fp32 on an IEEE
-fp32 SIMT path. Needs sm_80 or newer.
+order (deterministic, no float atomics). fp16/bf16 run on tensor cores (mma.sync m16n8k16 fed by
+ldmatrix, a multi-stage cp.async pipeline; tiles per ST_ADAPTER_CUDA_GEMM_CONFIG), fp32 on an IEEE
+fp32 SIMT path.
+Needs sm_80 or newer.
 
 The compiled module is ``st_adapter_fast._cuda`` when setup.py built it ahead of time; otherwise
 the first call on a GPU machine JIT-builds csrc/ with torch.utils.cpp_extension.load (ninja,
@@ -173,12 +175,20 @@ def _frames_per_run(frames_per_prog: Optional[int]) -> int:
     return int(env) if env else 0
 
 
+def gemm_config() -> int:
+    """Tile configuration of the 16-bit GEMM kernels: an index into csrc/st_adapter_dispatch.h's
+    GemmConfigs -- 0 (default): 32-deep K steps through a 3-stage cp.async ring; 1: 16-deep steps,
+    4 stages. The GPU sweep sets ST_ADAPTER_CUDA_GEMM_CONFIG; fp32 kernels (IEEE SIMT) ignore it."""
+    env = os.environ.get("ST_ADAPTER_CUDA_GEMM_CONFIG")
+    return int(env) if env else 0
+
+
 def adapter_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
                     fc2_weight, fc2_bias, *, frames_per_prog: Optional[int] = None) -> torch.Tensor:
     """Fused forward: x (B*T, L, C) -> new (B*T, L, C) tensor of x's dtype."""
     return _require().fwd(
         x, int(num_frames), int(num_prefix_tokens), fc1_weight, fc1_bias, conv_taps, conv_bias,
-        fc2_weight, fc2_bias, _frames_per_run(frames_per_prog),
+        fc2_weight, fc2_bias, _frames_per_run(frames_per_prog), gemm_config(),
     )
 
 
@@ -188,7 +198,7 @@ def adapter_backward(dout, x, num_frames, num_prefix_tokens, fc1_weight, fc1_bia
     None for absent biases. Deterministic: bitwise-equal over runs on the same device."""
     return tuple(_require().bwd(
         dout, x, int(num_frames), int(num_prefix_tokens), fc1_weight, fc1_bias, conv_taps, conv_bias,
-        fc2_weight, fc2_bias, _frames_per_run(frames_per_prog),
+        fc2_weight, fc2_bias, _frames_per_run(frames_per_prog), gemm_config(),
     ))
 
 

@@ -1,12 +1,14 @@
 """CPU check of the CUDA kernels: nvcc compiles every csrc/*.cu kernel file for sm_80 and sm_90
 with ``-Xptxas -v``; the test fails on a compile error, a register spill, a stack frame (a
 window array demoted to local memory), or static shared memory over the arch's per-block limit.
-It also checks that every (kernel, dtype, KT) instantiation the dispatch can launch was compiled,
-and that the fp16/bf16 kernels run on tensor cores (HMMA in the SASS).
+It also checks that every (kernel, dtype, KT, GEMM config) instantiation the dispatch can
+launch was compiled, that the fp16/bf16 kernels run on tensor cores (HMMA in the SASS), and that
+their PTX is a cp.async pipeline feeding ldmatrix + mma.sync m16n8k16, with no WMMA anywhere.
 
 Only the kernel files are compiled (-c, no torch): the binding needs a CUDA build of torch
 (tests/cuda/test_cuda_build.py, marker cuda_build). Objects are cached per session in a tmp dir; the
-four files x two archs compile in ~1 minute on 2 cores.
+four files x two archs (the 16-bit kernels in two GEMM configs) compile in 6-7 minutes on a busy
+2-core machine (2-3 minutes with one depth).
 """
 
 import concurrent.futures
@@ -65,7 +67,8 @@ def _parse_ptxas(log: str):
 
 def _compile(src: str, arch: int, out_dir: Path):
     obj = out_dir / f"{Path(src).stem}.sm{arch}.o"
-    cmd = [NVCC, "-c", "-O3", "-std=c++17", "-lineinfo", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+    # the PTX is embedded too (code=compute_XX), for test_gemm_ptx_uses_cp_async_and_mma_sync
+    cmd = [NVCC, "-c", "-O3", "-std=c++17", "-lineinfo", f"-gencode=arch=compute_{arch},code=[sm_{arch},compute_{arch}]",
            "-Xptxas", "-v", "-I", str(CSRC), str(CSRC / src), "-o", str(obj)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     return src, arch, res.returncode, res.stdout + res.stderr, obj
@@ -120,12 +123,14 @@ def test_kernels_compile_without_spills(src, arch, compiled):
     assert not bad, f"{src} sm_{arch}:\n  " + "\n  ".join(bad)
 
 
-# every instantiation the host dispatch can pick (dtype pairs x KT), by demangled-name fragments
+# every instantiation the host dispatch can pick, by mangled-name fragments: dtype pairs
+# (1 fp32 + 4 with 16-bit compute; wgrad: 1 + 6) x KT (5) x GEMM configs (2, 16-bit only)
+GEMM_CONFIGS = 2
 _EXPECTED = {
-    "down_conv_fwd.cu": ("down_conv_fwd_kernel", 5 * 5),
-    "conv_bwd.cu": ("conv_bwd_kernel", 5 * 5),
-    "up_residual.cu": ("up_residual_kernel", 5),
-    "wgrad.cu": ("wgrad_kernel", 7),
+    "down_conv_fwd.cu": ("down_conv_fwd_kernel", (1 + 4 * GEMM_CONFIGS) * 5),
+    "conv_bwd.cu": ("conv_bwd_kernel", (1 + 4 * GEMM_CONFIGS) * 5),
+    "up_residual.cu": ("up_residual_kernel", 1 + 4 * GEMM_CONFIGS),
+    "wgrad.cu": ("_kernelI", 1 + 6 * GEMM_CONFIGS),  # wgrad_simt_kernel<...> and wgrad_mma_kernel<...>
 }
 
 
@@ -138,7 +143,9 @@ def test_every_dispatched_instantiation_is_compiled(src, compiled):
     assert len(names) == count, f"{src}: expected {count} instantiations of {fragment}, got {len(names)}"
     if src in ("down_conv_fwd.cu", "conv_bwd.cu"):
         for kt in (1, 3, 5, 7, 9):
-            assert sum(f"Li{kt}E" in n for n in names) == 5, f"{src}: KT={kt} not compiled for every dtype pair"
+            # template int arguments in order: KT, then the config's K depth and stages
+            assert sum(re.findall(r"Li(\d+)E", n)[0] == str(kt) for n in names) == 1 + 4 * GEMM_CONFIGS, \
+                f"{src}: KT={kt} not compiled for every dtype pair and GEMM config"
 
 
 def _find_cuobjdump():
@@ -173,3 +180,43 @@ def test_half_kernels_use_tensor_cores(src, compiled):
             seen_float += 1
             assert "HMMA" not in fn, f"{name}: the fp32 path must stay IEEE fp32 (no TF32 MMA)"
     assert seen_half and seen_float
+
+
+_PTX_ENTRY = re.compile(r"\.entry\s+(\S+)\s*\(")
+
+
+def _ptx_functions(ptx: str):
+    """{mangled entry name: body} of a PTX module (each body runs to the next .entry)."""
+    starts = [(m.group(1), m.start()) for m in _PTX_ENTRY.finditer(ptx)]
+    return {name: ptx[pos:(starts[i + 1][1] if i + 1 < len(starts) else len(ptx))]
+            for i, (name, pos) in enumerate(starts)}
+
+
+def test_ptx_parser_splits_entries():
+    ptx = ".visible .entry _Z1aIfEv(\n{ mma.sync.aligned }\n.visible .entry _Z1bv(\n{ ret; }\n"
+    fns = _ptx_functions(ptx)
+    assert list(fns) == ["_Z1aIfEv", "_Z1bv"] and "mma.sync" in fns["_Z1aIfEv"] and "mma" not in fns["_Z1bv"]
+
+
+@pytest.mark.parametrize("src", KERNEL_FILES)
+def test_gemm_ptx_uses_cp_async_and_mma_sync(src, compiled):
+    """Every fp16/bf16 GEMM kernel is a cp.async pipeline (16-byte copies, group waits) feeding
+    ldmatrix and mma.sync m16n8k16; no kernel uses WMMA; fp32 kernels stay IEEE SIMT (no mma)."""
+    cuobjdump = _find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found (neither in the CUDA toolkit nor bundled with triton)")
+    rc, _, obj = compiled[(src, 80)]
+    assert rc == 0
+    ptx = subprocess.run([cuobjdump, "-ptx", str(obj)], capture_output=True, text=True, check=True).stdout
+    assert "wmma" not in ptx.lower(), f"{src}: WMMA in the PTX"
+    functions = {n: body for n, body in _ptx_functions(ptx).items() if "sum_partials" not in n}
+    assert functions, f"{src}: no PTX entries found"
+    half = {n: body for n, body in functions.items() if "__half" in n or "__nv_bfloat16" in n}
+    assert half and len(half) < len(functions), f"{src}: expected both 16-bit and fp32 instantiations"
+    for name, body in functions.items():
+        if name in half:
+            for instr in ("cp.async.cg.shared.global", "cp.async.wait_group", "ldmatrix.sync.aligned.m8n8.x4",
+                          "mma.sync.aligned.m16n8k16.row.col.f32"):
+                assert instr in body, f"{name}: no {instr}"
+        else:
+            assert "mma.sync" not in body, f"{name}: the fp32 path must stay IEEE fp32 (no tensor-core MMA)"

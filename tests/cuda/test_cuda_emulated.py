@@ -1,12 +1,15 @@
 """CPU twin of the CUDA parity tests: the real kernel code of csrc/*.cu, compiled with g++ against
-csrc/cpu_emulation.h (blocks of 256 std::threads, __syncthreads = std::barrier, exact-operand
-fp32-accumulate WMMA), held to the same parity rule as every backend.
+csrc/cpu_emulation.h (a block's 256 threads as fibers, __syncthreads and warp barriers as fiber
+switches; ldmatrix and mma.sync m16n8k16 lane by lane with the PTX fragment layouts, exact-operand
+fp32 accumulation; cp.async copies that land only when their group is waited for), held to the
+same parity rule as every backend.
 
 What this covers without a GPU: every kernel's tiling and index math, the register window and
 halo, dwc/dbc partials, split-token weight gradients with fixed-order sums, prefix passthrough,
-strided inputs, all dtype pairs (fp32 x with fp16/bf16 weights included), and the launch
-sequence of binding.cpp (restated in Python below, with the same buffers and strides).
-What it cannot cover: real HMMA/WMMA fragment layouts, GPU races, and binding.cpp itself
+strided inputs, all dtype pairs (fp32 x with fp16/bf16 weights included), the launch
+sequence of binding.cpp (restated in Python below, with the same buffers and the same views:
+tokens, weights, conv shape), the dispatch table (asked, not restated), and the grid-limit check.
+What it cannot cover: GPU timing and races, the HMMA summation order, and binding.cpp itself
 (tests/cuda/test_cuda_build.py compiles it; test_cuda_parity.py runs it on a GPU).
 """
 
@@ -20,6 +23,7 @@ import torch
 
 import st_adapter_fast
 from st_adapter_fast import backends
+from st_adapter_fast.backends import cuda as cuda_backend
 
 from helpers import Case, assert_parity, make_inputs, reference64, run
 
@@ -30,6 +34,8 @@ DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # SM count the emulated launch policy assumes: small, so short frame runs (halo) and several
 # weight-gradient splits happen even at test sizes (the Triton interpreter assumes 4 too)
 EMU_SMS = 4
+CUDA_ERROR_INVALID_VALUE = 1
+CUDA_ERROR_INVALID_CONFIGURATION = 9  # cudaErrorInvalidConfiguration, as CUDA numbers it
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs g++ (C++20) to build the CPU emulation")
 
@@ -46,14 +52,17 @@ def _lib(tmp_dir: Path):
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         lib = ctypes.CDLL(str(so))
         i64, i32, vp = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-        lib.sta_emu_down_conv.argtypes = [vp, i32, i64, i64, i64, vp, i64, i64, vp, vp, vp, i32, vp, vp,
-                                          i64, i64, i64, i64, i64, i64, i32, i64]
-        lib.sta_emu_conv_bwd.argtypes = [vp, i32, i64, i64, i64, vp, i64, i64, vp, vp, i32, vp, vp, vp,
-                                         i64, i64, i64, i64, i64, i64, i32, i64]
-        lib.sta_emu_up_residual.argtypes = [vp, i32, i64, i64, i64, vp, vp, i64, i64, vp, i32, vp,
-                                            i64, i64, i64, i64, i64, i64]
-        lib.sta_emu_weight_grad.argtypes = [vp, i32, ctypes.POINTER(i64), vp, i32, ctypes.POINTER(i64), i32,
-                                            i64, i64, i64, i64, i64, vp, vp]
+        arr = ctypes.POINTER(i64)  # the views: tokens {P, stride_f, stride_l, stride_c}, weights
+        # {stride_n, stride_k}, conv shape {B, T, S, C, Ca, KT, frames_per_run}
+        # the last argument of every launch: the 16-bit GEMM config index (0 = default)
+        lib.sta_emu_down_conv.argtypes = [vp, i32, arr, vp, arr, i32, vp, vp, vp, vp, vp, arr, i32]
+        lib.sta_emu_conv_bwd.argtypes = [vp, i32, arr, vp, arr, i32, vp, vp, vp, vp, vp, arr, i32]
+        lib.sta_emu_up_residual.argtypes = [vp, i32, arr, vp, vp, arr, i32, vp, vp, i64, i64, i64, i64, i32]
+        lib.sta_emu_weight_grad.argtypes = [vp, i32, arr, vp, i32, arr, i32, i64, i64, i64, i64, i64, i64, vp, vp,
+                                            i32]
+        lib.sta_emu_kt_supported.argtypes = [i32]
+        lib.sta_emu_gemm_config_supported.argtypes = [i32]
+        lib.sta_emu_dtypes_supported.argtypes = [i32, i32, ctypes.POINTER(i32)]
         lib.sta_emu_sum_partials.argtypes = [vp, vp, i64, i64]
         lib.sta_emu_frames_per_run.argtypes = [i64, i32, i64, i64, i64, i64]
         lib.sta_emu_frames_per_run.restype = i64
@@ -62,6 +71,14 @@ def _lib(tmp_dir: Path):
         lib.sta_emu_wgrad_split.argtypes = [i64, i64, i64, i64, ctypes.POINTER(i64)]
         _LIB = lib
     return _LIB
+
+
+def _dtypes_supported(lib, compute, *operands):
+    """Whether the dispatch table has kernels for these operand dtypes under this compute dtype."""
+    if compute not in DTYPE_CODE or any(o not in DTYPE_CODE for o in operands):
+        return False
+    codes = (ctypes.c_int * len(operands))(*(DTYPE_CODE[o] for o in operands))
+    return lib.sta_emu_dtypes_supported(DTYPE_CODE[compute], len(operands), codes) == 1
 
 
 def _ptr(t):
@@ -79,27 +96,39 @@ def _frames_per_run(lib, t, kt, s, ca, b, requested):
     return lib.sta_emu_frames_per_run(t, kt, s, ca, b, EMU_SMS)
 
 
-def _down_conv(lib, x, t, p, wd, bd, taps, bc, g, h, fpr):
+def _i64s(*vals):
+    return (ctypes.c_int64 * len(vals))(*vals)
+
+
+def _tokens(t, s, p):
+    """binding.cpp's token_view: a token tensor (F, L, K), or a flat (N, K) buffer with P = 0."""
+    if t.dim() == 3:
+        return _i64s(p, *t.stride())
+    return _i64s(0, s * t.stride(0), *t.stride())
+
+
+def _weight(w, transposed=False):
+    """binding.cpp's weight_view: W(n, k) = w[n, k], or w[k, n] when transposed."""
+    return _i64s(*(reversed(w.stride()) if transposed else w.stride()))
+
+
+def _conv_shape(x, t, p, taps, fpr):
     f, seq_len, c = x.shape
     ca, kt = taps.shape
-    _ok(lib.sta_emu_down_conv(_ptr(x), DTYPE_CODE[x.dtype], *x.stride(), _ptr(wd), *wd.stride(), _ptr(bd), _ptr(taps),
-                              _ptr(bc), DTYPE_CODE[wd.dtype], _ptr(g), _ptr(h), f // t, t, seq_len - p, p, c, ca, kt,
-                              fpr))
+    return _i64s(f // t, t, seq_len - p, c, ca, kt, fpr)
 
 
-def _up_residual(lib, res, p, a, w, stride_wo, stride_wi, nout, bias, out):
-    f, seq_len, _ = res.shape
-    _ok(lib.sta_emu_up_residual(_ptr(res), DTYPE_CODE[res.dtype], *res.stride(), _ptr(a), _ptr(w), stride_wo,
-                                stride_wi, _ptr(bias), DTYPE_CODE[w.dtype], _ptr(out), f, seq_len, p, seq_len - p,
-                                a.shape[1], nout))
+def _down_conv(lib, x, t, p, wd, bd, taps, bc, g, h, fpr):
+    _ok(lib.sta_emu_down_conv(_ptr(x), DTYPE_CODE[x.dtype], _tokens(x, x.shape[1] - p, p), _ptr(wd), _weight(wd),
+                              DTYPE_CODE[wd.dtype], _ptr(bd), _ptr(taps), _ptr(bc), _ptr(g), _ptr(h),
+                              _conv_shape(x, t, p, taps, fpr), cuda_backend.gemm_config()))
 
 
-def _view(t, s, p):
-    if t.dim() == 3:
-        vals = (s, p, t.stride(0), t.stride(1), t.stride(2))
-    else:
-        vals = (s, 0, s * t.stride(0), t.stride(0), t.stride(1))
-    return (ctypes.c_int64 * 5)(*vals)
+def _up_residual(lib, res, p, a, w, transposed, bias, out):
+    f, seq_len, nout = out.shape
+    _ok(lib.sta_emu_up_residual(_ptr(res), DTYPE_CODE[res.dtype], _tokens(res, seq_len - p, p), _ptr(a), _ptr(w),
+                                _weight(w, transposed), DTYPE_CODE[w.dtype], _ptr(bias), _ptr(out), f, seq_len - p,
+                                a.shape[1], nout, cuda_backend.gemm_config()))
 
 
 def _weight_grad(lib, a, b, s, p, n, compute, with_bias):
@@ -113,9 +142,9 @@ def _weight_grad(lib, a, b, s, p, n, compute, with_bias):
     splits, tps = split[0], split[1]
     dw_part = torch.empty(splits, i_dim, j_dim) if splits > 1 else dw
     db_part = (torch.empty(splits, i_dim) if splits > 1 else db) if with_bias else None
-    _ok(lib.sta_emu_weight_grad(_ptr(a), DTYPE_CODE[a.dtype], _view(a, s, p), _ptr(b), DTYPE_CODE[b.dtype],
-                                _view(b, s, p), DTYPE_CODE[compute], n, i_dim, j_dim, splits, tps, _ptr(dw_part),
-                                _ptr(db_part)))
+    _ok(lib.sta_emu_weight_grad(_ptr(a), DTYPE_CODE[a.dtype], _tokens(a, s, p), _ptr(b), DTYPE_CODE[b.dtype],
+                                _tokens(b, s, p), DTYPE_CODE[compute], s, n, i_dim, j_dim, splits, tps,
+                                _ptr(dw_part), _ptr(db_part), cuda_backend.gemm_config()))
     if splits > 1:
         _ok(lib.sta_emu_sum_partials(_ptr(dw_part), _ptr(dw), splits, i_dim * j_dim))
         if with_bias:
@@ -137,7 +166,7 @@ def emu_forward(lib, x, t, p, wd, bd, taps, bc, wu, bu, *, frames_per_prog=None)
         return out
     if g.numel():
         _down_conv(lib, x, t, p, wd, bd, taps, bc, g, None, _frames_per_run(lib, t, kt, s, ca, f // t, frames_per_prog))
-    _up_residual(lib, x, p, g, wu, wu.stride(0), wu.stride(1), c, bu, out)
+    _up_residual(lib, x, p, g, wu, False, bu, out)
     return out
 
 
@@ -158,14 +187,15 @@ def emu_backward(lib, dout, x, t, p, wd, bd, taps, bc, wu, bu, *, frames_per_pro
         parts = lib.sta_emu_conv_bwd_num_parts(kt, b, t, s, fpr)
         dwc_part = torch.empty(parts, ca, kt)
         dbc_part = torch.empty(parts, ca)
-        _ok(lib.sta_emu_conv_bwd(_ptr(dout), DTYPE_CODE[dout.dtype], *dout.stride(), _ptr(wu), *wu.stride(),
-                                 _ptr(taps), _ptr(h), DTYPE_CODE[wd.dtype], _ptr(dh), _ptr(dwc_part), _ptr(dbc_part),
-                                 b, t, s, p, c, ca, kt, fpr))
+        _ok(lib.sta_emu_conv_bwd(_ptr(dout), DTYPE_CODE[dout.dtype], _tokens(dout, s, p), _ptr(wu),
+                                 _weight(wu, transposed=True), DTYPE_CODE[wd.dtype], _ptr(taps), _ptr(h), _ptr(dh),
+                                 _ptr(dwc_part), _ptr(dbc_part), _conv_shape(x, t, p, taps, fpr),
+                                 cuda_backend.gemm_config()))
         _ok(lib.sta_emu_sum_partials(_ptr(dwc_part), _ptr(dwc), parts, ca * kt))
         _ok(lib.sta_emu_sum_partials(_ptr(dbc_part), _ptr(dbc), parts, ca))
     dx = torch.empty(f, seq_len, c, dtype=dout.dtype)
     if dx.numel():
-        _up_residual(lib, dout, p, dh, wd, wd.stride(1), wd.stride(0), c, None, dx)
+        _up_residual(lib, dout, p, dh, wd, True, None, dx)
     dwu, dbu = _weight_grad(lib, dout, g, s, p, n, wd.dtype, bu is not None)
     dwd, dbd = _weight_grad(lib, dh, x, s, p, n, wd.dtype, bd is not None)
     return dx, dwd, dbd, dwc, (dbc if bc is not None else None), dwu, dbu
@@ -176,13 +206,13 @@ def emu_backward(lib, dout, x, t, p, wd, bd, taps, bc, wu, bu, *, frames_per_pro
 def emulated(tmp_path_factory):
     lib = _lib(tmp_path_factory.mktemp("cuda_emulation"))
 
-    def reason(x, kernel_size, dtype):
+    def reason(x, kernel_size, dtype):  # asks the kernels' dispatch table (st_adapter_dispatch.h)
         if x.device.type != "cpu":
             return "the emulated CUDA kernels run on CPU tensors"
-        if dtype not in DTYPE_CODE or (x.dtype != dtype and x.dtype != torch.float32):
+        if not _dtypes_supported(lib, dtype, x.dtype):
             return f"unsupported dtypes {x.dtype} / {dtype}"
         kt, kh, kw = kernel_size
-        return None if (kh, kw) == (1, 1) and kt <= 9 else f"unsupported kernel {kernel_size}"
+        return None if (kh, kw) == (1, 1) and lib.sta_emu_kt_supported(kt) else f"unsupported kernel {kernel_size}"
 
     backend = backends.Backend(
         "cuda_emulated", reason,
@@ -231,6 +261,16 @@ def test_emulated_wide_kernels_and_halo(kt, emulated, monkeypatch):
         monkeypatch.setenv("ST_ADAPTER_FRAMES_PER_PROGRAM", str(fpr))
         _check(Case(batch=2, frames=11, grid=(2, 3), prefix=1, channels=20, adapter_channels=24, kernel=(kt, 1, 1)),
                torch.bfloat16 if fpr == 2 else torch.float32)
+
+
+@pytest.mark.parametrize("config", [0, 1])
+def test_emulated_gemm_configs(config, emulated, monkeypatch):
+    """Each 16-bit GEMM config of the table (32-deep steps x 3 stages, 16-deep x 4), with more K
+    steps than stages (C = 72, Ca = 136: up to 9 steps of 16) so the cp.async ring wraps; a wait for
+    too few groups would read a stale stage here."""
+    monkeypatch.setenv("ST_ADAPTER_CUDA_GEMM_CONFIG", str(config))
+    _check(Case(batch=1, frames=3, grid=(3, 3), prefix=1, channels=72, adapter_channels=136, kernel=(3, 1, 1)),
+           torch.bfloat16 if config else torch.float16)
 
 
 @pytest.mark.parametrize("autocast", [torch.float16, torch.bfloat16], ids=str)
@@ -297,3 +337,44 @@ def test_emulated_strided_weights(emulated):
                 leaves[5].grad, leaves[6].grad]
     for name, g, w in zip(("dx", "dWd", "dbd", "dtaps", "dbc", "dWu", "dbu"), grads, expected):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_dispatch_table(emulated):
+    """The one dtype x KT table: odd kt up to 9; each operand in the compute dtype or, for at most
+    one operand (the activations, autocast), fp32 -- 5 pairings of one operand and 7 of two, the
+    instantiation counts test_cuda_compile.py finds in the compiled kernels."""
+    assert [kt for kt in range(-1, 13) if emulated.sta_emu_kt_supported(kt)] == [1, 3, 5, 7, 9]
+    dtypes = list(DTYPE_CODE)
+    one = {(a, c) for c in dtypes for a in dtypes if _dtypes_supported(emulated, c, a)}
+    assert one == {(c, c) for c in dtypes} | {(torch.float32, torch.float16), (torch.float32, torch.bfloat16)}
+    two = {(a, b, c) for c in dtypes for a in dtypes for b in dtypes if _dtypes_supported(emulated, c, a, b)}
+    assert len(two) == 7 and (torch.float32, torch.float32, torch.float16) not in two
+    assert (torch.float32, torch.float16, torch.float16) in two and (torch.bfloat16, torch.float32, torch.bfloat16) in two
+    # a dtype the table lacks is refused by the launcher, not launched
+    assert emulated.sta_emu_up_residual(None, 1, _i64s(0, 8, 8, 1), None, None, _i64s(8, 1), 2, None, None,
+                                        1, 1, 8, 8, 0) == CUDA_ERROR_INVALID_VALUE
+    # 16-bit GEMM configs: 0 (default) and 1; others are refused
+    assert [c for c in range(-1, 8) if emulated.sta_emu_gemm_config_supported(c)] == [0, 1]
+    assert emulated.sta_emu_up_residual(None, 1, _i64s(0, 8, 8, 1), None, None, _i64s(8, 1), 1, None, None,
+                                        1, 1, 8, 8, 2) == CUDA_ERROR_INVALID_VALUE
+
+
+def test_launch_refuses_grids_past_the_hardware_limit(emulated):
+    """Grids are int64 block counts checked against gridDim.x <= 2**31 - 1 before the cast to
+    unsigned: a launch that would wrap returns cudaErrorInvalidConfiguration and runs no block
+    (the null pointers below are never touched). One block under the limit is not refused."""
+    too_many_rows = 128 * (2 ** 31)  # up-residual: 128 rows per block, one 64-column tile
+    rc = emulated.sta_emu_up_residual(None, 0, _i64s(0, 64, 64, 1), None, None, _i64s(64, 1), 0, None, None,
+                                      too_many_rows, 1, 64, 64, 0)
+    assert rc == CUDA_ERROR_INVALID_CONFIGURATION
+    # down-conv: 2**31 clips of one frame, one (64 x 64) tile each
+    shape = _i64s(2 ** 31, 1, 1, 64, 64, 3, 1)
+    rc = emulated.sta_emu_down_conv(None, 0, _i64s(0, 64, 64, 1), None, _i64s(64, 1), 0, None, None, None, None, None,
+                                    shape, 0)
+    assert rc == CUDA_ERROR_INVALID_CONFIGURATION
+    assert emulated.sta_emu_sum_partials(None, None, 1, 256 * (2 ** 31)) == CUDA_ERROR_INVALID_CONFIGURATION
+    # a grid under the limit runs: sum_partials of one block (numel 256)
+    part = torch.arange(512, dtype=torch.float32)
+    out = torch.empty(256)
+    assert emulated.sta_emu_sum_partials(_ptr(part), _ptr(out), 2, 256) == 0
+    torch.testing.assert_close(out, part[:256] + part[256:])

@@ -1,7 +1,7 @@
 """Host-side check of the CUDA kernels' index arithmetic (csrc/st_adapter_index.cuh).
 
 The token -> (frame, s) mapping, prefix offsets, int64 offsets past 2**31, the up-residual row
-mapping, frame runs with their halo, flattened grids, work splits and the sliding-window
+mapping, frame runs with their halo, flattened grids and their hardware limits, work splits and the sliding-window
 temporal stencil are __host__ __device__ functions. csrc/index_selftest.cpp runs them on the CPU
 (plain g++, no GPU, no CUDA toolkit) and this test compares every answer with Python.
 """
@@ -151,6 +151,18 @@ def test_flattened_grid_decode(driver):
     for (lin, nx, ny), ans in zip(cases, answers):
         x, y, z = map(int, ans.split())
         assert (0 <= x < nx) and (0 <= y < ny) and lin == (z * ny + y) * nx + x
+
+
+def test_grid_limits(driver):
+    """Grid sizes are checked against the hardware limits (x <= 2**31 - 1, y and z <= 65535) as
+    int64, so a block count past them is refused instead of wrapping in the cast to unsigned."""
+    cases = {
+        (1, 1, 1): 1, (2 ** 31 - 1, 1, 1): 1, (2 ** 31, 1, 1): 0, (2 ** 32 + 5, 1, 1): 0, (2 ** 40, 1, 1): 0,
+        (0, 1, 1): 0, (-1, 1, 1): 0, (7, 65535, 65535): 1, (7, 65536, 1): 0, (7, 1, 65536): 0,
+    }
+    answers = driver([f"grid {x} {y} {z}" for x, y, z in cases])
+    for (dims, want), ans in zip(cases.items(), answers):
+        assert int(ans) == want, dims
 
 
 def _conv_ref(v, w, t_count, batch, transposed):

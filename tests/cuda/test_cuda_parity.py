@@ -85,6 +85,16 @@ def test_halo_recompute_cuda(frames_per_run, dtype, monkeypatch):
 
 
 @requires_cuda
+@pytest.mark.parametrize("config", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gemm_configs_cuda(config, dtype, monkeypatch):
+    """Each 16-bit GEMM config (ST_ADAPTER_CUDA_GEMM_CONFIG), with more K steps than stages; the
+    CPU twin is test_cuda_emulated.py's test_emulated_gemm_configs."""
+    monkeypatch.setenv("ST_ADAPTER_CUDA_GEMM_CONFIG", str(config))
+    _check(Case(batch=2, frames=5, grid=(6, 6), prefix=1, channels=136, adapter_channels=200, kernel=(3, 1, 1)), dtype)
+
+
+@requires_cuda
 @pytest.mark.parametrize("kt", [7, 9])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_wide_temporal_kernels_cuda(kt, dtype):
