@@ -67,11 +67,21 @@ class Variant:
         return f"{self.kernel}[{','.join(dtypes)} {' '.join(parts)} w{self.num_warps}s{self.num_stages}]"
 
 
+@dataclasses.dataclass
+class Launch:
+    """One recorded kernel launch: the variant it compiles to, its grid and its argument values
+    (tensors stay meta tensors) -- what the work model (kernels/work_model.py) reads."""
+
+    variant: Variant
+    grid: Tuple[int, ...]
+    args: dict
+
+
 class _Recorder:
     """Stands in for a JITFunction: `kernel[grid](*args, **kw)` records instead of launching."""
 
-    def __init__(self, name: str, fn, sink: List[Variant]):
-        self.name, self.fn, self.sink = name, fn, sink
+    def __init__(self, name: str, fn, sink: List[Variant], launches: Optional[List[Launch]] = None):
+        self.name, self.fn, self.sink, self.launches = name, fn, sink, launches
 
     def __getitem__(self, grid):
         def launch(*args, num_warps=4, num_stages=3, maxnreg=None, **constexprs):
@@ -97,18 +107,23 @@ class _Recorder:
             for name in names[len(args):]:
                 sig.append((name, "constexpr"))
                 consts[name] = constexprs[name]
-            self.sink.append(Variant(self.name, tuple(sig), tuple(consts.items()), tuple(div),
-                                     num_warps, num_stages, maxnreg))
+            variant = Variant(self.name, tuple(sig), tuple(consts.items()), tuple(div),
+                              num_warps, num_stages, maxnreg)
+            self.sink.append(variant)
+            if self.launches is not None:
+                values = dict(zip(names, args))
+                values.update(constexprs)
+                self.launches.append(Launch(variant, tuple(grid), values))
 
         return launch
 
 
 @contextlib.contextmanager
-def _recording(arch: int, sink: List[Variant]) -> Iterator[None]:
+def _recording(arch: int, sink: List[Variant], launches: Optional[List[Launch]] = None) -> Iterator[None]:
     saved = {}
     for name, (mod, fn) in _KERNELS.items():
         saved[name] = (mod, getattr(mod, name))
-        setattr(mod, name, _Recorder(name, fn, sink))
+        setattr(mod, name, _Recorder(name, fn, sink, launches))
     patched = {"arch_of": lambda t: arch, "sm_count": lambda t: 132 if arch >= 90 else 108}
     mods = (_common, adapter_fwd, adapter_bwd)
     old = [(m, k, getattr(m, k)) for m in mods for k in patched if hasattr(m, k)]
@@ -282,6 +297,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--shapes", help="comma-separated names from TARGET_SHAPES (default all)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
     parser.add_argument("--json", help="write the reports here")
+    parser.add_argument("--model", action="store_true",
+                        help="the work model (DESIGN section 10): one row per launch of fwd and bwd")
     args = parser.parse_args(argv)
     if _common.INTERPRET:
         print("unset TRITON_INTERPRET: AOT compilation needs the real JIT", file=sys.stderr)
@@ -296,6 +313,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         kwargs["dtypes"] = tuple(by_name[d] for d in args.dtype)
     if args.shapes:
         kwargs["shapes"] = {name: TARGET_SHAPES[name] for name in args.shapes.split(",")}
+    if args.model:
+        return _main_model(args, kwargs)
     reports = check_all(tuple(args.arch or (80, 90)), jobs=args.jobs, **kwargs)
     for r in reports:
         flag = "ok  " if r.ok else "FAIL"
@@ -305,6 +324,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in reports], f, indent=1)
     return 0 if all(r.ok for r in reports) else 1
+
+
+def _main_model(args, kwargs) -> int:
+    from . import work_model
+
+    if len(args.arch or ()) > 1 or len(kwargs.get("dtypes", (None,))) > 1 or len(kwargs.get("kts", ())) > 1:
+        print("--model takes one --arch, one --dtype and at most one --kt", file=sys.stderr)
+        return 2
+    shapes = kwargs.get("shapes") or {k: TARGET_SHAPES[k] for k in ("A", "B", "C")}
+    rows = work_model.model_rows(shapes, kwargs.get("dtypes", (torch.bfloat16,))[0], (args.arch or [90])[0],
+                                 kwargs.get("kts", (3,))[0])
+    print(work_model.format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": [r.as_json() for r in rows], "summary": work_model.summary(rows)}, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
