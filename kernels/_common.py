@@ -96,13 +96,22 @@ def _gemm_rows_tile(
 
 
 @triton.jit
-def _clip_run(n_tchunks, frames_per_prog, T):
-    """(clip b, first frame t0, end frame t1) of the frame run owned by program_id(2)."""
-    pid_bt = tl.program_id(2)
-    b = pid_bt // n_tchunks
-    t0 = (pid_bt % n_tchunks) * frames_per_prog
+def _flat_rows(offs_r, S, T, P, stride_f, stride_l):
+    """Row r = b*S + s of the flattened (clip, spatial position) tile space -> (element offset of
+    token (b, t=0, s) at row (b*T, P + s) of a (B*T, L, C) view, flat index b*T*S + s of its
+    token); int64. Frame t adds t * stride_f and t * S. One division per tile, none per frame."""
+    r = offs_r.to(tl.int64)
+    b = r // S
+    s = r - b * S
+    return b * T * stride_f + (s + P) * stride_l, b * T * S + s
+
+
+@triton.jit
+def _frame_run(frames_per_prog, T):
+    """(first frame t0, end frame t1) of the frame run owned by program_id(2)."""
+    t0 = tl.program_id(2) * frames_per_prog
     t1 = tl.minimum(t0 + frames_per_prog, T)
-    return b, t0, t1
+    return t0, t1
 
 
 @triton.jit
@@ -207,9 +216,61 @@ class TileConfig:
     # settled on 128 registers for several 8-warp kernels and spilled 8-48 bytes rather than
     # use the 255 the launch allows.
     maxnreg: int = 255
+    # CTAs per SM the AOT compile of this config gives on its arch (registers, warps, shared
+    # memory; tests/kernels/test_work_model.py checks it): frame runs and wgrad splits are sized
+    # so that programs fill whole waves of SMs * ctas_per_sm.
+    ctas_per_sm: int = 1
+    # 0 = sized from occupancy (above); > 0 forces the window kernels' frame runs per clip or the
+    # wgrad kernel's token splits (a GPU sweep's knob).
+    runs: int = 0
+    splits: int = 0
 
     def launch_kwargs(self) -> dict:
         return dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
+
+
+def aligned(*sizes: int) -> bool:
+    """Every size / stride a multiple of 16 elements (unit strides pass): the JIT's divisibility
+    hints then allow vectorised loads, which is what the larger aligned tiles need."""
+    return all(v == 1 or v % 16 == 0 for v in sizes)
+
+
+def waves_cost(programs: int, slots: int, work_per_program: float) -> float:
+    """Time of a launch in units of one program's work: whole waves of `slots` resident programs."""
+    return -(-programs // max(slots, 1)) * work_per_program
+
+
+def window_runs(num_frames: int, kt: int, tiles: int, slots: int, forced: int = 0) -> int:
+    """Frame runs per clip of the window kernels. Each run recomputes a KT//2-frame halo on both
+    sides, so runs only pay when one run per tile leaves SMs idle (shape C: 156 tiles on 660
+    slots -> 4 runs of 8 frames, 624 programs). Runs stay >= 2*KT frames long."""
+    if forced:
+        return max(1, min(forced, num_frames))
+    pad = kt // 2
+    best, best_cost = 1, None
+    for runs in range(1, max(1, num_frames // (2 * kt)) + 1):
+        fpp = -(-num_frames // runs)
+        cost = waves_cost(tiles * runs, slots, min(fpp + 2 * pad, num_frames))
+        if best_cost is None or cost < best_cost:
+            best, best_cost = runs, cost
+    return best
+
+
+def token_splits(num_tokens: int, block_k: int, tiles: int, slots: int, forced: int = 0,
+                 partial_steps: float = 4.0) -> int:
+    """Token splits of a wgrad launch: the fewest that minimise whole waves x (token steps per
+    program + the cost of its fp32 partial tile, written here and read back by the finalize
+    launch: `partial_steps` token steps; 4 for 64x64x32 bf16 tiles, 16 KB stored vs 8 KB loaded
+    per step, both moved twice). Every split keeps >= 8 token blocks."""
+    steps = max(1, -(-num_tokens // block_k))
+    if forced:
+        return max(1, min(forced, steps))
+    best, best_cost = 1, None
+    for splits in range(1, max(1, steps // 8) + 1):
+        cost = waves_cost(tiles * splits, slots, -(-steps // splits) + partial_steps)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = splits, cost
+    return best
 
 
 @functools.lru_cache(maxsize=None)

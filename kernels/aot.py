@@ -26,7 +26,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import triton
 
-from . import _common, adapter_bwd, adapter_fwd
+from . import _common, adapter_bwd, adapter_fwd, wgrad
 
 # Shared memory a block may use (opt-in maximum): A100 163 KB, H100 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -43,7 +43,8 @@ _KERNELS = {
     "adapter_down_conv_fwd_kernel": (adapter_fwd, adapter_fwd.adapter_down_conv_fwd_kernel),
     "adapter_up_residual_fwd_kernel": (adapter_fwd, adapter_fwd.adapter_up_residual_fwd_kernel),
     "adapter_conv_bwd_kernel": (adapter_bwd, adapter_bwd.adapter_conv_bwd_kernel),
-    "adapter_wgrad_kernel": (adapter_bwd, adapter_bwd.adapter_wgrad_kernel),
+    "adapter_wgrad_kernel": (wgrad, wgrad.adapter_wgrad_kernel),
+    "adapter_grad_finalize_kernel": (wgrad, wgrad.adapter_grad_finalize_kernel),
 }
 
 _TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -125,7 +126,7 @@ def _recording(arch: int, sink: List[Variant], launches: Optional[List[Launch]] 
         saved[name] = (mod, getattr(mod, name))
         setattr(mod, name, _Recorder(name, fn, sink, launches))
     patched = {"arch_of": lambda t: arch, "sm_count": lambda t: 132 if arch >= 90 else 108}
-    mods = (_common, adapter_fwd, adapter_bwd)
+    mods = (_common, adapter_fwd, adapter_bwd, wgrad)
     old = [(m, k, getattr(m, k)) for m in mods for k in patched if hasattr(m, k)]
     for m, k, _ in old:
         setattr(m, k, patched[k])

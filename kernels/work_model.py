@@ -157,20 +157,36 @@ def _frames_computed(T: int, fpp: int, n_runs: int, pad: int) -> int:
 Work = Tuple[int, int, int, int]  # flops_executed, flops_required, hbm_bytes_min, l2_bytes_est
 
 
-def _work_down_conv(launch) -> Work:
-    a, (g_ca, g_s, g_bt) = launch.args, launch.grid
+def _window(launch, act_name: str) -> tuple:
+    """Shared bookkeeping of the two window kernels (grid: Ca blocks, row blocks, frame runs)."""
+    a, (g_ca, g_r, runs) = launch.args, launch.grid
     T, S, C, CA, kt = a["T"], a["S"], a["C"], a["CA"], a["KT"]
     bm, bn, bk = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
-    clips = g_bt // a["n_tchunks"]
-    frames = _frames_computed(T, a["frames_per_prog"], a["n_tchunks"], kt // 2)
+    frames = _frames_computed(T, a["frames_per_prog"], runs, kt // 2)
     ksteps = _cdiv(C, bk)
-    n_tok = clips * T * S
-    xe, we, ge = _elt(a["x_ptr"]), _elt(a["wd_ptr"]), _elt(a["g_ptr"])
+    n_tok = a["n_rows"] * T
+    executed = g_ca * g_r * frames * 2 * bm * bn * bk * ksteps
+    loads = g_ca * g_r * frames * ksteps * bk * (bm * _elt(a[act_name]) + bn * _elt(a[list(a)[1]]))
+    return executed, 2 * n_tok * C * CA, n_tok, g_ca * g_r * T * bm * bn, loads
+
+
+def _work_down_conv(launch) -> Work:
+    a = launch.args
+    executed, required, n_tok, out_elems, loads = _window(launch, "x_ptr")
     outs = 2 if a["STORE_H"] else 1
-    executed = g_ca * g_s * clips * frames * 2 * bm * bn * bk * ksteps
-    hbm = n_tok * C * xe + CA * C * we + outs * n_tok * CA * ge
-    l2 = g_ca * g_s * clips * (frames * ksteps * bk * (bm * xe + bn * we) + outs * T * bm * bn * ge)
-    return executed, 2 * n_tok * C * CA, hbm, l2
+    ge = _elt(a["g_ptr"])
+    hbm = n_tok * a["C"] * _elt(a["x_ptr"]) + a["CA"] * a["C"] * _elt(a["wd_ptr"]) + outs * n_tok * a["CA"] * ge
+    return executed, required, hbm, loads + outs * out_elems * ge
+
+
+def _work_conv_bwd(launch) -> Work:
+    a = launch.args
+    executed, required, n_tok, out_elems, loads = _window(launch, "dout_ptr")
+    he, kt = _elt(a["h_ptr"]), a["KT"]
+    parts = math.prod(launch.grid[1:]) * (kt + 1) * a["CA"] * 4
+    hbm = n_tok * a["C"] * _elt(a["dout_ptr"]) + a["CA"] * a["C"] * _elt(a["wu_ptr"]) + 2 * n_tok * a["CA"] * he
+    # h is loaded KT times per owned frame (once per tap), dh stored once
+    return executed, required, hbm + parts, loads + (kt + 1) * out_elems * he + parts
 
 
 def _work_up_residual(launch) -> Work:
@@ -186,34 +202,34 @@ def _work_up_residual(launch) -> Work:
     return executed, 2 * n_tok * K * NOUT, hbm, l2
 
 
-def _work_conv_bwd(launch) -> Work:
-    a, (g_ca, g_s, g_bt) = launch.args, launch.grid
-    T, S, C, CA, kt = a["T"], a["S"], a["C"], a["CA"], a["KT"]
-    bm, bn, bk = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
-    clips = g_bt // a["n_tchunks"]
-    frames = _frames_computed(T, a["frames_per_prog"], a["n_tchunks"], kt // 2)
-    ksteps = _cdiv(C, bk)
-    n_tok = clips * T * S
-    de, we, he = _elt(a["dout_ptr"]), _elt(a["wu_ptr"]), _elt(a["h_ptr"])
-    executed = g_ca * g_s * clips * frames * 2 * bm * bn * bk * ksteps
-    parts = g_s * g_bt * (kt + 1) * CA * 4
-    hbm = n_tok * C * de + CA * C * we + 2 * n_tok * CA * he + parts
-    # h is loaded KT times per owned frame (once per tap), dh stored once
-    l2 = g_ca * g_s * clips * (frames * ksteps * bk * (bm * de + bn * we) + (kt + 1) * T * bm * bn * he) + parts
-    return executed, 2 * n_tok * C * CA, hbm, l2
-
-
 def _work_wgrad(launch) -> Work:
-    a, (g_j, g_i, splits) = launch.args, launch.grid
-    N, I, J, per = a["N"], a["I"], a["J"], a["tokens_per_split"]
+    a, (g_j, g_i, z) = launch.args, launch.grid
+    N, I, J, per, splits = a["N"], a["I"], a["J"], a["tokens_per_split"], a["n_splits"]
     bm, bn, bk = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
+    problems = z // splits
     steps = sum(_cdiv(min(per, N - s * per), bk) for s in range(splits))
-    ae, be = _elt(a["a_ptr"]), _elt(a["b_ptr"])
-    executed = g_j * g_i * steps * 2 * bm * bn * bk
-    parts = splits * (I * J + I) * 4
-    hbm = N * (I * ae + J * be) + parts
-    l2 = g_j * g_i * steps * bk * (bm * ae + bn * be) + parts
-    return executed, 2 * N * I * J, hbm, l2
+    executed = l2 = hbm = 0
+    for p in range(problems):
+        ae, be = _elt(a[f"a{p}_ptr"]), _elt(a[f"b{p}_ptr"])
+        executed += g_j * g_i * steps * 2 * bm * bn * bk
+        hbm += N * (I * ae + J * be)
+        l2 += g_j * g_i * steps * bk * (bm * ae + bn * be)
+    parts = problems * splits * I * J * 4 + splits * (I + J) * 4
+    return executed, problems * 2 * N * I * J, hbm + parts, l2 + parts
+
+
+def _work_finalize(launch) -> Work:
+    """A fixed-order sum of fp32 partials into each output, cast: reads every partial once."""
+    a = launch.args
+    moved, seen = 0, set()
+    for k in range(6):
+        out = a[f"o{k}"]
+        if id(out) in seen or (k and a[f"e{k}"] == a[f"e{k - 1}"]):
+            continue
+        seen.add(id(out))
+        elems = a[f"r{k}"] * a[f"q{k}"] if isinstance(a[f"r{k}"], int) else 0
+        moved += elems * (a[f"n{k}"] * 4 + _elt(out))
+    return 0, 0, moved, moved
 
 
 WORK: Dict[str, Callable] = {
@@ -221,6 +237,7 @@ WORK: Dict[str, Callable] = {
     "adapter_up_residual_fwd_kernel": _work_up_residual,
     "adapter_conv_bwd_kernel": _work_conv_bwd,
     "adapter_wgrad_kernel": _work_wgrad,
+    "adapter_grad_finalize_kernel": _work_finalize,
 }
 
 

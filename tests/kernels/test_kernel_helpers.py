@@ -72,3 +72,18 @@ def test_frames_per_program_keeps_halo_small():
     fpp = frames_per_program(32, 3, programs_per_frame_run=96, sms=132)  # shape C: B=4, T=32
     assert 6 <= fpp < 32 and fpp >= 2 * 3
     assert frames_per_program(1, 9, programs_per_frame_run=1, sms=132) == 1
+
+
+def test_frame_runs_and_token_splits_follow_occupancy():
+    """Runs per clip and wgrad splits come from the compiled occupancy (slots = SMs x CTAs/SM):
+    whole clips when one run per tile fills the waves, halo-paying runs only when SMs idle."""
+    from st_adapter_fast.kernels._common import token_splits, window_runs
+
+    assert window_runs(8, 3, tiles=294, slots=132) == 1  # shape A: runs would cost 1.25x FLOPs
+    assert window_runs(32, 3, tiles=78, slots=132) == 3  # shape C: 234 programs, 0.89 of 2 waves
+    assert window_runs(32, 3, tiles=78, slots=132, forced=2) == 2
+    assert window_runs(1, 9, tiles=1, slots=132) == 1
+    splits = token_splits(25088, 32, tiles=36, slots=132)  # shape A, both weight GEMMs, 128x128
+    assert 36 * splits <= 2 * 132 and 36 * splits / (2 * 132) >= 0.9
+    assert token_splits(100, 32, tiles=1, slots=132) == 1  # every split keeps >= 8 token blocks
+    assert token_splits(25088, 32, tiles=36, slots=132, forced=5) == 5
