@@ -68,14 +68,33 @@ def _mma(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _weight_desc(w_ptr, O, K, stride_wo, stride_wi, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+                 USE_TMA: tl.constexpr, W_KMAJOR: tl.constexpr):
+    """A tensor descriptor (TMA on sm_90) over W (O, K), or w_ptr itself on the pointer path.
+    W_KMAJOR: W's unit stride is along O, i.e. W^T (K, O) is the row-major tensor."""
+    desc = w_ptr
+    if USE_TMA:
+        if W_KMAJOR:
+            desc = tl.make_tensor_descriptor(w_ptr, shape=[K, O], strides=[stride_wi, 1],
+                                             block_shape=[BLOCK_K, BLOCK_O])
+        else:
+            desc = tl.make_tensor_descriptor(w_ptr, shape=[O, K], strides=[stride_wo, 1],
+                                             block_shape=[BLOCK_O, BLOCK_K])
+    return desc
+
+
+@triton.jit
 def _gemm_rows_tile(
     a_ptr, a_row_off, mask_m, stride_ak,  # A rows: a_ptr + a_row_off[m] + k * stride_ak
     w_ptr, stride_wo, stride_wi,  # W (O, K): w_ptr + o * stride_wo + k * stride_wi
     offs_o, mask_o, K,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    w_desc=None, o0=0, USE_TMA: tl.constexpr = False, W_KMAJOR: tl.constexpr = False,
 ):
-    """fp32 tile A[rows, :] @ W[offs_o, :]^T, (BLOCK_M, BLOCK_O). Masked rows/cols give 0."""
+    """fp32 tile A[rows, :] @ W[offs_o, :]^T, (BLOCK_M, BLOCK_O). Masked rows/cols give 0.
+    With USE_TMA the W tiles come through w_desc (_weight_desc; o0 = offs_o[0]): the descriptor
+    zero-fills past O and K, and its tiles hold no per-element 64-bit addresses in registers."""
     acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
@@ -86,11 +105,17 @@ def _gemm_rows_tile(
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
-        w = tl.load(
-            w_ptr + offs_o[None, :] * stride_wo + k[:, None] * stride_wi,
-            mask=mask_o[None, :] & mask_k[:, None],
-            other=0.0,
-        )
+        if USE_TMA:
+            if W_KMAJOR:
+                w = w_desc.load([k0, o0])
+            else:
+                w = tl.trans(w_desc.load([o0, k0]))
+        else:
+            w = tl.load(
+                w_ptr + offs_o[None, :] * stride_wo + k[:, None] * stride_wi,
+                mask=mask_o[None, :] & mask_k[:, None],
+                other=0.0,
+            )
         acc = _mma(a, w, acc, DOT_FP32, INPUT_PRECISION)
     return acc
 
@@ -224,9 +249,39 @@ class TileConfig:
     # wgrad kernel's token splits (a GPU sweep's knob).
     runs: int = 0
     splits: int = 0
+    # weight operand through a tensor descriptor (TMA) where the arch (sm_90+) and the weight's
+    # layout allow (unit stride, 16-byte aligned rows); the pointer path otherwise. Off by
+    # default until a GPU has timed it (and checked the descriptor scratch allocator).
+    USE_TMA: bool = False
 
     def launch_kwargs(self) -> dict:
         return dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
+
+
+def weight_tma(cfg: "TileConfig", weight: torch.Tensor, arch: int, operands_aligned: bool = True) -> tuple:
+    """(USE_TMA, W_KMAJOR) for a weight operand W (O, K): TMA only when asked for, on sm_90+,
+    with a unit stride and 16-byte aligned rows (descriptor rules), and with aligned activations
+    (the unaligned families' tiles: 128x64 up-residual + descriptor spilled 8 B on the odd
+    shape); W_KMAJOR when the unit stride runs along O (W passed as a transposed view)."""
+    kmajor = weight.stride(0) == 1 and weight.stride(1) != 1
+    row_stride = weight.stride(1) if kmajor else weight.stride(0)
+    unit = weight.stride(0) if kmajor else weight.stride(1)
+    ok = cfg.USE_TMA and operands_aligned and arch >= 90 and unit == 1 and (row_stride * weight.element_size()) % 16 == 0 \
+        and weight.data_ptr() % 16 == 0
+    if ok and weight.device.type == "cuda":
+        _ensure_descriptor_allocator()
+    return bool(ok), bool(kmajor)
+
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_descriptor_allocator() -> None:
+    """Device-side tensor descriptors need global scratch memory from triton's allocator."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
 
 
 def aligned(*sizes: int) -> bool:

@@ -31,9 +31,11 @@ from ._common import (
     _frame_run,
     _gemm_rows_tile,
     _load_taps,
+    _weight_desc,
     aligned,
     arch_of,
     dot_flags,
+    weight_tma,
 )
 from .adapter_fwd import down_conv_forward, up_residual_forward, window_grid
 from .wgrad import finalize, weight_grad, weight_grad_config, weight_grad_partials  # noqa: F401
@@ -49,6 +51,7 @@ def adapter_conv_bwd_kernel(
     KT: tl.constexpr, KT_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False, W_KMAJOR: tl.constexpr = False,  # Wu^T through a descriptor
 ):
     """dh (N, Ca) and partial (dwc, dbc) sums of one (frame run, row block) per program.
 
@@ -82,6 +85,7 @@ def adapter_conv_bwd_kernel(
     taps = tl.arange(0, KT_POW2)
     dwc_acc = tl.zeros([KT_POW2, BLOCK_N], dtype=tl.float32)
     dbc_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    wu_desc = _weight_desc(wu_ptr, CA, C, stride_wu_i, stride_wu_o, BLOCK_N, BLOCK_K, USE_TMA, W_KMAJOR)
     for t_in in range(t0 - PAD, t1 + PAD):
         dg = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if (t_in >= 0) & (t_in < T):
@@ -89,6 +93,7 @@ def adapter_conv_bwd_kernel(
             dg = _gemm_rows_tile(
                 dout_ptr, d_rows + t_in * stride_df, mask_r, stride_dc, wu_ptr, stride_wu_i, stride_wu_o,
                 offs_ca, mask_ca, C, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION,
+                wu_desc, pid_ca * BLOCK_N, USE_TMA, W_KMAJOR,
             )
             # conv-parameter gradients from the frames this program owns (halo frames belong
             # to the neighbouring run): dwc[c, j] += sum_s dg_t[s, c] * h_{t+j-PAD}[s, c]
@@ -147,13 +152,15 @@ def conv_backward(
     b = bt // num_frames
     dtype = fc2_weight.dtype
     dh = torch.empty((bt * s, ca), device=dout.device, dtype=dtype)
-    fam = tuning.family("conv_bwd", aligned(c, ca, *dout.stride(), *fc2_weight.stride()))
+    is_aligned = aligned(c, ca, *dout.stride(), *fc2_weight.stride())
+    fam = tuning.family("conv_bwd", is_aligned)
     cfg = tuning.config_for(fam, kt=kt, compute_dtype=dtype, arch=arch_of(dout))
     fpp, grid = window_grid(cfg, b, num_frames, kt, s, ca, dout, frames_per_prog)
     n_parts = grid[1] * grid[2]
     dwc_part = torch.empty((n_parts, kt, ca), device=dout.device, dtype=torch.float32)
     dbc_part = torch.empty((n_parts, 1, ca), device=dout.device, dtype=torch.float32)
     dot_fp32, precision = dot_flags(dtype)
+    use_tma, kmajor = weight_tma(cfg, fc2_weight.t(), arch_of(dout), is_aligned)  # the GEMM's W is Wu^T
     adapter_conv_bwd_kernel[grid](
         dout, fc2_weight, conv_taps, h, dh, dwc_part, dbc_part,
         num_frames, s, num_prefix_tokens, c, ca, b * s, fpp,
@@ -161,7 +168,7 @@ def conv_backward(
         fc2_weight.stride(0), fc2_weight.stride(1),
         KT=kt, KT_POW2=triton.next_power_of_2(kt),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+        DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KMAJOR=kmajor,
         **cfg.launch_kwargs(),
     )
     return dh, dwc_part, dbc_part

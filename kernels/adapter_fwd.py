@@ -32,7 +32,9 @@ from ._common import (
     aligned,
     arch_of,
     dot_flags,
+    _weight_desc,
     sm_count,
+    weight_tma,
     window_runs,
 )
 
@@ -52,6 +54,7 @@ def adapter_down_conv_fwd_kernel(
     BLOCK_N: tl.constexpr,  # adapter channels per tile
     BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False, W_KMAJOR: tl.constexpr = False,  # Wd through a descriptor
 ):
     PAD: tl.constexpr = KT // 2
     pid_ca = tl.program_id(0)  # fastest: programs sharing an x tile run together (L2 reuse)
@@ -83,6 +86,7 @@ def adapter_down_conv_fwd_kernel(
     q6 = q0
     q7 = q0
     frame_elems = S.to(tl.int64) * CA
+    wd_desc = _weight_desc(wd_ptr, CA, C, stride_wd_o, stride_wd_i, BLOCK_N, BLOCK_K, USE_TMA, W_KMAJOR)
     for t_in in range(t0 - PAD, t1 + PAD):
         h = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         # frames outside the clip are the conv's zero padding: h = 0 there, bias included
@@ -90,6 +94,7 @@ def adapter_down_conv_fwd_kernel(
             h = _gemm_rows_tile(
                 x_ptr, x_rows + t_in * stride_xf, mask_r, stride_xc, wd_ptr, stride_wd_o, stride_wd_i,
                 offs_ca, mask_ca, C, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION,
+                wd_desc, pid_ca * BLOCK_N, USE_TMA, W_KMAJOR,
             )
             if HAS_BD:
                 h += bd[None, :]
@@ -116,6 +121,7 @@ def adapter_up_residual_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False, W_KMAJOR: tl.constexpr = False,  # W through a descriptor
 ):
     """out (B*T*L, NOUT), contiguous: res + [row is spatial] * (a[token] @ W^T + bias)."""
     pid_n = tl.program_id(0)  # fastest: programs sharing an `a` tile run together
@@ -130,9 +136,11 @@ def adapter_up_residual_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < NOUT
 
+    w_desc = _weight_desc(w_ptr, NOUT, K, stride_wo, stride_wi, BLOCK_N, BLOCK_K, USE_TMA, W_KMAJOR)
     acc = _gemm_rows_tile(
         a_ptr, token * stride_an, spatial, 1, w_ptr, stride_wo, stride_wi,
         offs_n, mask_n, K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION,
+        w_desc, pid_n * BLOCK_N, USE_TMA, W_KMAJOR,
     )
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -237,6 +245,7 @@ def down_conv_forward(
     cfg = tuning.config_for("down_conv", kt=kt, compute_dtype=dtype, arch=arch_of(x))
     fpp, grid = window_grid(cfg, b, num_frames, kt, s, ca, x, frames_per_prog)
     dot_fp32, precision = dot_flags(dtype)
+    use_tma, kmajor = weight_tma(cfg, fc1_weight, arch_of(x), aligned(c, ca, *x.stride(), *fc1_weight.stride()))
     adapter_down_conv_fwd_kernel[grid](
         x, fc1_weight, fc1_bias if fc1_bias is not None else fc1_weight,
         conv_taps, conv_bias if conv_bias is not None else conv_taps,
@@ -246,7 +255,7 @@ def down_conv_forward(
         fc1_weight.stride(0), fc1_weight.stride(1),
         KT=kt, HAS_BD=fc1_bias is not None, HAS_BC=conv_bias is not None, STORE_H=store_h,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+        DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KMAJOR=kmajor,
         **cfg.launch_kwargs(),
     )
     return g, h
@@ -269,10 +278,12 @@ def up_residual_forward(
     n_rows = bt * seq_len
     if out.numel() == 0:
         return out
-    fam = tuning.family("up_residual", aligned(k, nout, *res.stride(), a.stride(0), *weight.stride()))
+    is_aligned = aligned(k, nout, *res.stride(), a.stride(0), *weight.stride())
+    fam = tuning.family("up_residual", is_aligned)
     cfg = tuning.config_for(fam, kt=1, compute_dtype=weight.dtype, arch=arch_of(res))
     dot_fp32, precision = dot_flags(weight.dtype)
     grid = (triton.cdiv(nout, cfg.BLOCK_N), triton.cdiv(n_rows, cfg.BLOCK_M))
+    use_tma, kmajor = weight_tma(cfg, weight, arch_of(res), is_aligned)
     adapter_up_residual_fwd_kernel[grid](
         res, a, weight, bias if bias is not None else weight, out,
         n_rows, seq_len, num_prefix_tokens, s, k, nout,
@@ -281,7 +292,7 @@ def up_residual_forward(
         weight.stride(0), weight.stride(1),
         HAS_BIAS=bias is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+        DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KMAJOR=kmajor,
         **cfg.launch_kwargs(),
     )
     return out

@@ -61,7 +61,7 @@ class Variant:
     maxnreg: Optional[int] = None
 
     def label(self) -> str:
-        keys = ("KT", "STORE_H", "HAS_BIAS", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K")
+        keys = ("KT", "STORE_H", "HAS_BIAS", "INPUT_PRECISION", "USE_TMA", "BLOCK_M", "BLOCK_N", "BLOCK_K")
         consts = dict(self.constexprs)
         dtypes = sorted({t for _, t in self.signature if t.startswith("*")})
         parts = [f"{k}={consts[k]}" for k in keys if k in consts]
@@ -143,9 +143,21 @@ def _recording(arch: int, sink: List[Variant], launches: Optional[List[Launch]] 
 
 
 def dispatch_variants(arch: int, kts=(1, 3, 5, 7, 9), dtypes=(torch.bfloat16, torch.float16, torch.float32),
-                      shapes=None) -> List[Variant]:
+                      shapes=None, tma: bool = True) -> List[Variant]:
     """Every distinct kernel variant the launchers pick for the given shapes, forward and backward;
-    fp32 both with IEEE dots and with TF32 (torch.backends.cuda.matmul.allow_tf32 = True)."""
+    fp32 both with IEEE dots and with TF32 (torch.backends.cuda.matmul.allow_tf32 = True); on
+    sm_90 16-bit also with the weights through tensor descriptors (TileConfig.USE_TMA)."""
+    from . import tuning
+
+    variants = _dispatch_variants(arch, kts, dtypes, shapes)
+    if arch >= 90 and tma:
+        with tuning.override(USE_TMA=True):
+            # bf16 stands for fp16 (same tiles, same registers to within a few)
+            variants += _dispatch_variants(arch, kts, tuple(d for d in dtypes if d == torch.bfloat16), shapes)
+    return list(dict.fromkeys(variants))
+
+
+def _dispatch_variants(arch, kts, dtypes, shapes) -> List[Variant]:
     sink: List[Variant] = []
     shapes = shapes or TARGET_SHAPES
     tf32 = torch.backends.cuda.matmul.allow_tf32

@@ -31,7 +31,7 @@ import torch
 
 from ._common import TileConfig
 
-__all__ = ["KERNELS", "candidate_configs", "config_for", "default_config", "family", "forced_config",
+__all__ = ["KERNELS", "candidate_configs", "config_for", "default_config", "family", "forced_config", "override",
            "config_key", "load_tuned_table", "tuned_table_path", "TUNED_TABLE_VERSION"]
 
 TUNED_TABLE_VERSION = 1
@@ -142,6 +142,8 @@ def candidate_configs(kernel: str, *, kt: int, compute_dtype: torch.dtype, arch:
     add(num_warps=4 if base.num_warps == 8 else 8)
     for stages in (2, 3, 4):
         add(num_stages=stages)
+    if kernel not in ("wgrad", "finalize") and not kernel.endswith("_unaligned") and arch >= 90:
+        add(USE_TMA=not base.USE_TMA)  # the weight operand through a tensor descriptor
     return out
 
 
@@ -170,6 +172,8 @@ def _config_from_dict(key: str, entry: dict) -> TileConfig:
         v = getattr(cfg, name)
         if v < 16 or v & (v - 1):
             raise ValueError(f"tuned config {key!r}: {name}={v} is not a power of two >= 16")
+    if not isinstance(cfg.USE_TMA, bool):
+        raise ValueError(f"tuned config {key!r}: USE_TMA={cfg.USE_TMA!r} must be true or false")
     for name, low in (("ctas_per_sm", 1), ("runs", 0), ("splits", 0), ("num_warps", 1), ("num_stages", 1)):
         v = getattr(cfg, name)
         if not isinstance(v, int) or v < low:
@@ -218,8 +222,26 @@ def family(kernel: str, aligned: bool) -> str:
     return kernel if aligned or f"{kernel}_unaligned" not in KERNELS else f"{kernel}_unaligned"
 
 
+@contextlib.contextmanager
+def override(**changes) -> Iterator[None]:
+    """Apply `changes` (TileConfig fields, e.g. USE_TMA=True) to every config this thread's
+    launchers get, whatever its source: the AOT check compiles both load paths this way."""
+    previous = getattr(_FORCED, "override", {})
+    _FORCED.override = {**previous, **changes}
+    try:
+        yield
+    finally:
+        _FORCED.override = previous
+
+
 def config_for(kernel: str, *, kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
-    """The config a launcher uses: forced (sweep) > tuned table > default."""
+    """The config a launcher uses: forced (sweep) > tuned table > default, then override()."""
+    changes = getattr(_FORCED, "override", None)
+    cfg = _config_for(kernel, kt=kt, compute_dtype=compute_dtype, arch=arch)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def _config_for(kernel: str, *, kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
     forced = getattr(_FORCED, "configs", None)
     if forced and kernel in forced:
         return forced[kernel]
