@@ -92,3 +92,25 @@ def test_gemm_launches_fill_their_waves(model, shape):
            f"{r['waves']:.2f} waves, utilisation {r['utilisation']:.3f}"
            for r in gemms if r["utilisation"] < MIN_UTILISATION]
     assert not low, "\n".join(low)
+
+
+# the families whose grids are sized from TileConfig.ctas_per_sm (frame runs, token splits)
+SIZED_FROM_OCCUPANCY = {"adapter_down_conv_fwd_kernel": "down_conv", "adapter_conv_bwd_kernel": "conv_bwd",
+                        "adapter_wgrad_kernel": "wgrad"}
+
+
+def test_occupancy_the_launchers_assume_is_what_the_compile_gives(model):
+    """Frame runs and wgrad splits are sized for cfg.ctas_per_sm resident CTAs: the AOT compile
+    of every such launch must give at least that many (a promise it breaks leaves SMs short)."""
+    import torch
+
+    from st_adapter_fast.kernels import tuning
+
+    checked = 0
+    for r in model["rows"]:
+        family = SIZED_FROM_OCCUPANCY.get(r["kernel"])
+        if family:
+            hint = tuning.default_config(family, kt=3, compute_dtype=torch.bfloat16, arch=90).ctas_per_sm
+            assert r["ctas_per_sm"] >= hint, f"{r['variant']}: {r['ctas_per_sm']} CTA/SM compiled, {hint} assumed"
+            checked += 1
+    assert checked >= 3 * len(SHAPES)
