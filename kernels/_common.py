@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 import os
+from typing import List
 
 import torch
 import triton
@@ -132,11 +134,31 @@ def _flat_rows(offs_r, S, T, P, stride_f, stride_l):
 
 
 @triton.jit
-def _frame_run(frames_per_prog, T):
-    """(first frame t0, end frame t1) of the frame run owned by program_id(2)."""
-    t0 = tl.program_id(2) * frames_per_prog
-    t1 = tl.minimum(t0 + frames_per_prog, T)
-    return t0, t1
+def _window_program(G_CA, n_whole_rows, runs, frames_per_prog, T):
+    """(Ca block, row block, first frame t0, end frame t1, partial index) of program_id(0) in a
+    window grid: the first n_whole_rows row blocks walk whole clips (G_CA programs each), every
+    later row block is split into `runs` runs of frames_per_prog frames (G_CA programs per run,
+    Ca fastest so programs sharing x tiles run together). Partial index: one per (row, run)."""
+    p = tl.program_id(0)
+    n_whole = n_whole_rows * G_CA
+    if p < n_whole:
+        pid_r = p // G_CA
+        pid_ca = p - pid_r * G_CA
+        t0 = p * 0
+        t1 = t0 + T
+        part = pid_r
+    else:
+        q = p - n_whole
+        per_row = G_CA * runs
+        rr = q // per_row
+        rem = q - rr * per_row
+        j = rem // G_CA
+        pid_ca = rem - j * G_CA
+        pid_r = n_whole_rows + rr
+        t0 = j * frames_per_prog
+        t1 = tl.minimum(t0 + frames_per_prog, T)
+        part = n_whole_rows + rr * runs + j
+    return pid_ca, pid_r, t0, t1, part
 
 
 @triton.jit
@@ -295,19 +317,57 @@ def waves_cost(programs: int, slots: int, work_per_program: float) -> float:
     return -(-programs // max(slots, 1)) * work_per_program
 
 
-def window_runs(num_frames: int, kt: int, tiles: int, slots: int, forced: int = 0) -> int:
-    """Frame runs per clip of the window kernels. Each run recomputes a KT//2-frame halo on both
-    sides, so runs only pay when one run per tile leaves SMs idle (shape C: 156 tiles on 660
-    slots -> 4 runs of 8 frames, 624 programs). Runs stay >= 2*KT frames long."""
-    if forced:
-        return max(1, min(forced, num_frames))
+def run_frames(num_frames: int, kt: int, frames_per_prog: int) -> List[int]:
+    """Frames whose GEMM each run of one clip issues: run [t0, t1) walks t0-pad .. t1+pad-1,
+    skipping frames outside the clip (the conv's zero padding)."""
     pad = kt // 2
-    best, best_cost = 1, None
-    for runs in range(1, max(1, num_frames // (2 * kt)) + 1):
+    return [min(t0 + frames_per_prog + pad, num_frames) - max(t0 - pad, 0)
+            for t0 in range(0, num_frames, frames_per_prog)]
+
+
+def window_program_frames(num_frames: int, kt: int, g_ca: int, g_r: int, n_whole_rows: int, runs: int,
+                          frames_per_prog: int) -> List[int]:
+    """Frames each program of a window grid computes, in launch order (see _window_program)."""
+    whole = run_frames(num_frames, kt, num_frames)[0]
+    split = run_frames(num_frames, kt, frames_per_prog)
+    return [whole] * (n_whole_rows * g_ca) + [f for _ in range(g_r - n_whole_rows) for f in split for _ in range(g_ca)]
+
+
+def makespan(durations: List[float], slots: int) -> float:
+    """Finish time of programs dispatched in order to the first free of `slots` resident places."""
+    free = [0.0] * min(max(slots, 1), max(len(durations), 1))
+    heapq.heapify(free)
+    end = 0.0
+    for d in durations:
+        start = heapq.heappop(free)
+        end = max(end, start + d)
+        heapq.heappush(free, start + d)
+    return end
+
+
+@functools.lru_cache(maxsize=256)
+def window_plan(num_frames: int, kt: int, g_ca: int, g_r: int, slots: int, forced_runs: int = 0) -> tuple:
+    """(n_whole_rows, runs, frames_per_prog) of a window launch. Splitting a row block's clip walk
+    into runs recomputes a KT//2 halo per cut, so it pays only where whole-clip programs leave
+    slots idle: the plan minimises the simulated finish time (programs dispatched in order to
+    SMs x CTAs/SM slots; one frame GEMM = 1, plus 0.5 per program for its prologue and stores);
+    on ties a last wave at least 85% full, then the fewest extra frames. Shape A (294 whole-clip programs on 132 slots: 3 rounds) splits
+    some row blocks in 2 to fill the third round; shape C splits every row block in 4."""
+    if forced_runs:
+        runs = max(1, min(forced_runs, num_frames))
         fpp = -(-num_frames // runs)
-        cost = waves_cost(tiles * runs, slots, min(fpp + 2 * pad, num_frames))
-        if best_cost is None or cost < best_cost:
-            best, best_cost = runs, cost
+        return (g_r if runs == 1 else 0), -(-num_frames // fpp), fpp
+    best, best_key = (g_r, 1, num_frames), None
+    for runs in range(1, max(1, num_frames // max(kt, 2)) + 1):
+        fpp = -(-num_frames // runs)
+        runs = -(-num_frames // fpp)
+        for n_whole in ([g_r] if runs == 1 else range(g_r, -1, -1)):
+            frames = window_program_frames(num_frames, kt, g_ca, g_r, n_whole, runs, fpp)
+            # ties (the durations are estimates): a last wave >= 85% full, then the fewest frames
+            fill = len(frames) / (-(-len(frames) // slots) * slots)
+            key = (makespan([f + 0.5 for f in frames], slots), fill < 0.85, sum(frames))
+            if best_key is None or key < best_key:
+                best, best_key = (n_whole, runs, fpp), key
     return best
 
 

@@ -28,7 +28,7 @@ from ._common import (
     _cast,
     _conv_window_step,
     _flat_rows,
-    _frame_run,
+    _window_program,
     _gemm_rows_tile,
     _load_taps,
     _weight_desc,
@@ -45,7 +45,8 @@ from .wgrad import finalize, weight_grad, weight_grad_config, weight_grad_partia
 def adapter_conv_bwd_kernel(
     dout_ptr, wu_ptr, wc_ptr, h_ptr, dh_ptr, dwc_part_ptr, dbc_part_ptr,
     T, S, P, C, CA,
-    n_rows, frames_per_prog,  # B*S flattened rows; frames per run (grid axis 2)
+    n_rows,  # B*S flattened rows
+    G_CA, n_whole_rows, runs, frames_per_prog,  # 1-D grid: whole-clip rows, then split rows
     stride_df, stride_dl, stride_dc,  # dO viewed as (B*T, L, C)
     stride_wu_o, stride_wu_i,  # fc2.weight (C, Ca)
     KT: tl.constexpr, KT_POW2: tl.constexpr,
@@ -58,9 +59,7 @@ def adapter_conv_bwd_kernel(
     dwc_part: (runs * row blocks, KT, Ca) fp32, dbc_part: (runs * row blocks, Ca) fp32.
     """
     PAD: tl.constexpr = KT // 2
-    pid_ca = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    t0, t1 = _frame_run(frames_per_prog, T)
+    pid_ca, pid_r, t0, t1, part = _window_program(G_CA, n_whole_rows, runs, frames_per_prog, T)
 
     offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ca = pid_ca * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -112,7 +111,7 @@ def adapter_conv_bwd_kernel(
         if t_out >= t0:
             tl.store(dh_ptr + t_out * frame_elems + buf, _cast(dh, dh_ptr.dtype.element_ty), mask=mask_tile)
 
-    part = (tl.program_id(2) * tl.num_programs(1) + pid_r).to(tl.int64)
+    part = part.to(tl.int64)
     tl.store(
         dwc_part_ptr + part * KT * CA + taps[:, None] * CA + offs_ca[None, :],
         dwc_acc,
@@ -155,15 +154,16 @@ def conv_backward(
     is_aligned = aligned(c, ca, *dout.stride(), *fc2_weight.stride())
     fam = tuning.family("conv_bwd", is_aligned)
     cfg = tuning.config_for(fam, kt=kt, compute_dtype=dtype, arch=arch_of(dout))
-    fpp, grid = window_grid(cfg, b, num_frames, kt, s, ca, dout, frames_per_prog)
-    n_parts = grid[1] * grid[2]
+    plan, grid = window_grid(cfg, b, num_frames, kt, s, ca, dout, frames_per_prog)
+    n_whole, runs, _ = plan[1:]
+    n_parts = n_whole + (triton.cdiv(b * s, cfg.BLOCK_M) - n_whole) * runs
     dwc_part = torch.empty((n_parts, kt, ca), device=dout.device, dtype=torch.float32)
     dbc_part = torch.empty((n_parts, 1, ca), device=dout.device, dtype=torch.float32)
     dot_fp32, precision = dot_flags(dtype)
     use_tma, kmajor = weight_tma(cfg, fc2_weight.t(), arch_of(dout), is_aligned)  # the GEMM's W is Wu^T
     adapter_conv_bwd_kernel[grid](
         dout, fc2_weight, conv_taps, h, dh, dwc_part, dbc_part,
-        num_frames, s, num_prefix_tokens, c, ca, b * s, fpp,
+        num_frames, s, num_prefix_tokens, c, ca, b * s, *plan,
         dout.stride(0), dout.stride(1), dout.stride(2),
         fc2_weight.stride(0), fc2_weight.stride(1),
         KT=kt, KT_POW2=triton.next_power_of_2(kt),

@@ -1,9 +1,12 @@
 """Fused ST-Adapter forward in Triton: two kernels instead of eager's five plus two permutes.
 
-1. adapter_down_conv_fwd_kernel: g = conv_t(x_s Wd^T + bd) + bc. A program owns a block of
-   spatial positions x a block of adapter channels for a run of frames of one clip, walks the
-   frames in order and keeps the temporal stencil in registers (_conv_window_step), so h never
-   goes to memory and each h tile is computed once (plus a KT//2-frame halo per run).
+1. adapter_down_conv_fwd_kernel: g = conv_t(x_s Wd^T + bd) + bc. A program owns a block of the
+   B*S flattened (clip, spatial position) rows -- no per-clip padding of S to the tile -- x a
+   block of adapter channels, for the whole clip or a run of its frames (window_plan, from the
+   compiled occupancy), walks the frames in order and keeps the temporal stencil in registers
+   (_conv_window_step), so h never goes to memory and each h tile is computed once (plus a
+   KT//2-frame halo per run). The weight tile comes through a tensor descriptor (TMA) when
+   TileConfig.USE_TMA asks for it and the layout allows, else through pointers.
 2. adapter_up_residual_fwd_kernel: out = x + g Wu^T + bu on the spatial rows, prefix rows
    copied, over all B*T*L rows so prefix passthrough needs no extra launch. Run with
    a = dh and W = Wd^T (strides swapped), no bias, it is also the backward's dgrad: dx = dO + dh Wd.
@@ -26,7 +29,7 @@ from ._common import (
     _cast,
     _conv_window_step,
     _flat_rows,
-    _frame_run,
+    _window_program,
     _gemm_rows_tile,
     _load_taps,
     aligned,
@@ -35,7 +38,7 @@ from ._common import (
     _weight_desc,
     sm_count,
     weight_tma,
-    window_runs,
+    window_plan,
 )
 
 
@@ -44,7 +47,7 @@ def adapter_down_conv_fwd_kernel(
     x_ptr, wd_ptr, bd_ptr, wc_ptr, bc_ptr, g_ptr, h_ptr,
     T, S, P, C, CA,
     n_rows,  # B*S: the flattened (clip, spatial position) rows a tile covers
-    frames_per_prog,  # output frames owned by one program (a run of T; grid axis 2)
+    G_CA, n_whole_rows, runs, frames_per_prog,  # 1-D grid: whole-clip rows, then split rows
     stride_xf, stride_xl, stride_xc,  # x viewed as (B*T, L, C)
     stride_wd_o, stride_wd_i,  # fc1.weight (Ca, C)
     KT: tl.constexpr,
@@ -57,9 +60,7 @@ def adapter_down_conv_fwd_kernel(
     USE_TMA: tl.constexpr = False, W_KMAJOR: tl.constexpr = False,  # Wd through a descriptor
 ):
     PAD: tl.constexpr = KT // 2
-    pid_ca = tl.program_id(0)  # fastest: programs sharing an x tile run together (L2 reuse)
-    pid_r = tl.program_id(1)
-    t0, t1 = _frame_run(frames_per_prog, T)
+    pid_ca, pid_r, t0, t1, part = _window_program(G_CA, n_whole_rows, runs, frames_per_prog, T)
 
     offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ca = pid_ca * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -187,7 +188,7 @@ def up_residual_config(compute_dtype: torch.dtype, arch: int) -> TileConfig:
 
 def frames_per_program(num_frames: int, kt: int, programs_per_frame_run: int, sms: int) -> int:
     """The CUDA backend's frame-run policy (tests/cuda restate it; the Triton launchers size runs
-    from compiled occupancy instead, _common.window_runs). Whole clips when the grid fills the GPU;
+    from compiled occupancy instead, _common.window_plan). Whole clips when the grid fills the GPU;
     shorter runs (each recomputing a KT//2 halo on both sides) when the batch is small, e.g.
     B=4, T=32. A run stays >= 2*KT frames so the halo costs at most half of the useful work."""
     want_runs = max(1, triton.cdiv(2 * sms, max(programs_per_frame_run, 1)))
@@ -197,17 +198,21 @@ def frames_per_program(num_frames: int, kt: int, programs_per_frame_run: int, sm
 
 def window_grid(cfg: TileConfig, batch: int, num_frames: int, kt: int, spatial: int, ca: int,
                 like: torch.Tensor, frames_per_prog: Optional[int]) -> tuple:
-    """(frames per program, launch grid) of the two window kernels: grid = (Ca blocks, blocks of
-    the B*S flattened rows, frame runs). Runs come from the config's occupancy (window_runs)
-    unless forced: frames_per_prog, ST_ADAPTER_FRAMES_PER_PROGRAM, or cfg.runs."""
+    """((Ca blocks, whole-clip row blocks, runs of the split row blocks, frames per run), 1-D
+    launch grid) of the two window kernels over the B*S flattened rows (_window_program). The plan
+    comes from the config's occupancy (window_plan) unless forced: frames_per_prog,
+    ST_ADAPTER_FRAMES_PER_PROGRAM or cfg.runs split every row block alike."""
     grid_ca = triton.cdiv(ca, cfg.BLOCK_N)
     grid_r = triton.cdiv(batch * spatial, cfg.BLOCK_M)
     fpp = frames_per_prog or _frames_per_program_override()
-    if not fpp:
-        runs = window_runs(num_frames, kt, grid_ca * grid_r, sm_count(like) * cfg.ctas_per_sm, cfg.runs)
-        fpp = triton.cdiv(num_frames, runs)
-    fpp = max(1, min(fpp, num_frames))
-    return fpp, (grid_ca, grid_r, triton.cdiv(num_frames, fpp))
+    if fpp:
+        fpp = max(1, min(fpp, num_frames))
+        runs = triton.cdiv(num_frames, fpp)
+        n_whole = grid_r if runs == 1 else 0
+    else:
+        n_whole, runs, fpp = window_plan(num_frames, kt, grid_ca, grid_r, sm_count(like) * cfg.ctas_per_sm, cfg.runs)
+    programs = grid_ca * (n_whole + (grid_r - n_whole) * runs)
+    return (grid_ca, n_whole, runs, fpp), (programs,)
 
 
 def _frames_per_program_override() -> Optional[int]:
@@ -243,14 +248,14 @@ def down_conv_forward(
     if g.numel() == 0:
         return g, h
     cfg = tuning.config_for("down_conv", kt=kt, compute_dtype=dtype, arch=arch_of(x))
-    fpp, grid = window_grid(cfg, b, num_frames, kt, s, ca, x, frames_per_prog)
+    plan, grid = window_grid(cfg, b, num_frames, kt, s, ca, x, frames_per_prog)
     dot_fp32, precision = dot_flags(dtype)
     use_tma, kmajor = weight_tma(cfg, fc1_weight, arch_of(x), aligned(c, ca, *x.stride(), *fc1_weight.stride()))
     adapter_down_conv_fwd_kernel[grid](
         x, fc1_weight, fc1_bias if fc1_bias is not None else fc1_weight,
         conv_taps, conv_bias if conv_bias is not None else conv_taps,
         g, h if h is not None else g,
-        num_frames, s, num_prefix_tokens, c, ca, b * s, fpp,
+        num_frames, s, num_prefix_tokens, c, ca, b * s, *plan,
         x.stride(0), x.stride(1), x.stride(2),
         fc1_weight.stride(0), fc1_weight.stride(1),
         KT=kt, HAS_BD=fc1_bias is not None, HAS_BC=conv_bias is not None, STORE_H=store_h,

@@ -120,12 +120,14 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _recording(arch: int, sink: List[Variant], launches: Optional[List[Launch]] = None) -> Iterator[None]:
+def _recording(arch: int, sink: List[Variant], launches: Optional[List[Launch]] = None,
+               sms: Optional[int] = None) -> Iterator[None]:
     saved = {}
     for name, (mod, fn) in _KERNELS.items():
         saved[name] = (mod, getattr(mod, name))
         setattr(mod, name, _Recorder(name, fn, sink, launches))
-    patched = {"arch_of": lambda t: arch, "sm_count": lambda t: 132 if arch >= 90 else 108}
+    sms = sms or (132 if arch >= 90 else 108)
+    patched = {"arch_of": lambda t: arch, "sm_count": lambda t: sms}
     mods = (_common, adapter_fwd, adapter_bwd, wgrad)
     old = [(m, k, getattr(m, k)) for m in mods for k in patched if hasattr(m, k)]
     for m, k, _ in old:

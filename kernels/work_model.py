@@ -28,6 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import aot
+from ._common import window_program_frames
 
 SM_COUNT = {80: 108, 90: 132}
 SMEM_PER_SM = {80: 164 * 1024, 90: 228 * 1024}  # the per-SM pool; 1 KB of it reserved per CTA
@@ -115,7 +116,8 @@ def _ops_epilogue(grads, x, fc1_weight, conv_shape):
     return out
 
 
-def record_launches(shape: Tuple[int, ...], dtype: torch.dtype, arch: int, kt: int = 3, prefix: int = 1):
+def record_launches(shape: Tuple[int, ...], dtype: torch.dtype, arch: int, kt: int = 3, prefix: int = 1,
+                    sms: Optional[int] = None):
     """{"fwd": [...], "bwd": [...]} of aot.Launch / TorchOp events in launch order."""
     from . import adapter_bwd, adapter_fwd
 
@@ -125,7 +127,7 @@ def record_launches(shape: Tuple[int, ...], dtype: torch.dtype, arch: int, kt: i
         events: list = []
         sink: list = []
         x, (wd, bd, taps, bc, wu, bu) = _meta_params(b, t, seq, c, ca, kt, dtype)
-        with aot._recording(arch, sink, events), _OpCapture(events):
+        with aot._recording(arch, sink, events, sms), _OpCapture(events):
             if pass_name == "fwd":
                 adapter_fwd.adapter_forward(x, t, prefix, wd, bd, taps, bc, wu, bu)
             else:
@@ -144,29 +146,22 @@ def _elt(t: torch.Tensor) -> int:
     return t.element_size()
 
 
-def _frames_computed(T: int, fpp: int, n_runs: int, pad: int) -> int:
-    """Frames whose GEMM one clip's runs issue: each run [t0, t1) walks t0-pad .. t1+pad-1,
-    skipping frames outside the clip (the conv's zero padding)."""
-    total = 0
-    for r in range(n_runs):
-        t0, t1 = r * fpp, min(r * fpp + fpp, T)
-        total += min(t1 + pad, T) - max(t0 - pad, 0)
-    return total
-
-
 Work = Tuple[int, int, int, int]  # flops_executed, flops_required, hbm_bytes_min, l2_bytes_est
 
 
 def _window(launch, act_name: str) -> tuple:
-    """Shared bookkeeping of the two window kernels (grid: Ca blocks, row blocks, frame runs)."""
-    a, (g_ca, g_r, runs) = launch.args, launch.grid
+    """Shared bookkeeping of the two window kernels (1-D grid of _common._window_program)."""
+    a = launch.args
     T, S, C, CA, kt = a["T"], a["S"], a["C"], a["CA"], a["KT"]
     bm, bn, bk = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
-    frames = _frames_computed(T, a["frames_per_prog"], runs, kt // 2)
+    g_ca, g_r = a["G_CA"], _cdiv(a["n_rows"], bm)
+    per_program = window_program_frames(T, kt, g_ca, g_r, a["n_whole_rows"], a["runs"], a["frames_per_prog"])
+    assert len(per_program) == math.prod(launch.grid), (len(per_program), launch.grid)
+    frames = sum(per_program)
     ksteps = _cdiv(C, bk)
     n_tok = a["n_rows"] * T
-    executed = g_ca * g_r * frames * 2 * bm * bn * bk * ksteps
-    loads = g_ca * g_r * frames * ksteps * bk * (bm * _elt(a[act_name]) + bn * _elt(a[list(a)[1]]))
+    executed = frames * 2 * bm * bn * bk * ksteps
+    loads = frames * ksteps * bk * (bm * _elt(a[act_name]) + bn * _elt(a[list(a)[1]]))
     return executed, 2 * n_tok * C * CA, n_tok, g_ca * g_r * T * bm * bn, loads
 
 
@@ -183,7 +178,8 @@ def _work_conv_bwd(launch) -> Work:
     a = launch.args
     executed, required, n_tok, out_elems, loads = _window(launch, "dout_ptr")
     he, kt = _elt(a["h_ptr"]), a["KT"]
-    parts = math.prod(launch.grid[1:]) * (kt + 1) * a["CA"] * 4
+    g_r = _cdiv(a["n_rows"], a["BLOCK_M"])
+    parts = (a["n_whole_rows"] + (g_r - a["n_whole_rows"]) * a["runs"]) * (kt + 1) * a["CA"] * 4
     hbm = n_tok * a["C"] * _elt(a["dout_ptr"]) + a["CA"] * a["C"] * _elt(a["wu_ptr"]) + 2 * n_tok * a["CA"] * he
     # h is loaded KT times per owned frame (once per tap), dh stored once
     return executed, required, hbm + parts, loads + (kt + 1) * out_elems * he + parts
@@ -277,10 +273,12 @@ def _row(shape_name: str, pass_name: str, event, arch: int, compile_kernels: boo
 
 
 def model_rows(shapes: Dict[str, tuple], dtype: torch.dtype = torch.bfloat16, arch: int = 90, kt: int = 3,
-               compile_kernels: bool = True) -> List[Row]:
+               compile_kernels: bool = True, sms: Optional[int] = None) -> List[Row]:
+    """One Row per launch of fwd and bwd for each (B, T, L, C, Ca) shape; `sms` stands in for the
+    arch's SM count (tests use a small one to make the launchers split work)."""
     rows = []
     for name, shape in shapes.items():
-        for pass_name, events in record_launches(shape, dtype, arch, kt).items():
+        for pass_name, events in record_launches(shape, dtype, arch, kt, sms=sms).items():
             rows += [_row(name, pass_name, ev, arch, compile_kernels) for ev in events]
     return rows
 

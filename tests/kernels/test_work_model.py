@@ -78,14 +78,7 @@ def test_gemm_kernels_have_no_spills_and_use_wgmma(model, shape):
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("shape", [
-    pytest.param("A", marks=pytest.mark.xfail(strict=True, reason=(
-        "measured: the three window kernels of A (B*S = 3136 rows -> 49 row tiles x 6 Ca tiles = "
-        "294 programs of 64x64) reach 0.557 (fwd, 2 CTA/SM) and 0.742 (recompute, conv_bwd, 1 CTA/SM); "
-        "no non-persistent 64-row tiling of 3136 x 384 fills 132*k slots to 0.85 except 64x32 at k=1 or 5, "
-        "and frame runs cost 1.25x FLOPs at T=8"))),
-    "C",
-])
+@pytest.mark.parametrize("shape", ["A", "C"])
 def test_gemm_launches_fill_their_waves(model, shape):
     gemms = [r for r in _rows(model, shape) if r["flops_required"]]
     low = [f"{r['pass']} {r['kernel']} grid={r['grid']}: {r['programs']} programs, {r['ctas_per_sm']} CTA/SM, "
