@@ -90,6 +90,17 @@ def _default_up_residual_unaligned(kt: int, compute_dtype: torch.dtype, arch: in
     return dataclasses.replace(cfg, BLOCK_N=64) if arch >= 90 else dataclasses.replace(cfg, BLOCK_M=64, BLOCK_N=64)
 
 
+def _default_conv_bwd_unaligned(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    # sm_90: 64x32 (64x64 spilled 44 B); sm_80 KT > 3: BLOCK_K 16 (64x32x32 spilled 12 B under
+    # triton 3.6: the A tile's per-element 64-bit addresses halve with the K step)
+    cfg = _default_conv_bwd(kt, compute_dtype, arch)
+    if compute_dtype == torch.float32:
+        return cfg
+    if arch >= 90:
+        return dataclasses.replace(cfg, BLOCK_N=min(cfg.BLOCK_N, 32))
+    return dataclasses.replace(cfg, BLOCK_K=16) if kt > 3 else cfg
+
+
 # kernel family -> default config function
 KERNELS: Dict[str, Callable[[int, torch.dtype, int], TileConfig]] = {
     "down_conv": _default_down_conv,
@@ -101,7 +112,7 @@ KERNELS: Dict[str, Callable[[int, torch.dtype, int], TileConfig]] = {
     # aligned sm_90 tiles spilled there (up 128x128: 1.8 KB, wgrad 128x128: 2.1 KB, conv_bwd
     # 64x64: 44 B)
     "up_residual_unaligned": _default_up_residual_unaligned,
-    "conv_bwd_unaligned": _unaligned(_default_conv_bwd, BLOCK_N=32),
+    "conv_bwd_unaligned": _default_conv_bwd_unaligned,
     "wgrad_unaligned": _unaligned(_default_wgrad, BLOCK_M=64, BLOCK_N=64, ctas_per_sm=3),
 }
 
