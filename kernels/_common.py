@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 import os
+from typing import List
 
 import torch
 import triton
@@ -68,14 +70,33 @@ def _mma(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _weight_desc(w_ptr, O, K, stride_wo, stride_wi, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+                 USE_TMA: tl.constexpr, W_KMAJOR: tl.constexpr):
+    """A tensor descriptor (TMA on sm_90) over W (O, K), or w_ptr itself on the pointer path.
+    W_KMAJOR: W's unit stride is along O, i.e. W^T (K, O) is the row-major tensor."""
+    desc = w_ptr
+    if USE_TMA:
+        if W_KMAJOR:
+            desc = tl.make_tensor_descriptor(w_ptr, shape=[K, O], strides=[stride_wi, 1],
+                                             block_shape=[BLOCK_K, BLOCK_O])
+        else:
+            desc = tl.make_tensor_descriptor(w_ptr, shape=[O, K], strides=[stride_wo, 1],
+                                             block_shape=[BLOCK_O, BLOCK_K])
+    return desc
+
+
+@triton.jit
 def _gemm_rows_tile(
     a_ptr, a_row_off, mask_m, stride_ak,  # A rows: a_ptr + a_row_off[m] + k * stride_ak
     w_ptr, stride_wo, stride_wi,  # W (O, K): w_ptr + o * stride_wo + k * stride_wi
     offs_o, mask_o, K,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    w_desc=None, o0=0, USE_TMA: tl.constexpr = False, W_KMAJOR: tl.constexpr = False,
 ):
-    """fp32 tile A[rows, :] @ W[offs_o, :]^T, (BLOCK_M, BLOCK_O). Masked rows/cols give 0."""
+    """fp32 tile A[rows, :] @ W[offs_o, :]^T, (BLOCK_M, BLOCK_O). Masked rows/cols give 0.
+    With USE_TMA the W tiles come through w_desc (_weight_desc; o0 = offs_o[0]): the descriptor
+    zero-fills past O and K, and its tiles hold no per-element 64-bit addresses in registers."""
     acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
@@ -86,23 +107,58 @@ def _gemm_rows_tile(
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
-        w = tl.load(
-            w_ptr + offs_o[None, :] * stride_wo + k[:, None] * stride_wi,
-            mask=mask_o[None, :] & mask_k[:, None],
-            other=0.0,
-        )
+        if USE_TMA:
+            if W_KMAJOR:
+                w = w_desc.load([k0, o0])
+            else:
+                w = tl.trans(w_desc.load([o0, k0]))
+        else:
+            w = tl.load(
+                w_ptr + offs_o[None, :] * stride_wo + k[:, None] * stride_wi,
+                mask=mask_o[None, :] & mask_k[:, None],
+                other=0.0,
+            )
         acc = _mma(a, w, acc, DOT_FP32, INPUT_PRECISION)
     return acc
 
 
 @triton.jit
-def _clip_run(n_tchunks, frames_per_prog, T):
-    """(clip b, first frame t0, end frame t1) of the frame run owned by program_id(2)."""
-    pid_bt = tl.program_id(2)
-    b = pid_bt // n_tchunks
-    t0 = (pid_bt % n_tchunks) * frames_per_prog
-    t1 = tl.minimum(t0 + frames_per_prog, T)
-    return b, t0, t1
+def _flat_rows(offs_r, S, T, P, stride_f, stride_l):
+    """Row r = b*S + s of the flattened (clip, spatial position) tile space -> (element offset of
+    token (b, t=0, s) at row (b*T, P + s) of a (B*T, L, C) view, flat index b*T*S + s of its
+    token); int64. Frame t adds t * stride_f and t * S. One division per tile, none per frame."""
+    r = offs_r.to(tl.int64)
+    b = r // S
+    s = r - b * S
+    return b * T * stride_f + (s + P) * stride_l, b * T * S + s
+
+
+@triton.jit
+def _window_program(G_CA, n_whole_rows, runs, frames_per_prog, T):
+    """(Ca block, row block, first frame t0, end frame t1, partial index) of program_id(0) in a
+    window grid: the first n_whole_rows row blocks walk whole clips (G_CA programs each), every
+    later row block is split into `runs` runs of frames_per_prog frames (G_CA programs per run,
+    Ca fastest so programs sharing x tiles run together). Partial index: one per (row, run)."""
+    p = tl.program_id(0)
+    n_whole = n_whole_rows * G_CA
+    if p < n_whole:
+        pid_r = p // G_CA
+        pid_ca = p - pid_r * G_CA
+        t0 = p * 0
+        t1 = t0 + T
+        part = pid_r
+    else:
+        q = p - n_whole
+        per_row = G_CA * runs
+        rr = q // per_row
+        rem = q - rr * per_row
+        j = rem // G_CA
+        pid_ca = rem - j * G_CA
+        pid_r = n_whole_rows + rr
+        t0 = j * frames_per_prog
+        t1 = tl.minimum(t0 + frames_per_prog, T)
+        part = n_whole_rows + rr * runs + j
+    return pid_ca, pid_r, t0, t1, part
 
 
 @triton.jit
@@ -207,9 +263,129 @@ class TileConfig:
     # settled on 128 registers for several 8-warp kernels and spilled 8-48 bytes rather than
     # use the 255 the launch allows.
     maxnreg: int = 255
+    # CTAs per SM the AOT compile of this config gives on its arch (registers, warps, shared
+    # memory; tests/kernels/test_work_model.py checks it): frame runs and wgrad splits are sized
+    # so that programs fill whole waves of SMs * ctas_per_sm.
+    ctas_per_sm: int = 1
+    # 0 = sized from occupancy (above); > 0 forces the window kernels' frame runs per clip or the
+    # wgrad kernel's token splits (a GPU sweep's knob).
+    runs: int = 0
+    splits: int = 0
+    # weight operand through a tensor descriptor (TMA) where the arch (sm_90+) and the weight's
+    # layout allow (unit stride, 16-byte aligned rows); the pointer path otherwise. Off by
+    # default until a GPU has timed it (and checked the descriptor scratch allocator).
+    USE_TMA: bool = False
 
     def launch_kwargs(self) -> dict:
         return dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
+
+
+def weight_tma(cfg: "TileConfig", weight: torch.Tensor, arch: int, operands_aligned: bool = True) -> tuple:
+    """(USE_TMA, W_KMAJOR) for a weight operand W (O, K): TMA only when asked for, on sm_90+,
+    with a unit stride and 16-byte aligned rows (descriptor rules), and with aligned activations
+    (the unaligned families' tiles: 128x64 up-residual + descriptor spilled 8 B on the odd
+    shape); W_KMAJOR when the unit stride runs along O (W passed as a transposed view)."""
+    kmajor = weight.stride(0) == 1 and weight.stride(1) != 1
+    row_stride = weight.stride(1) if kmajor else weight.stride(0)
+    unit = weight.stride(0) if kmajor else weight.stride(1)
+    ok = cfg.USE_TMA and operands_aligned and arch >= 90 and unit == 1 and (row_stride * weight.element_size()) % 16 == 0 \
+        and weight.data_ptr() % 16 == 0
+    if ok and weight.device.type == "cuda":
+        _ensure_descriptor_allocator()
+    return bool(ok), bool(kmajor)
+
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_descriptor_allocator() -> None:
+    """Device-side tensor descriptors need global scratch memory from triton's allocator."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+
+
+def aligned(*sizes: int) -> bool:
+    """Every size / stride a multiple of 16 elements (unit strides pass): the JIT's divisibility
+    hints then allow vectorised loads, which is what the larger aligned tiles need."""
+    return all(v == 1 or v % 16 == 0 for v in sizes)
+
+
+def waves_cost(programs: int, slots: int, work_per_program: float) -> float:
+    """Time of a launch in units of one program's work: whole waves of `slots` resident programs."""
+    return -(-programs // max(slots, 1)) * work_per_program
+
+
+def run_frames(num_frames: int, kt: int, frames_per_prog: int) -> List[int]:
+    """Frames whose GEMM each run of one clip issues: run [t0, t1) walks t0-pad .. t1+pad-1,
+    skipping frames outside the clip (the conv's zero padding)."""
+    pad = kt // 2
+    return [min(t0 + frames_per_prog + pad, num_frames) - max(t0 - pad, 0)
+            for t0 in range(0, num_frames, frames_per_prog)]
+
+
+def window_program_frames(num_frames: int, kt: int, g_ca: int, g_r: int, n_whole_rows: int, runs: int,
+                          frames_per_prog: int) -> List[int]:
+    """Frames each program of a window grid computes, in launch order (see _window_program)."""
+    whole = run_frames(num_frames, kt, num_frames)[0]
+    split = run_frames(num_frames, kt, frames_per_prog)
+    return [whole] * (n_whole_rows * g_ca) + [f for _ in range(g_r - n_whole_rows) for f in split for _ in range(g_ca)]
+
+
+def makespan(durations: List[float], slots: int) -> float:
+    """Finish time of programs dispatched in order to the first free of `slots` resident places."""
+    free = [0.0] * min(max(slots, 1), max(len(durations), 1))
+    heapq.heapify(free)
+    end = 0.0
+    for d in durations:
+        start = heapq.heappop(free)
+        end = max(end, start + d)
+        heapq.heappush(free, start + d)
+    return end
+
+
+@functools.lru_cache(maxsize=256)
+def window_plan(num_frames: int, kt: int, g_ca: int, g_r: int, slots: int, forced_runs: int = 0) -> tuple:
+    """(n_whole_rows, runs, frames_per_prog) of a window launch. Splitting a row block's clip walk
+    into runs recomputes a KT//2 halo per cut, so it pays only where whole-clip programs leave
+    slots idle: the plan minimises the simulated finish time (programs dispatched in order to
+    SMs x CTAs/SM slots; one frame GEMM = 1, plus 0.5 per program for its prologue and stores);
+    on ties a last wave at least 85% full, then the fewest extra frames. Shape A (294 whole-clip programs on 132 slots: 3 rounds) splits
+    some row blocks in 2 to fill the third round; shape C splits every row block in 4."""
+    if forced_runs:
+        runs = max(1, min(forced_runs, num_frames))
+        fpp = -(-num_frames // runs)
+        return (g_r if runs == 1 else 0), -(-num_frames // fpp), fpp
+    best, best_key = (g_r, 1, num_frames), None
+    for runs in range(1, max(1, num_frames // max(kt, 2)) + 1):
+        fpp = -(-num_frames // runs)
+        runs = -(-num_frames // fpp)
+        for n_whole in ([g_r] if runs == 1 else range(g_r, -1, -1)):
+            frames = window_program_frames(num_frames, kt, g_ca, g_r, n_whole, runs, fpp)
+            # ties (the durations are estimates): a last wave >= 85% full, then the fewest frames
+            fill = len(frames) / (-(-len(frames) // slots) * slots)
+            key = (makespan([f + 0.5 for f in frames], slots), fill < 0.85, sum(frames))
+            if best_key is None or key < best_key:
+                best, best_key = (n_whole, runs, fpp), key
+    return best
+
+
+def token_splits(num_tokens: int, block_k: int, tiles: int, slots: int, forced: int = 0,
+                 partial_steps: float = 4.0) -> int:
+    """Token splits of a wgrad launch: the fewest that minimise whole waves x (token steps per
+    program + the cost of its fp32 partial tile, written here and read back by the finalize
+    launch: `partial_steps` token steps; 4 for 64x64x32 bf16 tiles, 16 KB stored vs 8 KB loaded
+    per step, both moved twice). Every split keeps >= 8 token blocks."""
+    steps = max(1, -(-num_tokens // block_k))
+    if forced:
+        return max(1, min(forced, steps))
+    best, best_cost = 1, None
+    for splits in range(1, max(1, steps // 8) + 1):
+        cost = waves_cost(tiles * splits, slots, -(-steps // splits) + partial_steps)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = splits, cost
+    return best
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,9 +1,12 @@
 """Fused ST-Adapter forward in Triton: two kernels instead of eager's five plus two permutes.
 
-1. adapter_down_conv_fwd_kernel: g = conv_t(x_s Wd^T + bd) + bc. A program owns a block of
-   spatial positions x a block of adapter channels for a run of frames of one clip, walks the
-   frames in order and keeps the temporal stencil in registers (_conv_window_step), so h never
-   goes to memory and each h tile is computed once (plus a KT//2-frame halo per run).
+1. adapter_down_conv_fwd_kernel: g = conv_t(x_s Wd^T + bd) + bc. A program owns a block of the
+   B*S flattened (clip, spatial position) rows -- no per-clip padding of S to the tile -- x a
+   block of adapter channels, for the whole clip or a run of its frames (window_plan, from the
+   compiled occupancy), walks the frames in order and keeps the temporal stencil in registers
+   (_conv_window_step), so h never goes to memory and each h tile is computed once (plus a
+   KT//2-frame halo per run). The weight tile comes through a tensor descriptor (TMA) when
+   TileConfig.USE_TMA asks for it and the layout allows, else through pointers.
 2. adapter_up_residual_fwd_kernel: out = x + g Wu^T + bu on the spatial rows, prefix rows
    copied, over all B*T*L rows so prefix passthrough needs no extra launch. Run with
    a = dh and W = Wd^T (strides swapped), no bias, it is also the backward's dgrad: dx = dO + dh Wd.
@@ -25,12 +28,17 @@ from ._common import (
     TileConfig,
     _cast,
     _conv_window_step,
+    _flat_rows,
+    _window_program,
     _gemm_rows_tile,
-    _clip_run,
     _load_taps,
+    aligned,
     arch_of,
     dot_flags,
+    _weight_desc,
     sm_count,
+    weight_tma,
+    window_plan,
 )
 
 
@@ -38,28 +46,30 @@ from ._common import (
 def adapter_down_conv_fwd_kernel(
     x_ptr, wd_ptr, bd_ptr, wc_ptr, bc_ptr, g_ptr, h_ptr,
     T, S, P, C, CA,
-    frames_per_prog,  # output frames owned by one program (a run of one clip)
-    n_tchunks,  # runs per clip = cdiv(T, frames_per_prog)
+    n_rows,  # B*S: the flattened (clip, spatial position) rows a tile covers
+    G_CA, n_whole_rows, runs, frames_per_prog,  # 1-D grid: whole-clip rows, then split rows
     stride_xf, stride_xl, stride_xc,  # x viewed as (B*T, L, C)
     stride_wd_o, stride_wd_i,  # fc1.weight (Ca, C)
     KT: tl.constexpr,
     HAS_BD: tl.constexpr, HAS_BC: tl.constexpr,
     STORE_H: tl.constexpr,  # backward recompute also wants h (for the conv-weight gradient)
-    BLOCK_M: tl.constexpr,  # spatial positions per tile
+    BLOCK_M: tl.constexpr,  # (clip, spatial position) rows per tile
     BLOCK_N: tl.constexpr,  # adapter channels per tile
     BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False, W_KMAJOR: tl.constexpr = False,  # Wd through a descriptor
 ):
     PAD: tl.constexpr = KT // 2
-    pid_ca = tl.program_id(0)  # fastest: programs sharing an x tile run together (L2 reuse)
-    pid_s = tl.program_id(1)
-    b, t0, t1 = _clip_run(n_tchunks, frames_per_prog, T)
+    pid_ca, pid_r, t0, t1, part = _window_program(G_CA, n_whole_rows, runs, frames_per_prog, T)
 
-    offs_s = pid_s * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_ca = pid_ca * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_s = offs_s < S
+    mask_r = offs_r < n_rows
     mask_ca = offs_ca < CA
-    mask_out = mask_s[:, None] & mask_ca[None, :]
+    mask_out = mask_r[:, None] & mask_ca[None, :]
+    # rows span clips: B*S rows tile without per-clip padding (196 -> 256 cost 1.31x the FLOPs)
+    x_rows, tok = _flat_rows(offs_r, S, T, P, stride_xf, stride_xl)
+    buf = tok[:, None] * CA + offs_ca[None, :]  # flat (N, Ca) buffers at frame 0
 
     # forward conv: the window wants taps reversed (see _conv_window_step)
     r0, r1, r2, r3, r4, r5, r6, r7, r8 = _load_taps(wc_ptr, offs_ca, mask_ca, KT, True)
@@ -76,24 +86,22 @@ def adapter_down_conv_fwd_kernel(
     q5 = q0
     q6 = q0
     q7 = q0
-    # flat (N, Ca) buffers: spatial token n = frame * S + s
-    buf_rows = offs_s.to(tl.int64) * CA
+    frame_elems = S.to(tl.int64) * CA
+    wd_desc = _weight_desc(wd_ptr, CA, C, stride_wd_o, stride_wd_i, BLOCK_N, BLOCK_K, USE_TMA, W_KMAJOR)
     for t_in in range(t0 - PAD, t1 + PAD):
         h = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         # frames outside the clip are the conv's zero padding: h = 0 there, bias included
         if (t_in >= 0) & (t_in < T):
-            frame = b * T + t_in
-            x_rows = frame.to(tl.int64) * stride_xf + (offs_s + P).to(tl.int64) * stride_xl
             h = _gemm_rows_tile(
-                x_ptr, x_rows, mask_s, stride_xc, wd_ptr, stride_wd_o, stride_wd_i,
+                x_ptr, x_rows + t_in * stride_xf, mask_r, stride_xc, wd_ptr, stride_wd_o, stride_wd_i,
                 offs_ca, mask_ca, C, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION,
+                wd_desc, pid_ca * BLOCK_N, USE_TMA, W_KMAJOR,
             )
             if HAS_BD:
                 h += bd[None, :]
             if STORE_H:
                 if (t_in >= t0) & (t_in < t1):
-                    h_out = h_ptr + frame.to(tl.int64) * S * CA + buf_rows[:, None] + offs_ca[None, :]
-                    tl.store(h_out, _cast(h, h_ptr.dtype.element_ty), mask=mask_out)
+                    tl.store(h_ptr + t_in * frame_elems + buf, _cast(h, h_ptr.dtype.element_ty), mask=mask_out)
         g, q0, q1, q2, q3, q4, q5, q6, q7 = _conv_window_step(
             h, q0, q1, q2, q3, q4, q5, q6, q7, r0, r1, r2, r3, r4, r5, r6, r7, r8, KT
         )
@@ -101,9 +109,7 @@ def adapter_down_conv_fwd_kernel(
         if t_out >= t0:
             if HAS_BC:
                 g += bc[None, :]
-            frame_out = (b * T + t_out).to(tl.int64)
-            g_out = g_ptr + frame_out * S * CA + buf_rows[:, None] + offs_ca[None, :]
-            tl.store(g_out, _cast(g, g_ptr.dtype.element_ty), mask=mask_out)
+            tl.store(g_ptr + t_out * frame_elems + buf, _cast(g, g_ptr.dtype.element_ty), mask=mask_out)
 
 
 @triton.jit
@@ -116,6 +122,7 @@ def adapter_up_residual_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False, W_KMAJOR: tl.constexpr = False,  # W through a descriptor
 ):
     """out (B*T*L, NOUT), contiguous: res + [row is spatial] * (a[token] @ W^T + bias)."""
     pid_n = tl.program_id(0)  # fastest: programs sharing an `a` tile run together
@@ -130,9 +137,11 @@ def adapter_up_residual_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < NOUT
 
+    w_desc = _weight_desc(w_ptr, NOUT, K, stride_wo, stride_wi, BLOCK_N, BLOCK_K, USE_TMA, W_KMAJOR)
     acc = _gemm_rows_tile(
         a_ptr, token * stride_an, spatial, 1, w_ptr, stride_wo, stride_wi,
         offs_n, mask_n, K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION,
+        w_desc, pid_n * BLOCK_N, USE_TMA, W_KMAJOR,
     )
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -160,20 +169,26 @@ def adapter_up_residual_fwd_kernel(
 # are half as wide. KT > 3 adds KT-1 fp32 partials: half-width tiles again.
 def down_conv_config(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
     """Kernel 1 holds h plus KT-1 fp32 partials of BLOCK_M x BLOCK_N (64-bit pointers too)."""
+    # ctas_per_sm=1: the STORE_H recompute variant of bf16 64x64 compiles to 146 registers on
+    # sm_90 (the forward's to 128, 2 CTAs): the run count must not over-promise either.
     if compute_dtype == torch.float32:
         return TileConfig(64, 32, 16, num_warps=8, num_stages=2) if kt <= 3 else TileConfig(32, 32, 16, 8, 2)
     return TileConfig(64, 64 if kt <= 3 else 32, 32, num_warps=8, num_stages=3)
 
 
 def up_residual_config(compute_dtype: torch.dtype, arch: int) -> TileConfig:
-    # 128x128 spilled 4.3 KB (sm_90) on unaligned shapes; 128x64 uses <= 106 regs when aligned
+    # sm_90: 128x128 compiles to 168 registers, no spills, wgmma, on shapes A/B/C; it halves the
+    # L2 traffic of 128x64 (426 -> 310 MB on A). sm_80 keeps 128x64 (<= 106 regs when aligned).
     if compute_dtype == torch.float32:
         return TileConfig(64, 64, 16, num_warps=8, num_stages=2)
+    if arch >= 90:
+        return TileConfig(128, 128, 32, num_warps=8, num_stages=3)
     return TileConfig(128, 64, 32, num_warps=8, num_stages=3)
 
 
 def frames_per_program(num_frames: int, kt: int, programs_per_frame_run: int, sms: int) -> int:
-    """Frames one down-conv program walks. Whole clips when the grid already fills the GPU;
+    """The CUDA backend's frame-run policy (tests/cuda restate it; the Triton launchers size runs
+    from compiled occupancy instead, _common.window_plan). Whole clips when the grid fills the GPU;
     shorter runs (each recomputing a KT//2 halo on both sides) when the batch is small, e.g.
     B=4, T=32. A run stays >= 2*KT frames so the halo costs at most half of the useful work."""
     want_runs = max(1, triton.cdiv(2 * sms, max(programs_per_frame_run, 1)))
@@ -183,16 +198,21 @@ def frames_per_program(num_frames: int, kt: int, programs_per_frame_run: int, sm
 
 def window_grid(cfg: TileConfig, batch: int, num_frames: int, kt: int, spatial: int, ca: int,
                 like: torch.Tensor, frames_per_prog: Optional[int]) -> tuple:
-    """(frames per program, runs per clip, launch grid) of the two window kernels: grid =
-    (Ca blocks, spatial blocks, clips x runs)."""
+    """((Ca blocks, whole-clip row blocks, runs of the split row blocks, frames per run), 1-D
+    launch grid) of the two window kernels over the B*S flattened rows (_window_program). The plan
+    comes from the config's occupancy (window_plan) unless forced: frames_per_prog,
+    ST_ADAPTER_FRAMES_PER_PROGRAM or cfg.runs split every row block alike."""
     grid_ca = triton.cdiv(ca, cfg.BLOCK_N)
-    grid_s = triton.cdiv(spatial, cfg.BLOCK_M)
-    fpp = frames_per_prog or _frames_per_program_override() or frames_per_program(
-        num_frames, kt, grid_ca * grid_s * batch, sm_count(like)
-    )
-    fpp = max(1, min(fpp, num_frames))
-    n_tchunks = triton.cdiv(num_frames, fpp)
-    return fpp, n_tchunks, (grid_ca, grid_s, batch * n_tchunks)
+    grid_r = triton.cdiv(batch * spatial, cfg.BLOCK_M)
+    fpp = frames_per_prog or _frames_per_program_override()
+    if fpp:
+        fpp = max(1, min(fpp, num_frames))
+        runs = triton.cdiv(num_frames, fpp)
+        n_whole = grid_r if runs == 1 else 0
+    else:
+        n_whole, runs, fpp = window_plan(num_frames, kt, grid_ca, grid_r, sm_count(like) * cfg.ctas_per_sm, cfg.runs)
+    programs = grid_ca * (n_whole + (grid_r - n_whole) * runs)
+    return (grid_ca, n_whole, runs, fpp), (programs,)
 
 
 def _frames_per_program_override() -> Optional[int]:
@@ -228,18 +248,19 @@ def down_conv_forward(
     if g.numel() == 0:
         return g, h
     cfg = tuning.config_for("down_conv", kt=kt, compute_dtype=dtype, arch=arch_of(x))
-    fpp, n_tchunks, grid = window_grid(cfg, b, num_frames, kt, s, ca, x, frames_per_prog)
+    plan, grid = window_grid(cfg, b, num_frames, kt, s, ca, x, frames_per_prog)
     dot_fp32, precision = dot_flags(dtype)
+    use_tma, kmajor = weight_tma(cfg, fc1_weight, arch_of(x), aligned(c, ca, *x.stride(), *fc1_weight.stride()))
     adapter_down_conv_fwd_kernel[grid](
         x, fc1_weight, fc1_bias if fc1_bias is not None else fc1_weight,
         conv_taps, conv_bias if conv_bias is not None else conv_taps,
         g, h if h is not None else g,
-        num_frames, s, num_prefix_tokens, c, ca, fpp, n_tchunks,
+        num_frames, s, num_prefix_tokens, c, ca, b * s, *plan,
         x.stride(0), x.stride(1), x.stride(2),
         fc1_weight.stride(0), fc1_weight.stride(1),
         KT=kt, HAS_BD=fc1_bias is not None, HAS_BC=conv_bias is not None, STORE_H=store_h,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+        DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KMAJOR=kmajor,
         **cfg.launch_kwargs(),
     )
     return g, h
@@ -262,9 +283,12 @@ def up_residual_forward(
     n_rows = bt * seq_len
     if out.numel() == 0:
         return out
-    cfg = tuning.config_for("up_residual", kt=1, compute_dtype=weight.dtype, arch=arch_of(res))
+    is_aligned = aligned(k, nout, *res.stride(), a.stride(0), *weight.stride())
+    fam = tuning.family("up_residual", is_aligned)
+    cfg = tuning.config_for(fam, kt=1, compute_dtype=weight.dtype, arch=arch_of(res))
     dot_fp32, precision = dot_flags(weight.dtype)
     grid = (triton.cdiv(nout, cfg.BLOCK_N), triton.cdiv(n_rows, cfg.BLOCK_M))
+    use_tma, kmajor = weight_tma(cfg, weight, arch_of(res), is_aligned)
     adapter_up_residual_fwd_kernel[grid](
         res, a, weight, bias if bias is not None else weight, out,
         n_rows, seq_len, num_prefix_tokens, s, k, nout,
@@ -273,7 +297,7 @@ def up_residual_forward(
         weight.stride(0), weight.stride(1),
         HAS_BIAS=bias is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
+        DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KMAJOR=kmajor,
         **cfg.launch_kwargs(),
     )
     return out

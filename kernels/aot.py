@@ -26,7 +26,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import triton
 
-from . import _common, adapter_bwd, adapter_fwd
+from . import _common, adapter_bwd, adapter_fwd, wgrad
 
 # Shared memory a block may use (opt-in maximum): A100 163 KB, H100 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -43,7 +43,8 @@ _KERNELS = {
     "adapter_down_conv_fwd_kernel": (adapter_fwd, adapter_fwd.adapter_down_conv_fwd_kernel),
     "adapter_up_residual_fwd_kernel": (adapter_fwd, adapter_fwd.adapter_up_residual_fwd_kernel),
     "adapter_conv_bwd_kernel": (adapter_bwd, adapter_bwd.adapter_conv_bwd_kernel),
-    "adapter_wgrad_kernel": (adapter_bwd, adapter_bwd.adapter_wgrad_kernel),
+    "adapter_wgrad_kernel": (wgrad, wgrad.adapter_wgrad_kernel),
+    "adapter_grad_finalize_kernel": (wgrad, wgrad.adapter_grad_finalize_kernel),
 }
 
 _TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -60,18 +61,28 @@ class Variant:
     maxnreg: Optional[int] = None
 
     def label(self) -> str:
-        keys = ("KT", "STORE_H", "HAS_BIAS", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K")
+        keys = ("KT", "STORE_H", "HAS_BIAS", "INPUT_PRECISION", "USE_TMA", "BLOCK_M", "BLOCK_N", "BLOCK_K")
         consts = dict(self.constexprs)
         dtypes = sorted({t for _, t in self.signature if t.startswith("*")})
         parts = [f"{k}={consts[k]}" for k in keys if k in consts]
         return f"{self.kernel}[{','.join(dtypes)} {' '.join(parts)} w{self.num_warps}s{self.num_stages}]"
 
 
+@dataclasses.dataclass
+class Launch:
+    """One recorded kernel launch: the variant it compiles to, its grid and its argument values
+    (tensors stay meta tensors) -- what the work model (kernels/work_model.py) reads."""
+
+    variant: Variant
+    grid: Tuple[int, ...]
+    args: dict
+
+
 class _Recorder:
     """Stands in for a JITFunction: `kernel[grid](*args, **kw)` records instead of launching."""
 
-    def __init__(self, name: str, fn, sink: List[Variant]):
-        self.name, self.fn, self.sink = name, fn, sink
+    def __init__(self, name: str, fn, sink: List[Variant], launches: Optional[List[Launch]] = None):
+        self.name, self.fn, self.sink, self.launches = name, fn, sink, launches
 
     def __getitem__(self, grid):
         def launch(*args, num_warps=4, num_stages=3, maxnreg=None, **constexprs):
@@ -97,20 +108,27 @@ class _Recorder:
             for name in names[len(args):]:
                 sig.append((name, "constexpr"))
                 consts[name] = constexprs[name]
-            self.sink.append(Variant(self.name, tuple(sig), tuple(consts.items()), tuple(div),
-                                     num_warps, num_stages, maxnreg))
+            variant = Variant(self.name, tuple(sig), tuple(consts.items()), tuple(div),
+                              num_warps, num_stages, maxnreg)
+            self.sink.append(variant)
+            if self.launches is not None:
+                values = dict(zip(names, args))
+                values.update(constexprs)
+                self.launches.append(Launch(variant, tuple(grid), values))
 
         return launch
 
 
 @contextlib.contextmanager
-def _recording(arch: int, sink: List[Variant]) -> Iterator[None]:
+def _recording(arch: int, sink: List[Variant], launches: Optional[List[Launch]] = None,
+               sms: Optional[int] = None) -> Iterator[None]:
     saved = {}
     for name, (mod, fn) in _KERNELS.items():
         saved[name] = (mod, getattr(mod, name))
-        setattr(mod, name, _Recorder(name, fn, sink))
-    patched = {"arch_of": lambda t: arch, "sm_count": lambda t: 132 if arch >= 90 else 108}
-    mods = (_common, adapter_fwd, adapter_bwd)
+        setattr(mod, name, _Recorder(name, fn, sink, launches))
+    sms = sms or (132 if arch >= 90 else 108)
+    patched = {"arch_of": lambda t: arch, "sm_count": lambda t: sms}
+    mods = (_common, adapter_fwd, adapter_bwd, wgrad)
     old = [(m, k, getattr(m, k)) for m in mods for k in patched if hasattr(m, k)]
     for m, k, _ in old:
         setattr(m, k, patched[k])
@@ -127,9 +145,21 @@ def _recording(arch: int, sink: List[Variant]) -> Iterator[None]:
 
 
 def dispatch_variants(arch: int, kts=(1, 3, 5, 7, 9), dtypes=(torch.bfloat16, torch.float16, torch.float32),
-                      shapes=None) -> List[Variant]:
+                      shapes=None, tma: bool = True) -> List[Variant]:
     """Every distinct kernel variant the launchers pick for the given shapes, forward and backward;
-    fp32 both with IEEE dots and with TF32 (torch.backends.cuda.matmul.allow_tf32 = True)."""
+    fp32 both with IEEE dots and with TF32 (torch.backends.cuda.matmul.allow_tf32 = True); on
+    sm_90 16-bit also with the weights through tensor descriptors (TileConfig.USE_TMA)."""
+    from . import tuning
+
+    variants = _dispatch_variants(arch, kts, dtypes, shapes)
+    if arch >= 90 and tma:
+        with tuning.override(USE_TMA=True):
+            # bf16 stands for fp16 (same tiles, same registers to within a few)
+            variants += _dispatch_variants(arch, kts, tuple(d for d in dtypes if d == torch.bfloat16), shapes)
+    return list(dict.fromkeys(variants))
+
+
+def _dispatch_variants(arch, kts, dtypes, shapes) -> List[Variant]:
     sink: List[Variant] = []
     shapes = shapes or TARGET_SHAPES
     tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -282,6 +312,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--shapes", help="comma-separated names from TARGET_SHAPES (default all)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
     parser.add_argument("--json", help="write the reports here")
+    parser.add_argument("--model", action="store_true",
+                        help="the work model (DESIGN section 10): one row per launch of fwd and bwd")
     args = parser.parse_args(argv)
     if _common.INTERPRET:
         print("unset TRITON_INTERPRET: AOT compilation needs the real JIT", file=sys.stderr)
@@ -296,6 +328,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         kwargs["dtypes"] = tuple(by_name[d] for d in args.dtype)
     if args.shapes:
         kwargs["shapes"] = {name: TARGET_SHAPES[name] for name in args.shapes.split(",")}
+    if args.model:
+        return _main_model(args, kwargs)
     reports = check_all(tuple(args.arch or (80, 90)), jobs=args.jobs, **kwargs)
     for r in reports:
         flag = "ok  " if r.ok else "FAIL"
@@ -305,6 +339,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in reports], f, indent=1)
     return 0 if all(r.ok for r in reports) else 1
+
+
+def _main_model(args, kwargs) -> int:
+    from . import work_model
+
+    if len(args.arch or ()) > 1 or len(kwargs.get("dtypes", (None,))) > 1 or len(kwargs.get("kts", ())) > 1:
+        print("--model takes one --arch, one --dtype and at most one --kt", file=sys.stderr)
+        return 2
+    shapes = kwargs.get("shapes") or {k: TARGET_SHAPES[k] for k in ("A", "B", "C")}
+    rows = work_model.model_rows(shapes, kwargs.get("dtypes", (torch.bfloat16,))[0], (args.arch or [90])[0],
+                                 kwargs.get("kts", (3,))[0])
+    print(work_model.format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": [r.as_json() for r in rows], "summary": work_model.summary(rows)}, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import torch
 
 from ._common import TileConfig
 
-__all__ = ["KERNELS", "candidate_configs", "config_for", "default_config", "forced_config",
+__all__ = ["KERNELS", "candidate_configs", "config_for", "default_config", "family", "forced_config", "override",
            "config_key", "load_tuned_table", "tuned_table_path", "TUNED_TABLE_VERSION"]
 
 TUNED_TABLE_VERSION = 1
@@ -57,17 +57,63 @@ def _default_conv_bwd(kt: int, compute_dtype: torch.dtype, arch: int) -> TileCon
 
 
 def _default_wgrad(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
-    from .adapter_bwd import wgrad_config
+    from .wgrad import weight_grad_config
 
-    return wgrad_config(compute_dtype, arch)
+    return weight_grad_config(compute_dtype, arch)
 
 
-# kernel family -> (default config function, pass it runs in)
+def _default_finalize(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    from .wgrad import finalize_config
+
+    return finalize_config(compute_dtype, arch)
+
+
+def _unaligned(default: Callable[[int, torch.dtype, int], TileConfig], **shrink) -> Callable:
+    """The family's config for unaligned operands (a size or stride not a multiple of 16): no
+    cp.async / vectorised loads, 64-bit addresses per element, so the register-hungriest case.
+    On sm_90 it takes the tile that compiled without spills before the aligned tile grew."""
+    def config(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+        cfg = default(kt, compute_dtype, arch)
+        if compute_dtype == torch.float32 or arch < 90:
+            return cfg
+        return dataclasses.replace(cfg, **{k: v if k == "ctas_per_sm" else min(getattr(cfg, k), v)
+                                           for k, v in shrink.items()})
+
+    return config
+
+
+def _default_up_residual_unaligned(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    # 128x64 spilled 8 B on sm_80 under triton 3.6 (dgrad, odd shape); sm_90 keeps 128x64
+    cfg = _default_up_residual(kt, compute_dtype, arch)
+    if compute_dtype == torch.float32:
+        return cfg
+    return dataclasses.replace(cfg, BLOCK_N=64) if arch >= 90 else dataclasses.replace(cfg, BLOCK_M=64, BLOCK_N=64)
+
+
+def _default_conv_bwd_unaligned(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    # sm_90: 64x32 (64x64 spilled 44 B); sm_80 KT > 3: BLOCK_K 16 (64x32x32 spilled 12 B under
+    # triton 3.6: the A tile's per-element 64-bit addresses halve with the K step)
+    cfg = _default_conv_bwd(kt, compute_dtype, arch)
+    if compute_dtype == torch.float32:
+        return cfg
+    if arch >= 90:
+        return dataclasses.replace(cfg, BLOCK_N=min(cfg.BLOCK_N, 32))
+    return dataclasses.replace(cfg, BLOCK_K=16) if kt > 3 else cfg
+
+
+# kernel family -> default config function
 KERNELS: Dict[str, Callable[[int, torch.dtype, int], TileConfig]] = {
     "down_conv": _default_down_conv,
     "up_residual": _default_up_residual,  # also the backward dgrad launch (dx = dO + dh Wd)
     "conv_bwd": _default_conv_bwd,
-    "wgrad": _default_wgrad,
+    "wgrad": _default_wgrad,  # dWu and dWd in one launch
+    "finalize": _default_finalize,  # BLOCK_M = elements per program of the partials' sum
+    # unaligned operands (tests/kernels/test_aot_compile.py's "odd" shape C=200, Ca=72): the
+    # aligned sm_90 tiles spilled there (up 128x128: 1.8 KB, wgrad 128x128: 2.1 KB, conv_bwd
+    # 64x64: 44 B)
+    "up_residual_unaligned": _default_up_residual_unaligned,
+    "conv_bwd_unaligned": _default_conv_bwd_unaligned,
+    "wgrad_unaligned": _unaligned(_default_wgrad, BLOCK_M=64, BLOCK_N=64, ctas_per_sm=3),
 }
 
 
@@ -102,6 +148,11 @@ def candidate_configs(kernel: str, *, kt: int, compute_dtype: torch.dtype, arch:
         if cfg not in out and all(v >= 16 for v in (cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K)):
             out.append(cfg)
 
+    if kernel == "finalize":  # a streaming sum: only elements per program and warps matter
+        for block in (base.BLOCK_M // 2, base.BLOCK_M * 2, base.BLOCK_M * 4):
+            add(BLOCK_M=block)
+        add(num_warps=4 if base.num_warps == 8 else 8)
+        return out
     add(BLOCK_N=base.BLOCK_N * 2)
     add(BLOCK_N=base.BLOCK_N // 2)
     add(BLOCK_M=base.BLOCK_M * 2)
@@ -110,6 +161,8 @@ def candidate_configs(kernel: str, *, kt: int, compute_dtype: torch.dtype, arch:
     add(num_warps=4 if base.num_warps == 8 else 8)
     for stages in (2, 3, 4):
         add(num_stages=stages)
+    if kernel not in ("wgrad", "finalize") and not kernel.endswith("_unaligned") and arch >= 90:
+        add(USE_TMA=not base.USE_TMA)  # the weight operand through a tensor descriptor
     return out
 
 
@@ -138,6 +191,12 @@ def _config_from_dict(key: str, entry: dict) -> TileConfig:
         v = getattr(cfg, name)
         if v < 16 or v & (v - 1):
             raise ValueError(f"tuned config {key!r}: {name}={v} is not a power of two >= 16")
+    if not isinstance(cfg.USE_TMA, bool):
+        raise ValueError(f"tuned config {key!r}: USE_TMA={cfg.USE_TMA!r} must be true or false")
+    for name, low in (("ctas_per_sm", 1), ("runs", 0), ("splits", 0), ("num_warps", 1), ("num_stages", 1)):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < low:
+            raise ValueError(f"tuned config {key!r}: {name}={v!r} must be an integer >= {low}")
     return cfg
 
 
@@ -177,8 +236,31 @@ def forced_config(kernel: str, cfg: TileConfig) -> Iterator[None]:
             forced[kernel] = previous
 
 
+def family(kernel: str, aligned: bool) -> str:
+    """The KERNELS key a launcher asks for: kernel, or kernel_unaligned where one exists."""
+    return kernel if aligned or f"{kernel}_unaligned" not in KERNELS else f"{kernel}_unaligned"
+
+
+@contextlib.contextmanager
+def override(**changes) -> Iterator[None]:
+    """Apply `changes` (TileConfig fields, e.g. USE_TMA=True) to every config this thread's
+    launchers get, whatever its source: the AOT check compiles both load paths this way."""
+    previous = getattr(_FORCED, "override", {})
+    _FORCED.override = {**previous, **changes}
+    try:
+        yield
+    finally:
+        _FORCED.override = previous
+
+
 def config_for(kernel: str, *, kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
-    """The config a launcher uses: forced (sweep) > tuned table > default."""
+    """The config a launcher uses: forced (sweep) > tuned table > default, then override()."""
+    changes = getattr(_FORCED, "override", None)
+    cfg = _config_for(kernel, kt=kt, compute_dtype=compute_dtype, arch=arch)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def _config_for(kernel: str, *, kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
     forced = getattr(_FORCED, "configs", None)
     if forced and kernel in forced:
         return forced[kernel]

@@ -14,7 +14,8 @@ Backend functions take conv taps as a contiguous (Ca, KT) tensor (conv.weight re
 dO with any strides, and return (see kernels.adapter_bwd.adapter_backward):
   forward(x, T, P, Wd, bd, taps, bc, Wu, bu) -> out (B*T, L, C), x's dtype, contiguous
   backward(dO, x, T, P, Wd, bd, taps, bc, Wu, bu) -> (dx, dWd, dbd, dtaps (Ca, KT), dbc, dWu, dbu)
-with fp32 parameter gradients (None for absent biases).
+with parameter gradients in fp32 or in the parameters' dtype (ops casts to the latter; the Triton
+backend reduces in fp32 and casts in its last launch), None for absent biases.
 """
 
 from __future__ import annotations

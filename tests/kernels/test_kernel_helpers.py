@@ -72,3 +72,31 @@ def test_frames_per_program_keeps_halo_small():
     fpp = frames_per_program(32, 3, programs_per_frame_run=96, sms=132)  # shape C: B=4, T=32
     assert 6 <= fpp < 32 and fpp >= 2 * 3
     assert frames_per_program(1, 9, programs_per_frame_run=1, sms=132) == 1
+
+
+def test_frame_runs_and_token_splits_follow_occupancy():
+    """Runs per clip and wgrad splits come from the compiled occupancy (slots = SMs x CTAs/SM):
+    whole clips when one run per tile fills the waves, halo-paying runs only when SMs idle."""
+    from st_adapter_fast.kernels._common import makespan, token_splits, window_plan, window_program_frames
+
+    # shape A, 64x64 tiles: 294 whole-clip programs take 3 rounds of 132 slots; splitting some of
+    # the 49 row blocks in two runs of 4 frames fills the third round for a few halo frames
+    n_whole, runs, fpp = window_plan(8, 3, 6, 49, 132)
+    frames = window_program_frames(8, 3, 6, 49, n_whole, runs, fpp)
+    assert 0 < n_whole < 49 and runs == 2 and fpp == 4
+    assert makespan([f + 0.5 for f in frames], 132) < makespan([8.5] * 294, 132)
+    assert sum(frames) <= 1.05 * 8 * 294 and len(frames) / 396 >= 0.85
+    assert window_plan(8, 3, 8, 32, 132) == (32, 1, 8)  # shape B: 256 programs, whole clips
+    n_whole, runs, fpp = window_plan(32, 3, 6, 13, 132)  # shape C: every row block split
+    assert n_whole == 0 and runs > 1 and runs * fpp >= 32
+    assert window_plan(32, 3, 6, 13, 132, forced_runs=2) == (0, 2, 16)
+    assert window_plan(1, 9, 1, 1, 132) == (1, 1, 1)
+    # every frame of every (row, Ca) tile is owned by exactly one program
+    assert sum(min(fpp, 32 - t0) for t0 in range(0, 32, fpp)) == 32
+    splits = token_splits(25088, 32, tiles=36, slots=132)  # shape A, both weight GEMMs, 128x128
+    programs = 36 * splits
+    assert 1 < splits < 25088 // 32 // 8 and programs / (-(-programs // 132) * 132) >= 0.9, splits
+    # a dearer partial (128x128 fp32 tiles vs 32-token steps) asks for fewer splits
+    assert token_splits(25088, 32, tiles=36, slots=132, partial_steps=64) < splits
+    assert token_splits(100, 32, tiles=1, slots=132) == 1  # every split keeps >= 8 token blocks
+    assert token_splits(25088, 32, tiles=36, slots=132, forced=5) == 5

@@ -1,0 +1,109 @@
+"""The budget of issue 13, asserted on the work model (DESIGN.md section 10) for bf16 on sm_90 and
+the target shapes A, B, C: every launch of the fused forward and backward as the real launchers
+make them (meta tensors, kernels/work_model.py), compiled ahead of time for sm_90.
+
+- executed / required FLOPs over fwd + bwd: <= 1.05 for A and B, <= 1.15 for C (required: 7
+  GEMMs of 2*N*C*Ca, N = B*T*(L-P): 2 forward, 1 recompute, 4 backward);
+- launches: <= 2 forward, <= 6 backward, every reduction and dtype cast included;
+- 0 spills and wgmma for every 16-bit GEMM kernel;
+- GEMM launches of A and C fill their waves: programs / (ceil(waves) * 132 * ctas_per_sm) >= 0.85.
+
+The model runs in a subprocess: AOT compilation needs triton.jit's real JITFunction, which
+TRITON_INTERPRET=1 (set for this test session on CPU) replaces.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SHAPES = {"A": (16, 8, 197, 768, 384), "B": (8, 8, 257, 1024, 512), "C": (4, 32, 197, 768, 384)}
+FLOP_BUDGET = {"A": 1.05, "B": 1.05, "C": 1.15}
+MAX_LAUNCHES = {"fwd": 2, "bwd": 6}
+MIN_UTILISATION = 0.85
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    pytest.importorskip("triton")
+    out = tmp_path_factory.mktemp("work_model") / "model.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "st_adapter_fast.kernels.aot", "--model", "--shapes", "A,B,C",
+           "--dtype", "bf16", "--arch", "90", "--kt", "3", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    print(proc.stdout[-20000:])
+    assert proc.returncode == 0 and out.exists(), f"the work model failed:\n{proc.stderr[-5000:]}"
+    return json.loads(out.read_text())
+
+
+def _rows(model, shape, **match):
+    return [r for r in model["rows"] if r["shape"] == shape and all(r[k] == v for k, v in match.items())]
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_required_flops_are_seven_gemms(model, shape):
+    """The model's own bookkeeping: required FLOPs add up to 7 GEMMs of 2*N*C*Ca."""
+    b, t, seq, c, ca = SHAPES[shape]
+    n_tok = b * t * (seq - 1)
+    assert model["summary"][shape]["flops_required"] == 7 * 2 * n_tok * c * ca
+    for row in _rows(model, shape):
+        assert row["backend"] == "triton"
+        if row["flops_required"]:
+            assert row["flops_executed"] >= row["flops_required"], row
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_executed_over_required_flops(model, shape):
+    s = model["summary"][shape]
+    ratio = s["flops_executed"] / s["flops_required"]
+    assert ratio <= FLOP_BUDGET[shape], f"{shape}: executed/required FLOPs {ratio:.3f} > {FLOP_BUDGET[shape]}"
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "bwd"])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_launch_count(model, shape, pass_):
+    rows = _rows(model, shape, **{"pass": pass_})
+    assert len(rows) <= MAX_LAUNCHES[pass_], \
+        f"{shape} {pass_}: {len(rows)} launches > {MAX_LAUNCHES[pass_]}: {[r['kernel'] for r in rows]}"
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_gemm_kernels_have_no_spills_and_use_wgmma(model, shape):
+    gemms = [r for r in _rows(model, shape) if r["flops_required"]]
+    assert gemms
+    bad = [f"{r['variant']}: {r['spill_bytes']} B spilled, wgmma={r['uses_wgmma']}"
+           for r in gemms if r["spill_bytes"] or not r["uses_wgmma"]]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("shape", ["A", "C"])
+def test_gemm_launches_fill_their_waves(model, shape):
+    gemms = [r for r in _rows(model, shape) if r["flops_required"]]
+    low = [f"{r['pass']} {r['kernel']} grid={r['grid']}: {r['programs']} programs, {r['ctas_per_sm']} CTA/SM, "
+           f"{r['waves']:.2f} waves, utilisation {r['utilisation']:.3f}"
+           for r in gemms if r["utilisation"] < MIN_UTILISATION]
+    assert not low, "\n".join(low)
+
+
+# the families whose grids are sized from TileConfig.ctas_per_sm (frame runs, token splits)
+SIZED_FROM_OCCUPANCY = {"adapter_down_conv_fwd_kernel": "down_conv", "adapter_conv_bwd_kernel": "conv_bwd",
+                        "adapter_wgrad_kernel": "wgrad"}
+
+
+def test_occupancy_the_launchers_assume_is_what_the_compile_gives(model):
+    """Frame runs and wgrad splits are sized for cfg.ctas_per_sm resident CTAs: the AOT compile
+    of every such launch must give at least that many (a promise it breaks leaves SMs short)."""
+    import torch
+
+    from st_adapter_fast.kernels import tuning
+
+    checked = 0
+    for r in model["rows"]:
+        family = SIZED_FROM_OCCUPANCY.get(r["kernel"])
+        if family:
+            hint = tuning.default_config(family, kt=3, compute_dtype=torch.bfloat16, arch=90).ctas_per_sm
+            assert r["ctas_per_sm"] >= hint, f"{r['variant']}: {r['ctas_per_sm']} CTA/SM compiled, {hint} assumed"
+            checked += 1
+    assert checked >= 3 * len(SHAPES)
