@@ -4,7 +4,7 @@ adapter_fwd: fused down-projection + temporal conv, fused up-projection + residu
 adapter_bwd: recompute backward (recompute, conv transpose + conv grads, dgrad; 5 launches).
 wgrad: both weight GEMMs in one launch, and the fixed-order reduce-and-cast of every partial.
 tuning: tile configs (defaults, sweep candidates, tuned table); aot: AOT compile checks;
-work_model: every launch's FLOPs, bytes, registers and waves without a GPU (DESIGN section 10).
+work_model: every launch's FLOPs, bytes, registers and waves without a GPU (docs/design.md §10).
 """
 
 from .adapter_bwd import adapter_backward

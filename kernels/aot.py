@@ -313,7 +313,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
     parser.add_argument("--json", help="write the reports here")
     parser.add_argument("--model", action="store_true",
-                        help="the work model (DESIGN section 10): one row per launch of fwd and bwd")
+                        help="the work model (docs/design.md §10): one row per launch of fwd and bwd")
     args = parser.parse_args(argv)
     if _common.INTERPRET:
         print("unset TRITON_INTERPRET: AOT compilation needs the real JIT", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The work model of DESIGN.md section 10: performance one can check without a GPU.
+"""The work model of docs/design.md §10: performance one can check without a GPU.
 
 `model_rows(shapes, dtype, arch)` runs the real launchers (forward, then backward with the
 casts the registered op adds) on meta tensors with every Triton kernel replaced by the AOT

@@ -1,4 +1,4 @@
-"""The budget of issue 13, asserted on the work model (DESIGN.md section 10) for bf16 on sm_90 and
+"""The budget of issue 13, asserted on the work model (docs/design.md §10) for bf16 on sm_90 and
 the target shapes A, B, C: every launch of the fused forward and backward as the real launchers
 make them (meta tensors, kernels/work_model.py), compiled ahead of time for sm_90.
 
