@@ -20,7 +20,7 @@ from st_adapter_fast import ops
 from st_adapter_fast.backends import Backend, get_backend, register_backend, unregister_backend
 from st_adapter_fast.variants import Variant
 
-from helpers import fused_device, triton_interpreter_on
+from helpers import fused_device, requires_cuda, triton_interpreter_on
 
 FULL = os.environ.get("ST_ADAPTER_FAST_FULL_GRID", "0") == "1"
 DEVICE = fused_device()
@@ -435,7 +435,7 @@ def test_auto_falls_back_once_naming_the_switch(monkeypatch):
     torch.testing.assert_close(got, reference(x, 2, *w, act_after_conv="gelu"), rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="auto offers CUDA tensors to the fused backends")
+@requires_cuda  # auto offers CUDA tensors to the fused backends
 def test_auto_falls_back_once_naming_the_switch_gpu():
     ops._WARNED.clear()
     x = torch.randn(4, 5, 8, device="cuda")
