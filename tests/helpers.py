@@ -7,7 +7,8 @@ pytest markers and ``assert_parity``.
 
 from __future__ import annotations
 
-from typing import Dict
+import itertools
+from typing import Dict, List
 
 import pytest
 import torch
@@ -43,6 +44,22 @@ def requires_cuda(test):
     """Decorator for a test that needs a CUDA GPU: marked `gpu` (the GPU verdict's parity stage
     runs `pytest -m gpu`) and skipped where torch sees no GPU."""
     return pytest.mark.gpu(_skip_without_cuda(test))
+
+
+def covering_grid() -> List[Case]:
+    """The fused backends' parity grid: a covering subset of the full product -- every T with
+    every kt, P and strides cycled in, spatial counts (6, 7, 9, 10) and channel counts
+    (24, 40, 20, 36) off every block size. Shared by the Triton and the CUDA parity tests."""
+    frames = (1, 2, 8, 17)
+    kts = (1, 3, 5)
+    grids = ((2, 3), (1, 7), (3, 3), (2, 5))
+    channels = ((24, 40), (40, 20), (20, 36))
+    cases = []
+    for i, (t, kt) in enumerate(itertools.product(frames, kts)):
+        c, ca = channels[i % len(channels)]
+        cases.append(Case(batch=1 + i % 2, frames=t, grid=grids[i % len(grids)], prefix=i % 3, channels=c,
+                          adapter_channels=ca, kernel=(kt, 1, 1), noncontiguous=i % 4 == 3, bias=i != 5))
+    return cases
 
 
 requires_interpreter = pytest.mark.skipif(

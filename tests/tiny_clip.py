@@ -20,7 +20,7 @@ from torch import nn
 
 from st_adapter_fast import STAdapter
 from st_adapter_fast.models.clip_vit import CLIPVisionConfig, CLIPVisionTransformer, ResidualAttentionBlock
-from st_adapter_fast.models.inject import inject_st_adapters
+from st_adapter_fast.models.inject import inject_st_adapters, iter_st_adapters
 from st_adapter_fast.models.video import VideoClassifier
 
 FRAMES = 3
@@ -107,3 +107,14 @@ def fused_backend_or_skip(backend: str, device, dtype: torch.dtype = torch.float
     if reason is not None:
         pytest.skip(f"backend {backend!r} unavailable on {device}: {reason}")
     return backend
+
+
+def assert_only_adapters_got_gradients(model: nn.Module) -> None:
+    """After a backward: every adapter parameter trains and got a non-zero gradient; every other
+    parameter is frozen and got none."""
+    adapter_ids = {id(p) for _, a in iter_st_adapters(model) for p in a.parameters()}
+    for name, p in model.named_parameters():
+        if id(p) in adapter_ids:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().max() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name

@@ -359,11 +359,9 @@ def _catch_up_cuda(ctx: Context) -> None:
 
 
 # ------------------------------------------------------------------------------ headline
-def _op_task(ctx: Context, suite: str, shape, provider: str, mode: str, *, quick: bool, cap_s: float = 120,
-             needs_s: float = 0.0, cuda_wait_s: float = 0.0):
+def _provider_check(ctx: Context, shape, provider: str, dtype, cuda_wait_s: float):
+    """() -> why `provider` cannot run `shape` now (None: it can); cuda waits for its build."""
     from . import core
-
-    dtype = _dtype(ctx)
 
     def unavailable():
         if provider == "cuda" and not ctx.cpu:
@@ -371,6 +369,17 @@ def _op_task(ctx: Context, suite: str, shape, provider: str, mode: str, *, quick
             if reason:
                 return reason
         return core.provider_unavailable(provider, shape, ctx.device, dtype)
+
+    return unavailable
+
+
+def _op_task(ctx: Context, suite: str, shape, provider: str, mode: str, *, quick: bool, cap_s: float = 120,
+             needs_s: float = 0.0, cuda_wait_s: float = 0.0):
+    from . import core
+
+    dtype = _dtype(ctx)
+
+    unavailable = _provider_check(ctx, shape, provider, dtype, cuda_wait_s)
 
     row = core.op_row(suite, shape, provider, mode, dtype)
     if provider in core.COMPILE_MODES and core.COMPILE_BACKEND is not None:
@@ -386,12 +395,7 @@ def _memory_task(ctx: Context, shape, provider: str, cuda_wait_s: float = 0.0):
 
     dtype = _dtype(ctx)
 
-    def unavailable():
-        if provider == "cuda" and not ctx.cpu:
-            reason = _cuda_not_ready(ctx, cuda_wait_s)
-            if reason:
-                return reason
-        return core.provider_unavailable(provider, shape, ctx.device, dtype)
+    unavailable = _provider_check(ctx, shape, provider, dtype, cuda_wait_s)
 
     row = {"shape_name": shape.name, "shape": shape.as_dict(), "provider": provider}
     return ctx.task("memory", row, lambda: core.measure_memory(provider, shape, ctx.device, dtype),

@@ -41,7 +41,8 @@ def observed_configs():
 
 
 def stage_sweep(ctx) -> None:
-    """Each kernel's tuning.candidate_configs on shapes A, B, C (A only in the dry run), timed in
+    """Each kernel's tuning.candidate_configs on shapes A, B, C (tiny A and B in the dry run: tiny A
+    is unaligned and tiny B aligned, so every kernel family runs), timed in
     the op pass the kernel belongs to (fwd when it launches in the forward, else fwd+bwd) under
     tuning.forced_config; after each (shape, kernel) DIR/tuned_configs.json is rewritten with the
     best config per tuning.config_key. A candidate that fails to compile or run is a row with
@@ -54,7 +55,7 @@ def stage_sweep(ctx) -> None:
 
     dtype = torch.bfloat16 if not ctx.cpu else torch.float32
     targets = core.TINY_TARGETS if ctx.cpu else core.TARGET_SHAPES
-    shapes = [targets[k] for k in (("A",) if ctx.cpu else ("A", "B", "C"))]
+    shapes = [targets[k] for k in (("A", "B") if ctx.cpu else ("A", "B", "C"))]
     max_candidates = 2 if ctx.cpu else None  # the interpreter: check the plumbing, not the configs
     timing = {"fixed_reps": 1} if ctx.cpu else {"warmup_ms": 5.0, "rep_ms": 30.0}
     for shape in shapes:
@@ -76,8 +77,11 @@ def stage_sweep(ctx) -> None:
             step, reset, calls = passes[mode]
             keys = sorted({(c[1], c[2], c[3]) for c in calls if c[0] == kernel}, key=str)
             if not keys:
+                # not an error: each kernel has an aligned and an *_unaligned family, and a shape
+                # launches one of the two (A, B, C are aligned; the dry run's tiny A is not, its tiny B is)
                 ctx.results.add("sweep", {"stage": ctx.stage, "shape_name": shape.name, "kernel": kernel,
-                                          "status": "error", "reason": f"no {kernel} launch seen in {mode}"})
+                                          "status": "skipped",
+                                          "reason": f"this shape launches no {kernel} in {mode}"})
                 continue
             kt, cdtype, arch = keys[0]
             key_names = [tuning.config_key(kernel, k[0], k[1], k[2]) for k in keys]

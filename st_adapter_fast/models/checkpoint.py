@@ -359,6 +359,18 @@ def _head_prefix(model: nn.Module) -> Optional[str]:
     return "fc." if isinstance(fc, nn.Linear) else None
 
 
+
+def _place(key: str, target: Optional[str], value: torch.Tensor, params: Dict[str, torch.Tensor],
+           mapped: Dict[str, torch.Tensor], unexpected: List[str], mismatched: List[str]) -> None:
+    """File entry `key` goes to model parameter `target` (None: nowhere), or is reported."""
+    if target is None or target not in params:
+        unexpected.append(key)
+    elif tuple(params[target].shape) != tuple(value.shape):
+        mismatched.append(f"{key} -> {target}: file {tuple(value.shape)} vs model {tuple(params[target].shape)}")
+    else:
+        mapped[target] = value
+
+
 def map_official_state_dict(
     state: Mapping[str, torch.Tensor], model: nn.Module,
 ) -> Tuple[Dict[str, torch.Tensor], CheckpointReport]:
@@ -384,12 +396,7 @@ def map_official_state_dict(
                 target = f"{slot}.{m.group(3)}.{m.group(4)}"
         elif head is not None and _OFFICIAL_HEAD.match(key):
             target = head + key[len("fc."):]
-        if target is None or target not in params:
-            unexpected.append(key)
-        elif tuple(params[target].shape) != tuple(value.shape):
-            mismatched.append(f"{key} -> {target}: file {tuple(value.shape)} vs model {tuple(params[target].shape)}")
-        else:
-            mapped[target] = value
+        _place(key, target, value, params, mapped, unexpected, mismatched)
     wanted = _adapter_param_names(model) + ([head + "weight", head + "bias"] if head else [])
     missing = [k for k in wanted if k not in mapped]
     return mapped, CheckpointReport(loaded=sorted(mapped), missing_keys=missing,
@@ -475,12 +482,7 @@ def map_mmaction_state_dict(
             if path is not None and path in adapters:
                 target = (join(path, _MMACTION_LEAF[m.group("leaf")], m.group("kind")) if m is not None
                           else join(path, "scale"))
-        if target is None or target not in params:
-            unexpected.append(key)
-        elif tuple(params[target].shape) != tuple(value.shape):
-            mismatched.append(f"{key} -> {target}: file {tuple(value.shape)} vs model {tuple(params[target].shape)}")
-        else:
-            mapped[target] = value
+        _place(key, target, value, params, mapped, unexpected, mismatched)
     wanted = [join(name, n) for name, a in adapters.items() for n, _ in a.named_parameters()]
     missing = [k for k in wanted if k not in mapped]
     return mapped, CheckpointReport(loaded=sorted(mapped), missing_keys=missing,

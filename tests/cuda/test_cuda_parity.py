@@ -10,7 +10,6 @@ message that says why; the index arithmetic and the kernels' compilation are che
 test_cuda_host_index.py and test_cuda_compile.py.
 """
 
-import itertools
 import random
 
 import pytest
@@ -20,27 +19,12 @@ import st_adapter_fast
 from st_adapter_fast import backends
 from st_adapter_fast.backends import cuda as cuda_backend
 
-from helpers import Case, assert_parity, make_inputs, reference64, requires_cuda, run
+from helpers import Case, assert_parity, covering_grid, make_inputs, reference64, requires_cuda, run
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _grid_cases():
-    """Every T with every kt; P, dtype-independent shapes and strides cycled in; spatial counts
-    (6, 7, 9, 10) and channel counts (24, 40, 20, 36) off every block size."""
-    frames = (1, 2, 8, 17)
-    kts = (1, 3, 5)
-    grids = ((2, 3), (1, 7), (3, 3), (2, 5))
-    channels = ((24, 40), (40, 20), (20, 36))
-    cases = []
-    for i, (t, kt) in enumerate(itertools.product(frames, kts)):
-        c, ca = channels[i % len(channels)]
-        cases.append(Case(batch=1 + i % 2, frames=t, grid=grids[i % len(grids)], prefix=i % 3, channels=c,
-                          adapter_channels=ca, kernel=(kt, 1, 1), noncontiguous=i % 4 == 3, bias=i != 5))
-    return cases
-
-
-GRID = _grid_cases()
+GRID = covering_grid()
 
 
 @pytest.fixture(autouse=True)

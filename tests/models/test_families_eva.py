@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tiny_clip import assert_only_adapters_got_gradients
 from st_adapter_fast.models.checkpoint import load_adapters, save_adapters
 from st_adapter_fast.models.inject import inject_st_adapters, iter_st_adapters, remove_st_adapters, using_num_frames
 from st_adapter_fast.models.video import VideoClassifier
@@ -70,12 +71,7 @@ def test_eva_only_adapters_train_in_training_mode():
     randomize_adapters(model)
     with using_num_frames(model, 2):
         model.forward_features(frames(2, 2)).square().sum().backward()
-    adapter_ids = {id(p) for _, a in iter_st_adapters(model) for p in a.parameters()}
-    for name, p in model.named_parameters():
-        if id(p) in adapter_ids:
-            assert p.requires_grad and p.grad is not None and p.grad.abs().max() > 0, name
-        else:
-            assert not p.requires_grad and p.grad is None, name
+    assert_only_adapters_got_gradients(model)
     assert report.trainable_params == report.adapter_params
 
 

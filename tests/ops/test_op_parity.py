@@ -13,13 +13,13 @@ What runs where:
   TF32 off and on, plus the target shapes of docs/design.md §5.
 """
 
-import itertools
 
 import pytest
 import torch
 
 from helpers import (
     Case,
+    covering_grid,
     TOLERANCES,
     assert_parity,
     fused_device,
@@ -33,33 +33,7 @@ from helpers import (
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _grid_cases():
-    """A covering subset of the full product: every T with every kt, every P and dtype cycled in,
-    spatial counts (6, 7, 9, 10) and channel counts (24, 40, 20, 36) off every block size."""
-    frames = (1, 2, 8, 17)
-    kts = (1, 3, 5)
-    grids = ((2, 3), (1, 7), (3, 3), (2, 5))
-    channels = ((24, 40), (40, 20), (20, 36))
-    cases = []
-    for i, (t, kt) in enumerate(itertools.product(frames, kts)):
-        c, ca = channels[i % len(channels)]
-        cases.append(
-            Case(
-                batch=1 + i % 2,
-                frames=t,
-                grid=grids[i % len(grids)],
-                prefix=i % 3,
-                channels=c,
-                adapter_channels=ca,
-                kernel=(kt, 1, 1),
-                noncontiguous=i % 4 == 3,
-                bias=i != 5,
-            )
-        )
-    return cases
-
-
-GRID = _grid_cases()
+GRID = covering_grid()
 
 
 def _check(case: Case, dtype: torch.dtype, device: str, seed: int = 0):
