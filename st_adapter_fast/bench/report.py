@@ -13,7 +13,7 @@ import platform
 import re
 import subprocess
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -133,6 +133,12 @@ def write_json(results: dict, out_dir: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------- markdown
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> List[str]:
+    """A markdown table: the header, its separator (one column per header cell), one line per row."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+
+
 def _f(v, fmt="{:.3f}", none="-"):
     return none if v is None else fmt.format(v)
 
@@ -235,17 +241,12 @@ def render_tables(results: dict) -> List[str]:
     if mem:
         lines += ["## Memory per adapter (fwd+bwd)", "",
                   "saved = bytes autograd keeps for backward, each storage once, parameters excluded; "
-                  "held after fwd = output + saved; peak = over fwd+bwd; all above x, dO and the parameters.", "",
-                  "| shape | backend | x | saved | saved beyond x | held after fwd | peak fwd+bwd |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in mem:
-            if r.get("status") != "ok":
-                continue
-            lines.append(
-                f"| {r['shape_name']} | {r['provider']} | {fmt_bytes(r['x_bytes'])} | {fmt_bytes(r.get('saved_bytes'))} | "
-                f"{fmt_bytes(r.get('saved_beyond_x_bytes'))} | {fmt_bytes(r.get('fwd_held_bytes'))} | "
-                f"{fmt_bytes(r.get('peak_bytes'))} |"
-            )
+                  "held after fwd = output + saved; peak = over fwd+bwd; all above x, dO and the parameters.", ""]
+        lines += _md_table(
+            ["shape", "backend", "x", "saved", "saved beyond x", "held after fwd", "peak fwd+bwd"],
+            [[r["shape_name"], r["provider"], fmt_bytes(r["x_bytes"]), fmt_bytes(r.get("saved_bytes")),
+              fmt_bytes(r.get("saved_beyond_x_bytes")), fmt_bytes(r.get("fwd_held_bytes")),
+              fmt_bytes(r.get("peak_bytes"))] for r in mem if r.get("status") == "ok"])
         lines.append("")
     e2e = results.get("e2e", [])
     if e2e:
@@ -253,17 +254,13 @@ def render_tables(results: dict) -> List[str]:
         lines += [f"## End to end: {cfg.get('name', 'ViT')} video model, B={cfg.get('batch')} T={cfg.get('frames')}", "",
                   "Frozen backbone, trainable adapters + head, AdamW + GradScaler, "
                   f"autocast {next((r.get('amp') for r in e2e if r.get('status') == 'ok'), None)}. "
-                  "The 0-adapter train step only updates the head (no backward through the backbone).", "",
-                  "| adapters | backend | train step ms | train clips/s | infer ms | infer clips/s | peak train | peak infer |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in e2e:
-            if r.get("status") != "ok":
-                continue
-            lines.append(
-                f"| {r['config']} | {r['provider']} | {r['train_step_ms']:.2f} | {r['train_clips_per_s']:.1f} | "
-                f"{r['infer_ms']:.2f} | {r['infer_clips_per_s']:.1f} | {fmt_bytes(r.get('peak_train_bytes'))} | "
-                f"{fmt_bytes(r.get('peak_infer_bytes'))} |"
-            )
+                  "The 0-adapter train step only updates the head (no backward through the backbone).", ""]
+        lines += _md_table(
+            ["adapters", "backend", "train step ms", "train clips/s", "infer ms", "infer clips/s", "peak train",
+             "peak infer"],
+            [[r["config"], r["provider"], f"{r['train_step_ms']:.2f}", f"{r['train_clips_per_s']:.1f}",
+              f"{r['infer_ms']:.2f}", f"{r['infer_clips_per_s']:.1f}", fmt_bytes(r.get("peak_train_bytes")),
+              fmt_bytes(r.get("peak_infer_bytes"))] for r in e2e if r.get("status") == "ok"])
         lines.append("")
     skipped = results.get("skipped", [])
     if skipped:
