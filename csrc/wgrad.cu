@@ -9,6 +9,28 @@
 namespace st_adapter {
 namespace {
 
+// This block's (I, J) tile origin, token split and token range [n_start, n_end): the grid is
+// (J tiles, I tiles, splits) flattened into x. The bias partial is written by the blocks of the
+// first J tile only.
+struct WgradBlock {
+  int64_t j0, i0, split, n_start, n_end;
+  bool with_bias;
+};
+
+template <int BM, int BN>
+__device__ __forceinline__ WgradBlock wgrad_block(const WgradParams& p) {
+  const BlockCoord blk = decode_block(blockIdx.x, cdiv(p.J, BN), cdiv(p.I, BM));
+  WgradBlock b;
+  b.j0 = blk.x * BN;
+  b.i0 = blk.y * BM;
+  b.split = blk.z;
+  b.n_start = b.split * p.split.tokens_per_split;
+  const int64_t n_end_split = b.n_start + p.split.tokens_per_split;
+  b.n_end = n_end_split < p.N ? n_end_split : p.N;
+  b.with_bias = p.db_part != nullptr && blk.x == 0;
+  return b;
+}
+
 // Writes the block's (BM x BN) fp32 partial from C (smem) to dw_part[split], and the bias partial
 // db_part[split] from every thread's column sum (thread tid summed column tid % BM).
 template <int BM, int BN>
@@ -54,15 +76,9 @@ __global__ void __launch_bounds__(kThreads, 1) wgrad_simt_kernel(WgradParams p) 
 
   const TA* __restrict__ a = static_cast<const TA*>(p.a.ptr);
   const TB* __restrict__ b = static_cast<const TB*>(p.b.ptr);
-  const int64_t n_j_tiles = cdiv(p.J, BN);
-  const BlockCoord blk = decode_block(blockIdx.x, n_j_tiles, cdiv(p.I, BM));
-  const int64_t j0 = blk.x * BN;
-  const int64_t i0 = blk.y * BM;
-  const int64_t split = blk.z;
-  const int64_t n_start = split * p.split.tokens_per_split;
-  const int64_t n_end_split = n_start + p.split.tokens_per_split;
-  const int64_t n_end = n_end_split < p.N ? n_end_split : p.N;
-  const bool with_bias = p.db_part != nullptr && blk.x == 0;
+  const WgradBlock wb = wgrad_block<BM, BN>(p);
+  const int64_t j0 = wb.j0, i0 = wb.i0, split = wb.split, n_start = wb.n_start, n_end = wb.n_end;
+  const bool with_bias = wb.with_bias;
 
   // A^T tile loads run i-fastest: thread tid always loads column i = tid % BM, so it can keep a
   // private fp32 bias sum of the values it loads (in their source precision, before the cast).
@@ -196,14 +212,9 @@ __global__ void __launch_bounds__(kThreads, 1) wgrad_mma_kernel(WgradParams p) {
 
   const TA* __restrict__ a = static_cast<const TA*>(p.a.ptr);
   const TB* __restrict__ b = static_cast<const TB*>(p.b.ptr);
-  const BlockCoord blk = decode_block(blockIdx.x, cdiv(p.J, BN), cdiv(p.I, BM));
-  const int64_t j0 = blk.x * BN;
-  const int64_t i0 = blk.y * BM;
-  const int64_t split = blk.z;
-  const int64_t n_start = split * p.split.tokens_per_split;
-  const int64_t n_end_split = n_start + p.split.tokens_per_split;
-  const int64_t n_end = n_end_split < p.N ? n_end_split : p.N;
-  const bool with_bias = p.db_part != nullptr && blk.x == 0;
+  const WgradBlock wb = wgrad_block<BM, BN>(p);
+  const int64_t j0 = wb.j0, i0 = wb.i0, split = wb.split, n_start = wb.n_start, n_end = wb.n_end;
+  const bool with_bias = wb.with_bias;
   const bool vec_a = rows_vector_ok<TA, T>(p.a.ptr, p.I, p.a.stride_c, p.a.stride_f, p.a.stride_l);
   const bool vec_b = rows_vector_ok<TB, T>(p.b.ptr, p.J, p.b.stride_c, p.b.stride_f, p.b.stride_l);
 
