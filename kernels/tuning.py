@@ -80,6 +80,12 @@ def _default_up_ln_bwd(kt: int, compute_dtype: torch.dtype, arch: int) -> TileCo
     return up_ln_bwd_config(compute_dtype, arch)
 
 
+def _default_up_ln_unaligned(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    from .adapter_layernorm import up_ln_unaligned_config
+
+    return up_ln_unaligned_config(compute_dtype, arch)
+
+
 def _unaligned(default: Callable[[int, torch.dtype, int], TileConfig], **shrink) -> Callable:
     """The family's config for unaligned operands (a size or stride not a multiple of 16): no
     cp.async / vectorised loads, 64-bit addresses per element, so the register-hungriest case.
@@ -130,6 +136,8 @@ KERNELS: Dict[str, Callable[[int, torch.dtype, int], TileConfig]] = {
     "up_residual_unaligned": _default_up_residual_unaligned,
     "conv_bwd_unaligned": _default_conv_bwd_unaligned,
     "wgrad_unaligned": _unaligned(_default_wgrad, BLOCK_M=64, BLOCK_N=64, ctas_per_sm=3),
+    "up_residual_ln_unaligned": _default_up_ln_unaligned,
+    "up_ln_bwd_unaligned": _default_up_ln_unaligned,
 }
 
 
