@@ -26,12 +26,15 @@ import triton.language as tl
 from . import tuning
 from ._common import (
     TileConfig,
+    _act,
     _cast,
     _conv_window_step,
+    _drop_factor,
     _flat_rows,
     _window_program,
     _gemm_rows_tile,
     _load_taps,
+    act_code,
     aligned,
     arch_of,
     dot_flags,
@@ -44,7 +47,7 @@ from ._common import (
 
 @triton.jit
 def adapter_down_conv_fwd_kernel(
-    x_ptr, wd_ptr, bd_ptr, wc_ptr, bc_ptr, g_ptr, h_ptr,
+    x_ptr, wd_ptr, bd_ptr, wc_ptr, bc_ptr, g_ptr, h_ptr, gpre_ptr,
     T, S, P, C, CA,
     n_rows,  # B*S: the flattened (clip, spatial position) rows a tile covers
     G_CA, n_whole_rows, runs, frames_per_prog,  # 1-D grid: whole-clip rows, then split rows
@@ -58,6 +61,10 @@ def adapter_down_conv_fwd_kernel(
     BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False, W_KMAJOR: tl.constexpr = False,  # Wd through a descriptor
+    # docs/design.md §9 activations (_common.ACT_CODES): ACT1 on h after fc1's bias, ACT2 on g
+    # after the conv's bias. STORE_H stores h before ACT1; STORE_GPRE (recompute with ACT2) also
+    # stores g before ACT2 to gpre_ptr, for the derivatives the backward needs.
+    ACT1: tl.constexpr = 0, ACT2: tl.constexpr = 0, STORE_GPRE: tl.constexpr = False,
 ):
     PAD: tl.constexpr = KT // 2
     pid_ca, pid_r, t0, t1, part = _window_program(G_CA, n_whole_rows, runs, frames_per_prog, T)
@@ -102,6 +109,8 @@ def adapter_down_conv_fwd_kernel(
             if STORE_H:
                 if (t_in >= t0) & (t_in < t1):
                     tl.store(h_ptr + t_in * frame_elems + buf, _cast(h, h_ptr.dtype.element_ty), mask=mask_out)
+            # inside the clip only: the conv zero-pads act1(h)
+            h = _act(h, ACT1)
         g, q0, q1, q2, q3, q4, q5, q6, q7 = _conv_window_step(
             h, q0, q1, q2, q3, q4, q5, q6, q7, r0, r1, r2, r3, r4, r5, r6, r7, r8, KT
         )
@@ -109,13 +118,17 @@ def adapter_down_conv_fwd_kernel(
         if t_out >= t0:
             if HAS_BC:
                 g += bc[None, :]
+            if STORE_GPRE:
+                tl.store(gpre_ptr + t_out * frame_elems + buf, _cast(g, gpre_ptr.dtype.element_ty), mask=mask_out)
+            g = _act(g, ACT2)
             tl.store(g_ptr + t_out * frame_elems + buf, _cast(g, g_ptr.dtype.element_ty), mask=mask_out)
 
 
 @triton.jit
 def adapter_up_residual_fwd_kernel(
-    res_ptr, a_ptr, w_ptr, bias_ptr, out_ptr,
+    res_ptr, a_ptr, w_ptr, bias_ptr, out_ptr, scale_ptr, mask_ptr,
     n_rows, L, P, S, K, NOUT,
+    T, drop_keep,  # frames per clip and 1 - p: DropPath's per-clip factor (HAS_DROP)
     stride_rf, stride_rl, stride_rc,  # residual viewed as (B*T, L, NOUT); may be strided
     stride_an,  # a: (B*T*S, K), row stride; unit column stride
     stride_wo, stride_wi,  # W (NOUT, K); pass Wd's strides swapped to multiply by Wd
@@ -123,8 +136,10 @@ def adapter_up_residual_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False, W_KMAJOR: tl.constexpr = False,  # W through a descriptor
+    HAS_SCALE: tl.constexpr = False, HAS_DROP: tl.constexpr = False,
 ):
-    """out (B*T*L, NOUT), contiguous: res + [row is spatial] * (a[token] @ W^T + bias)."""
+    """out (B*T*L, NOUT), contiguous: res + [row is spatial] * s * m[clip] * (a[token] @ W^T + bias),
+    s = *scale_ptr (HAS_SCALE, a 0-dim tensor) and m the DropPath factor (HAS_DROP; both 1 if not)."""
     pid_n = tl.program_id(0)  # fastest: programs sharing an `a` tile run together
     pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -145,6 +160,10 @@ def adapter_up_residual_fwd_kernel(
     )
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_DROP:
+        acc = acc * _drop_factor(mask_ptr, f // T, mask_m, drop_keep, HAS_DROP)[:, None]
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr).to(tl.float32)
     acc = tl.where(spatial[:, None], acc, 0.0)
     mask = mask_m[:, None] & mask_n[None, :]
     res = tl.load(
@@ -232,10 +251,16 @@ def down_conv_forward(
     *,
     store_h: bool = False,
     frames_per_prog: Optional[int] = None,
+    act1: int = 0,
+    act2: int = 0,
+    g_pre: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """g (and h if store_h) as (B*T*S, Ca) buffers in the weights' dtype.
 
     x: (B*T, L, C) any strides; fc1_weight (Ca, C); conv_taps (Ca, KT) contiguous.
+    act1, act2: docs/design.md §9 activations as _common.ACT_CODES (after fc1, after the conv);
+    h is stored before act1 (the backward's pre-activation), g after act2. g_pre: a (B*T*S, Ca)
+    buffer that also receives g before act2 (the recompute with act2).
     """
     bt, seq_len, c = x.shape
     ca = fc1_weight.shape[0]
@@ -254,13 +279,14 @@ def down_conv_forward(
     adapter_down_conv_fwd_kernel[grid](
         x, fc1_weight, fc1_bias if fc1_bias is not None else fc1_weight,
         conv_taps, conv_bias if conv_bias is not None else conv_taps,
-        g, h if h is not None else g,
+        g, h if h is not None else g, g_pre if g_pre is not None else g,
         num_frames, s, num_prefix_tokens, c, ca, b * s, *plan,
         x.stride(0), x.stride(1), x.stride(2),
         fc1_weight.stride(0), fc1_weight.stride(1),
         KT=kt, HAS_BD=fc1_bias is not None, HAS_BC=conv_bias is not None, STORE_H=store_h,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KMAJOR=kmajor,
+        ACT1=act1, ACT2=act2, STORE_GPRE=g_pre is not None,
         **cfg.launch_kwargs(),
     )
     return g, h
@@ -272,10 +298,16 @@ def up_residual_forward(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     num_prefix_tokens: int,
+    *,
+    num_frames: int = 1,
+    scale: Optional[torch.Tensor] = None,
+    drop_draw: Optional[torch.Tensor] = None,
+    drop_path: float = 0.0,
 ) -> torch.Tensor:
-    """res (B*T, L, NOUT) + [spatial] (a @ weight^T + bias); a (B*T*S, K); weight (NOUT, K)
-    with any strides (pass fc1.weight.t() to multiply by fc1.weight). Returns a new contiguous
-    (B*T, L, NOUT) tensor of res's dtype."""
+    """res (B*T, L, NOUT) + [spatial] s * m[clip] * (a @ weight^T + bias); a (B*T*S, K); weight
+    (NOUT, K) with any strides (pass fc1.weight.t() to multiply by fc1.weight). s: scale (0-dim)
+    or 1; m = drop_draw[clip] / (1 - drop_path) with drop_draw the (B,) 0/1 DropPath draw of the
+    B = B*T / num_frames clips, or 1. Returns a new contiguous (B*T, L, NOUT) tensor of res's dtype."""
     bt, seq_len, nout = res.shape
     k = a.shape[1]
     s = seq_len - num_prefix_tokens
@@ -291,13 +323,15 @@ def up_residual_forward(
     use_tma, kmajor = weight_tma(cfg, weight, arch_of(res), is_aligned)
     adapter_up_residual_fwd_kernel[grid](
         res, a, weight, bias if bias is not None else weight, out,
-        n_rows, seq_len, num_prefix_tokens, s, k, nout,
+        scale if scale is not None else weight, drop_draw if drop_draw is not None else weight,
+        n_rows, seq_len, num_prefix_tokens, s, k, nout, num_frames, 1.0 - drop_path,
         res.stride(0), res.stride(1), res.stride(2),
         a.stride(0),
         weight.stride(0), weight.stride(1),
         HAS_BIAS=bias is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KMAJOR=kmajor,
+        HAS_SCALE=scale is not None, HAS_DROP=drop_draw is not None,
         **cfg.launch_kwargs(),
     )
     return out
@@ -315,10 +349,19 @@ def adapter_forward(
     fc2_bias: Optional[torch.Tensor],
     *,
     frames_per_prog: Optional[int] = None,
+    act_after_fc1: Optional[str] = None,
+    act_after_conv: Optional[str] = None,
+    scale: Optional[torch.Tensor] = None,
+    drop_draw: Optional[torch.Tensor] = None,
+    drop_path: float = 0.0,
 ) -> torch.Tensor:
-    """Fused forward: (B*T, L, C) -> new (B*T, L, C) tensor of x's dtype."""
+    """Fused forward: (B*T, L, C) -> new (B*T, L, C) tensor of x's dtype. Two launches for every
+    docs/design.md §9 switch taken here: activations are epilogues of the down-conv kernel, the
+    scale s (0-dim) and DropPath (drop_draw: the (B,) 0/1 per-clip draw, drop_path: p) one of
+    the up-projection: out = x + s * draw[clip] / (1 - p) * (g Wu^T + bu) on spatial rows."""
     g, _ = down_conv_forward(
         x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
-        frames_per_prog=frames_per_prog,
+        frames_per_prog=frames_per_prog, act1=act_code(act_after_fc1), act2=act_code(act_after_conv),
     )
-    return up_residual_forward(x, g, fc2_weight, fc2_bias, num_prefix_tokens)
+    return up_residual_forward(x, g, fc2_weight, fc2_bias, num_prefix_tokens, num_frames=num_frames,
+                               scale=scale, drop_draw=drop_draw, drop_path=drop_path)
