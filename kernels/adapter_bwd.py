@@ -67,8 +67,8 @@ def adapter_conv_bwd_kernel(
 
     dwc_part: (runs * row blocks, KT, Ca) fp32, dbc_part: (runs * row blocks, Ca) fp32.
     docs/design.md §9 switches: h_ptr holds h before ACT1 (dwc takes act1(h), dh comes out as
-    dh * act1'(h)); g_ptr holds g before ACT2 when ACT2 (dg -> dg * act2'(g)), the activated g
-    otherwise, read only when needed. The branch factor s * m[clip] (HAS_SCALE: s = *scale_ptr;
+    dh * act1'(h)); g_ptr holds g before ACT2 when ACT2 (dg -> dg * act2'(g)), else the
+    recompute's g (times m with DropPath: its G_DROP), read only when needed. The branch factor s * m[clip] (HAS_SCALE: s = *scale_ptr;
     HAS_DROP: m = mask[clip] / drop_keep) multiplies dO Wu; with HAS_SCALE each program also
     writes dscale_part[program] = sum of m * g . (dO Wu) over its own frames and channels
     (the fc2 bias's share of d(scale) comes from the wgrad launch).
@@ -120,7 +120,10 @@ def adapter_conv_bwd_kernel(
                 if HAS_SCALE:
                     # d(scale) = sum m * dO . (g Wu^T) = sum m * g . (dO Wu): no extra GEMM
                     if (t_in >= t0) & (t_in < t1):
-                        dscale_acc += m_row * tl.sum(_act(g_in, ACT2) * dg, axis=1)
+                        if ACT2 != 0:
+                            dscale_acc += m_row * tl.sum(_act(g_in, ACT2) * dg, axis=1)
+                        else:  # the recompute's g already carries m (its G_DROP)
+                            dscale_acc += tl.sum(g_in * dg, axis=1)
             if HAS_SCALE | HAS_DROP:
                 dg = dg * fac[:, None]
             if ACT2 != 0:
@@ -258,10 +261,11 @@ def adapter_backward(
     where the bias is None. With a ``scale`` (0-dim) an eighth entry, d(scale), follows.
 
     docs/design.md §9 switches (as adapter_fwd.adapter_forward takes them), still five launches:
-    the recompute stores h and (with act_after_conv) g before their activations; the conv
-    backward applies s * m[clip] to dO Wu and the activations' derivatives, and writes d(scale)
-    partials; the wgrad launch takes DropPath's factor on dO's rows and the fc2 bias's share of
-    d(scale); finalize multiplies dWu, dbu by s and sums d(scale) with the rest."""
+    the recompute stores h and (with act_after_conv) g before their activations, and g times
+    DropPath's per-clip factor m (so dWu = dO^T (m g)); the conv backward applies s * m to dO Wu
+    and the activations' derivatives, and writes d(scale) partials; the wgrad launch weights
+    dbu's column sums by m and adds the fc2 bias's share of d(scale); finalize multiplies dWu,
+    dbu by s and sums d(scale) with the rest."""
     sw = Switches.of(act_after_fc1, act_after_conv, scale, drop_draw, drop_path)
     bt, seq_len, _ = x.shape
     n_tokens = bt * (seq_len - num_prefix_tokens)
@@ -275,6 +279,7 @@ def adapter_backward(
     g, h = down_conv_forward(
         x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
         store_h=True, frames_per_prog=frames_per_prog, act1=sw.act1, act2=sw.act2, g_pre=g_pre,
+        g_drop=(sw.drop_draw, sw.drop_path) if sw.drop_draw is not None else None,
     )
     out = backward_from_recompute(dout, x, g, h, num_frames, num_prefix_tokens, fc1_weight, fc2_weight, conv_taps,
                                   grads, frames_per_prog=frames_per_prog, switches=sw, g_pre=g_pre, fc2_bias=fc2_bias)
@@ -323,8 +328,9 @@ def backward_from_recompute(
     (parameter_grads) -- plus ``extra_segment`` (partials (n, R, Q) fp32, out), a caller's own
     partial sums reduced in the same launch (the LayerNorm pair's affine grads).
 
-    switches (docs/design.md §9, see adapter_backward): h is then before act1, g after act2 and
-    g_pre (with act2) before it; with a scale, grads["dscale"] is filled too (fc2_bias: its share)."""
+    switches (docs/design.md §9, see adapter_backward): h is then before act1, g after act2 (and
+    times DropPath's factor m with DropPath), g_pre (with act2) before act2; with a scale,
+    grads["dscale"] is filled too (fc2_bias: its share)."""
     sw = switches or Switches()
     bt, seq_len, _ = x.shape
     s = seq_len - num_prefix_tokens
@@ -351,7 +357,7 @@ def backward_from_recompute(
     dw_part, dbu_part, dbd_part, splits = weight_grad_partials(
         problems, fc1_weight.dtype, bt * s, s, num_prefix_tokens, a0_drop=a0_drop, bu_dot=bu_dot,
     )
-    scaled = sw.scale is not None  # dy = s * m * dO: m rode on dO's rows, s comes in here
+    scaled = sw.scale is not None  # dy = s * m * dO: m rode on g (and dbu's sums), s comes in here
     finalize([
         (dw_part[:splits], grads["dwu"], scaled),
         (dw_part[splits:], grads["dwd"].t()),

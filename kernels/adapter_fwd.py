@@ -16,6 +16,7 @@ Shapes: x (B*T, L, C); g, h (B*T*S, Ca) with S = L - P spatial tokens per frame.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
@@ -47,12 +48,13 @@ from ._common import (
 
 @triton.jit
 def adapter_down_conv_fwd_kernel(
-    x_ptr, wd_ptr, bd_ptr, wc_ptr, bc_ptr, g_ptr, h_ptr, gpre_ptr,
+    x_ptr, wd_ptr, bd_ptr, wc_ptr, bc_ptr, g_ptr, h_ptr, gpre_ptr, mask_ptr,
     T, S, P, C, CA,
     n_rows,  # B*S: the flattened (clip, spatial position) rows a tile covers
     G_CA, n_whole_rows, runs, frames_per_prog,  # 1-D grid: whole-clip rows, then split rows
     stride_xf, stride_xl, stride_xc,  # x viewed as (B*T, L, C)
     stride_wd_o, stride_wd_i,  # fc1.weight (Ca, C)
+    drop_keep,  # 1 - p (G_DROP)
     KT: tl.constexpr,
     HAS_BD: tl.constexpr, HAS_BC: tl.constexpr,
     STORE_H: tl.constexpr,  # backward recompute also wants h (for the conv-weight gradient)
@@ -65,6 +67,9 @@ def adapter_down_conv_fwd_kernel(
     # after the conv's bias. STORE_H stores h before ACT1; STORE_GPRE (recompute with ACT2) also
     # stores g before ACT2 to gpre_ptr, for the derivatives the backward needs.
     ACT1: tl.constexpr = 0, ACT2: tl.constexpr = 0, STORE_GPRE: tl.constexpr = False,
+    # recompute with DropPath: g is stored times the per-clip factor m, the backward's dWu = dO^T (m g)
+    # (the factor on the wgrad's dO operand instead serialised its wgmma on sm_90)
+    G_DROP: tl.constexpr = False,
 ):
     PAD: tl.constexpr = KT // 2
     pid_ca, pid_r, t0, t1, part = _window_program(G_CA, n_whole_rows, runs, frames_per_prog, T)
@@ -78,6 +83,8 @@ def adapter_down_conv_fwd_kernel(
     x_rows, tok = _flat_rows(offs_r, S, T, P, stride_xf, stride_xl)
     buf = tok[:, None] * CA + offs_ca[None, :]  # flat (N, Ca) buffers at frame 0
 
+    if G_DROP:
+        m_row = _drop_factor(mask_ptr, offs_r // S, mask_r, drop_keep, G_DROP)
     # forward conv: the window wants taps reversed (see _conv_window_step)
     r0, r1, r2, r3, r4, r5, r6, r7, r8 = _load_taps(wc_ptr, offs_ca, mask_ca, KT, True)
     if HAS_BD:
@@ -121,6 +128,8 @@ def adapter_down_conv_fwd_kernel(
             if STORE_GPRE:
                 tl.store(gpre_ptr + t_out * frame_elems + buf, _cast(g, gpre_ptr.dtype.element_ty), mask=mask_out)
             g = _act(g, ACT2)
+            if G_DROP:
+                g = g * m_row[:, None]
             tl.store(g_ptr + t_out * frame_elems + buf, _cast(g, g_ptr.dtype.element_ty), mask=mask_out)
 
 
@@ -160,11 +169,15 @@ def adapter_up_residual_fwd_kernel(
     )
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if HAS_DROP:
-        acc = acc * _drop_factor(mask_ptr, f // T, mask_m, drop_keep, HAS_DROP)[:, None]
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr).to(tl.float32)
-    acc = tl.where(spatial[:, None], acc, 0.0)
+    if HAS_SCALE | HAS_DROP:
+        # one per-row factor s * m[clip], 0 on prefix rows (frame indices fit in int32: clip is a
+        # 32-bit division; with a 64-bit one the 128x64 unaligned tile spilled 8 B on sm_90)
+        fac = _drop_factor(mask_ptr, f.to(tl.int32) // T, mask_m, drop_keep, HAS_DROP)
+        if HAS_SCALE:
+            fac = fac * tl.load(scale_ptr).to(tl.float32)
+        acc = acc * tl.where(spatial, fac, 0.0)[:, None]
+    else:
+        acc = tl.where(spatial[:, None], acc, 0.0)
     mask = mask_m[:, None] & mask_n[None, :]
     res = tl.load(
         res_ptr + f[:, None] * stride_rf + l_idx[:, None] * stride_rl + offs_n[None, :].to(tl.int64) * stride_rc,
@@ -254,13 +267,15 @@ def down_conv_forward(
     act1: int = 0,
     act2: int = 0,
     g_pre: Optional[torch.Tensor] = None,
+    g_drop: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """g (and h if store_h) as (B*T*S, Ca) buffers in the weights' dtype.
 
     x: (B*T, L, C) any strides; fc1_weight (Ca, C); conv_taps (Ca, KT) contiguous.
     act1, act2: docs/design.md §9 activations as _common.ACT_CODES (after fc1, after the conv);
     h is stored before act1 (the backward's pre-activation), g after act2. g_pre: a (B*T*S, Ca)
-    buffer that also receives g before act2 (the recompute with act2).
+    buffer that also receives g before act2 (the recompute with act2). g_drop = (draw (B,) fp32
+    0/1, p): g is stored times DropPath's per-clip factor draw / (1 - p) (the recompute).
     """
     bt, seq_len, c = x.shape
     ca = fc1_weight.shape[0]
@@ -273,20 +288,26 @@ def down_conv_forward(
     if g.numel() == 0:
         return g, h
     cfg = tuning.config_for("down_conv", kt=kt, compute_dtype=dtype, arch=arch_of(x))
+    is_aligned = aligned(c, ca, *x.stride(), *fc1_weight.stride())
+    if store_h and (act1 or act2 or g_drop is not None) and not is_aligned and cfg.BLOCK_N > 32:
+        # the §9 recompute stores h, g_pre and g with per-element 64-bit addresses: unaligned, the
+        # bf16 64x64 KT=3 tile spilled 16 B (sm_80) / 128 B (sm_90) at 255 registers; 64x32 does not
+        cfg = dataclasses.replace(cfg, BLOCK_N=32)
     plan, grid = window_grid(cfg, b, num_frames, kt, s, ca, x, frames_per_prog)
     dot_fp32, precision = dot_flags(dtype)
-    use_tma, kmajor = weight_tma(cfg, fc1_weight, arch_of(x), aligned(c, ca, *x.stride(), *fc1_weight.stride()))
+    use_tma, kmajor = weight_tma(cfg, fc1_weight, arch_of(x), is_aligned)
+    draw, p_drop = g_drop if g_drop is not None else (fc1_weight, 0.0)
     adapter_down_conv_fwd_kernel[grid](
         x, fc1_weight, fc1_bias if fc1_bias is not None else fc1_weight,
         conv_taps, conv_bias if conv_bias is not None else conv_taps,
-        g, h if h is not None else g, g_pre if g_pre is not None else g,
+        g, h if h is not None else g, g_pre if g_pre is not None else g, draw,
         num_frames, s, num_prefix_tokens, c, ca, b * s, *plan,
         x.stride(0), x.stride(1), x.stride(2),
-        fc1_weight.stride(0), fc1_weight.stride(1),
+        fc1_weight.stride(0), fc1_weight.stride(1), 1.0 - p_drop,
         KT=kt, HAS_BD=fc1_bias is not None, HAS_BC=conv_bias is not None, STORE_H=store_h,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KMAJOR=kmajor,
-        ACT1=act1, ACT2=act2, STORE_GPRE=g_pre is not None,
+        ACT1=act1, ACT2=act2, STORE_GPRE=g_pre is not None, G_DROP=g_drop is not None,
         **cfg.launch_kwargs(),
     )
     return g, h
@@ -318,6 +339,10 @@ def up_residual_forward(
     is_aligned = aligned(k, nout, *res.stride(), a.stride(0), *weight.stride())
     fam = tuning.family("up_residual", is_aligned)
     cfg = tuning.config_for(fam, kt=1, compute_dtype=weight.dtype, arch=arch_of(res))
+    if (scale is not None or drop_draw is not None) and not is_aligned and arch_of(res) >= 90 and cfg.BLOCK_M > 64:
+        # the unaligned 128x64 tile sits at 254 registers on sm_90 already; the branch factor
+        # made it spill 16 B. 64x64 does not (sm_80's 128x64: 112 registers, kept)
+        cfg = dataclasses.replace(cfg, BLOCK_M=64)
     dot_fp32, precision = dot_flags(weight.dtype)
     grid = (triton.cdiv(nout, cfg.BLOCK_N), triton.cdiv(n_rows, cfg.BLOCK_M))
     use_tma, kmajor = weight_tma(cfg, weight, arch_of(res), is_aligned)

@@ -37,8 +37,9 @@ def _wgrad_tile(
 ):
     """dw_part[part] = sum over the split's tokens of A[n]^T B[n] for one (I, J) tile; BIAS 1
     sums A's columns into dba_part[split] (pid_j == 0 programs), 2 sums B's into dbb_part.
-    A_DROP: A's token n is multiplied by DropPath's factor mask[clip(n)] / drop_keep (clips of T
-    frames) first. BU_DOT (with BIAS 1): those programs also write bu . (their column sums) to
+    A_DROP: A's column sums (BIAS 1) weight token n by DropPath's factor mask[clip(n)] / drop_keep
+    (clips of T frames); the GEMM does not (the factor in the MMA operand serialised sm_90's
+    wgmma: the caller puts it on B instead). BU_DOT (with BIAS 1): those programs also write bu . (their column sums) to
     dscale_ptr[split * I blocks + pid_i] (the fc2 bias's share of d(scale))."""
     pid_j = tl.program_id(0)
     pid_i = tl.program_id(1)
@@ -61,13 +62,15 @@ def _wgrad_tile(
         mask_n = (n0 + tl.arange(0, BLOCK_K)) < n_end
         a = tl.load(a_ptr + (f * s_af + (s + P_a) * s_al)[None, :] + col_a,
                     mask=mask_i[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_M, BLOCK_K) = A^T
-        if A_DROP:
-            a = a.to(tl.float32) * _drop_factor(mask_ptr, f // T, mask_n, drop_keep, A_DROP)[None, :]
         b = tl.load(b_ptr + (f * s_bf + (s + P_b) * s_bl)[:, None] + col_b,
                     mask=mask_n[:, None] & mask_j[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
         if BIAS == 1:
             if pid_j == 0:
-                sum_a += tl.sum(a.to(tl.float32), axis=1)
+                if A_DROP:
+                    fac = _drop_factor(mask_ptr, f.to(tl.int32) // T, mask_n, drop_keep, A_DROP)
+                    sum_a += tl.sum(a.to(tl.float32) * fac[None, :], axis=1)
+                else:
+                    sum_a += tl.sum(a.to(tl.float32), axis=1)
         if BIAS == 2:
             if pid_i == 0:
                 sum_b += tl.sum(b.to(tl.float32), axis=0)
@@ -213,8 +216,8 @@ def weight_grad_partials(
     """One launch for up to two problems (A, B, bias side) with equal (I, J): fp32 partials
     (dw_part (problems * splits, I, J), dba_part (splits, I), dbb_part (splits, J), splits).
 
-    a0_drop = (draw (B,) fp32 0/1, 1 - p, T): problem 0's A rows times DropPath's per-clip
-    factor. bu_dot = (bias (I,), out (bu_dot_parts(...),) fp32): problem 0 (bias side 1) also
+    a0_drop = (draw (B,) fp32 0/1, 1 - p, T): problem 0's bias sums weight A's rows by
+    DropPath's per-clip factor (its GEMM does not: B must carry the factor). bu_dot = (bias (I,), out (bu_dot_parts(...),) fp32): problem 0 (bias side 1) also
     writes bias . (its column sums) per (split, I block), d(scale)'s bias share."""
     a0 = problems[0][0]
     i_dim, j_dim = a0.shape[-1], problems[0][1].shape[-1]

@@ -51,6 +51,7 @@ CASES = [
     _case(Variant(scale=True), batch=1, frames=8, prefix=0, kt=1, bias=False),
     _case(Variant(drop_path=0.5), batch=4, frames=2, prefix=2, kt=3),
     _case(COMBINED, batch=3, frames=2, prefix=1, kt=3, grid=(3, 5), noncontiguous=True),
+    _case(Variant(act_after_fc1="gelu", scale=True, drop_path=0.5), batch=4, frames=2, prefix=0, kt=3),
     _case(Variant(act_after_fc1="quick_gelu", act_after_conv="gelu", scale=True, drop_path=0.3), batch=4,
           frames=1, prefix=2, kt=1, bias=False),
 ]
