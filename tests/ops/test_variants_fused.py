@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 
-from st_adapter_fast import STAdapter, ops, parity
+from st_adapter_fast import STAdapter, ops, parity, st_adapter
 from st_adapter_fast.reference import activation, drop_path_mask
 from st_adapter_fast.parity import Case
 from st_adapter_fast.variants import Variant
@@ -264,3 +264,48 @@ def test_meta_tensors_with_fused_switches():
     assert out.device.type == "meta" and out.shape == x.shape
     out.sum().backward()
     assert x.grad.shape == x.shape and m.scale.grad.shape == () and m.scale.grad.device.type == "meta"
+
+
+def test_launch_budget_with_every_fused_switch():
+    """Forward: the two kernels plus DropPath's one RNG op (bernoulli_); backward: the official
+    five launches (recompute, conv backward, dgrad, wgrad, finalize), no torch op between --
+    counted as the work model counts (kernels recorded on meta tensors, every launching torch op)."""
+    from st_adapter_fast.kernels import adapter_bwd, adapter_fwd, aot, work_model
+
+    b, t, seq, c, ca = 2, 8, 197, 768, 384  # shape A's per-clip sizes, two clips
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    x = torch.empty(b * t, seq, c, **meta)
+    params = [torch.empty(ca, c, **meta), torch.empty(ca, **meta), torch.empty(ca, 3, **meta),
+              torch.empty(ca, **meta), torch.empty(c, ca, **meta), torch.empty(c, **meta)]
+    counts = {}
+    saved_draw = ops.drop_path_draw(b, 0.1, "meta")  # what backward gets (saved by the forward)
+    for pass_name in ("fwd", "bwd"):
+        events, sink = [], []
+        with aot._recording(90, sink, events), work_model._OpCapture(events):
+            draw = ops.drop_path_draw(b, 0.1, "meta") if pass_name == "fwd" else saved_draw
+            switches = dict(act_after_fc1="gelu", act_after_conv="relu", scale=torch.empty((), **meta),
+                            drop_draw=draw, drop_path=0.1)
+            if pass_name == "fwd":
+                adapter_fwd.adapter_forward(x, t, 1, *params, **switches)
+            else:
+                grads = adapter_bwd.adapter_backward(x, x, t, 1, *params, **switches)
+                assert len(grads) == 8 and grads[7].shape == ()
+        counts[pass_name] = [getattr(e, "name", None) or e.variant.kernel for e in events]
+    assert counts["fwd"] == ["aten.bernoulli_", "adapter_down_conv_fwd_kernel", "adapter_up_residual_fwd_kernel"]
+    assert counts["bwd"] == ["adapter_down_conv_fwd_kernel", "adapter_conv_bwd_kernel",
+                             "adapter_up_residual_fwd_kernel", "adapter_wgrad_kernel",
+                             "adapter_grad_finalize_kernel"], counts["bwd"]
+
+
+def test_inplace_with_fused_switches_matches_out_of_place():
+    w = [t.to(DEVICE) for t in _op_args(scale=False, drop=False)[1]]
+    x = torch.randn(2 * 2, 5, 16, device=DEVICE)
+    kw = dict(backend="triton", act_after_fc1="quick_gelu", act_after_conv="gelu",
+              scale=torch.tensor(0.6, device=DEVICE), drop_path=0.5, training=True)
+    with torch.no_grad():
+        torch.manual_seed(4)
+        want = st_adapter(x, 2, *w, **kw)
+        y = x.clone()
+        torch.manual_seed(4)
+        got = st_adapter(y, 2, *w, inplace=True, **kw)
+    assert got is y and torch.equal(got, want)
