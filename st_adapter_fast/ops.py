@@ -434,8 +434,9 @@ def st_adapter(
                          act_after_fc1=act_after_fc1, act_after_conv=act_after_conv,
                          prefix_mode=prefix_mode, scale=scale, drop_path=drop_path, training=training)
     if variant.norm is not None or variant.prefix_mode != "skip":  # docs/design.md §9
-        raise RuntimeError(f"backend {name!r} accepted {variant.describe()}, but the fused op has no norm or "
-                           f"prefix_mode switch yet; its unavailable_reason must refuse them")
+        raise RuntimeError(f"backend {name!r} accepted {variant.describe()}, but the fused op runs only the "
+                           f"official switches plus the activations, scale and DropPath (no norm or prefix_mode "
+                           f"switch yet); its unavailable_reason must refuse them")
     if x.numel() == 0:
         return x if inplace else x.clone()
     p = variant.drop_path  # 0 unless training
