@@ -289,10 +289,14 @@ def down_conv_forward(
         return g, h
     cfg = tuning.config_for("down_conv", kt=kt, compute_dtype=dtype, arch=arch_of(x))
     is_aligned = aligned(c, ca, *x.stride(), *fc1_weight.stride())
-    if store_h and (act1 or act2 or g_drop is not None) and not is_aligned and cfg.BLOCK_N > 32:
-        # the §9 recompute stores h, g_pre and g with per-element 64-bit addresses: unaligned, the
-        # bf16 64x64 KT=3 tile spilled 16 B (sm_80) / 128 B (sm_90) at 255 registers; 64x32 does not
-        cfg = dataclasses.replace(cfg, BLOCK_N=32)
+    if store_h and (act1 or act2 or g_drop is not None):
+        # the §9 recompute stores h, g_pre and g with per-element 64-bit addresses: the bf16
+        # KT=9 64x32 tile spilled ~0.5 KB (sm_80 and sm_90) at 255 registers, and unaligned the
+        # KT=3 64x64 one 16 B (sm_80) / 128 B (sm_90); 64x16 and 64x32 do not (64 rows keep wgmma)
+        if kt > 3 and cfg.BLOCK_N > 16:
+            cfg = dataclasses.replace(cfg, BLOCK_N=16)
+        elif not is_aligned and cfg.BLOCK_N > 32:
+            cfg = dataclasses.replace(cfg, BLOCK_N=32)
     plan, grid = window_grid(cfg, b, num_frames, kt, s, ca, x, frames_per_prog)
     dot_fp32, precision = dot_flags(dtype)
     use_tma, kmajor = weight_tma(cfg, fc1_weight, arch_of(x), is_aligned)

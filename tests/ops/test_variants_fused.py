@@ -37,7 +37,7 @@ def _case(variant, *, batch=2, frames=2, grid=(2, 3), prefix=1, kt=3, **kw):
                 kernel=(kt, 1, 1), variant=variant, **kw)
 
 
-# each switch alone, then combined; P in {0, 1, 2}, T in {1, 2, 8}, kt in {1, 3}, strided x, no
+# each switch alone, then combined; P in {0, 1, 2}, T in {1, 2, 8}, kt in {1, 3} (one 5), strided x, no
 # biases (ReLU cases keep theirs: _clear_relu_gates); DropPath cases have batches whose seeded draw (parity.DROP_PATH_SEED) drops some clips
 # and keeps others (asserted below)
 CASES = [
@@ -52,6 +52,9 @@ CASES = [
     _case(Variant(drop_path=0.5), batch=4, frames=2, prefix=2, kt=3),
     _case(COMBINED, batch=3, frames=2, prefix=1, kt=3, grid=(3, 5), noncontiguous=True),
     _case(Variant(act_after_fc1="gelu", scale=True, drop_path=0.5), batch=4, frames=2, prefix=0, kt=3),
+    # KT > 3: the recompute's narrower tile (adapter_fwd.down_conv_forward)
+    _case(Variant(act_after_fc1="quick_gelu", act_after_conv="gelu", scale=True, drop_path=0.5), batch=4, frames=8,
+          prefix=1, kt=5),
     _case(Variant(act_after_fc1="quick_gelu", act_after_conv="gelu", scale=True, drop_path=0.3), batch=4,
           frames=1, prefix=2, kt=1, bias=False),
 ]
@@ -151,7 +154,7 @@ def test_cases_cover_the_fused_switches():
             assert Variant(**{name: act}) in variants
     assert Variant(scale=True) in variants and Variant(drop_path=0.5) in variants and COMBINED in variants
     assert {c.prefix for c in CASES} == {0, 1, 2} and {c.frames for c in CASES} == {1, 2, 8}
-    assert {c.kernel[0] for c in CASES} == {1, 3}
+    assert {c.kernel[0] for c in CASES} == {1, 3, 5}
     assert any(c.noncontiguous for c in CASES) and any(not c.bias for c in CASES)
 
 
