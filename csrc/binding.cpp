@@ -15,6 +15,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "st_adapter.h"
 
@@ -105,11 +106,10 @@ Dims check_inputs(const at::Tensor& x, int64_t T, int64_t P, const at::Tensor& w
 
 const void* opt_ptr(const OptTensor& t) { return t ? t->data_ptr() : nullptr; }
 
-int64_t pick_frames_per_run(const Dims& d, int64_t requested) {
-  if (requested > 0) return requested < d.T ? requested : d.T;
+// The down-conv / conv-backward window grid plan (st_adapter.h conv_plan).
+st_adapter::ConvPlan pick_plan(const Dims& d, int64_t requested) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t per_run = st_adapter::conv_blocks_per_run(d.KT, d.S, d.Ca) * d.B;
-  return st_adapter::frames_per_run(d.T, d.KT, per_run, sms);
+  return st_adapter::conv_plan(d.KT, d.B, d.T, d.S, d.Ca, requested, sms);
 }
 
 // ------------------------------------------------------- the views every launch is filled from
@@ -125,43 +125,55 @@ st_adapter::WeightView weight_view(const at::Tensor& w, bool transposed) {
   return {w.data_ptr(), w.stride(0), w.stride(1)};
 }
 
-st_adapter::ConvShape conv_shape(const Dims& d, int64_t fpr) { return {d.B, d.T, d.S, d.C, d.Ca, d.KT, fpr}; }
+st_adapter::ConvShape conv_shape(const Dims& d, const st_adapter::ConvPlan& plan) {
+  return {d.B, d.T, d.S, d.C, d.Ca, d.KT, plan.frames_per_run, plan.n_whole_rows};
+}
 
 // ------------------------------------------------------------------------------ launches
-// out = sum over the n_parts leading slices of part, in a fixed order (deterministic).
-void run_sum_partials(const at::Tensor& part, const at::Tensor& out, int64_t n_parts, cudaStream_t stream) {
-  check_grid(st_adapter::sum_partials_blocks(out.numel()), "sum_partials");
-  check_launch(st_adapter::sum_partials(part.data_ptr<float>(), out.data_ptr<float>(), n_parts, out.numel(), stream),
-               "sum_partials");
-}
+// The backward's fp32 partials still to be summed, and the buffers that hold them (alive until the
+// one finalize launch is enqueued).
+struct Finalize {
+  st_adapter::PartialSums sums;
+  std::vector<at::Tensor> parts;
+  // out = sum over the n_parts leading slices of part, in a fixed order (deterministic).
+  void add(const at::Tensor& part, const at::Tensor& out, int64_t n_parts) {
+    parts.push_back(part);
+    sums.add(part.data_ptr<float>(), out.data_ptr<float>(), n_parts, out.numel());
+  }
+  void launch(cudaStream_t stream) {
+    if (sums.n == 0) return;
+    check_grid(st_adapter::sum_partials_blocks(sums.total()), "sum_partials");
+    check_launch(st_adapter::sum_partials_many(sums, stream), "sum_partials");
+  }
+};
 
 // g (and h) (N, Ca) in the weights' dtype.
 void run_down_conv(const at::Tensor& x, const Dims& d, const at::Tensor& wd, const OptTensor& bd,
                    const at::Tensor& taps, const OptTensor& bc, const at::Tensor& g, const at::Tensor* h,
-                   int64_t fpr, cudaStream_t stream) {
-  const st_adapter::DownConvParams p{conv_shape(d, fpr), token_view(x, d, "x"), weight_view(wd, false),
+                   const st_adapter::ConvPlan& plan, cudaStream_t stream) {
+  const st_adapter::DownConvParams p{conv_shape(d, plan), token_view(x, d, "x"), weight_view(wd, false),
                                      dtype_of(wd, "fc1 weight"), opt_ptr(bd), taps.data_ptr(), opt_ptr(bc),
                                      g.data_ptr(), h != nullptr ? h->data_ptr() : nullptr, d.gemm_config};
   check_grid(st_adapter::conv_blocks(p), "down_conv_forward");
   check_launch(st_adapter::down_conv_forward(p, stream), "down_conv_forward");
 }
 
-// dh (N, Ca) and the summed conv-parameter gradients dwc (Ca, KT), dbc (Ca,).
+// dh (N, Ca); the conv-parameter gradients dwc (Ca, KT), dbc (Ca,) go to the finalize.
 void run_conv_backward(const at::Tensor& dout, const Dims& d, const at::Tensor& wu, const at::Tensor& taps,
                        const at::Tensor& h, const at::Tensor& dh, const at::Tensor& dwc, const at::Tensor& dbc,
-                       int64_t fpr, cudaStream_t stream) {
+                       const st_adapter::ConvPlan& plan, Finalize& fin, cudaStream_t stream) {
   const auto f32 = dout.options().dtype(at::kFloat);
-  const int64_t n_parts = st_adapter::conv_bwd_num_parts(d.KT, d.B, d.T, d.S, fpr);
+  const int64_t n_parts = st_adapter::conv_parts(conv_shape(d, plan));
   at::Tensor dwc_part = at::empty({n_parts, d.Ca, d.KT}, f32);
   at::Tensor dbc_part = at::empty({n_parts, d.Ca}, f32);
   // W(n = ca, k = c) = Wu[c, ca]
-  const st_adapter::ConvBwdParams p{conv_shape(d, fpr), token_view(dout, d, "grad_out"), weight_view(wu, true),
+  const st_adapter::ConvBwdParams p{conv_shape(d, plan), token_view(dout, d, "grad_out"), weight_view(wu, true),
                                     dtype_of(wu, "fc2 weight"), taps.data_ptr(), h.data_ptr(), dh.data_ptr(),
                                     dwc_part.data_ptr<float>(), dbc_part.data_ptr<float>(), d.gemm_config};
   check_grid(st_adapter::conv_blocks(p), "conv_backward");
   check_launch(st_adapter::conv_backward(p, stream), "conv_backward");
-  run_sum_partials(dwc_part, dwc, n_parts, stream);
-  run_sum_partials(dbc_part, dbc, n_parts, stream);
+  fin.add(dwc_part, dwc, n_parts);
+  fin.add(dbc_part, dbc, n_parts);
 }
 
 // out (F, L, NOUT) = res + [spatial] (a W^T + bias); W(n, k) = w[n, k], or w[k, n] when transposed.
@@ -175,9 +187,10 @@ void run_up_residual(const at::Tensor& res, const Dims& d, const at::Tensor& a, 
   check_launch(st_adapter::up_residual_forward(p, stream), "up_residual_forward");
 }
 
-// (sum_n A[n]^T B[n] (I, J), sum_n A[n] (I,) if with_bias), fp32, deterministic.
+// (sum_n A[n]^T B[n] (I, J), sum_n A[n] (I,) if with_bias), fp32, deterministic; split partials
+// go to the finalize.
 std::pair<at::Tensor, OptTensor> run_weight_grad(const at::Tensor& a, const at::Tensor& b, const Dims& d,
-                                                 DType compute, bool with_bias, cudaStream_t stream) {
+                                                 DType compute, bool with_bias, Finalize& fin, cudaStream_t stream) {
   const int64_t I = a.size(-1), J = b.size(-1), N = d.F * d.S;
   const auto f32 = a.options().dtype(at::kFloat);
   at::Tensor dw = at::empty({I, J}, f32);
@@ -199,8 +212,8 @@ std::pair<at::Tensor, OptTensor> run_weight_grad(const at::Tensor& a, const at::
   check_grid(st_adapter::wgrad_blocks(I, J, split.splits), "weight_grad");
   check_launch(st_adapter::weight_grad(p, stream), "weight_grad");
   if (split.splits > 1) {
-    run_sum_partials(dw_part, dw, split.splits, stream);
-    if (db) run_sum_partials(*db_part, *db, split.splits, stream);
+    fin.add(dw_part, dw, split.splits);
+    if (db) fin.add(*db_part, *db, split.splits);
   }
   return {dw, db};
 }
@@ -220,7 +233,7 @@ at::Tensor fwd(const at::Tensor& x, int64_t T, int64_t P, const at::Tensor& wd, 
   at::Tensor out = at::empty({d.F, d.L, d.C}, x.options());
   at::Tensor g = at::empty({d.F * d.S, d.Ca}, wd.options());
   if (out.numel() == 0) return out;
-  if (g.numel() > 0) run_down_conv(x, d, wd, bd, taps, bc, g, nullptr, pick_frames_per_run(d, frames_per_run), stream);
+  if (g.numel() > 0) run_down_conv(x, d, wd, bd, taps, bc, g, nullptr, pick_plan(d, frames_per_run), stream);
   run_up_residual(x, d, g, wu, false, bu, out, stream);
   return out;
 }
@@ -245,14 +258,20 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, OptTensor, at::Tensor,
   // 1. recompute g and h (never saved by the forward)
   at::Tensor g = at::empty({N, d.Ca}, wd.options());
   at::Tensor h = at::empty({N, d.Ca}, wd.options());
-  const int64_t fpr = pick_frames_per_run(d, frames_per_run);
-  if (N > 0) run_down_conv(x, d, wd, bd, taps, bc, g, &h, fpr, stream);
+  const st_adapter::ConvPlan plan = pick_plan(d, frames_per_run);
+  if (N > 0) run_down_conv(x, d, wd, bd, taps, bc, g, &h, plan, stream);
 
-  // 2. dh and the conv-parameter gradients
+  // 2. dh and the conv-parameter gradients (summed by the finalize, 5.)
+  Finalize fin;
   at::Tensor dh = at::empty({N, d.Ca}, wd.options());
-  at::Tensor dwc = at::zeros({d.Ca, d.KT}, f32);
-  at::Tensor dbc_full = at::zeros({d.Ca}, f32);
-  if (N > 0) run_conv_backward(dout, d, wu, taps, h, dh, dwc, dbc_full, fpr, stream);
+  at::Tensor dwc = at::empty({d.Ca, d.KT}, f32);
+  at::Tensor dbc_full = at::empty({d.Ca}, f32);
+  if (N > 0) {
+    run_conv_backward(dout, d, wu, taps, h, dh, dwc, dbc_full, plan, fin, stream);
+  } else {
+    dwc.zero_();
+    dbc_full.zero_();
+  }
   h.reset();
 
   // 3. dx = dO + dh Wd: the up-residual kernel with W(n = c, k = ca) = Wd[ca, c]
@@ -261,8 +280,12 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, OptTensor, at::Tensor,
 
   // 4. dWu = dy^T g (+ dbu), dWd = dh^T x_s (+ dbd)
   const DType wtype = dtype_of(wd, "fc1 weight");
-  auto [dwu, dbu] = run_weight_grad(dout, g, d, wtype, bu_in.has_value(), stream);
-  auto [dwd, dbd] = run_weight_grad(dh, x, d, wtype, bd_in.has_value(), stream);
+  auto [dwu, dbu] = run_weight_grad(dout, g, d, wtype, bu_in.has_value(), fin, stream);
+  auto [dwd, dbd] = run_weight_grad(dh, x, d, wtype, bd_in.has_value(), fin, stream);
+
+  // 5. one launch sums every fp32 partial (dwc, dbc, dWu, dbu, dWd, dbd) in a fixed order: with
+  // 1-4 the backward is 6 launches (down-conv, conv-backward, dgrad, two wgrads, finalize)
+  fin.launch(stream);
   OptTensor dbc;
   if (bc_in) dbc = dbc_full;
   return {dx, dwd, dbd, dwc, dbc, dwu, dbu};

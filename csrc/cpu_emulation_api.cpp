@@ -22,9 +22,9 @@ TokenView token_view(const void* ptr, int dtype, const int64_t* view) {
 }
 // view: {stride_n, stride_k}
 WeightView weight_view(const void* ptr, const int64_t* view) { return WeightView{ptr, view[0], view[1]}; }
-// shape: {B, T, S, C, Ca, KT, frames_per_run}
+// shape: {B, T, S, C, Ca, KT, frames_per_run, n_whole_rows}
 ConvShape conv_shape(const int64_t* s) {
-  return ConvShape{s[0], s[1], s[2], s[3], s[4], static_cast<int>(s[5]), s[6]};
+  return ConvShape{s[0], s[1], s[2], s[3], s[4], static_cast<int>(s[5]), s[6], s[7]};
 }
 
 }  // namespace
@@ -68,12 +68,28 @@ int sta_emu_sum_partials(const float* part, float* out, int64_t n_parts, int64_t
   return sum_partials(part, out, n_parts, numel, nullptr);
 }
 
-int64_t sta_emu_frames_per_run(int64_t T, int kt, int64_t S, int64_t Ca, int64_t B, int64_t sms) {
-  return frames_per_run(T, kt, conv_blocks_per_run(kt, S, Ca) * B, sms);
+// Sums of up to PartialSums::kMax segments in one launch; parts/outs: n pointers, counts: n_parts
+// then numel, n each.
+int sta_emu_sum_partials_many(int n, const float* const* parts, float* const* outs, const int64_t* counts) {
+  PartialSums sums;
+  if (n < 0 || n > PartialSums::kMax) return static_cast<int>(cudaErrorInvalidValue);
+  for (int i = 0; i < n; ++i) sums.add(parts[i], outs[i], counts[i], counts[n + i]);
+  return sum_partials_many(sums, nullptr);
 }
 
-int64_t sta_emu_conv_bwd_num_parts(int kt, int64_t B, int64_t T, int64_t S, int64_t fpr) {
-  return conv_bwd_num_parts(kt, B, T, S, fpr);
+// binding.cpp's grid plan (conv_plan): out = {frames_per_run, n_whole_rows}.
+void sta_emu_conv_plan(int kt, int64_t B, int64_t T, int64_t S, int64_t Ca, int64_t requested, int64_t sms,
+                       int64_t* out) {
+  const ConvPlan p = conv_plan(kt, B, T, S, Ca, requested, sms);
+  out[0] = p.frames_per_run;
+  out[1] = p.n_whole_rows;
+}
+
+// The window grid of a conv shape (as sta_emu_down_conv takes it): out = {blocks, parts}.
+void sta_emu_conv_grid(const int64_t* shape, int64_t* out) {
+  const ConvShape s = conv_shape(shape);
+  out[0] = conv_blocks(s);
+  out[1] = conv_parts(s);
 }
 
 void sta_emu_wgrad_split(int64_t N, int64_t I, int64_t J, int64_t sms, int64_t* out) {

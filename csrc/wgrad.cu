@@ -1,5 +1,5 @@
 // Weight gradients dWu = dy^T g (+ dbu = sum dy) and dWd = dh^T x_s (+ dbd = sum dh), split over
-// tokens into fp32 partials (splits, I, J) that sum_partials adds in a fixed order:
+// tokens into fp32 partials (splits, I, J) that sum_partials_many adds in a fixed order:
 // deterministic, no float atomics. Mirrors kernels/adapter_bwd.py's adapter_wgrad_kernel.
 #include <type_traits>
 
@@ -253,13 +253,21 @@ __global__ void __launch_bounds__(kThreads, 1) wgrad_mma_kernel(WgradParams p) {
   store_partials<BM, BN>(p, Layout::c(smem), Layout::kLdC, split, i0, j0, with_bias, bias_acc, bias_buf);
 }
 
-__global__ void sum_partials_kernel(const float* __restrict__ part, float* __restrict__ out, int64_t n_parts,
-                                    int64_t numel) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= numel) return;
-  float sum = 0.f;
-  for (int64_t q = 0; q < n_parts; ++q) sum += part[q * numel + i];
-  out[i] = sum;
+// Thread i of the grid sums element i of the concatenated outputs: it finds its segment, then
+// adds that segment's partials in order p = 0, 1, ... (deterministic, no atomics).
+__global__ void sum_partials_kernel(PartialSums sums) {
+  int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int seg = 0; seg < sums.n; ++seg) {
+    if (i < sums.numel[seg]) {
+      const float* __restrict__ part = sums.part[seg];
+      const int64_t numel = sums.numel[seg];
+      float sum = 0.f;
+      for (int64_t q = 0; q < sums.n_parts[seg]; ++q) sum += part[q * numel + i];
+      sums.out[seg][i] = sum;
+      return;
+    }
+    i -= sums.numel[seg];
+  }
 }
 
 }  // namespace
@@ -280,9 +288,15 @@ cudaError_t weight_grad(const WgradParams& p, cudaStream_t stream) {
   }, p.a.dtype, p.b.dtype);
 }
 
+cudaError_t sum_partials_many(const PartialSums& sums, cudaStream_t stream) {
+  if (sums.n < 0 || sums.n > PartialSums::kMax) return cudaErrorInvalidValue;
+  return launch_1d(sum_partials_kernel, sum_partials_blocks(sums.total()), kSumPartialsThreads, stream, sums);
+}
+
 cudaError_t sum_partials(const float* part, float* out, int64_t n_parts, int64_t numel, cudaStream_t stream) {
-  return launch_1d(sum_partials_kernel, sum_partials_blocks(numel), kSumPartialsThreads, stream, part, out, n_parts,
-                   numel);
+  PartialSums sums;
+  sums.add(part, out, n_parts, numel);
+  return sum_partials_many(sums, stream);
 }
 
 }  // namespace st_adapter

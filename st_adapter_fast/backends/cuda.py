@@ -166,6 +166,38 @@ def _require():
     return ext
 
 
+# ------------------------------------------------------------------ the kernels' grid plan
+# The down-conv / conv-backward tiles and frame-run policy of csrc/st_adapter_index.cuh, restated
+# for the work model (kernels/work_model.py cuda rows); tests/cuda/test_cuda_host_index.py checks
+# this copy against the C++ one. The Triton launchers plan from compiled occupancy instead
+# (kernels/_common.py window_plan).
+CONV_BLOCK_N = 64
+
+
+def conv_block_m(kt: int) -> int:
+    """Flattened (clip, spatial) rows per down-conv / conv-backward block: 64 for kt <= 3, 32 above
+    (kt = 5 at 64x64 spilled 44-140 bytes on sm_90)."""
+    return 64 if kt <= 3 else 32
+
+
+def frames_per_run(num_frames: int, kt: int, blocks_per_frame_run: int, sms: int) -> int:
+    """Frames one down-conv / conv-backward block walks: whole clips when the grid (blocks with
+    one run per clip) fills the GPU, shorter runs (each recomputing a KT//2 halo on both sides) when
+    the batch is small, e.g. B=4, T=32. A run stays >= 2*KT frames so the halo costs at most half
+    of the useful work."""
+    want_runs = max(1, -(-2 * sms // max(blocks_per_frame_run, 1)))
+    runs = min(want_runs, max(1, num_frames // (2 * kt)))
+    return -(-num_frames // runs)
+
+
+def conv_plan(kt: int, batch: int, num_frames: int, spatial: int, ca: int, requested: int, sms: int) -> tuple:
+    """(frames_per_run, n_whole_rows) of the window grid: csrc/st_adapter_index.cuh conv_plan."""
+    if requested > 0:
+        return min(requested, num_frames), 0
+    blocks = -(-ca // CONV_BLOCK_N) * -(-(batch * spatial) // conv_block_m(kt))
+    return frames_per_run(num_frames, kt, blocks, sms), 0
+
+
 def _frames_per_run(frames_per_prog: Optional[int]) -> int:
     """0 = let the binding choose (frames_per_run in st_adapter_index.cuh); tests force short
     runs (halo recompute) with the same env variable as the Triton backend."""

@@ -14,6 +14,7 @@ What it cannot cover: GPU timing and races, the HMMA summation order, and bindin
 """
 
 import ctypes
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -53,7 +54,7 @@ def _lib(tmp_dir: Path):
         lib = ctypes.CDLL(str(so))
         i64, i32, vp = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
         arr = ctypes.POINTER(i64)  # the views: tokens {P, stride_f, stride_l, stride_c}, weights
-        # {stride_n, stride_k}, conv shape {B, T, S, C, Ca, KT, frames_per_run}
+        # {stride_n, stride_k}, conv shape {B, T, S, C, Ca, KT, frames_per_run, n_whole_rows}
         # the last argument of every launch: the 16-bit GEMM config index (0 = default)
         lib.sta_emu_down_conv.argtypes = [vp, i32, arr, vp, arr, i32, vp, vp, vp, vp, vp, arr, i32]
         lib.sta_emu_conv_bwd.argtypes = [vp, i32, arr, vp, arr, i32, vp, vp, vp, vp, vp, arr, i32]
@@ -64,10 +65,9 @@ def _lib(tmp_dir: Path):
         lib.sta_emu_gemm_config_supported.argtypes = [i32]
         lib.sta_emu_dtypes_supported.argtypes = [i32, i32, ctypes.POINTER(i32)]
         lib.sta_emu_sum_partials.argtypes = [vp, vp, i64, i64]
-        lib.sta_emu_frames_per_run.argtypes = [i64, i32, i64, i64, i64, i64]
-        lib.sta_emu_frames_per_run.restype = i64
-        lib.sta_emu_conv_bwd_num_parts.argtypes = [i32, i64, i64, i64, i64]
-        lib.sta_emu_conv_bwd_num_parts.restype = i64
+        lib.sta_emu_sum_partials_many.argtypes = [i32, ctypes.POINTER(vp), ctypes.POINTER(vp), arr]
+        lib.sta_emu_conv_plan.argtypes = [i32, i64, i64, i64, i64, i64, i64, arr]
+        lib.sta_emu_conv_grid.argtypes = [arr, arr]
         lib.sta_emu_wgrad_split.argtypes = [i64, i64, i64, i64, ctypes.POINTER(i64)]
         _LIB = lib
     return _LIB
@@ -90,10 +90,33 @@ def _ok(rc):
 
 
 # --------------------------------------------------------- binding.cpp, restated for ctypes
-def _frames_per_run(lib, t, kt, s, ca, b, requested):
-    if requested:
-        return min(int(requested), t)
-    return lib.sta_emu_frames_per_run(t, kt, s, ca, b, EMU_SMS)
+def _conv_plan(lib, t, kt, s, ca, b, requested):
+    """binding.cpp's pick_plan: (frames_per_run, n_whole_rows) of the window grid."""
+    out = (ctypes.c_int64 * 2)()
+    env = os.environ.get("ST_ADAPTER_FRAMES_PER_PROGRAM")
+    lib.sta_emu_conv_plan(kt, b, t, s, ca, int(requested or (env or 0)), EMU_SMS, out)
+    return out[0], out[1]
+
+
+class _Finalize:
+    """binding.cpp's Finalize: every fp32 partial of the backward summed in one launch."""
+
+    def __init__(self):
+        self.parts, self.outs, self.n_parts = [], [], []
+
+    def add(self, part, out, n_parts):
+        self.parts.append(part)
+        self.outs.append(out)
+        self.n_parts.append(n_parts)
+
+    def launch(self, lib):
+        n = len(self.parts)
+        if n == 0:
+            return
+        vps = ctypes.c_void_p * n
+        _ok(lib.sta_emu_sum_partials_many(n, vps(*(t.data_ptr() for t in self.parts)),
+                                          vps(*(t.data_ptr() for t in self.outs)),
+                                          _i64s(*self.n_parts, *(t.numel() for t in self.outs))))
 
 
 def _i64s(*vals):
@@ -112,16 +135,16 @@ def _weight(w, transposed=False):
     return _i64s(*(reversed(w.stride()) if transposed else w.stride()))
 
 
-def _conv_shape(x, t, p, taps, fpr):
+def _conv_shape(x, t, p, taps, plan):
     f, seq_len, c = x.shape
     ca, kt = taps.shape
-    return _i64s(f // t, t, seq_len - p, c, ca, kt, fpr)
+    return _i64s(f // t, t, seq_len - p, c, ca, kt, *plan)
 
 
-def _down_conv(lib, x, t, p, wd, bd, taps, bc, g, h, fpr):
+def _down_conv(lib, x, t, p, wd, bd, taps, bc, g, h, plan):
     _ok(lib.sta_emu_down_conv(_ptr(x), DTYPE_CODE[x.dtype], _tokens(x, x.shape[1] - p, p), _ptr(wd), _weight(wd),
                               DTYPE_CODE[wd.dtype], _ptr(bd), _ptr(taps), _ptr(bc), _ptr(g), _ptr(h),
-                              _conv_shape(x, t, p, taps, fpr), cuda_backend.gemm_config()))
+                              _conv_shape(x, t, p, taps, plan), cuda_backend.gemm_config()))
 
 
 def _up_residual(lib, res, p, a, w, transposed, bias, out):
@@ -131,7 +154,7 @@ def _up_residual(lib, res, p, a, w, transposed, bias, out):
                                 a.shape[1], nout, cuda_backend.gemm_config()))
 
 
-def _weight_grad(lib, a, b, s, p, n, compute, with_bias):
+def _weight_grad(lib, a, b, s, p, n, compute, with_bias, fin):
     i_dim, j_dim = a.shape[-1], b.shape[-1]
     dw = torch.zeros(i_dim, j_dim)
     db = torch.zeros(i_dim) if with_bias else None
@@ -146,9 +169,9 @@ def _weight_grad(lib, a, b, s, p, n, compute, with_bias):
                                 _tokens(b, s, p), DTYPE_CODE[compute], s, n, i_dim, j_dim, splits, tps,
                                 _ptr(dw_part), _ptr(db_part), cuda_backend.gemm_config()))
     if splits > 1:
-        _ok(lib.sta_emu_sum_partials(_ptr(dw_part), _ptr(dw), splits, i_dim * j_dim))
+        fin.add(dw_part, dw, splits)
         if with_bias:
-            _ok(lib.sta_emu_sum_partials(_ptr(db_part), _ptr(db), splits, i_dim))
+            fin.add(db_part, db, splits)
     return dw, db
 
 
@@ -165,7 +188,7 @@ def emu_forward(lib, x, t, p, wd, bd, taps, bc, wu, bu, *, frames_per_prog=None)
     if out.numel() == 0:
         return out
     if g.numel():
-        _down_conv(lib, x, t, p, wd, bd, taps, bc, g, None, _frames_per_run(lib, t, kt, s, ca, f // t, frames_per_prog))
+        _down_conv(lib, x, t, p, wd, bd, taps, bc, g, None, _conv_plan(lib, t, kt, s, ca, f // t, frames_per_prog))
     _up_residual(lib, x, p, g, wu, False, bu, out)
     return out
 
@@ -175,29 +198,34 @@ def emu_backward(lib, dout, x, t, p, wd, bd, taps, bc, wu, bu, *, frames_per_pro
     f, seq_len, c = x.shape
     s, (ca, kt) = seq_len - p, taps.shape
     b, n = f // t, f * s
-    fpr = _frames_per_run(lib, t, kt, s, ca, b, frames_per_prog)
+    plan = _conv_plan(lib, t, kt, s, ca, b, frames_per_prog)
     g = torch.empty(n, ca, dtype=wd.dtype)
     h = torch.empty(n, ca, dtype=wd.dtype)
     if n:
-        _down_conv(lib, x, t, p, wd, bd, taps, bc, g, h, fpr)
+        _down_conv(lib, x, t, p, wd, bd, taps, bc, g, h, plan)
+    fin = _Finalize()
     dh = torch.empty(n, ca, dtype=wd.dtype)
-    dwc = torch.zeros(ca, kt)
-    dbc = torch.zeros(ca)
+    # empty, not zeros: the finalize writes every element (NaN if it missed one)
+    dwc = torch.full((ca, kt), float("nan")) if n else torch.zeros(ca, kt)
+    dbc = torch.full((ca,), float("nan")) if n else torch.zeros(ca)
     if n:
-        parts = lib.sta_emu_conv_bwd_num_parts(kt, b, t, s, fpr)
+        grid = (ctypes.c_int64 * 2)()
+        lib.sta_emu_conv_grid(_conv_shape(x, t, p, taps, plan), grid)
+        parts = grid[1]
         dwc_part = torch.empty(parts, ca, kt)
         dbc_part = torch.empty(parts, ca)
         _ok(lib.sta_emu_conv_bwd(_ptr(dout), DTYPE_CODE[dout.dtype], _tokens(dout, s, p), _ptr(wu),
                                  _weight(wu, transposed=True), DTYPE_CODE[wd.dtype], _ptr(taps), _ptr(h), _ptr(dh),
-                                 _ptr(dwc_part), _ptr(dbc_part), _conv_shape(x, t, p, taps, fpr),
+                                 _ptr(dwc_part), _ptr(dbc_part), _conv_shape(x, t, p, taps, plan),
                                  cuda_backend.gemm_config()))
-        _ok(lib.sta_emu_sum_partials(_ptr(dwc_part), _ptr(dwc), parts, ca * kt))
-        _ok(lib.sta_emu_sum_partials(_ptr(dbc_part), _ptr(dbc), parts, ca))
+        fin.add(dwc_part, dwc, parts)
+        fin.add(dbc_part, dbc, parts)
     dx = torch.empty(f, seq_len, c, dtype=dout.dtype)
     if dx.numel():
         _up_residual(lib, dout, p, dh, wd, True, None, dx)
-    dwu, dbu = _weight_grad(lib, dout, g, s, p, n, wd.dtype, bu is not None)
-    dwd, dbd = _weight_grad(lib, dh, x, s, p, n, wd.dtype, bd is not None)
+    dwu, dbu = _weight_grad(lib, dout, g, s, p, n, wd.dtype, bu is not None, fin)
+    dwd, dbd = _weight_grad(lib, dh, x, s, p, n, wd.dtype, bd is not None, fin)
+    fin.launch(lib)
     return dx, dwd, dbd, dwc, (dbc if bc is not None else None), dwu, dbu
 
 
@@ -261,6 +289,15 @@ def test_emulated_wide_kernels_and_halo(kt, emulated, monkeypatch):
         monkeypatch.setenv("ST_ADAPTER_FRAMES_PER_PROGRAM", str(fpr))
         _check(Case(batch=2, frames=11, grid=(2, 3), prefix=1, channels=20, adapter_channels=24, kernel=(kt, 1, 1)),
                torch.bfloat16 if fpr == 2 else torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_mixed_window_grid(dtype, emulated, monkeypatch):
+    """A window grid of whole-clip row blocks then row blocks split into runs of 2 frames (halo),
+    over B*S = 75 flattened rows (row blocks of 32 for kt = 5 span clips; the last is ragged):
+    the kernels and the dwc/dbc partial indexing hold for any plan, not just binding.cpp's."""
+    monkeypatch.setitem(globals(), "_conv_plan", lambda *a: (2, 1))
+    _check(Case(batch=3, frames=5, grid=(5, 5), prefix=1, channels=24, adapter_channels=72, kernel=(5, 1, 1)), dtype)
 
 
 @pytest.mark.parametrize("config", [0, 1])
@@ -367,8 +404,8 @@ def test_launch_refuses_grids_past_the_hardware_limit(emulated):
     rc = emulated.sta_emu_up_residual(None, 0, _i64s(0, 64, 64, 1), None, None, _i64s(64, 1), 0, None, None,
                                       too_many_rows, 1, 64, 64, 0)
     assert rc == CUDA_ERROR_INVALID_CONFIGURATION
-    # down-conv: 2**31 clips of one frame, one (64 x 64) tile each
-    shape = _i64s(2 ** 31, 1, 1, 64, 64, 3, 1)
+    # down-conv: 2**31 * 64 clips of one frame and one spatial token, 64 flattened rows per block
+    shape = _i64s(64 * 2 ** 31, 1, 1, 64, 64, 3, 1, 0)
     rc = emulated.sta_emu_down_conv(None, 0, _i64s(0, 64, 64, 1), None, _i64s(64, 1), 0, None, None, None, None, None,
                                     shape, 0)
     assert rc == CUDA_ERROR_INVALID_CONFIGURATION
