@@ -93,7 +93,8 @@ Dims check_inputs(const at::Tensor& x, int64_t T, int64_t P, const at::Tensor& w
   TORCH_CHECK_VALUE(st_adapter::kt_supported(d.KT), "temporal kernel size must be odd and <= ", st_adapter::kMaxKT,
                     ", got ", taps.size(1));
   TORCH_CHECK_VALUE(st_adapter::gemm_config_supported(static_cast<int>(gemm_config)),
-                    "gemm_config must index the kernels' GemmConfigs (0 = default, 1), got ", gemm_config);
+                    "gemm_config must index the kernels' GemmConfigs (0 = default .. ", st_adapter::gemm_config_count() - 1,
+                    "), got ", gemm_config);
   d.gemm_config = static_cast<int>(gemm_config);
   check_param(wd, "fc1 weight", x, wtype, {d.Ca, d.C});
   check_param(taps, "conv taps", x, wtype, {d.Ca, static_cast<int64_t>(d.KT)});
@@ -109,7 +110,8 @@ const void* opt_ptr(const OptTensor& t) { return t ? t->data_ptr() : nullptr; }
 // The down-conv / conv-backward window grid plan (st_adapter.h conv_plan).
 st_adapter::ConvPlan pick_plan(const Dims& d, int64_t requested) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return st_adapter::conv_plan(d.KT, d.B, d.T, d.S, d.Ca, requested, sms);
+  return st_adapter::conv_plan(st_adapter::conv_block_m_for(d.gemm_config, d.KT), d.KT, d.B, d.T, d.S, d.Ca,
+                               requested, sms);
 }
 
 // ------------------------------------------------------- the views every launch is filled from
@@ -154,7 +156,7 @@ void run_down_conv(const at::Tensor& x, const Dims& d, const at::Tensor& wd, con
   const st_adapter::DownConvParams p{conv_shape(d, plan), token_view(x, d, "x"), weight_view(wd, false),
                                      dtype_of(wd, "fc1 weight"), opt_ptr(bd), taps.data_ptr(), opt_ptr(bc),
                                      g.data_ptr(), h != nullptr ? h->data_ptr() : nullptr, d.gemm_config};
-  check_grid(st_adapter::conv_blocks(p), "down_conv_forward");
+  check_grid(st_adapter::conv_blocks(p, st_adapter::conv_block_m_for(d.gemm_config, d.KT)), "down_conv_forward");
   check_launch(st_adapter::down_conv_forward(p, stream), "down_conv_forward");
 }
 
@@ -163,14 +165,15 @@ void run_conv_backward(const at::Tensor& dout, const Dims& d, const at::Tensor& 
                        const at::Tensor& h, const at::Tensor& dh, const at::Tensor& dwc, const at::Tensor& dbc,
                        const st_adapter::ConvPlan& plan, Finalize& fin, cudaStream_t stream) {
   const auto f32 = dout.options().dtype(at::kFloat);
-  const int64_t n_parts = st_adapter::conv_parts(conv_shape(d, plan));
+  const int block_m = st_adapter::conv_block_m_for(d.gemm_config, d.KT);
+  const int64_t n_parts = st_adapter::conv_parts(conv_shape(d, plan), block_m);
   at::Tensor dwc_part = at::empty({n_parts, d.Ca, d.KT}, f32);
   at::Tensor dbc_part = at::empty({n_parts, d.Ca}, f32);
   // W(n = ca, k = c) = Wu[c, ca]
   const st_adapter::ConvBwdParams p{conv_shape(d, plan), token_view(dout, d, "grad_out"), weight_view(wu, true),
                                     dtype_of(wu, "fc2 weight"), taps.data_ptr(), h.data_ptr(), dh.data_ptr(),
                                     dwc_part.data_ptr<float>(), dbc_part.data_ptr<float>(), d.gemm_config};
-  check_grid(st_adapter::conv_blocks(p), "conv_backward");
+  check_grid(st_adapter::conv_blocks(p, block_m), "conv_backward");
   check_launch(st_adapter::conv_backward(p, stream), "conv_backward");
   fin.add(dwc_part, dwc, n_parts);
   fin.add(dbc_part, dbc, n_parts);
@@ -183,7 +186,8 @@ void run_up_residual(const at::Tensor& res, const Dims& d, const at::Tensor& a, 
   const st_adapter::UpResidualParams p{token_view(res, d, "residual"), a.data_ptr(), weight_view(w, transposed),
                                        dtype_of(w, "weight"), opt_ptr(bias), out.data_ptr(), d.F, d.S, a.size(1),
                                        nout, d.gemm_config};
-  check_grid(st_adapter::up_residual_blocks(d.F, d.L, nout), "up_residual_forward");
+  check_grid(st_adapter::up_residual_blocks(d.F, d.L, nout, st_adapter::up_block_m_for(d.gemm_config)),
+             "up_residual_forward");
   check_launch(st_adapter::up_residual_forward(p, stream), "up_residual_forward");
 }
 

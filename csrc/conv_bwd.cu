@@ -9,16 +9,15 @@
 namespace st_adapter {
 namespace {
 
-template <typename TD, typename T, int KT, typename CFG>
+// BM, BK, STAGES: the GEMM config's resolved tile (st_adapter_dispatch.h's GemmConfigs).
+template <typename TD, typename T, int KT, int BM, int BK, int STAGES>
 __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) {
-  constexpr int BM = kConvBlockM<KT>;
   constexpr int BN = kConvBlockN;
-  constexpr int BK = CFG::kBlockK;  // the K depth of a step (st_adapter_dispatch.h's GemmConfigs)
   constexpr int PAD = KT / 2;
   constexpr int E = BM * BN / kThreads;
   constexpr int ROW_STEP = kThreads / BN;
   static_assert(kThreads % BN == 0, "a thread's elements must share one channel");
-  using Layout = GemmLayout<T, BM, BN, BK, CFG::kStages>;
+  using Layout = GemmLayout<T, BM, BN, BK, STAGES>;
 
   __shared__ __align__(128) unsigned char smem[Layout::kBytes];
   __shared__ int64_t row_base[BM];  // dO offset of row m's token at frame 0, -1 past B*S
@@ -33,7 +32,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) 
   T* __restrict__ dh = static_cast<T*>(p.dh);
 
   // BLOCK_M of the B*S flattened (clip, spatial) rows, whole clip or a frame run (window_grid)
-  const WindowBlock run = window_block(blockIdx.x, conv_grid(p), p.T);
+  const WindowBlock run = window_block(blockIdx.x, conv_grid(p, BM), p.T);
   const int64_t ca0 = run.ca_block * BN;
   const int64_t r0 = run.row_block * BM;
   const int64_t n_rows = p.B * p.S;
@@ -76,7 +75,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) 
         row_off[m] = row_base[m] >= 0 ? row_base[m] + t_in * p.dout.stride_f : -1;
       __syncthreads();
       // dg = dy @ Wu: B(k = c, n = ca) = Wu[c, ca] = W(n, k) of the view wu
-      block_gemm<TD, T, BM, BN, BK, CFG::kStages>(smem, dout, row_off, p.C, p.dout.stride_c, vec_a, wu, ca0, p.Ca, p.wu.stride_n,
+      block_gemm<TD, T, BM, BN, BK, STAGES>(smem, dout, row_off, p.C, p.dout.stride_c, vec_a, wu, ca0, p.Ca, p.wu.stride_n,
                                     p.wu.stride_k);
       const float* cs = Layout::c(smem);
 #pragma unroll
@@ -140,9 +139,12 @@ cudaError_t conv_backward(const ConvBwdParams& p, cudaStream_t stream) {
   return dispatch_dtypes(p.w_dtype, cudaErrorInvalidValue, [&](auto dout_dtype, auto w_dtype) {
     return dispatch_kt(p.KT, cudaErrorInvalidValue, [&](auto kt) {
       return dispatch_gemm_config<decltype(w_dtype)>(p.gemm_config, cudaErrorInvalidValue, [&](auto config) {
-        auto kernel = conv_bwd_kernel<CType<decltype(dout_dtype)>, CType<decltype(w_dtype)>, decltype(kt)::value,
-                                     decltype(config)>;
-        return launch_1d(kernel, conv_blocks(p), kThreads, stream, p);
+        using CFG = decltype(config);
+        constexpr int KT = decltype(kt)::value;
+        constexpr int BM = conv_tile_m<CFG, KT>();
+        auto kernel = conv_bwd_kernel<CType<decltype(dout_dtype)>, CType<decltype(w_dtype)>, KT, BM, CFG::kBlockK,
+                                      CFG::kStages>;
+        return launch_1d(kernel, conv_blocks(p, BM), kThreads, stream, p);
       });
     });
   }, p.dout.dtype);

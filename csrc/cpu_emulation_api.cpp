@@ -77,19 +77,32 @@ int sta_emu_sum_partials_many(int n, const float* const* parts, float* const* ou
   return sum_partials_many(sums, nullptr);
 }
 
-// binding.cpp's grid plan (conv_plan): out = {frames_per_run, n_whole_rows}.
+// binding.cpp's grid plan (conv_plan, rows per block from GEMM config `config`):
+// out = {frames_per_run, n_whole_rows}.
 void sta_emu_conv_plan(int kt, int64_t B, int64_t T, int64_t S, int64_t Ca, int64_t requested, int64_t sms,
-                       int64_t* out) {
-  const ConvPlan p = conv_plan(kt, B, T, S, Ca, requested, sms);
+                       int config, int64_t* out) {
+  const ConvPlan p = conv_plan(conv_block_m_for(config, kt), kt, B, T, S, Ca, requested, sms);
   out[0] = p.frames_per_run;
   out[1] = p.n_whole_rows;
 }
 
-// The window grid of a conv shape (as sta_emu_down_conv takes it): out = {blocks, parts}.
-void sta_emu_conv_grid(const int64_t* shape, int64_t* out) {
+// The window grid of a conv shape (as sta_emu_down_conv takes it) under GEMM config `config`:
+// out = {blocks, parts}.
+void sta_emu_conv_grid(const int64_t* shape, int config, int64_t* out) {
   const ConvShape s = conv_shape(shape);
-  out[0] = conv_blocks(s);
-  out[1] = conv_parts(s);
+  const int block_m = conv_block_m_for(config, s.KT);
+  out[0] = conv_blocks(s, block_m);
+  out[1] = conv_parts(s, block_m);
+}
+
+// The config table: out = {K depth, stages, window rows for kt, up-residual rows}; -1 if absent.
+int sta_emu_gemm_config_tiles(int config, int kt, int* out) {
+  if (!gemm_config_supported(config)) return -1;
+  out[0] = gemm_block_k_for(config);
+  out[1] = gemm_stages_for(config);
+  out[2] = conv_block_m_for(config, kt);
+  out[3] = up_block_m_for(config);
+  return 0;
 }
 
 void sta_emu_wgrad_split(int64_t N, int64_t I, int64_t J, int64_t sms, int64_t* out) {

@@ -14,16 +14,16 @@
 namespace st_adapter {
 namespace {
 
-template <typename TX, typename T, int KT, typename CFG>
+// BM, BK, STAGES: the GEMM config's resolved tile (st_adapter_dispatch.h's GemmConfigs), so configs
+// that agree on them share one instantiation.
+template <typename TX, typename T, int KT, int BM, int BK, int STAGES>
 __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvParams p) {
-  constexpr int BM = kConvBlockM<KT>;
   constexpr int BN = kConvBlockN;
-  constexpr int BK = CFG::kBlockK;  // the K depth of a step (st_adapter_dispatch.h's GemmConfigs)
   constexpr int PAD = KT / 2;
   constexpr int E = BM * BN / kThreads;  // tile elements per thread, all in one channel
   constexpr int ROW_STEP = kThreads / BN;
   static_assert(kThreads % BN == 0, "a thread's elements must share one channel");
-  using Layout = GemmLayout<T, BM, BN, BK, CFG::kStages>;
+  using Layout = GemmLayout<T, BM, BN, BK, STAGES>;
 
   __shared__ __align__(128) unsigned char smem[Layout::kBytes];
   __shared__ int64_t row_base[BM];  // x offset of row m's token at frame 0, -1 past B*S
@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvPara
   T* __restrict__ g = static_cast<T*>(p.g);
   T* __restrict__ h_out = static_cast<T*>(p.h);
 
-  const WindowBlock run = window_block(blockIdx.x, conv_grid(p), p.T);
+  const WindowBlock run = window_block(blockIdx.x, conv_grid(p, BM), p.T);
   const int64_t ca0 = run.ca_block * BN;
   const int64_t r0 = run.row_block * BM;
   const int64_t n_rows = p.B * p.S;
@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvPara
         row_off[m] = row_base[m] >= 0 ? row_base[m] + t_in * p.x.stride_f : -1;
       __syncthreads();
       // B(k = c, n = ca) = Wd[ca, c]
-      block_gemm<TX, T, BM, BN, BK, CFG::kStages>(smem, x, row_off, p.C, p.x.stride_c, vec_a, wd, ca0, p.Ca, p.wd.stride_n,
+      block_gemm<TX, T, BM, BN, BK, STAGES>(smem, x, row_off, p.C, p.x.stride_c, vec_a, wd, ca0, p.Ca, p.wd.stride_n,
                                     p.wd.stride_k);
       const float* cs = Layout::c(smem);
       const bool store_h = h_out != nullptr && t_in >= run.t0 && t_in < run.t1;
@@ -109,9 +109,12 @@ cudaError_t down_conv_forward(const DownConvParams& p, cudaStream_t stream) {
   return dispatch_dtypes(p.w_dtype, cudaErrorInvalidValue, [&](auto x_dtype, auto w_dtype) {
     return dispatch_kt(p.KT, cudaErrorInvalidValue, [&](auto kt) {
       return dispatch_gemm_config<decltype(w_dtype)>(p.gemm_config, cudaErrorInvalidValue, [&](auto config) {
-        auto kernel = down_conv_fwd_kernel<CType<decltype(x_dtype)>, CType<decltype(w_dtype)>, decltype(kt)::value,
-                                     decltype(config)>;
-        return launch_1d(kernel, conv_blocks(p), kThreads, stream, p);
+        using CFG = decltype(config);
+        constexpr int KT = decltype(kt)::value;
+        constexpr int BM = conv_tile_m<CFG, KT>();
+        auto kernel = down_conv_fwd_kernel<CType<decltype(x_dtype)>, CType<decltype(w_dtype)>, KT, BM, CFG::kBlockK,
+                                           CFG::kStages>;
+        return launch_1d(kernel, conv_blocks(p, BM), kThreads, stream, p);
       });
     });
   }, p.x.dtype);

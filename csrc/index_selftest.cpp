@@ -7,7 +7,7 @@
 //   flat r S T P stride_f stride_l     -> b s token offset (flattened (clip, spatial) row r at frame 0)
 //   win linear n_rows T Ca bm bn fpr n_whole kt
 //                                      -> ca_block row_block t0 t1 part halo_begin halo_end blocks parts
-//   plan kt B T S Ca requested sms     -> frames_per_run n_whole_rows blocks parts (binding.cpp's plan)
+//   plan bm kt B T S Ca requested sms  -> frames_per_run n_whole_rows blocks parts (binding.cpp's plan)
 //   fpr T kt blocks_per_run sms        -> frames_per_run
 //   split N I J sms                    -> splits tokens_per_split
 //   dec linear nx ny                   -> x y z
@@ -103,11 +103,11 @@ int main() {
                   (long long)w.t0, (long long)w.t1, (long long)w.part, (long long)halo_begin(w.t0, kt),
                   (long long)halo_end(w.t1, kt), (long long)window_grid_blocks(g), (long long)window_grid_parts(g));
     } else if (cmd == "plan") {
-      int kt;
+      int bm, kt;
       int64_t B, T, S, Ca, req, sms;
-      in >> kt >> B >> T >> S >> Ca >> req >> sms;
-      const ConvPlan p = conv_plan(kt, B, T, S, Ca, req, sms);
-      const WindowGrid g = conv_grid(kt, B, T, S, Ca, p.frames_per_run, p.n_whole_rows);
+      in >> bm >> kt >> B >> T >> S >> Ca >> req >> sms;
+      const ConvPlan p = conv_plan(bm, kt, B, T, S, Ca, req, sms);
+      const WindowGrid g = conv_grid(bm, B, T, S, Ca, p.frames_per_run, p.n_whole_rows);
       std::printf("%lld %lld %lld %lld\n", (long long)p.frames_per_run, (long long)p.n_whole_rows,
                   (long long)window_grid_blocks(g), (long long)window_grid_parts(g));
     } else if (cmd == "fpr") {

@@ -131,16 +131,18 @@ cudaError_t sum_partials_many(const PartialSums& sums, cudaStream_t stream);
 
 // ------------------------------------------------------------------------------ grids
 // Blocks of every launch (1-D grids), for the launchers and for binding.cpp's up-front check.
-// The down-conv / conv-backward window grid of a launch (st_adapter_index.cuh).
-STA_HD WindowGrid conv_grid(const ConvShape& s) {
-  return conv_grid(s.KT, s.B, s.T, s.S, s.Ca, s.frames_per_run, s.n_whole_rows);
+// The down-conv / conv-backward window grid of a launch (st_adapter_index.cuh) with block_m rows
+// per block: conv_block_m_for(gemm_config, KT) on the host, the kernel's own BM on the device.
+STA_HD WindowGrid conv_grid(const ConvShape& s, int block_m) {
+  return conv_grid(block_m, s.B, s.T, s.S, s.Ca, s.frames_per_run, s.n_whole_rows);
 }
-STA_HD int64_t conv_blocks(const ConvShape& s) { return window_grid_blocks(conv_grid(s)); }
+STA_HD int64_t conv_blocks(const ConvShape& s, int block_m) { return window_grid_blocks(conv_grid(s, block_m)); }
 // The number of dwc/dbc partials conv_backward writes.
-inline int64_t conv_parts(const ConvShape& s) { return window_grid_parts(conv_grid(s)); }
+inline int64_t conv_parts(const ConvShape& s, int block_m) { return window_grid_parts(conv_grid(s, block_m)); }
 
-inline int64_t up_residual_blocks(int64_t F, int64_t L, int64_t NOUT) {
-  return cdiv(NOUT, kUpBlockN) * cdiv(F * L, kUpBlockM);
+// block_m: up_block_m_for(gemm_config).
+inline int64_t up_residual_blocks(int64_t F, int64_t L, int64_t NOUT, int block_m) {
+  return cdiv(NOUT, kUpBlockN) * cdiv(F * L, block_m);
 }
 inline int64_t wgrad_blocks(int64_t I, int64_t J, int64_t splits) {
   return cdiv(J, kWgradBlockN) * cdiv(I, kWgradBlockM) * splits;

@@ -252,21 +252,23 @@ STA_HD WgradSplit wgrad_split(int64_t num_tokens, int64_t I, int64_t J, int64_t 
 
 // ---------------------------------------------------------- down-conv / conv-backward grids
 // The down-conv / conv-backward window grid over the B*S flattened (clip, spatial) rows.
-STA_HD WindowGrid conv_grid(int kt, int64_t B, int64_t T, int64_t S, int64_t Ca, int64_t frames_per_run,
+// block_m: the launch's rows per block (conv_block_m(kt), or its GEMM config's; st_adapter_dispatch.h).
+STA_HD WindowGrid conv_grid(int block_m, int64_t B, int64_t T, int64_t S, int64_t Ca, int64_t frames_per_run,
                             int64_t n_whole_rows) {
-  return window_grid(B * S, T, Ca, conv_block_m(kt), kConvBlockN, frames_per_run, n_whole_rows);
+  return window_grid(B * S, T, Ca, block_m, kConvBlockN, frames_per_run, n_whole_rows);
 }
 // The binding's grid plan: frames_per_run (requested > 0, else the frames_per_run policy of
 // st_adapter_index.cuh for `sms` SMs); split row blocks only (n_whole_rows = 0) when runs > 1.
 struct ConvPlan {
   int64_t frames_per_run, n_whole_rows;
 };
-STA_HD ConvPlan conv_plan(int kt, int64_t B, int64_t T, int64_t S, int64_t Ca, int64_t requested, int64_t sms) {
+STA_HD ConvPlan conv_plan(int block_m, int kt, int64_t B, int64_t T, int64_t S, int64_t Ca, int64_t requested,
+                          int64_t sms) {
   ConvPlan p;
   if (requested > 0) {
     p.frames_per_run = requested < T ? requested : T;
   } else {
-    const WindowGrid whole = conv_grid(kt, B, T, S, Ca, T, 0);
+    const WindowGrid whole = conv_grid(block_m, B, T, S, Ca, T, 0);
     p.frames_per_run = frames_per_run(T, kt, whole.ca_blocks * whole.row_blocks, sms);
   }
   p.n_whole_rows = 0;

@@ -194,12 +194,11 @@ __device__ __forceinline__ void load_tokens_stage(T* Xs, const TX* __restrict__ 
 
 // 16-bit: token-major A^T and B tiles (As[k][i], Bs[k][j]) through a CFG::kStages-deep cp.async
 // ring, kStages - 1 token steps in flight during each step's mma.sync (A fragments by ldmatrix.trans).
-template <typename TA, typename TB, typename T, typename CFG>
+// BK, STAGES: the GEMM config's resolved K depth and ring (configs that agree share a kernel).
+template <typename TA, typename TB, typename T, int BK, int STAGES>
 __global__ void __launch_bounds__(kThreads, 1) wgrad_mma_kernel(WgradParams p) {
   constexpr int BM = kWgradBlockM;  // I per tile
   constexpr int BN = kWgradBlockN;  // J per tile
-  constexpr int BK = CFG::kBlockK;  // tokens per step
-  constexpr int STAGES = CFG::kStages;
   static_assert(kWgradBlockK % BK == 0, "token splits (multiples of kWgradBlockK) are whole steps");
   constexpr int LDA = BM + 8;       // As[k][i]
   constexpr int LDB = BN + 8;       // Bs[k][j]
@@ -283,7 +282,8 @@ cudaError_t weight_grad(const WgradParams& p, cudaStream_t stream) {
       if constexpr (std::is_same<T, float>::value)
         return launch_1d(wgrad_simt_kernel<TA, TB, T>, blocks, kThreads, stream, p);
       else
-        return launch_1d(wgrad_mma_kernel<TA, TB, T, decltype(config)>, blocks, kThreads, stream, p);
+        return launch_1d(wgrad_mma_kernel<TA, TB, T, decltype(config)::kBlockK, decltype(config)::kStages>, blocks,
+                         kThreads, stream, p);
     });
   }, p.a.dtype, p.b.dtype);
 }

@@ -21,6 +21,7 @@ with fp32 parameter gradients (None for absent biases).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -31,7 +32,8 @@ import torch
 
 from . import FUSED_DTYPES, Backend
 
-__all__ = ["BACKEND", "MAX_KT", "SOURCES", "CSRC_DIR", "load_extension", "extension_error"]
+__all__ = ["BACKEND", "MAX_KT", "SOURCES", "CSRC_DIR", "GemmConfig", "gemm_configs", "load_extension",
+           "extension_error"]
 
 # Widest temporal kernel the register window holds (csrc/st_adapter_index.cuh kMaxKT).
 MAX_KT = 9
@@ -172,11 +174,41 @@ def _require():
 # this copy against the C++ one. The Triton launchers plan from compiled occupancy instead
 # (kernels/_common.py window_plan).
 CONV_BLOCK_N = 64
+UP_BLOCK_N = 64
+WGRAD_BLOCK = (64, 64, 32)  # (I, J) tile, token step of the fp32 kernel and of the token splits
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """One entry of csrc/st_adapter_dispatch.h's GemmConfigs (tests/cuda checks this copy against
+    the compiled table): 16-bit K depth and cp.async stages, window-kernel rows per block (0: 64
+    for kt <= 3, 32 above) and up-residual rows per block. fp32 kernels take the rows, K depth 32."""
+
+    index: int
+    block_k: int
+    stages: int
+    conv_block_m: int
+    up_block_m: int
+
+    def conv_rows(self, kt: int) -> int:
+        return self.conv_block_m or conv_block_m(kt)
+
+    def describe(self) -> str:
+        conv = f"conv{self.conv_block_m}" if self.conv_block_m else "conv64|32"
+        return f"cuda{self.index}:k{self.block_k}x{self.stages}:{conv}:up{self.up_block_m}"
+
+
+_GEMM_CONFIGS = (GemmConfig(0, 32, 3, 0, 128), GemmConfig(1, 16, 4, 0, 128), GemmConfig(2, 32, 3, 32, 64))
+
+
+def gemm_configs() -> tuple:
+    """The compiled tile configurations, selectable with ST_ADAPTER_CUDA_GEMM_CONFIG=<index>."""
+    return _GEMM_CONFIGS
 
 
 def conv_block_m(kt: int) -> int:
-    """Flattened (clip, spatial) rows per down-conv / conv-backward block: 64 for kt <= 3, 32 above
-    (kt = 5 at 64x64 spilled 44-140 bytes on sm_90)."""
+    """Default flattened (clip, spatial) rows per down-conv / conv-backward block: 64 for kt <= 3,
+    32 above (kt = 5 at 64x64 spilled 44-140 bytes on sm_90)."""
     return 64 if kt <= 3 else 32
 
 
@@ -190,11 +222,13 @@ def frames_per_run(num_frames: int, kt: int, blocks_per_frame_run: int, sms: int
     return -(-num_frames // runs)
 
 
-def conv_plan(kt: int, batch: int, num_frames: int, spatial: int, ca: int, requested: int, sms: int) -> tuple:
-    """(frames_per_run, n_whole_rows) of the window grid: csrc/st_adapter_index.cuh conv_plan."""
+def conv_plan(block_m: int, kt: int, batch: int, num_frames: int, spatial: int, ca: int, requested: int,
+              sms: int) -> tuple:
+    """(frames_per_run, n_whole_rows) of the window grid with block_m rows per block:
+    csrc/st_adapter_index.cuh conv_plan."""
     if requested > 0:
         return min(requested, num_frames), 0
-    blocks = -(-ca // CONV_BLOCK_N) * -(-(batch * spatial) // conv_block_m(kt))
+    blocks = -(-ca // CONV_BLOCK_N) * -(-(batch * spatial) // block_m)
     return frames_per_run(num_frames, kt, blocks, sms), 0
 
 
@@ -208,11 +242,18 @@ def _frames_per_run(frames_per_prog: Optional[int]) -> int:
 
 
 def gemm_config() -> int:
-    """Tile configuration of the 16-bit GEMM kernels: an index into csrc/st_adapter_dispatch.h's
-    GemmConfigs -- 0 (default): 32-deep K steps through a 3-stage cp.async ring; 1: 16-deep steps,
-    4 stages. The GPU sweep sets ST_ADAPTER_CUDA_GEMM_CONFIG; fp32 kernels (IEEE SIMT) ignore it."""
+    """Tile configuration of the kernels: an index into csrc/st_adapter_dispatch.h's GemmConfigs
+    (gemm_configs()) -- 0 (default): 32-deep K steps through a 3-stage cp.async ring; 1: 16-deep
+    steps, 4 stages; 2: 32-row window tiles and 64-row up-residual tiles. The GPU sweep sets
+    ST_ADAPTER_CUDA_GEMM_CONFIG; fp32 kernels (IEEE SIMT) take only the tile rows."""
     env = os.environ.get("ST_ADAPTER_CUDA_GEMM_CONFIG")
-    return int(env) if env else 0
+    if not env:
+        return 0
+    index = int(env)
+    if not 0 <= index < len(_GEMM_CONFIGS):
+        raise ValueError(f"ST_ADAPTER_CUDA_GEMM_CONFIG={env}: expected 0..{len(_GEMM_CONFIGS) - 1} "
+                         f"({', '.join(c.describe() for c in _GEMM_CONFIGS)})")
+    return index
 
 
 def adapter_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,

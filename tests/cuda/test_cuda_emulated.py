@@ -66,8 +66,9 @@ def _lib(tmp_dir: Path):
         lib.sta_emu_dtypes_supported.argtypes = [i32, i32, ctypes.POINTER(i32)]
         lib.sta_emu_sum_partials.argtypes = [vp, vp, i64, i64]
         lib.sta_emu_sum_partials_many.argtypes = [i32, ctypes.POINTER(vp), ctypes.POINTER(vp), arr]
-        lib.sta_emu_conv_plan.argtypes = [i32, i64, i64, i64, i64, i64, i64, arr]
-        lib.sta_emu_conv_grid.argtypes = [arr, arr]
+        lib.sta_emu_conv_plan.argtypes = [i32, i64, i64, i64, i64, i64, i64, i32, arr]
+        lib.sta_emu_conv_grid.argtypes = [arr, i32, arr]
+        lib.sta_emu_gemm_config_tiles.argtypes = [i32, i32, ctypes.POINTER(i32)]
         lib.sta_emu_wgrad_split.argtypes = [i64, i64, i64, i64, ctypes.POINTER(i64)]
         _LIB = lib
     return _LIB
@@ -94,7 +95,7 @@ def _conv_plan(lib, t, kt, s, ca, b, requested):
     """binding.cpp's pick_plan: (frames_per_run, n_whole_rows) of the window grid."""
     out = (ctypes.c_int64 * 2)()
     env = os.environ.get("ST_ADAPTER_FRAMES_PER_PROGRAM")
-    lib.sta_emu_conv_plan(kt, b, t, s, ca, int(requested or (env or 0)), EMU_SMS, out)
+    lib.sta_emu_conv_plan(kt, b, t, s, ca, int(requested or (env or 0)), EMU_SMS, cuda_backend.gemm_config(), out)
     return out[0], out[1]
 
 
@@ -210,7 +211,7 @@ def emu_backward(lib, dout, x, t, p, wd, bd, taps, bc, wu, bu, *, frames_per_pro
     dbc = torch.full((ca,), float("nan")) if n else torch.zeros(ca)
     if n:
         grid = (ctypes.c_int64 * 2)()
-        lib.sta_emu_conv_grid(_conv_shape(x, t, p, taps, plan), grid)
+        lib.sta_emu_conv_grid(_conv_shape(x, t, p, taps, plan), cuda_backend.gemm_config(), grid)
         parts = grid[1]
         dwc_part = torch.empty(parts, ca, kt)
         dbc_part = torch.empty(parts, ca)
@@ -300,14 +301,32 @@ def test_emulated_mixed_window_grid(dtype, emulated, monkeypatch):
     _check(Case(batch=3, frames=5, grid=(5, 5), prefix=1, channels=24, adapter_channels=72, kernel=(5, 1, 1)), dtype)
 
 
-@pytest.mark.parametrize("config", [0, 1])
+@pytest.mark.parametrize("config", [c.index for c in cuda_backend.gemm_configs()])
 def test_emulated_gemm_configs(config, emulated, monkeypatch):
-    """Each 16-bit GEMM config of the table (32-deep steps x 3 stages, 16-deep x 4), with more K
-    steps than stages (C = 72, Ca = 136: up to 9 steps of 16) so the cp.async ring wraps; a wait for
-    too few groups would read a stale stage here."""
+    """Each config of the table (32-deep steps x 3 stages, 16-deep x 4, 32-row window and 64-row
+    up-residual tiles), with more K steps than stages (C = 72, Ca = 136: up to 9 steps of 16) so the
+    cp.async ring wraps (a wait for too few groups would read a stale stage here), and B*S = 162
+    rows: ragged last row blocks of 64 and 32, tiles spanning clips."""
     monkeypatch.setenv("ST_ADAPTER_CUDA_GEMM_CONFIG", str(config))
-    _check(Case(batch=1, frames=3, grid=(3, 3), prefix=1, channels=72, adapter_channels=136, kernel=(3, 1, 1)),
-           torch.bfloat16 if config else torch.float16)
+    _check(Case(batch=2, frames=3, grid=(9, 9), prefix=1, channels=72, adapter_channels=136, kernel=(3, 1, 1)),
+           torch.bfloat16 if config % 2 else torch.float16)
+    if config == 2:  # the fp32 kernels take the entry's tile rows too
+        _check(Case(batch=2, frames=3, grid=(3, 5), prefix=1, channels=24, adapter_channels=40, kernel=(3, 1, 1)),
+               torch.float32)
+
+
+def test_gemm_config_table_matches_the_backend(emulated):
+    """st_adapter_fast.backends.cuda.gemm_configs() (the sweep's list, the work model's tiles) is the
+    compiled table: same entries, same K depth, stages and rows per block for every kt."""
+    out = (ctypes.c_int * 4)()
+    n = 0
+    while emulated.sta_emu_gemm_config_tiles(n, 3, out) == 0:
+        n += 1
+    assert n == len(cuda_backend.gemm_configs())
+    for cfg in cuda_backend.gemm_configs():
+        for kt in (1, 3, 5, 9):
+            assert emulated.sta_emu_gemm_config_tiles(cfg.index, kt, out) == 0
+            assert tuple(out) == (cfg.block_k, cfg.stages, cfg.conv_rows(kt), cfg.up_block_m), (cfg, kt)
 
 
 @pytest.mark.parametrize("autocast", [torch.float16, torch.bfloat16], ids=str)
@@ -390,10 +409,10 @@ def test_dispatch_table(emulated):
     # a dtype the table lacks is refused by the launcher, not launched
     assert emulated.sta_emu_up_residual(None, 1, _i64s(0, 8, 8, 1), None, None, _i64s(8, 1), 2, None, None,
                                         1, 1, 8, 8, 0) == CUDA_ERROR_INVALID_VALUE
-    # 16-bit GEMM configs: 0 (default) and 1; others are refused
-    assert [c for c in range(-1, 8) if emulated.sta_emu_gemm_config_supported(c)] == [0, 1]
+    # GEMM configs: 0 (default), 1, 2; others are refused
+    assert [c for c in range(-1, 8) if emulated.sta_emu_gemm_config_supported(c)] == [0, 1, 2]
     assert emulated.sta_emu_up_residual(None, 1, _i64s(0, 8, 8, 1), None, None, _i64s(8, 1), 1, None, None,
-                                        1, 1, 8, 8, 2) == CUDA_ERROR_INVALID_VALUE
+                                        1, 1, 8, 8, 3) == CUDA_ERROR_INVALID_VALUE
 
 
 def test_launch_refuses_grids_past_the_hardware_limit(emulated):

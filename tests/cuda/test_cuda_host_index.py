@@ -164,14 +164,14 @@ def test_conv_plan_matches_the_backend_mirror(driver):
     from st_adapter_fast.backends import cuda as cuda_backend
 
     shapes = ((8, 8, 196), (16, 8, 196), (4, 32, 196), (1, 17, 7), (2, 3, 9))
-    cases = [(kt, b, t, s, ca, req, sms) for kt in (1, 3, 5, 9) for b, t, s in shapes
-             for ca in (40, 384) for req in (0, 2, 5) for sms in (4, 132)]
-    answers = driver([f"plan {kt} {b} {t} {s} {ca} {req} {sms}" for kt, b, t, s, ca, req, sms in cases])
-    for (kt, b, t, s, ca, req, sms), ans in zip(cases, answers):
+    cases = [(bm, kt, b, t, s, ca, req, sms) for kt in (1, 3, 5, 9) for bm in {cuda_backend.conv_block_m(kt), 32}
+             for b, t, s in shapes for ca in (40, 384) for req in (0, 2, 5) for sms in (4, 132)]
+    answers = driver([f"plan {bm} {kt} {b} {t} {s} {ca} {req} {sms}" for bm, kt, b, t, s, ca, req, sms in cases])
+    for (bm, kt, b, t, s, ca, req, sms), ans in zip(cases, answers):
         fpr, whole, blocks, parts = map(int, ans.split())
-        assert (fpr, whole) == cuda_backend.conv_plan(kt, b, t, s, ca, req, sms), (kt, b, t, s, ca, req, sms)
+        assert (fpr, whole) == cuda_backend.conv_plan(bm, kt, b, t, s, ca, req, sms), (bm, kt, b, t, s, ca, req, sms)
         runs = math.ceil(t / fpr)
-        g_r = math.ceil(b * s / cuda_backend.conv_block_m(kt))
+        g_r = math.ceil(b * s / bm)
         assert parts == (g_r if runs == 1 else whole + (g_r - whole) * runs)
         assert blocks == math.ceil(ca / cuda_backend.CONV_BLOCK_N) * parts
 
