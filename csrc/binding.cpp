@@ -4,7 +4,8 @@
 //
 //   fwd(x, T, P, Wd, bd?, taps, bc?, Wu, bu?, frames_per_run=0, gemm_config=0) -> out (F, L, C), x's dtype
 //   bwd(dO, x, T, P, Wd, bd?, taps, bc?, Wu, bu?, frames_per_run=0, gemm_config=0)
-//       -> (dx, dWd, dbd?, dtaps (Ca, KT), dbc?, dWu, dbu?), parameter grads fp32, dx dO's dtype
+//       -> (dx, dWd, dbd?, dtaps (Ca, KT), dbc?, dWu, dbu?), parameter grads in the weights' dtype
+//          (summed in fp32, cast by the finalize launch), dx in dO's dtype
 //
 // x, dO: (F = B*T, L, C) with any strides; Wd (Ca, C), Wu (C, Ca) any strides; taps (Ca, KT).
 // x / dO may be fp32 with fp16/bf16 weights (autocast): the kernels cast on load. gemm_config:
@@ -138,9 +139,11 @@ struct Finalize {
   st_adapter::PartialSums sums;
   std::vector<at::Tensor> parts;
   // out = sum over the n_parts leading slices of part, in a fixed order (deterministic).
+  // out: in the parameters' dtype (the finalize casts), every segment alike.
   void add(const at::Tensor& part, const at::Tensor& out, int64_t n_parts) {
     parts.push_back(part);
-    sums.add(part.data_ptr<float>(), out.data_ptr<float>(), n_parts, out.numel());
+    sums.out_dtype = dtype_of(out, "gradient");
+    sums.add(part.data_ptr<float>(), out.data_ptr(), n_parts, out.numel());
   }
   void launch(cudaStream_t stream) {
     if (sums.n == 0) return;
@@ -191,15 +194,16 @@ void run_up_residual(const at::Tensor& res, const Dims& d, const at::Tensor& a, 
   check_launch(st_adapter::up_residual_forward(p, stream), "up_residual_forward");
 }
 
-// (sum_n A[n]^T B[n] (I, J), sum_n A[n] (I,) if with_bias), fp32, deterministic; split partials
-// go to the finalize.
+// (sum_n A[n]^T B[n] (I, J), sum_n A[n] (I,) if with_bias) in the parameters' dtype `grad`,
+// deterministic: the fp32 split partials go to the finalize, which sums and casts them.
 std::pair<at::Tensor, OptTensor> run_weight_grad(const at::Tensor& a, const at::Tensor& b, const Dims& d,
-                                                 DType compute, bool with_bias, Finalize& fin, cudaStream_t stream) {
+                                                 DType compute, const at::TensorOptions& grad, bool with_bias,
+                                                 Finalize& fin, cudaStream_t stream) {
   const int64_t I = a.size(-1), J = b.size(-1), N = d.F * d.S;
   const auto f32 = a.options().dtype(at::kFloat);
-  at::Tensor dw = at::empty({I, J}, f32);
+  at::Tensor dw = at::empty({I, J}, grad);
   OptTensor db;
-  if (with_bias) db = at::empty({I}, f32);
+  if (with_bias) db = at::empty({I}, grad);
   if (N == 0) {
     dw.zero_();
     if (db) db->zero_();
@@ -207,18 +211,16 @@ std::pair<at::Tensor, OptTensor> run_weight_grad(const at::Tensor& a, const at::
   }
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const st_adapter::WgradSplit split = st_adapter::wgrad_split(N, I, J, sms);
-  at::Tensor dw_part = split.splits > 1 ? at::empty({split.splits, I, J}, f32) : dw;
+  at::Tensor dw_part = at::empty({split.splits, I, J}, f32);
   OptTensor db_part;
-  if (with_bias) db_part = split.splits > 1 ? at::empty({split.splits, I}, f32) : *db;
+  if (with_bias) db_part = at::empty({split.splits, I}, f32);
   const st_adapter::WgradParams p{token_view(a, d, "operand"), token_view(b, d, "operand"), compute, d.S, N, I, J,
                                   split, dw_part.data_ptr<float>(), db_part ? db_part->data_ptr<float>() : nullptr,
                                   d.gemm_config};
   check_grid(st_adapter::wgrad_blocks(I, J, split.splits), "weight_grad");
   check_launch(st_adapter::weight_grad(p, stream), "weight_grad");
-  if (split.splits > 1) {
-    fin.add(dw_part, dw, split.splits);
-    if (db) fin.add(*db_part, *db, split.splits);
-  }
+  fin.add(dw_part, dw, split.splits);
+  if (db) fin.add(*db_part, *db, split.splits);
   return {dw, db};
 }
 
@@ -268,8 +270,8 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, OptTensor, at::Tensor,
   // 2. dh and the conv-parameter gradients (summed by the finalize, 5.)
   Finalize fin;
   at::Tensor dh = at::empty({N, d.Ca}, wd.options());
-  at::Tensor dwc = at::empty({d.Ca, d.KT}, f32);
-  at::Tensor dbc_full = at::empty({d.Ca}, f32);
+  at::Tensor dwc = at::empty({d.Ca, d.KT}, wd.options());
+  at::Tensor dbc_full = at::empty({d.Ca}, wd.options());
   if (N > 0) {
     run_conv_backward(dout, d, wu, taps, h, dh, dwc, dbc_full, plan, fin, stream);
   } else {
@@ -284,8 +286,8 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, OptTensor, at::Tensor,
 
   // 4. dWu = dy^T g (+ dbu), dWd = dh^T x_s (+ dbd)
   const DType wtype = dtype_of(wd, "fc1 weight");
-  auto [dwu, dbu] = run_weight_grad(dout, g, d, wtype, bu_in.has_value(), fin, stream);
-  auto [dwd, dbd] = run_weight_grad(dh, x, d, wtype, bd_in.has_value(), fin, stream);
+  auto [dwu, dbu] = run_weight_grad(dout, g, d, wtype, wd.options(), bu_in.has_value(), fin, stream);
+  auto [dwd, dbd] = run_weight_grad(dh, x, d, wtype, wd.options(), bd_in.has_value(), fin, stream);
 
   // 5. one launch sums every fp32 partial (dwc, dbc, dWu, dbu, dWd, dbd) in a fixed order: with
   // 1-4 the backward is 6 launches (down-conv, conv-backward, dgrad, two wgrads, finalize)

@@ -68,10 +68,12 @@ int sta_emu_sum_partials(const float* part, float* out, int64_t n_parts, int64_t
   return sum_partials(part, out, n_parts, numel, nullptr);
 }
 
-// Sums of up to PartialSums::kMax segments in one launch; parts/outs: n pointers, counts: n_parts
-// then numel, n each.
-int sta_emu_sum_partials_many(int n, const float* const* parts, float* const* outs, const int64_t* counts) {
+// Sums of up to PartialSums::kMax segments in one launch, cast to out_dtype; parts/outs: n
+// pointers, counts: n_parts then numel, n each.
+int sta_emu_sum_partials_many(int n, const float* const* parts, void* const* outs, const int64_t* counts,
+                              int out_dtype) {
   PartialSums sums;
+  sums.out_dtype = static_cast<DType>(out_dtype);
   if (n < 0 || n > PartialSums::kMax) return static_cast<int>(cudaErrorInvalidValue);
   for (int i = 0; i < n; ++i) sums.add(parts[i], outs[i], counts[i], counts[n + i]);
   return sum_partials_many(sums, nullptr);

@@ -104,17 +104,18 @@ cudaError_t weight_grad(const WgradParams& p, cudaStream_t stream);
 // out[i] = sum_p part[p * numel + i], summed in order p = 0, 1, ...: deterministic.
 cudaError_t sum_partials(const float* part, float* out, int64_t n_parts, int64_t numel, cudaStream_t stream);
 
-// Up to kMax such sums in one launch (the backward's finalize: dwc, dbc, dWu, dbu, dWd, dbd), so
-// the backward stays within 6 launches. Segment i: out[i] (numel[i],) = sum over n_parts[i]
-// slices of part[i], in order.
+// Up to kMax such sums in one launch (the backward's finalize: dwc, dbc, dWu, dbu, dWd, dbd), cast
+// to out_dtype (the parameters'), so the backward stays within 6 launches with no cast after it.
+// Segment i: out[i] (numel[i],) = sum over n_parts[i] slices of part[i], in order.
 struct PartialSums {
   static constexpr int kMax = 6;
+  DType out_dtype = DType::kFloat32;
   int n = 0;
   const float* part[kMax];
-  float* out[kMax];
+  void* out[kMax];
   int64_t n_parts[kMax];
   int64_t numel[kMax];
-  void add(const float* p, float* o, int64_t parts, int64_t count) {
+  void add(const float* p, void* o, int64_t parts, int64_t count) {
     part[n] = p;
     out[n] = o;
     n_parts[n] = parts;

@@ -28,6 +28,16 @@ template <int... Ns>
 struct IntList {};
 
 // ---------------------------------------------------------------------------------- the table
+// The work model (st_adapter_fast/backends/cuda_model.py) compiles each kernel file with the
+// table cut down to one entry -- -DSTA_ONLY_DTYPE=<DType> -DSTA_ONLY_KT=<kt> -DSTA_ONLY_CONFIG=<index>
+// -- for the registers and spills of exactly the instantiations a launch dispatches to, in
+// seconds instead of minutes. Nothing else defines these.
+#if defined(STA_ONLY_DTYPE) && defined(STA_ONLY_KT) && defined(STA_ONLY_CONFIG)
+#define STA_ONLY_ONE_ENTRY 1
+using ComputeDTypes = DTypeList<static_cast<DType>(STA_ONLY_DTYPE)>;
+using KernelSizes = IntList<STA_ONLY_KT>;
+constexpr int kMaxFp32Operands = 0;
+#else
 // Compute dtypes, i.e. the weights' dtype: fp16/bf16 on tensor cores, fp32 on IEEE SIMT.
 using ComputeDTypes = DTypeList<DType::kFloat32, DType::kFloat16, DType::kBFloat16>;
 // Temporal kernel sizes the conv kernels are instantiated for (the register window is unrolled
@@ -37,6 +47,7 @@ using KernelSizes = IntList<1, 3, 5, 7, 9>;
 // them -- the caller's activations x or dO -- may be fp32 under autocast (cast on load, as the
 // Triton kernels' _mma does). The work buffers g, h, dh are always in the compute dtype.
 constexpr int kMaxFp32Operands = 1;
+#endif
 // Tile configurations, selectable per call for the GPU sweep (an index into GemmConfigs; 0 = the
 // first, the default; st_adapter_fast.backends.cuda.gemm_configs() lists them): the K depth of a
 // 16-bit block step and the depth of its cp.async ring (STAGES tiles keep STAGES - 1 K steps in
@@ -57,7 +68,26 @@ struct GemmConfig {
 };
 template <typename... Cs>
 struct ConfigList {};
-using GemmConfigs = ConfigList<GemmConfig<32, 3>, GemmConfig<16, 4>, GemmConfig<32, 3, 32, 64>>;
+using AllGemmConfigs = ConfigList<GemmConfig<32, 3>, GemmConfig<16, 4>, GemmConfig<32, 3, 32, 64>>;
+template <int I, typename... Cs>
+struct ConfigAt;
+template <typename C, typename... Cs>
+struct ConfigAt<0, C, Cs...> {
+  using type = C;
+};
+template <int I, typename C, typename... Cs>
+struct ConfigAt<I, C, Cs...> : ConfigAt<I - 1, Cs...> {};
+template <int I, typename List>
+struct OneConfig;
+template <int I, typename... Cs>
+struct OneConfig<I, ConfigList<Cs...>> {
+  using type = ConfigList<typename ConfigAt<I, Cs...>::type>;
+};
+#ifdef STA_ONLY_ONE_ENTRY
+using GemmConfigs = typename OneConfig<STA_ONLY_CONFIG, AllGemmConfigs>::type;
+#else
+using GemmConfigs = AllGemmConfigs;
+#endif
 using DefaultGemmConfig = GemmConfig<32, 3>;
 // The fp32 twin of a config: its tile rows, the default K depth.
 template <typename C>
@@ -118,7 +148,9 @@ R dispatch_dtypes(DType compute, R fallback, F& f, DTypeList<Cs...>, Ops... oper
 
 }  // namespace detail
 
+#ifndef STA_ONLY_ONE_ENTRY
 static_assert(detail::max_kt(KernelSizes{}) == kMaxKT, "the table's widest KT is the register window's kMaxKT");
+#endif
 
 // f(IntTag<kt>{}) for a kt of the table, else fallback.
 template <typename R, typename F>

@@ -253,7 +253,8 @@ __global__ void __launch_bounds__(kThreads, 1) wgrad_mma_kernel(WgradParams p) {
 }
 
 // Thread i of the grid sums element i of the concatenated outputs: it finds its segment, then
-// adds that segment's partials in order p = 0, 1, ... (deterministic, no atomics).
+// adds that segment's partials in order p = 0, 1, ... (deterministic, no atomics), and casts.
+template <typename TO>
 __global__ void sum_partials_kernel(PartialSums sums) {
   int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   for (int seg = 0; seg < sums.n; ++seg) {
@@ -262,7 +263,7 @@ __global__ void sum_partials_kernel(PartialSums sums) {
       const int64_t numel = sums.numel[seg];
       float sum = 0.f;
       for (int64_t q = 0; q < sums.n_parts[seg]; ++q) sum += part[q * numel + i];
-      sums.out[seg][i] = sum;
+      static_cast<TO*>(sums.out[seg])[i] = from_float<TO>(sum);
       return;
     }
     i -= sums.numel[seg];
@@ -290,7 +291,10 @@ cudaError_t weight_grad(const WgradParams& p, cudaStream_t stream) {
 
 cudaError_t sum_partials_many(const PartialSums& sums, cudaStream_t stream) {
   if (sums.n < 0 || sums.n > PartialSums::kMax) return cudaErrorInvalidValue;
-  return launch_1d(sum_partials_kernel, sum_partials_blocks(sums.total()), kSumPartialsThreads, stream, sums);
+  return dispatch_dtypes(sums.out_dtype, cudaErrorInvalidValue, [&](auto dtype) {
+    return launch_1d(sum_partials_kernel<CType<decltype(dtype)>>, sum_partials_blocks(sums.total()),
+                     kSumPartialsThreads, stream, sums);
+  });
 }
 
 cudaError_t sum_partials(const float* part, float* out, int64_t n_parts, int64_t numel, cudaStream_t stream) {

@@ -16,7 +16,8 @@ imported or built until a CUDA tensor asks for this backend.
 Backend functions (see backends/__init__.py):
   forward(x, T, P, Wd, bd, taps, bc, Wu, bu) -> out (B*T, L, C), x's dtype, contiguous
   backward(dO, x, T, P, Wd, bd, taps, bc, Wu, bu) -> (dx, dWd, dbd, dtaps (Ca, KT), dbc, dWu, dbu)
-with fp32 parameter gradients (None for absent biases).
+with parameter gradients in the weights' dtype (summed in fp32 and cast by the backward's last
+launch, so ops adds no cast), None for absent biases.
 """
 
 from __future__ import annotations
@@ -267,7 +268,7 @@ def adapter_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv
 
 def adapter_backward(dout, x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
                      fc2_weight, fc2_bias, *, frames_per_prog: Optional[int] = None) -> tuple:
-    """(dx, dWd, dbd, dwc (Ca, KT), dbc, dWu, dbu): parameter grads fp32, dx in dO's dtype;
+    """(dx, dWd, dbd, dwc (Ca, KT), dbc, dWu, dbu): parameter grads in the weights' dtype, dx in dO's dtype;
     None for absent biases. Deterministic: bitwise-equal over runs on the same device."""
     return tuple(_require().bwd(
         dout, x, int(num_frames), int(num_prefix_tokens), fc1_weight, fc1_bias, conv_taps, conv_bias,

@@ -65,7 +65,7 @@ def _lib(tmp_dir: Path):
         lib.sta_emu_gemm_config_supported.argtypes = [i32]
         lib.sta_emu_dtypes_supported.argtypes = [i32, i32, ctypes.POINTER(i32)]
         lib.sta_emu_sum_partials.argtypes = [vp, vp, i64, i64]
-        lib.sta_emu_sum_partials_many.argtypes = [i32, ctypes.POINTER(vp), ctypes.POINTER(vp), arr]
+        lib.sta_emu_sum_partials_many.argtypes = [i32, ctypes.POINTER(vp), ctypes.POINTER(vp), arr, i32]
         lib.sta_emu_conv_plan.argtypes = [i32, i64, i64, i64, i64, i64, i64, i32, arr]
         lib.sta_emu_conv_grid.argtypes = [arr, i32, arr]
         lib.sta_emu_gemm_config_tiles.argtypes = [i32, i32, ctypes.POINTER(i32)]
@@ -100,7 +100,8 @@ def _conv_plan(lib, t, kt, s, ca, b, requested):
 
 
 class _Finalize:
-    """binding.cpp's Finalize: every fp32 partial of the backward summed in one launch."""
+    """binding.cpp's Finalize: every fp32 partial of the backward summed and cast to the
+    parameters' dtype in one launch."""
 
     def __init__(self):
         self.parts, self.outs, self.n_parts = [], [], []
@@ -117,7 +118,8 @@ class _Finalize:
         vps = ctypes.c_void_p * n
         _ok(lib.sta_emu_sum_partials_many(n, vps(*(t.data_ptr() for t in self.parts)),
                                           vps(*(t.data_ptr() for t in self.outs)),
-                                          _i64s(*self.n_parts, *(t.numel() for t in self.outs))))
+                                          _i64s(*self.n_parts, *(t.numel() for t in self.outs)),
+                                          DTYPE_CODE[self.outs[0].dtype]))
 
 
 def _i64s(*vals):
@@ -157,22 +159,21 @@ def _up_residual(lib, res, p, a, w, transposed, bias, out):
 
 def _weight_grad(lib, a, b, s, p, n, compute, with_bias, fin):
     i_dim, j_dim = a.shape[-1], b.shape[-1]
-    dw = torch.zeros(i_dim, j_dim)
-    db = torch.zeros(i_dim) if with_bias else None
+    dw = torch.zeros(i_dim, j_dim, dtype=compute)
+    db = torch.zeros(i_dim, dtype=compute) if with_bias else None
     if n == 0:
         return dw, db
     split = (ctypes.c_int64 * 2)()
     lib.sta_emu_wgrad_split(n, i_dim, j_dim, EMU_SMS, split)
     splits, tps = split[0], split[1]
-    dw_part = torch.empty(splits, i_dim, j_dim) if splits > 1 else dw
-    db_part = (torch.empty(splits, i_dim) if splits > 1 else db) if with_bias else None
+    dw_part = torch.empty(splits, i_dim, j_dim)
+    db_part = torch.empty(splits, i_dim) if with_bias else None
     _ok(lib.sta_emu_weight_grad(_ptr(a), DTYPE_CODE[a.dtype], _tokens(a, s, p), _ptr(b), DTYPE_CODE[b.dtype],
                                 _tokens(b, s, p), DTYPE_CODE[compute], s, n, i_dim, j_dim, splits, tps,
                                 _ptr(dw_part), _ptr(db_part), cuda_backend.gemm_config()))
-    if splits > 1:
-        fin.add(dw_part, dw, splits)
-        if with_bias:
-            fin.add(db_part, db, splits)
+    fin.add(dw_part, dw, splits)
+    if with_bias:
+        fin.add(db_part, db, splits)
     return dw, db
 
 
@@ -207,8 +208,8 @@ def emu_backward(lib, dout, x, t, p, wd, bd, taps, bc, wu, bu, *, frames_per_pro
     fin = _Finalize()
     dh = torch.empty(n, ca, dtype=wd.dtype)
     # empty, not zeros: the finalize writes every element (NaN if it missed one)
-    dwc = torch.full((ca, kt), float("nan")) if n else torch.zeros(ca, kt)
-    dbc = torch.full((ca,), float("nan")) if n else torch.zeros(ca)
+    dwc = torch.full((ca, kt), float("nan"), dtype=wd.dtype) if n else torch.zeros(ca, kt, dtype=wd.dtype)
+    dbc = torch.full((ca,), float("nan"), dtype=wd.dtype) if n else torch.zeros(ca, dtype=wd.dtype)
     if n:
         grid = (ctypes.c_int64 * 2)()
         lib.sta_emu_conv_grid(_conv_shape(x, t, p, taps, plan), cuda_backend.gemm_config(), grid)
