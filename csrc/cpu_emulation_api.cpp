@@ -113,6 +113,9 @@ void sta_emu_wgrad_split(int64_t N, int64_t I, int64_t J, int64_t sms, int64_t* 
   out[1] = s.tokens_per_split;
 }
 
+// Kernel launches the emulation has run so far.
+int64_t sta_emu_launch_count() { return sta_emu_launches; }
+
 // The dispatch table: whether kt and a GEMM config index have kernels, and whether a compute dtype takes these operand
 // dtypes (n_operands of them).
 int sta_emu_kt_supported(int kt) { return kt_supported(kt) ? 1 : 0; }

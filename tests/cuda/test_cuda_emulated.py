@@ -69,6 +69,7 @@ def _lib(tmp_dir: Path):
         lib.sta_emu_conv_plan.argtypes = [i32, i64, i64, i64, i64, i64, i64, i32, arr]
         lib.sta_emu_conv_grid.argtypes = [arr, i32, arr]
         lib.sta_emu_gemm_config_tiles.argtypes = [i32, i32, ctypes.POINTER(i32)]
+        lib.sta_emu_launch_count.restype = i64
         lib.sta_emu_wgrad_split.argtypes = [i64, i64, i64, i64, ctypes.POINTER(i64)]
         _LIB = lib
     return _LIB
@@ -367,6 +368,26 @@ def test_emulation_runs_the_kernels_and_can_fail(emulated, monkeypatch):
     got = run(case, inputs, "cuda_emulated", torch.float32, "cpu", grads=False)
     with pytest.raises(AssertionError, match="out"):
         assert_parity(got, ref, eager, torch.float32)
+
+
+def test_launch_budget(emulated):
+    """binding.cpp's launch sequence, as restated here and run by the emulated launchers: the
+    forward is 2 launches (down-conv, up-residual), the backward 6 (recompute, conv-backward,
+    dgrad, two wgrads, one finalize for every fp32 partial), with several wgrad token splits and
+    frame runs; the gradients come back in the weights' dtype (no cast launches after it)."""
+    case = Case(batch=2, frames=8, grid=(3, 3), channels=24, adapter_channels=40)
+    inputs = make_inputs(case)
+    x, t, p = inputs["x"].to(torch.bfloat16), case.frames, case.prefix
+    params = [v.to(torch.bfloat16) if v is not None else None for v in
+              (inputs["fc1_weight"], inputs["fc1_bias"], inputs["conv_weight"].reshape(40, -1), inputs["conv_bias"],
+               inputs["fc2_weight"], inputs["fc2_bias"])]
+    before = emulated.sta_emu_launch_count()
+    emu_forward(emulated, x, t, p, *params)
+    assert emulated.sta_emu_launch_count() - before == 2
+    before = emulated.sta_emu_launch_count()
+    grads = emu_backward(emulated, torch.ones_like(x), x, t, p, *params, frames_per_prog=3)
+    assert emulated.sta_emu_launch_count() - before == 6
+    assert all(g.dtype == torch.bfloat16 for g in grads[1:] if g is not None)
 
 
 def test_emulated_strided_weights(emulated):
