@@ -129,8 +129,13 @@ def sweep_cuda_configs(ctx, shape, dtype, timing) -> None:
         return
     import torch
 
-    inputs = core.make_op_inputs(shape, ctx.device, dtype, requires_grad=True)
-    step, reset = core.make_step("cuda", shape, "fwd+bwd", inputs, ctx.device)
+    try:
+        inputs = core.make_op_inputs(shape, ctx.device, dtype, requires_grad=True)
+        step, reset = core.make_step("cuda", shape, "fwd+bwd", inputs, ctx.device)
+    except Exception as err:  # the sweep goes on without this axis
+        ctx.results.add("sweep", {"stage": ctx.stage, "shape_name": shape.name, "family": "cuda", "status": "error",
+                                  "reason": f"{type(err).__name__}: {str(err)[:300]}"})
+        return
     for cfg in configs:
         def measure(cfg=cfg):
             old = os.environ.get("ST_ADAPTER_CUDA_GEMM_CONFIG")
