@@ -2,14 +2,17 @@
 // sequence, and the pybind11 module st_adapter_fast._cuda (or the JIT-built twin that
 // st_adapter_fast.backends.cuda loads). The kernels (*.cu) stay free of torch headers.
 //
-//   fwd(x, T, P, Wd, bd?, taps, bc?, Wu, bu?, frames_per_run=0, gemm_config=0) -> out (F, L, C), x's dtype
-//   bwd(dO, x, T, P, Wd, bd?, taps, bc?, Wu, bu?, frames_per_run=0, gemm_config=0)
+//   fwd(x, T, P, Wd, bd?, taps, bc?, Wu, bu?, frames_per_run=0, gemm_config=0, n_whole_rows=0)
+//       -> out (F, L, C), x's dtype
+//   bwd(dO, x, T, P, Wd, bd?, taps, bc?, Wu, bu?, frames_per_run=0, gemm_config=0, n_whole_rows=0)
 //       -> (dx, dWd, dbd?, dtaps (Ca, KT), dbc?, dWu, dbu?), parameter grads in the weights' dtype
 //          (summed in fp32, cast by the finalize launch), dx in dO's dtype
 //
 // x, dO: (F = B*T, L, C) with any strides; Wd (Ca, C), Wu (C, Ca) any strides; taps (Ca, KT).
 // x / dO may be fp32 with fp16/bf16 weights (autocast): the kernels cast on load. gemm_config:
-// the 16-bit GEMMs' tile configuration, an index into st_adapter_dispatch.h's GemmConfigs (0 = default).
+// the tile configuration, an index into st_adapter_dispatch.h's GemmConfigs (0 = default).
+// frames_per_run, n_whole_rows: the window grid's plan (st_adapter_fast.backends.cuda plans it from
+// occupancy, as the Triton launchers do); frames_per_run = 0: the binding's own (conv_plan).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -108,8 +111,11 @@ Dims check_inputs(const at::Tensor& x, int64_t T, int64_t P, const at::Tensor& w
 
 const void* opt_ptr(const OptTensor& t) { return t ? t->data_ptr() : nullptr; }
 
-// The down-conv / conv-backward window grid plan (st_adapter.h conv_plan).
-st_adapter::ConvPlan pick_plan(const Dims& d, int64_t requested) {
+// The down-conv / conv-backward window grid plan: the caller's, else conv_plan (st_adapter_index.cuh).
+st_adapter::ConvPlan pick_plan(const Dims& d, int64_t requested, int64_t n_whole_rows) {
+  TORCH_CHECK_VALUE(requested >= 0 && n_whole_rows >= 0, "frames_per_run and n_whole_rows must be >= 0, got ",
+                    requested, " and ", n_whole_rows);
+  if (requested > 0) return {requested < d.T ? requested : d.T, n_whole_rows};
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   return st_adapter::conv_plan(st_adapter::conv_block_m_for(d.gemm_config, d.KT), d.KT, d.B, d.T, d.S, d.Ca,
                                requested, sms);
@@ -226,7 +232,7 @@ std::pair<at::Tensor, OptTensor> run_weight_grad(const at::Tensor& a, const at::
 
 at::Tensor fwd(const at::Tensor& x, int64_t T, int64_t P, const at::Tensor& wd, const OptTensor& bd_in,
                const at::Tensor& taps_in, const OptTensor& bc_in, const at::Tensor& wu, const OptTensor& bu_in,
-               int64_t frames_per_run, int64_t gemm_config) {
+               int64_t frames_per_run, int64_t gemm_config, int64_t n_whole_rows) {
   const Dims d = check_inputs(x, T, P, wd, bd_in, taps_in, bc_in, wu, bu_in, gemm_config);
   const c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -239,7 +245,7 @@ at::Tensor fwd(const at::Tensor& x, int64_t T, int64_t P, const at::Tensor& wd, 
   at::Tensor out = at::empty({d.F, d.L, d.C}, x.options());
   at::Tensor g = at::empty({d.F * d.S, d.Ca}, wd.options());
   if (out.numel() == 0) return out;
-  if (g.numel() > 0) run_down_conv(x, d, wd, bd, taps, bc, g, nullptr, pick_plan(d, frames_per_run), stream);
+  if (g.numel() > 0) run_down_conv(x, d, wd, bd, taps, bc, g, nullptr, pick_plan(d, frames_per_run, n_whole_rows), stream);
   run_up_residual(x, d, g, wu, false, bu, out, stream);
   return out;
 }
@@ -247,7 +253,7 @@ at::Tensor fwd(const at::Tensor& x, int64_t T, int64_t P, const at::Tensor& wd, 
 std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, OptTensor, at::Tensor, OptTensor> bwd(
     const at::Tensor& dout, const at::Tensor& x, int64_t T, int64_t P, const at::Tensor& wd, const OptTensor& bd_in,
     const at::Tensor& taps_in, const OptTensor& bc_in, const at::Tensor& wu, const OptTensor& bu_in,
-    int64_t frames_per_run, int64_t gemm_config) {
+    int64_t frames_per_run, int64_t gemm_config, int64_t n_whole_rows) {
   const Dims d = check_inputs(x, T, P, wd, bd_in, taps_in, bc_in, wu, bu_in, gemm_config);
   TORCH_CHECK_VALUE(dout.device() == x.device() && dout.sizes().equals(x.sizes()),
                     "grad_out must match x: expected ", x.sizes(), " on ", x.device(), ", got ", dout.sizes(), " on ",
@@ -264,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, OptTensor, at::Tensor,
   // 1. recompute g and h (never saved by the forward)
   at::Tensor g = at::empty({N, d.Ca}, wd.options());
   at::Tensor h = at::empty({N, d.Ca}, wd.options());
-  const st_adapter::ConvPlan plan = pick_plan(d, frames_per_run);
+  const st_adapter::ConvPlan plan = pick_plan(d, frames_per_run, n_whole_rows);
   if (N > 0) run_down_conv(x, d, wd, bd, taps, bc, g, &h, plan, stream);
 
   // 2. dh and the conv-parameter gradients (summed by the finalize, 5.)
@@ -304,10 +310,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "fused forward: out = x + fc2(conv_t(fc1(x_s))) on spatial tokens", pybind11::arg("x"),
         pybind11::arg("num_frames"), pybind11::arg("num_prefix_tokens"), pybind11::arg("fc1_weight"),
         pybind11::arg("fc1_bias"), pybind11::arg("conv_taps"), pybind11::arg("conv_bias"), pybind11::arg("fc2_weight"),
-        pybind11::arg("fc2_bias"), pybind11::arg("frames_per_run") = 0, pybind11::arg("gemm_config") = 0);
+        pybind11::arg("fc2_bias"), pybind11::arg("frames_per_run") = 0, pybind11::arg("gemm_config") = 0,
+        pybind11::arg("n_whole_rows") = 0);
   m.def("bwd", &bwd, "fused backward with recompute: (dx, dWd, dbd, dtaps, dbc, dWu, dbu)", pybind11::arg("grad_out"),
         pybind11::arg("x"), pybind11::arg("num_frames"), pybind11::arg("num_prefix_tokens"),
         pybind11::arg("fc1_weight"), pybind11::arg("fc1_bias"), pybind11::arg("conv_taps"), pybind11::arg("conv_bias"),
-        pybind11::arg("fc2_weight"), pybind11::arg("fc2_bias"), pybind11::arg("frames_per_run") = 0, pybind11::arg("gemm_config") = 0);
+        pybind11::arg("fc2_weight"), pybind11::arg("fc2_bias"), pybind11::arg("frames_per_run") = 0,
+        pybind11::arg("gemm_config") = 0, pybind11::arg("n_whole_rows") = 0);
   m.attr("MAX_KT") = st_adapter::kMaxKT;
 }

@@ -223,10 +223,43 @@ def frames_per_run(num_frames: int, kt: int, blocks_per_frame_run: int, sms: int
     return -(-num_frames // runs)
 
 
+# Resident CTAs per SM of the window kernels: 164-216 registers x 256 threads (the work model's cuda
+# rows, nvcc -Xptxas -v on sm_90) leave room for one.
+CONV_CTAS_PER_SM = 1
+
+
+def window_plan(kt: int, batch: int, num_frames: int, spatial: int, ca: int, block_m: int, sms: int) -> tuple:
+    """(frames_per_run, n_whole_rows) of the window grid, planned like the Triton launchers'
+    (kernels/_common.py window_plan: whole-clip row blocks, then row blocks split into frame runs
+    where whole clips would leave SMs idle, by a simulated finish time) for sms * CONV_CTAS_PER_SM
+    slots. Shape A (294 whole-clip blocks on 132 SMs: 2.23 waves) splits some row blocks in 2."""
+    from st_adapter_fast.kernels._common import window_plan as plan
+
+    g_ca, g_r = -(-ca // CONV_BLOCK_N), -(-(batch * spatial) // block_m)
+    n_whole, runs, fpp = plan(num_frames, kt, g_ca, g_r, sms * CONV_CTAS_PER_SM)
+    return fpp, (g_r if runs == 1 else n_whole)
+
+
+def call_plan(x, num_frames: int, num_prefix_tokens: int, conv_taps, frames_per_prog: Optional[int]) -> tuple:
+    """(frames_per_run, n_whole_rows) a call hands the binding: forced runs (frames_per_prog or
+    ST_ADAPTER_FRAMES_PER_PROGRAM) split every row block alike, else window_plan for x's GPU."""
+    forced = _frames_per_run(frames_per_prog)
+    if forced:
+        return forced, 0
+    bt, seq_len, _ = x.shape
+    ca, kt = conv_taps.shape[0], conv_taps.shape[-1]
+    spatial = seq_len - num_prefix_tokens
+    if bt == 0 or spatial <= 0 or ca == 0:
+        return 0, 0  # nothing to launch: the binding's own plan
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    rows = gemm_configs()[gemm_config()].conv_rows(kt)
+    return window_plan(kt, bt // num_frames, num_frames, spatial, ca, rows, sms)
+
+
 def conv_plan(block_m: int, kt: int, batch: int, num_frames: int, spatial: int, ca: int, requested: int,
               sms: int) -> tuple:
-    """(frames_per_run, n_whole_rows) of the window grid with block_m rows per block:
-    csrc/st_adapter_index.cuh conv_plan."""
+    """(frames_per_run, n_whole_rows) of the window grid with block_m rows per block when the
+    caller plans nothing: csrc/st_adapter_index.cuh conv_plan (the binding's fallback)."""
     if requested > 0:
         return min(requested, num_frames), 0
     blocks = -(-ca // CONV_BLOCK_N) * -(-(batch * spatial) // block_m)
@@ -260,9 +293,11 @@ def gemm_config() -> int:
 def adapter_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
                     fc2_weight, fc2_bias, *, frames_per_prog: Optional[int] = None) -> torch.Tensor:
     """Fused forward: x (B*T, L, C) -> new (B*T, L, C) tensor of x's dtype."""
-    return _require().fwd(
+    ext = _require()
+    fpr, n_whole = call_plan(x, int(num_frames), int(num_prefix_tokens), conv_taps, frames_per_prog)
+    return ext.fwd(
         x, int(num_frames), int(num_prefix_tokens), fc1_weight, fc1_bias, conv_taps, conv_bias,
-        fc2_weight, fc2_bias, _frames_per_run(frames_per_prog), gemm_config(),
+        fc2_weight, fc2_bias, fpr, gemm_config(), n_whole,
     )
 
 
@@ -270,9 +305,11 @@ def adapter_backward(dout, x, num_frames, num_prefix_tokens, fc1_weight, fc1_bia
                      fc2_weight, fc2_bias, *, frames_per_prog: Optional[int] = None) -> tuple:
     """(dx, dWd, dbd, dwc (Ca, KT), dbc, dWu, dbu): parameter grads in the weights' dtype, dx in dO's dtype;
     None for absent biases. Deterministic: bitwise-equal over runs on the same device."""
-    return tuple(_require().bwd(
+    ext = _require()
+    fpr, n_whole = call_plan(x, int(num_frames), int(num_prefix_tokens), conv_taps, frames_per_prog)
+    return tuple(ext.bwd(
         dout, x, int(num_frames), int(num_prefix_tokens), fc1_weight, fc1_bias, conv_taps, conv_bias,
-        fc2_weight, fc2_bias, _frames_per_run(frames_per_prog), gemm_config(),
+        fc2_weight, fc2_bias, fpr, gemm_config(), n_whole,
     ))
 
 

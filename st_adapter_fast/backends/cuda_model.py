@@ -141,7 +141,7 @@ def cuda_launches(shape: tuple, dtype: torch.dtype, arch: int, kt: int = 3, pref
     half = dtype != torch.float32
     bk = cfg.block_k if half else 32
     tag = f"{str(dtype).replace('torch.', '')} KT={kt} {cfg.describe()}"
-    plan = cuda.conv_plan(cfg.conv_rows(kt), kt, b, t, s, ca, 0, sms)
+    plan = cuda.window_plan(kt, b, t, s, ca, cfg.conv_rows(kt), sms)  # what call_plan hands the binding
     act = _meta(dtype)
 
     def down_conv(store_h):

@@ -93,11 +93,24 @@ def _ok(rc):
 
 # --------------------------------------------------------- binding.cpp, restated for ctypes
 def _conv_plan(lib, t, kt, s, ca, b, requested):
-    """binding.cpp's pick_plan: (frames_per_run, n_whole_rows) of the window grid."""
-    out = (ctypes.c_int64 * 2)()
+    """backends/cuda.py call_plan (forced runs, else the occupancy plan window_plan for EMU_SMS
+    SMs: whole-clip row blocks then split ones) as binding.cpp's pick_plan receives it."""
     env = os.environ.get("ST_ADAPTER_FRAMES_PER_PROGRAM")
-    lib.sta_emu_conv_plan(kt, b, t, s, ca, int(requested or (env or 0)), EMU_SMS, cuda_backend.gemm_config(), out)
-    return out[0], out[1]
+    forced = int(requested or (env or 0))
+    if forced:
+        return min(forced, t), 0
+    rows = cuda_backend.gemm_configs()[cuda_backend.gemm_config()].conv_rows(kt)
+    return cuda_backend.window_plan(kt, b, t, s, ca, rows, EMU_SMS)
+
+
+def test_binding_fallback_plan(emulated):
+    """binding.cpp's own plan (frames_per_run = 0) from the dispatch table's tile rows equals
+    backends/cuda.py conv_plan for every config."""
+    out = (ctypes.c_int64 * 2)()
+    for cfg in cuda_backend.gemm_configs():
+        for kt, b, t, s, ca in ((3, 16, 8, 196, 384), (3, 4, 32, 196, 384), (9, 1, 17, 7, 40)):
+            emulated.sta_emu_conv_plan(kt, b, t, s, ca, 0, 132, cfg.index, out)
+            assert tuple(out) == cuda_backend.conv_plan(cfg.conv_rows(kt), kt, b, t, s, ca, 0, 132)
 
 
 class _Finalize:
