@@ -172,9 +172,10 @@ STA_HD bool in_clip(int64_t t, int64_t T) { return t >= 0 && t < T; }
 // Frames one down-conv block walks: whole clips when the grid already fills the GPU, shorter
 // runs (each recomputing a KT/2 halo on both sides) when the batch is small (B=4, T=32). A run
 // stays >= 2*KT frames so the halo costs at most half of the useful work. blocks_per_frame_run:
-// the grid's blocks with one run per clip (Ca blocks x row blocks). The CUDA backend's policy
-// (the Triton launchers plan from compiled occupancy instead, kernels/_common.py window_plan);
-// st_adapter_fast/backends/cuda.py frames_per_run restates it for the work model.
+// the grid's blocks with one run per clip (Ca blocks x row blocks). The binding's fallback when
+// its caller plans nothing: st_adapter_fast.backends.cuda hands it the Triton launchers'
+// occupancy plan (kernels/_common.py window_plan) instead. backends/cuda.py frames_per_run
+// restates this policy (tests/cuda/test_cuda_host_index.py checks the two agree).
 STA_HD int64_t frames_per_run(int64_t T, int kt, int64_t blocks_per_frame_run, int64_t sms) {
   int64_t per = blocks_per_frame_run > 1 ? blocks_per_frame_run : 1;
   int64_t want_runs = cdiv(2 * sms, per);
@@ -257,8 +258,9 @@ STA_HD WindowGrid conv_grid(int block_m, int64_t B, int64_t T, int64_t S, int64_
                             int64_t n_whole_rows) {
   return window_grid(B * S, T, Ca, block_m, kConvBlockN, frames_per_run, n_whole_rows);
 }
-// The binding's grid plan: frames_per_run (requested > 0, else the frames_per_run policy of
-// st_adapter_index.cuh for `sms` SMs); split row blocks only (n_whole_rows = 0) when runs > 1.
+// The binding's fallback grid plan (its caller passed frames_per_run = 0): frames_per_run
+// (requested > 0, else the frames_per_run policy for `sms` SMs); split row blocks only
+// (n_whole_rows = 0) when runs > 1.
 struct ConvPlan {
   int64_t frames_per_run, n_whole_rows;
 };

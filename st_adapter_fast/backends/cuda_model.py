@@ -108,7 +108,7 @@ def _meta(dtype, *shape):
     return torch.empty(shape or (0,), dtype=dtype, device="meta")
 
 
-def _window_work(wm, family, b, t, seq, c, ca, kt, prefix, dtype, cfg, plan):
+def _window_work(family, b, t, seq, c, ca, kt, prefix, dtype, cfg, plan):
     """The Triton window kernels' work functions, fed this grid: the CUDA decode is _window_program's."""
     s = seq - prefix
     bm, bk = cfg.conv_rows(kt), (cfg.block_k if dtype != torch.float32 else 32)
@@ -145,7 +145,7 @@ def cuda_launches(shape: tuple, dtype: torch.dtype, arch: int, kt: int = 3, pref
     act = _meta(dtype)
 
     def down_conv(store_h):
-        blocks, launch = _window_work(wm, "down_conv", b, t, seq, c, ca, kt, prefix, dtype, cfg, plan)
+        blocks, launch = _window_work("down_conv", b, t, seq, c, ca, kt, prefix, dtype, cfg, plan)
         launch.args["STORE_H"] = store_h
         return CudaLaunch("down_conv", blocks, wm._work_down_conv(launch),
                           f"down_conv_fwd_kernel[{tag} BM={cfg.conv_rows(kt)} fpr={plan[0]}{' h' if store_h else ''}]")
@@ -168,7 +168,7 @@ def cuda_launches(shape: tuple, dtype: torch.dtype, arch: int, kt: int = 3, pref
         return CudaLaunch("wgrad", g_j * g_i * split[0], wm._work_wgrad(launch),
                           f"wgrad[{tag} I={i_dim} J={j_dim} splits={split[0]}]"), split[0]
 
-    conv_blocks, conv_launch = _window_work(wm, "conv_bwd", b, t, seq, c, ca, kt, prefix, dtype, cfg, plan)
+    conv_blocks, conv_launch = _window_work("conv_bwd", b, t, seq, c, ca, kt, prefix, dtype, cfg, plan)
     conv = CudaLaunch("conv_bwd", conv_blocks, wm._work_conv_bwd(conv_launch),
                       f"conv_bwd_kernel[{tag} BM={cfg.conv_rows(kt)} fpr={plan[0]}]")
     conv_parts = conv_blocks // -(-ca // cuda.CONV_BLOCK_N)
@@ -220,8 +220,9 @@ def model_rows(shapes: Dict[str, tuple], dtype: torch.dtype, arch: int, kt: int 
 
 def _fill_compile(row, reports, family, arch, sms, wm):
     src, fragment = KERNEL_OF[family]
-    hits = [k for name, k in reports[src].items() if fragment in name and (family == "sum_partials") ==
-            ("sum_partials" in name)]
+    # the kernel's own name, not its file's ("_wgrad_cu_" is in every wgrad.cu entry)
+    hits = [k for name, k in reports[src].items() if fragment in name.split("_cu_")[-1]
+            and (family == "sum_partials") == ("sum_partials" in name)]
     if len(hits) != 1:
         raise RuntimeError(f"{src}: expected one {fragment} instantiation in the one-entry compile, got {len(hits)}")
     k = hits[0]
