@@ -229,19 +229,33 @@ constexpr int kWgradBlockM = 64;
 constexpr int kWgradBlockN = 64;
 constexpr int kWgradBlockK = 32;
 
-// Token splits of a weight-gradient GEMM: enough blocks for two waves, each split >= 8 token
-// steps; tokens_per_split is a multiple of BLOCK_K. Mirrors kernels.adapter_bwd.weight_grad.
+// Token splits of a weight-gradient GEMM: the Triton launchers' policy (kernels/_common.py
+// token_splits) -- the fewest splits that minimise whole waves x (token steps per block + the
+// cost of its fp32 partial, kWgradPartialSteps steps), each split >= 8 token steps -- for
+// kWgradCtasPerSm resident blocks per SM (the 16-bit kernel: 118-122 registers, 25-31 KB shared
+// memory on sm_90). Shape A's dWu: 11 splits, 792 blocks on 264 slots (was 4: 288 blocks, 1.09
+// waves). tokens_per_split is a multiple of kWgradBlockK.
+constexpr int kWgradCtasPerSm = 2;
+constexpr int kWgradPartialSteps = 4;
+
 struct WgradSplit {
   int64_t splits;
   int64_t tokens_per_split;
 };
 
 STA_HD WgradSplit wgrad_split(int64_t num_tokens, int64_t I, int64_t J, int64_t sms) {
-  int64_t tiles = cdiv(I, kWgradBlockM) * cdiv(J, kWgradBlockN);
-  int64_t by_sms = cdiv(2 * sms, tiles);
-  int64_t by_work = cdiv(num_tokens, 8 * kWgradBlockK);
-  int64_t splits = by_sms < by_work ? by_sms : by_work;
-  if (splits < 1) splits = 1;
+  const int64_t tiles = cdiv(I, kWgradBlockM) * cdiv(J, kWgradBlockN);
+  const int64_t slots = (sms > 1 ? sms : 1) * kWgradCtasPerSm;
+  const int64_t steps = num_tokens > kWgradBlockK ? cdiv(num_tokens, kWgradBlockK) : 1;
+  const int64_t most = steps / 8 > 1 ? steps / 8 : 1;
+  int64_t splits = 1, best_cost = -1;
+  for (int64_t s = 1; s <= most; ++s) {
+    const int64_t cost = cdiv(tiles * s, slots) * (cdiv(steps, s) + kWgradPartialSteps);
+    if (best_cost < 0 || cost < best_cost) {
+      splits = s;
+      best_cost = cost;
+    }
+  }
   int64_t n = num_tokens > 1 ? num_tokens : 1;
   int64_t tps = cdiv(cdiv(n, splits), kWgradBlockK) * kWgradBlockK;
   WgradSplit w;

@@ -185,12 +185,18 @@ def cuda_launches(shape: tuple, dtype: torch.dtype, arch: int, kt: int = 3, pref
             "bwd": [down_conv(True), conv, up_residual(ca, c), wu, wd, finalize]}
 
 
+# resident wgrad blocks per SM the C++ policy assumes (csrc/st_adapter_index.cuh kWgradCtasPerSm)
+WGRAD_CTAS_PER_SM = 2
+
+
 def wgrad_split(num_tokens: int, i_dim: int, j_dim: int, sms: int) -> Tuple[int, int]:
-    """(splits, tokens_per_split) of a weight-gradient launch: csrc/st_adapter_index.cuh wgrad_split
-    (tests/cuda/test_cuda_host_index.py restates it against the C++)."""
+    """(splits, tokens_per_split) of a weight-gradient launch: csrc/st_adapter_index.cuh wgrad_split,
+    i.e. kernels/_common.py token_splits (tests/cuda/test_cuda_host_index.py checks the C++ against it)."""
+    from st_adapter_fast.kernels._common import token_splits
+
     bm, bn, bk = cuda.WGRAD_BLOCK
     tiles = -(-i_dim // bm) * -(-j_dim // bn)
-    splits = max(1, min(-(-2 * sms // tiles), -(-num_tokens // (8 * bk))))
+    splits = token_splits(num_tokens, bk, tiles, max(sms, 1) * WGRAD_CTAS_PER_SM)
     tps = -(-(-(-max(num_tokens, 1) // splits)) // bk) * bk
     return max(1, -(-num_tokens // tps)), tps
 

@@ -190,13 +190,17 @@ def test_frames_per_run_policy(driver):
 
 
 def test_wgrad_splits(driver):
+    """The CUDA wgrad token splits are the Triton launchers' policy (kernels/_common.py
+    token_splits) for 2 resident blocks per SM; every token in exactly one split."""
+    from st_adapter_fast.kernels._common import token_splits
+
     block_k, block_m, block_n = 32, 64, 64
-    cases = [(n, i, j, sms) for n in (1, 31, 32, 33, 1000, 25088, 2 ** 31 + 5) for i, j in ((768, 384), (24, 40))
+    cases = [(n, i, j, sms) for n in (1, 31, 32, 33, 1000, 25088, 50176, 2 ** 24 + 5) for i, j in ((768, 384), (24, 40))
              for sms in (4, 132)]
     answers = driver([f"split {n} {i} {j} {sms}" for n, i, j, sms in cases])
     for (n, i, j, sms), ans in zip(cases, answers):
         tiles = math.ceil(i / block_m) * math.ceil(j / block_n)
-        splits = max(1, min(math.ceil(2 * sms / tiles), math.ceil(n / (8 * block_k))))
+        splits = token_splits(n, block_k, tiles, 2 * sms)
         tps = math.ceil(math.ceil(max(n, 1) / splits) / block_k) * block_k
         want = (max(1, math.ceil(n / tps)), tps)
         got = tuple(map(int, ans.split()))
