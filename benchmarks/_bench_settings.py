@@ -2,8 +2,9 @@
 
 Selection through the environment, so the same files serve the GPU run and the CPU smoke:
   ST_ADAPTER_BENCH_SHAPES    A,B,C (default on a GPU) | tiny (default on CPU)
-  ST_ADAPTER_BENCH_BACKENDS  subset of eager,eager-nocudnn,compile,compile-max-autotune,triton,cuda
-                             (default: all on a GPU, eager on CPU)
+  ST_ADAPTER_BENCH_BACKENDS  subset of eager,eager-nocudnn,compile,compile-max-autotune,triton,cuda,
+                             eager+ln,triton+ln (the adapter + LayerNorm pair: memory per adapted
+                             position; e2e: fuse_layernorm) (default: all on a GPU, eager on CPU)
   ST_ADAPTER_BENCH_QUICK=1   shorter timing
   ST_ADAPTER_BENCH_E2E=0     skip the end-to-end model
   ST_ADAPTER_BENCH_E2E_MODEL library (default: clip_vit + inject_st_adapters + VideoClassifier;

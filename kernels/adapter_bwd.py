@@ -193,20 +193,10 @@ def adapter_backward(
     the parameters' dtype (summed in fp32), dx in dO's dtype (contiguous). Bias grads are None
     where the bias is None."""
     bt, seq_len, _ = x.shape
-    ca, kt = conv_taps.shape
-    s = seq_len - num_prefix_tokens
-    n_tokens = bt * s
-    pdtype = fc1_weight.dtype
+    n_tokens = bt * (seq_len - num_prefix_tokens)
     if dout.dtype != x.dtype:  # one wgrad launch reads dO and x through one pointer type
         dout = dout.to(x.dtype)
-    grads = dict(
-        dwd=torch.empty(fc1_weight.shape, device=x.device, dtype=pdtype),
-        dbd=torch.empty((ca,), device=x.device, dtype=pdtype) if fc1_bias is not None else None,
-        dwc=torch.empty((ca, kt), device=x.device, dtype=pdtype),
-        dbc=torch.empty((ca,), device=x.device, dtype=pdtype) if conv_bias is not None else None,
-        dwu=torch.empty(fc2_weight.shape, device=x.device, dtype=pdtype),
-        dbu=torch.empty(fc2_weight.shape[:1], device=x.device, dtype=pdtype) if fc2_bias is not None else None,
-    )
+    grads = parameter_grads(x, fc1_weight, fc1_bias, conv_taps, conv_bias, fc2_weight, fc2_bias)
     if n_tokens == 0:
         dx = torch.empty(dout.shape, device=dout.device, dtype=dout.dtype).copy_(dout)
         return (dx, *[None if g is None else g.zero_() for g in grads.values()])
@@ -214,6 +204,46 @@ def adapter_backward(
         x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
         store_h=True, frames_per_prog=frames_per_prog,
     )
+    return backward_from_recompute(dout, x, g, h, num_frames, num_prefix_tokens, fc1_weight, fc2_weight, conv_taps,
+                                   grads, frames_per_prog=frames_per_prog)
+
+
+def parameter_grads(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias, conv_taps: torch.Tensor, conv_bias,
+                    fc2_weight: torch.Tensor, fc2_bias) -> dict:
+    """Empty gradient buffers, in the parameters' dtype, that backward_from_recompute fills."""
+    ca, kt = conv_taps.shape
+    pdtype = fc1_weight.dtype
+    return dict(
+        dwd=torch.empty(fc1_weight.shape, device=x.device, dtype=pdtype),
+        dbd=torch.empty((ca,), device=x.device, dtype=pdtype) if fc1_bias is not None else None,
+        dwc=torch.empty((ca, kt), device=x.device, dtype=pdtype),
+        dbc=torch.empty((ca,), device=x.device, dtype=pdtype) if conv_bias is not None else None,
+        dwu=torch.empty(fc2_weight.shape, device=x.device, dtype=pdtype),
+        dbu=torch.empty(fc2_weight.shape[:1], device=x.device, dtype=pdtype) if fc2_bias is not None else None,
+    )
+
+
+def backward_from_recompute(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    h: torch.Tensor,
+    num_frames: int,
+    num_prefix_tokens: int,
+    fc1_weight: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    conv_taps: torch.Tensor,
+    grads: dict,
+    *,
+    extra_segment: Optional[tuple] = None,
+    frames_per_prog: Optional[int] = None,
+) -> tuple:
+    """Launches 2-5 of the backward, given the recomputed g, h (B*T*S, Ca): conv backward,
+    dgrad, both weight GEMMs, and one fixed-order finalize that fills ``grads``
+    (parameter_grads) -- plus ``extra_segment`` (partials (n, R, Q) fp32, out), a caller's own
+    partial sums reduced in the same launch (the LayerNorm pair's affine grads)."""
+    bt, seq_len, _ = x.shape
+    s = seq_len - num_prefix_tokens
     dh, dwc_part, dbc_part = conv_backward(
         dout, num_frames, num_prefix_tokens, fc2_weight, conv_taps, h, frames_per_prog=frames_per_prog
     )
@@ -221,8 +251,8 @@ def adapter_backward(
     dx = up_residual_forward(dout, dh, fc1_weight.t(), None, num_prefix_tokens)
     # problem 0: dWu = dy^T g (+ dbu = sum dy); problem 1: dWd^T = x_s^T dh (+ dbd = sum dh)
     dw_part, dbu_part, dbd_part, splits = weight_grad_partials(
-        [(dout, g, 1 if fc2_bias is not None else 0), (x, dh, 2 if fc1_bias is not None else 0)],
-        pdtype, n_tokens, s, num_prefix_tokens,
+        [(dout, g, 1 if grads["dbu"] is not None else 0), (x, dh, 2 if grads["dbd"] is not None else 0)],
+        fc1_weight.dtype, bt * s, s, num_prefix_tokens,
     )
     finalize([
         (dw_part[:splits], grads["dwu"]),
@@ -231,5 +261,6 @@ def adapter_backward(
         (dbd_part[:, None, :], grads["dbd"]) if grads["dbd"] is not None else None,
         (dwc_part, grads["dwc"].t()),
         (dbc_part, grads["dbc"]) if grads["dbc"] is not None else None,
+        extra_segment,
     ])
     return dx, grads["dwd"], grads["dbd"], grads["dwc"], grads["dbc"], grads["dwu"], grads["dbu"]

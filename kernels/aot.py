@@ -26,7 +26,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import triton
 
-from . import _common, adapter_bwd, adapter_fwd, wgrad
+from . import _common, adapter_bwd, adapter_fwd, adapter_layernorm, wgrad
 
 # Shared memory a block may use (opt-in maximum): A100 163 KB, H100 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -45,6 +45,8 @@ _KERNELS = {
     "adapter_conv_bwd_kernel": (adapter_bwd, adapter_bwd.adapter_conv_bwd_kernel),
     "adapter_wgrad_kernel": (wgrad, wgrad.adapter_wgrad_kernel),
     "adapter_grad_finalize_kernel": (wgrad, wgrad.adapter_grad_finalize_kernel),
+    "adapter_up_residual_ln_fwd_kernel": (adapter_layernorm, adapter_layernorm.adapter_up_residual_ln_fwd_kernel),
+    "adapter_up_ln_bwd_kernel": (adapter_layernorm, adapter_layernorm.adapter_up_ln_bwd_kernel),
 }
 
 _TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -95,6 +97,8 @@ class _Recorder:
                 elif isinstance(value, bool):
                     sig.append((name, "constexpr"))
                     consts[name] = value
+                elif isinstance(value, float):
+                    sig.append((name, "fp32"))
                 elif isinstance(value, int):
                     if value == 1:  # the JIT specialises ints equal to 1 as constants
                         sig.append((name, "constexpr"))
@@ -128,7 +132,7 @@ def _recording(arch: int, sink: List[Variant], launches: Optional[List[Launch]] 
         setattr(mod, name, _Recorder(name, fn, sink, launches))
     sms = sms or (132 if arch >= 90 else 108)
     patched = {"arch_of": lambda t: arch, "sm_count": lambda t: sms}
-    mods = (_common, adapter_fwd, adapter_bwd, wgrad)
+    mods = (_common, adapter_fwd, adapter_bwd, adapter_layernorm, wgrad)
     old = [(m, k, getattr(m, k)) for m in mods for k in patched if hasattr(m, k)]
     for m, k, _ in old:
         setattr(m, k, patched[k])
@@ -177,6 +181,8 @@ def _dispatch_variants(arch, kts, dtypes, shapes) -> List[Variant]:
                             wu, bu = torch.empty(c, ca, **meta), torch.empty(c, **meta)
                             adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu)
                             _record_backward(x, t, wd, bd, taps, bc, wu, bu)
+                            if kt == kts[0]:  # the pair has no KT of its own: one kt records it
+                                _record_layernorm_pair(x, t, wd, bd, taps, bc, wu, bu)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
     return list(dict.fromkeys(sink))
@@ -185,6 +191,18 @@ def _dispatch_variants(arch, kts, dtypes, shapes) -> List[Variant]:
 def _record_backward(x, t, wd, bd, taps, bc, wu, bu):
     # adapter_backward reduces partials with torch ops, which meta tensors support
     adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu)
+
+
+def _record_layernorm_pair(x, t, wd, bd, taps, bc, wu, bu):
+    """The adapter + LayerNorm pair, forward and backward, LayerNorm affine trained (the
+    AFFINE_GRADS variant) and frozen."""
+    c = x.shape[-1]
+    lnw, lnb = torch.empty(c, device="meta", dtype=x.dtype), torch.empty(c, device="meta", dtype=x.dtype)
+    adapter_layernorm.adapter_layernorm_forward(x, t, 1, wd, bd, taps, bc, wu, bu, lnw, lnb, 1e-5, x.dtype)
+    stats = torch.empty(x.shape[:2], device="meta", dtype=torch.float32)
+    for affine in (True, False):
+        adapter_layernorm.adapter_layernorm_backward(x, x, x, t, 1, wd, bd, taps, bc, wu, bu, lnw, lnb, stats, stats,
+                                                     affine_grads=affine)
 
 
 @dataclasses.dataclass
@@ -314,6 +332,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", help="write the reports here")
     parser.add_argument("--model", action="store_true",
                         help="the work model (docs/design.md §10): one row per launch of fwd and bwd")
+    parser.add_argument("--layernorm", action="store_true",
+                        help="with --model: also the adapter + LayerNorm pair's launches (shapes '<name>+LN')")
     args = parser.parse_args(argv)
     if _common.INTERPRET:
         print("unset TRITON_INTERPRET: AOT compilation needs the real JIT", file=sys.stderr)
@@ -349,7 +369,7 @@ def _main_model(args, kwargs) -> int:
         return 2
     shapes = kwargs.get("shapes") or {k: TARGET_SHAPES[k] for k in ("A", "B", "C")}
     rows = work_model.model_rows(shapes, kwargs.get("dtypes", (torch.bfloat16,))[0], (args.arch or [90])[0],
-                                 kwargs.get("kts", (3,))[0])
+                                 kwargs.get("kts", (3,))[0], layernorm=args.layernorm)
     # the CUDA backend's launches too (backend "cuda"; registers need nvcc)
     rows += work_model.cuda_model_rows(shapes, kwargs.get("dtypes", (torch.bfloat16,))[0], (args.arch or [90])[0],
                                        kwargs.get("kts", (3,))[0])

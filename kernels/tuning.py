@@ -68,6 +68,24 @@ def _default_finalize(kt: int, compute_dtype: torch.dtype, arch: int) -> TileCon
     return finalize_config(compute_dtype, arch)
 
 
+def _default_up_residual_ln(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    from .adapter_layernorm import up_residual_ln_config
+
+    return up_residual_ln_config(compute_dtype, arch)
+
+
+def _default_up_ln_bwd(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    from .adapter_layernorm import up_ln_bwd_config
+
+    return up_ln_bwd_config(compute_dtype, arch)
+
+
+def _default_up_ln_unaligned(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    from .adapter_layernorm import up_ln_unaligned_config
+
+    return up_ln_unaligned_config(compute_dtype, arch)
+
+
 def _unaligned(default: Callable[[int, torch.dtype, int], TileConfig], **shrink) -> Callable:
     """The family's config for unaligned operands (a size or stride not a multiple of 16): no
     cp.async / vectorised loads, 64-bit addresses per element, so the register-hungriest case.
@@ -108,12 +126,18 @@ KERNELS: Dict[str, Callable[[int, torch.dtype, int], TileConfig]] = {
     "conv_bwd": _default_conv_bwd,
     "wgrad": _default_wgrad,  # dWu and dWd in one launch
     "finalize": _default_finalize,  # BLOCK_M = elements per program of the partials' sum
+    # the adapter + LayerNorm pair (kernels/adapter_layernorm.py): up-projection with the
+    # LayerNorm in its epilogue, and its backward twin (recompute out, fold the LN backward)
+    "up_residual_ln": _default_up_residual_ln,
+    "up_ln_bwd": _default_up_ln_bwd,
     # unaligned operands (tests/kernels/test_aot_compile.py's "odd" shape C=200, Ca=72): the
     # aligned sm_90 tiles spilled there (up 128x128: 1.8 KB, wgrad 128x128: 2.1 KB, conv_bwd
     # 64x64: 44 B)
     "up_residual_unaligned": _default_up_residual_unaligned,
     "conv_bwd_unaligned": _default_conv_bwd_unaligned,
     "wgrad_unaligned": _unaligned(_default_wgrad, BLOCK_M=64, BLOCK_N=64, ctas_per_sm=3),
+    "up_residual_ln_unaligned": _default_up_ln_unaligned,
+    "up_ln_bwd_unaligned": _default_up_ln_unaligned,
 }
 
 

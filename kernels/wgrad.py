@@ -129,9 +129,10 @@ def adapter_grad_finalize_kernel(
     p3, n3, r3, q3, o3, sr3, sq3, e3,
     p4, n4, r4, q4, o4, sr4, sq4, e4,
     p5, n5, r5, q5, o5, sr5, sq5, e5,
+    p6, n6, r6, q6, o6, sr6, sq6, e6,
     BLOCK: tl.constexpr,
 ):
-    """Six (partials (n, R, Q) fp32 -> out) segments; program blocks [e_{k-1}, e_k) do segment k."""
+    """Seven (partials (n, R, Q) fp32 -> out) segments; program blocks [e_{k-1}, e_k) do segment k."""
     pid = tl.program_id(0)
     if pid < e0:
         _reduce_segment(p0, n0, r0, q0, o0, sr0, sq0, pid, BLOCK)
@@ -145,10 +146,14 @@ def adapter_grad_finalize_kernel(
         _reduce_segment(p4, n4, r4, q4, o4, sr4, sq4, pid - e3, BLOCK)
     elif pid < e5:
         _reduce_segment(p5, n5, r5, q5, o5, sr5, sq5, pid - e4, BLOCK)
+    elif pid < e6:
+        _reduce_segment(p6, n6, r6, q6, o6, sr6, sq6, pid - e5, BLOCK)
 
 
 FINALIZE_BLOCK = 1024
-FINALIZE_SEGMENTS = 6
+# the adapter backward uses six (dWu, dWd, dbu, dbd, dwc, dbc); the adapter + LayerNorm pair
+# adds its affine grads as a seventh (kernels/adapter_layernorm.py)
+FINALIZE_SEGMENTS = 7
 
 
 def finalize_config(compute_dtype: torch.dtype, arch: int) -> TileConfig:

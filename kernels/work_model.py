@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import aot
+from . import aot, wgrad
 from ._common import window_program_frames
 
 SM_COUNT = {80: 108, 90: 132}
@@ -117,9 +117,11 @@ def _ops_epilogue(grads, x, fc1_weight, conv_shape):
 
 
 def record_launches(shape: Tuple[int, ...], dtype: torch.dtype, arch: int, kt: int = 3, prefix: int = 1,
-                    sms: Optional[int] = None):
-    """{"fwd": [...], "bwd": [...]} of aot.Launch / TorchOp events in launch order."""
-    from . import adapter_bwd, adapter_fwd
+                    sms: Optional[int] = None, layernorm: bool = False):
+    """{"fwd": [...], "bwd": [...]} of aot.Launch / TorchOp events in launch order; layernorm: of
+    the adapter + LayerNorm pair (kernels/adapter_layernorm.py; LayerNorm affine frozen, as in a
+    frozen backbone -- trained, its grads ride in the same finalize launch)."""
+    from . import adapter_bwd, adapter_fwd, adapter_layernorm
 
     b, t, seq, c, ca = shape
     passes = {}
@@ -128,7 +130,17 @@ def record_launches(shape: Tuple[int, ...], dtype: torch.dtype, arch: int, kt: i
         sink: list = []
         x, (wd, bd, taps, bc, wu, bu) = _meta_params(b, t, seq, c, ca, kt, dtype)
         with aot._recording(arch, sink, events, sms), _OpCapture(events):
-            if pass_name == "fwd":
+            if layernorm:
+                lnw, lnb = torch.empty(c, device="meta", dtype=dtype), torch.empty(c, device="meta", dtype=dtype)
+                if pass_name == "fwd":
+                    adapter_layernorm.adapter_layernorm_forward(x, t, prefix, wd, bd, taps, bc, wu, bu, lnw, lnb,
+                                                                1e-5, dtype)
+                else:
+                    stats = torch.empty(x.shape[:2], device="meta", dtype=torch.float32)
+                    grads = adapter_layernorm.adapter_layernorm_backward(
+                        x, x, x, t, prefix, wd, bd, taps, bc, wu, bu, lnw, lnb, stats, stats, affine_grads=False)
+                    _ops_epilogue(grads[:7], x, wd, (ca, 1, kt, 1, 1))
+            elif pass_name == "fwd":
                 adapter_fwd.adapter_forward(x, t, prefix, wd, bd, taps, bc, wu, bu)
             else:
                 grads = adapter_bwd.adapter_backward(x, x, t, prefix, wd, bd, taps, bc, wu, bu)
@@ -198,6 +210,32 @@ def _work_up_residual(launch) -> Work:
     return executed, 2 * n_tok * K * NOUT, hbm, l2
 
 
+def _work_up_ln(launch, forward: bool) -> Work:
+    """The pair's up-projection kernels: a program walks all of C twice, the GEMM on the first
+    walk. fwd: read x, write out, re-read out (L2), write normed. bwd: recompute out (park it in
+    dres), read d_normed twice, d_out once, write dres."""
+    a, (progs,) = launch.args, launch.grid
+    n_rows, L, S, CA, C = a["n_rows"], a["L"], a["S"], a["CA"], a["C"]
+    bm, bn, bk = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
+    n_tok = n_rows // L * S
+    xe, ge, we = _elt(a["x_ptr"]), _elt(a["g_ptr"]), _elt(a["wu_ptr"])
+    ksteps, nblocks = _cdiv(CA, bk), _cdiv(C, bn)
+    tiles = progs * nblocks
+    executed = tiles * 2 * bm * bn * bk * ksteps
+    gemm_l2 = tiles * ksteps * bk * (bm * ge + bn * we)
+    weights = n_tok * CA * ge + C * CA * we + n_rows * 8  # g, Wu, mean + rstd
+    if forward:
+        oe, ne = _elt(a["out_ptr"]), _elt(a["normed_ptr"])
+        hbm = n_rows * C * (xe + oe + ne) + weights
+        l2 = gemm_l2 + tiles * bm * bn * (xe + 2 * oe + ne)
+    else:
+        de, dne, re = _elt(a["dout_ptr"]), _elt(a["dnormed_ptr"]), _elt(a["dres_ptr"])
+        parts = progs * 2 * C * 4 if a["AFFINE_GRADS"] else 0
+        hbm = n_rows * C * (xe + de + dne + re) + weights + parts
+        l2 = gemm_l2 + tiles * bm * bn * (xe + 2 * dne + de + 3 * re) + parts
+    return executed, 2 * n_tok * CA * C, hbm, l2
+
+
 def _work_wgrad(launch) -> Work:
     a, (g_j, g_i, z) = launch.args, launch.grid
     N, I, J, per, splits = a["N"], a["I"], a["J"], a["tokens_per_split"], a["n_splits"]
@@ -218,7 +256,7 @@ def _work_finalize(launch) -> Work:
     """A fixed-order sum of fp32 partials into each output, cast: reads every partial once."""
     a = launch.args
     moved, seen = 0, set()
-    for k in range(6):
+    for k in range(wgrad.FINALIZE_SEGMENTS):
         out = a[f"o{k}"]
         if id(out) in seen or (k and a[f"e{k}"] == a[f"e{k - 1}"]):
             continue
@@ -234,6 +272,8 @@ WORK: Dict[str, Callable] = {
     "adapter_conv_bwd_kernel": _work_conv_bwd,
     "adapter_wgrad_kernel": _work_wgrad,
     "adapter_grad_finalize_kernel": _work_finalize,
+    "adapter_up_residual_ln_fwd_kernel": functools.partial(_work_up_ln, forward=True),
+    "adapter_up_ln_bwd_kernel": functools.partial(_work_up_ln, forward=False),
 }
 
 
@@ -273,13 +313,16 @@ def _row(shape_name: str, pass_name: str, event, arch: int, compile_kernels: boo
 
 
 def model_rows(shapes: Dict[str, tuple], dtype: torch.dtype = torch.bfloat16, arch: int = 90, kt: int = 3,
-               compile_kernels: bool = True, sms: Optional[int] = None) -> List[Row]:
+               compile_kernels: bool = True, sms: Optional[int] = None, layernorm: bool = False) -> List[Row]:
     """One Row per launch of fwd and bwd for each (B, T, L, C, Ca) shape; `sms` stands in for the
-    arch's SM count (tests use a small one to make the launchers split work)."""
+    arch's SM count (tests use a small one to make the launchers split work). layernorm: also the
+    adapter + LayerNorm pair's launches, as shape "<name>+LN"."""
     rows = []
     for name, shape in shapes.items():
-        for pass_name, events in record_launches(shape, dtype, arch, kt, sms=sms).items():
-            rows += [_row(name, pass_name, ev, arch, compile_kernels) for ev in events]
+        for ln in (False, True) if layernorm else (False,):
+            label = f"{name}+LN" if ln else name
+            for pass_name, events in record_launches(shape, dtype, arch, kt, sms=sms, layernorm=ln).items():
+                rows += [_row(label, pass_name, ev, arch, compile_kernels) for ev in events]
     return rows
 
 

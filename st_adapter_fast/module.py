@@ -124,6 +124,31 @@ class STAdapter(nn.Module):
             training=self.training,
         )
 
+    # inject_st_adapters(..., fuse_layernorm=True) sets it: the adapted block forwards then call
+    # forward_layernorm with the block's LayerNorm instead of forward followed by that LayerNorm
+    fuse_layernorm: bool = False
+
+    def forward_layernorm(self, x: torch.Tensor, num_frames: int, norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(out, norm(out)) with out = self(x, num_frames), as one fused op (the adapter + LayerNorm
+        pair, st_adapter_fast.adapter_layernorm): backward saves x and per-token statistics, not
+        out or the LayerNorm's fp32 copy of it (docs/design.md §7). ``norm`` is the block's
+        LayerNorm; normed comes back in the dtype that module returns (models.families.base
+        .layernorm_rule). The official switches only: a variant adapter, or inplace=True, runs
+        the two modules one after the other."""
+        from .adapter_layernorm import st_adapter_layernorm
+        from .models.families.base import layernorm_rule
+
+        rule = layernorm_rule(norm, self.fc1.in_features)
+        if not self.variant.official or self.inplace:
+            out = self(x, num_frames)
+            return out, norm(out)
+        return st_adapter_layernorm(
+            x, num_frames, self.fc1.weight, self.fc1.bias, self.conv.weight, self.conv.bias,
+            self.fc2.weight, self.fc2.bias, norm.weight, norm.bias, norm_eps=norm.eps,
+            normed_dtype=x.dtype if rule == "input" else None, num_prefix_tokens=self.num_prefix_tokens,
+            grid_size=self.grid_size, backend=self.backend, conv_cudnn=self.conv_cudnn,
+        )
+
     @property
     def variant(self) -> Variant:
         """This adapter's docs/design.md §9 switches (drop_path as in effect in this mode)."""

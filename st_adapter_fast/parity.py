@@ -18,6 +18,7 @@ Only torch is imported here (no pytest, no triton): the CLI and verify_model imp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -32,7 +33,8 @@ __all__ = [
     "Tol", "TOLERANCES", "tolerance_for", "PARAM_NAMES", "RESULT_NAMES", "Case", "DtypeMode",
     "DTYPE_MODES", "make_inputs", "place", "run", "reference64", "TensorError", "bound",
     "compare", "format_failures", "backstop_exempt", "parity_grid", "variant_grid", "run_mode", "triton_interpreter_on",
-    "fused_device", "VARIANT_PARAM_NAMES", "MMACTION2",
+    "fused_device", "VARIANT_PARAM_NAMES", "MMACTION2", "make_layernorm_inputs", "run_layernorm",
+    "LAYERNORM_PARAM_NAMES",
 ]
 
 
@@ -420,3 +422,59 @@ def reference64(case: Case, inputs, *, grads: bool = True, device: str = "cpu") 
     """The reference in float64, on CPU unless a DropPath case runs elsewhere: its mask comes
     from the device's RNG, so it is drawn there too (drop_path_mask draws alike in every dtype)."""
     return run(case, inputs, "reference", torch.float64, device, grads=grads)
+
+
+# ------------------------------------------------------- the adapter + LayerNorm pair (§7)
+LAYERNORM_PARAM_NAMES = ("ln_weight", "ln_bias")
+
+
+def make_layernorm_inputs(case: Case, seed: int = 0, *, affine: bool = True) -> Dict[str, Optional[torch.Tensor]]:
+    """make_inputs plus the pair's own: grad_normed and the LayerNorm affine (non-trivial: a
+    unit weight and zero bias would hide a swapped gradient)."""
+    inputs = make_inputs(case, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    c = case.channels
+    inputs["grad_normed"] = torch.randn(inputs["x"].shape, generator=gen, dtype=torch.float64)
+    inputs["ln_weight"] = 1.0 + 0.3 * torch.randn(c, generator=gen, dtype=torch.float64) if affine else None
+    inputs["ln_bias"] = 0.3 * torch.randn(c, generator=gen, dtype=torch.float64) if affine else None
+    return inputs
+
+
+def run_layernorm(
+    case: Case,
+    inputs: Dict[str, Optional[torch.Tensor]],
+    backend: str,
+    dtype: torch.dtype,
+    device: str,
+    *,
+    autocast: Optional[torch.dtype] = None,
+    ln_dtype: Optional[torch.dtype] = None,
+    affine_grads: bool = True,
+    normed_dtype: Optional[torch.dtype] = None,
+) -> Dict[str, torch.Tensor]:
+    """st_adapter_fast.adapter_layernorm.st_adapter_layernorm on one case: out, normed, and the
+    gradients of x, every adapter parameter and (affine_grads) the LayerNorm affine, given
+    grad_out and grad_normed, as float64 CPU tensors. ln_dtype: the LayerNorm's parameter dtype
+    (default dtype; the official recipe keeps a bf16 backbone's LayerNorm in bf16)."""
+    from .adapter_layernorm import st_adapter_layernorm
+
+    x = place(inputs["x"], dtype, device, case.noncontiguous).requires_grad_()
+    params = {n: place(inputs.get(n), dtype, device) for n in PARAM_NAMES}
+    for n in LAYERNORM_PARAM_NAMES:
+        params[n] = place(inputs.get(n), ln_dtype or dtype, device)
+    for n, p in params.items():
+        if p is not None:
+            p.requires_grad_(affine_grads or n not in LAYERNORM_PARAM_NAMES)
+    kwargs = dict(num_prefix_tokens=case.prefix, grid_size=case.grid, backend=backend, normed_dtype=normed_dtype)
+    args = (x, case.frames, *[params[n] for n in PARAM_NAMES], params["ln_weight"], params["ln_bias"])
+    with torch.autocast(device_type=device, dtype=autocast) if autocast is not None else contextlib.nullcontext():
+        out, normed = st_adapter_layernorm(*args, **kwargs)
+    # one backward with both incoming gradients, as a block's graph delivers them
+    torch.autograd.backward([out, normed], [inputs["grad_out"].to(device=device, dtype=out.dtype),
+                                            inputs["grad_normed"].to(device=device, dtype=normed.dtype)])
+    result = {"out": out.detach().double().cpu(), "normed": normed.detach().double().cpu(),
+              "x": x.grad.double().cpu()}
+    for name, p in params.items():
+        if p is not None and p.requires_grad:
+            result[name] = p.grad.double().cpu()
+    return result

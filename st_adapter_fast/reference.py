@@ -20,7 +20,7 @@ from einops import rearrange
 
 from .variants import ACTIVATIONS, Variant
 
-__all__ = ["reference", "infer_grid", "activation", "drop_path_mask"]
+__all__ = ["reference", "reference_layernorm", "infer_grid", "activation", "drop_path_mask"]
 
 
 def infer_grid(num_spatial: int, grid_size: Optional[Sequence[int]] = None) -> Tuple[int, int]:
@@ -184,3 +184,35 @@ def reference(
     out = x_id.clone()
     out[:, first:, :] += xs
     return out
+
+
+def reference_layernorm(
+    x: torch.Tensor,
+    num_frames: int,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    conv_weight: torch.Tensor,
+    conv_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
+    *,
+    norm_eps: float = 1e-5,
+    normed_dtype: Optional[torch.dtype] = None,
+    num_prefix_tokens: int = 1,
+    grid_size: Optional[Sequence[int]] = None,
+    conv_cudnn: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The adapter + LayerNorm pair as a model runs it (st_adapter_fast.adapter_layernorm's
+    oracle, same signature): out = reference(x, ...), normed = layer_norm(out) computed in fp32
+    (float64 stays float64) and returned in normed_dtype (None: out's dtype)."""
+    out = reference(x, num_frames, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias,
+                    num_prefix_tokens=num_prefix_tokens, grid_size=grid_size, conv_cudnn=conv_cudnn)
+    compute = torch.promote_types(out.dtype, torch.float32)
+    with torch.autocast(out.device.type, enabled=False) if torch.amp.is_autocast_available(out.device.type) \
+            else contextlib.nullcontext():
+        normed = F.layer_norm(out.to(compute), (out.shape[-1],),
+                              norm_weight.to(compute) if norm_weight is not None else None,
+                              norm_bias.to(compute) if norm_bias is not None else None, norm_eps)
+    return out, normed.to(normed_dtype or out.dtype)

@@ -42,6 +42,13 @@ class Backend:
     auto: bool = True
     # unavailable_reason takes variant= (a Variant, or None for the official switches)
     variant_aware: bool = False
+    # the adapter + LayerNorm pair (st_adapter_fast.adapter_layernorm), None where not fused:
+    #   forward_layernorm(x, T, P, Wd, bd, taps, bc, Wu, bu, ln_w, ln_b, eps, normed_dtype)
+    #     -> (out, normed, mean (B*T, L) fp32, rstd)
+    #   backward_layernorm(d_out, d_normed, x, T, P, Wd, bd, taps, bc, Wu, bu, ln_w, ln_b, mean, rstd,
+    #                      affine_grads=) -> backward's 7 grads + (d_ln_w, d_ln_b)
+    forward_layernorm: Optional[Callable] = None
+    backward_layernorm: Optional[Callable] = None
 
     def reason(self, x: torch.Tensor, kernel_size: Sequence[int], dtype: torch.dtype,
                variant=None) -> Optional[str]:

@@ -99,4 +99,17 @@ def _triton_backward(*args):
     return _triton_kernels()[1].adapter_backward(*args)
 
 
-BACKEND = Backend("triton", _triton_unavailable, _triton_forward, _triton_backward, variant_aware=True)
+def _triton_layernorm_forward(*args):
+    from ..kernels import adapter_layernorm
+
+    return adapter_layernorm.adapter_layernorm_forward(*args)
+
+
+def _triton_layernorm_backward(*args, **kwargs):
+    from ..kernels import adapter_layernorm
+
+    return adapter_layernorm.adapter_layernorm_backward(*args, **kwargs)
+
+
+BACKEND = Backend("triton", _triton_unavailable, _triton_forward, _triton_backward, variant_aware=True,
+                  forward_layernorm=_triton_layernorm_forward, backward_layernorm=_triton_layernorm_backward)

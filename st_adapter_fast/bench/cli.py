@@ -202,8 +202,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             if provider == "none":
                 return None
             probe = core.OpShape("e2e", cfg.batch, cfg.frames, cfg.seq_len, cfg.width, cfg.adapter_channels)
+            if provider == "eager+ln":
+                return "the eager pair is the eager model (fuse_layernorm needs a fused backend)"
             reason = core.provider_unavailable(provider, probe, device, torch.float16 if device == "cuda" else dtype)
-            if reason is None and device == "cpu" and provider == "triton":
+            if reason is None and device == "cpu" and provider in ("triton", "triton+ln"):
                 reason = "the Triton interpreter is too slow for a whole model; e2e needs a GPU"
             return reason
 

@@ -23,7 +23,6 @@ import dataclasses
 import gc
 import math
 import os
-import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -32,6 +31,8 @@ import torch
 import st_adapter_fast
 from st_adapter_fast.reference import reference
 
+from .timing import time_fn, timing_budget  # noqa: F401  (re-exported: the bench API)
+
 __all__ = [
     "OpShape", "TARGET_SHAPES", "TINY_SHAPES", "TINY_TARGETS", "PROVIDERS", "MODES", "parse_shapes", "sweep_shapes",
     "op_flops", "op_min_bytes", "measure_roofline", "provider_unavailable", "make_op_inputs",
@@ -39,7 +40,10 @@ __all__ = [
 ]
 
 MODES = ("fwd", "fwd+bwd")
-PROVIDERS = ("eager", "eager-nocudnn", "compile", "compile-max-autotune", "triton", "cuda")
+PROVIDERS = ("eager", "eager-nocudnn", "compile", "compile-max-autotune", "triton", "cuda", "eager+ln", "triton+ln")
+# "<provider>+ln": the adapter and the LayerNorm after it (st_adapter_layernorm; docs/design.md §7),
+# x -> (out, normed) with CLIP's fp32-compute LayerNorm; eager+ln is the two run one after the other
+LAYERNORM_SUFFIX = "+ln"
 COMPILE_MODES = {"compile": None, "compile-max-autotune": "max-autotune"}
 # None: torch.compile's default backend (inductor). The verdict's CPU dry run sets "aot_eager",
 # which traces the same graph without inductor's C++ codegen: 85 s -> a few s on 2 CPU cores.
@@ -191,10 +195,20 @@ def normalize_provider(name: str) -> str:
     return name
 
 
+def pair_base(provider: str) -> Optional[str]:
+    """The adapter provider of an "<provider>+ln" pair provider, None for the adapter alone."""
+    return provider[: -len(LAYERNORM_SUFFIX)] if provider.endswith(LAYERNORM_SUFFIX) else None
+
+
 def provider_unavailable(provider: str, shape: OpShape, device: str, dtype: torch.dtype) -> Optional[str]:
     """None if this provider can run the shape on this device, else the reason (for the report)."""
     if device == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
+    base = pair_base(provider)
+    if base is not None:
+        if base != "eager" and st_adapter_fast.backends.get_backend(base).forward_layernorm is None:
+            return f"the {base} backend does not fuse the LayerNorm after the adapter"
+        return provider_unavailable(base, shape, device, dtype)
     if provider == "eager":
         return None
     if provider == "eager-nocudnn":
@@ -238,10 +252,38 @@ def _reference_fn(shape: OpShape):
     return adapter
 
 
+def _pair_fn(base: str, shape: OpShape) -> Callable:
+    from ..adapter_layernorm import st_adapter_layernorm
+
+    affine: dict = {}
+
+    def pair(x, w1, b1, wc, bc, w2, b2):
+        if not affine:  # a frozen backbone's LayerNorm: affine in x's dtype, no gradient
+            gen = torch.Generator().manual_seed(1)
+            affine["w"] = (1 + 0.1 * torch.randn(shape.C, generator=gen)).to(x.device, x.dtype)
+            affine["b"] = (0.1 * torch.randn(shape.C, generator=gen)).to(x.device, x.dtype)
+        return st_adapter_layernorm(x, shape.T, w1, b1, wc, bc, w2, b2, affine["w"], affine["b"], normed_dtype=x.dtype,
+                                    num_prefix_tokens=shape.P, backend="reference" if base == "eager" else base)
+
+    pair.frozen_params = affine  # the LayerNorm's weights exist anyway: measure_memory excludes them
+    return pair
+
+
+def backward_outputs(out, grad_out: torch.Tensor) -> None:
+    """out.backward(grad_out); a pair provider's (out, normed) get grad_out each, in one pass."""
+    if isinstance(out, tuple):
+        torch.autograd.backward(list(out), [grad_out.to(t.dtype) for t in out])
+    else:
+        out.backward(grad_out)
+
+
 def make_op_callable(provider: str, shape: OpShape) -> Callable:
-    """(x, *params) -> out for this provider. Compiled providers get a fresh compile cache, so
-    every (shape, mode) pays -- and reports -- its own compile time, and the recompile limit of
-    a shared code object can never silently fall back to eager."""
+    """(x, *params) -> out for this provider ((out, normed) for a "+ln" pair provider). Compiled
+    providers get a fresh compile cache, so every (shape, mode) pays -- and reports -- its own
+    compile time, and the recompile limit of a shared code object can never silently fall back
+    to eager."""
+    if pair_base(provider) is not None:
+        return _pair_fn(pair_base(provider), shape)
     if provider in ("eager", "eager-nocudnn"):
         return _reference_fn(shape)
     if provider in COMPILE_MODES:
@@ -292,7 +334,7 @@ def make_step(provider: str, shape: OpShape, mode: str, inputs: dict, device: st
         with nvtx_range(label, device), provider_context(provider):
             out = fn(x, *params)
             if mode == "fwd+bwd":
-                out.backward(grad_out)
+                backward_outputs(out, grad_out)
         return out
 
     def reset():
@@ -305,112 +347,7 @@ def make_step(provider: str, shape: OpShape, mode: str, inputs: dict, device: st
 
 
 # ------------------------------------------------------------------------------------ timing
-_L2_FLUSH: Dict[str, torch.Tensor] = {}
-
-
-def _flush_l2(device: str) -> None:
-    # 256 MB > the L2 of any current GPU (H100: 50 MB, B200: 126 MB); triton's do_bench does the same.
-    buf = _L2_FLUSH.get(device)
-    if buf is None:
-        buf = _L2_FLUSH[device] = torch.empty(256 << 20, dtype=torch.int8, device=device)
-    buf.zero_()
-
-
-def time_fn(
-    fn: Callable,
-    device: str,
-    *,
-    warmup_ms: float = 25.0,
-    rep_ms: float = 100.0,
-    setup: Optional[Callable] = None,
-    flush_l2: bool = True,
-    hide_host: bool = True,
-    min_reps: int = 5,
-    max_reps: int = 1000,
-    loop: bool = True,
-    fixed_reps: Optional[int] = None,
-) -> dict:
-    """Median time of fn in ms (plus p20/p80, mean, reps). CUDA: per-repetition events, L2
-    flushed, a queued GPU sleep hides host dispatch; also `loop_ms`, back-to-back launches.
-    CPU: perf_counter per repetition. `setup` runs before each repetition, outside the timing.
-    fixed_reps: exactly one warm-up call and that many repetitions, no time-based sizing (the
-    interpreter's dry runs, where each call takes a second)."""
-    if setup is None:
-        setup = lambda: None  # noqa: E731
-    cuda = device == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    # estimate one call, then size warm-up and repetitions by time like do_bench
-    setup()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    if fixed_reps is not None:
-        est_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
-        n_warmup, n_rep = 0, max(1, fixed_reps)
-    else:
-        t0 = time.perf_counter()
-        n_est = 3
-        for _ in range(n_est):
-            setup()
-            fn()
-        sync()
-        est_ms = max((time.perf_counter() - t0) * 1e3 / n_est, 1e-3)
-        n_warmup = max(1, min(int(warmup_ms / est_ms), max_reps))
-        n_rep = max(min_reps, min(int(rep_ms / est_ms), max_reps))
-    for _ in range(n_warmup):
-        setup()
-        fn()
-    sync()
-
-    times = []
-    loop_ms = None
-    if cuda:
-        # GPU busy-wait long enough (2x one call's wall time, clocks ~2 GHz) for the CPU to
-        # queue the whole call behind it: the events then time the kernels, not Python.
-        sleep_cycles = int(min(max(2 * est_ms, 0.05), 2.0) * 2e6)
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
-        for i in range(n_rep):
-            setup()
-            if flush_l2:
-                _flush_l2(device)
-            if hide_host:
-                torch.cuda._sleep(sleep_cycles)
-            starts[i].record()
-            fn()
-            ends[i].record()
-        torch.cuda.synchronize()
-        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
-    if cuda and loop:
-        n_loop = max(min_reps, min(n_rep, 200))
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n_loop):
-            setup()
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        loop_ms = start.elapsed_time(end) / n_loop
-    elif not cuda:
-        for _ in range(n_rep):
-            setup()
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        loop_ms = statistics.fmean(times)
-    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) >= 2 else [times[0]] * 4
-    return {
-        "time_ms": statistics.median(times), "time_ms_p20": q[0], "time_ms_p80": q[3],
-        "time_ms_mean": statistics.fmean(times), "loop_ms": loop_ms, "reps": len(times),
-    }
-
-
-def timing_budget(device: str, quick: bool) -> dict:
-    if device == "cuda":
-        return {"warmup_ms": 10.0, "rep_ms": 40.0} if quick else {"warmup_ms": 25.0, "rep_ms": 150.0}
-    return {"warmup_ms": 1.0, "rep_ms": 5.0, "min_reps": 3, "max_reps": 5} if quick else \
-        {"warmup_ms": 10.0, "rep_ms": 100.0, "min_reps": 3, "max_reps": 50}
+# time_fn and timing_budget live in bench/timing.py (imported above, re-exported here)
 
 
 def prepare_op(provider: str, shape: OpShape, mode: str, device: str, dtype: torch.dtype):
@@ -507,16 +444,18 @@ def measure_memory(provider: str, shape: OpShape, device: str, dtype: torch.dtyp
     inputs = make_op_inputs(shape, device, dtype, requires_grad=True)
     x, params, grad_out = inputs["x"], inputs["params"], inputs["grad_out"]
     fn = make_op_callable(provider, shape)
-    result = {"x_bytes": x.numel() * x.element_size(), "output_bytes": x.numel() * x.element_size()}
+    outputs = 2 if pair_base(provider) is not None else 1  # a pair returns out and normed
+    result = {"x_bytes": x.numel() * x.element_size(), "output_bytes": outputs * x.numel() * x.element_size()}
 
     with provider_context(provider):  # warm-up: JIT and compile allocate caches once
-        fn(x, *params).backward(grad_out)
+        backward_outputs(fn(x, *params), grad_out)
     for t in [x, *params]:
         t.grad = None
     _release(device)
 
     try:
-        with provider_context(provider), SavedTensorCounter(exclude=params) as counter:
+        frozen = list(getattr(fn, "frozen_params", {}).values())
+        with provider_context(provider), SavedTensorCounter(exclude=[*params, *frozen]) as counter:
             out = fn(x, *params)
         result["saved_bytes"] = counter.saved_bytes
         result["saves_x"] = counter.contains(x)
@@ -536,7 +475,7 @@ def measure_memory(provider: str, shape: OpShape, device: str, dtype: torch.dtyp
             out = fn(x, *params)
             torch.cuda.synchronize()
             result["fwd_held_bytes"] = torch.cuda.memory_allocated() - base
-            out.backward(grad_out)
+            backward_outputs(out, grad_out)
         torch.cuda.synchronize()
         result["peak_bytes"] = torch.cuda.max_memory_allocated() - base
         del out

@@ -83,11 +83,13 @@ def _finish(model: nn.Module, backbone_dtype: torch.dtype) -> nn.Module:
 
 
 def build_video_vit(cfg: VitConfig, pre_attn: bool, pre_mlp: bool, backend: str, device: str,
-                    backbone_dtype: torch.dtype, cudnn_off: bool = False, builder: str = "library") -> nn.Module:
+                    backbone_dtype: torch.dtype, cudnn_off: bool = False, builder: str = "library",
+                    fuse_layernorm: bool = False) -> nn.Module:
     """The benchmark's video model: clips (B, 3, T, H, W) -> logits (B, num_classes).
 
     CLIPVisionTransformer + inject_st_adapters(positions) + VideoClassifier (no dropout), then
     the official precision set-up (_finish). cudnn_off: every adapter's conv_cudnn = False.
+    fuse_layernorm: each adapter and the LayerNorm after it as one op (docs/design.md §7).
     """
     if builder not in BUILDERS:
         raise ValueError(f"e2e model builder must be one of {BUILDERS}, got {builder!r}")
@@ -98,7 +100,7 @@ def build_video_vit(cfg: VitConfig, pre_attn: bool, pre_mlp: bool, backend: str,
         positions = [name for name, on in (("pre_attn", pre_attn), ("pre_mlp", pre_mlp)) if on]
         if positions:
             inject_st_adapters(backbone, adapter_channels=cfg.adapter_channels, positions=positions,
-                               backend=backend, verbose=False)
+                               backend=backend, fuse_layernorm=fuse_layernorm, verbose=False)
         model = VideoClassifier(backbone, cfg.num_classes, dropout=0.0)
     for _, adapter in iter_st_adapters(model):
         adapter.conv_cudnn = not cudnn_off
@@ -112,12 +114,15 @@ class E2EBench:
     def __init__(self, cfg: VitConfig, pre_attn: bool, pre_mlp: bool, provider: str, device: str,
                  builder: str = "library"):
         self.cfg, self.provider, self.device = cfg, provider, device
-        backend = {"eager": "reference", "eager-nocudnn": "reference", "none": "reference"}.get(provider, provider)
+        # "triton+ln": the Triton adapters with fuse_layernorm (the adapter + LayerNorm pair)
+        fuse = provider.endswith("+ln")
+        base = provider[:-3] if fuse else provider
+        backend = {"eager": "reference", "eager-nocudnn": "reference", "none": "reference"}.get(base, base)
         self.cuda = device == "cuda"
         # official set-up: fp16 backbone under fp16 autocast; the CPU smoke runs fp32
         self.amp_dtype = torch.float16 if self.cuda else None
         self.model = build_video_vit(cfg, pre_attn, pre_mlp, backend, device, self.amp_dtype or torch.float32,
-                                     cudnn_off=(provider == "eager-nocudnn"), builder=builder)
+                                     cudnn_off=(provider == "eager-nocudnn"), builder=builder, fuse_layernorm=fuse)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.trainable, lr=1e-4)
         self.scaler = torch.amp.GradScaler(device, enabled=self.cuda)

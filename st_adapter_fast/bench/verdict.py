@@ -404,7 +404,8 @@ def _memory_task(ctx: Context, shape, provider: str, cuda_wait_s: float = 0.0):
 
 def stage_headline(ctx: Context) -> None:
     """Roofline, then shape A fwd and fwd+bwd for eager, triton, eager-nocudnn, cuda, then the
-    bytes each saves for backward (cuda last: its build may still be finishing)."""
+    bytes each saves for backward, and the adapter + LayerNorm pair's, eager and fused (cuda last:
+    its build may still be finishing)."""
     from . import core
 
     def roofline():
@@ -417,14 +418,17 @@ def stage_headline(ctx: Context) -> None:
         for mode in core.MODES:
             _op_task(ctx, "target", shape, provider, mode, quick=ctx.cpu, cap_s=60,
                      cuda_wait_s=max(ctx.left() - 30, 0))
-    for provider in ("eager", "triton", "eager-nocudnn", "cuda"):
+    # the adapter + LayerNorm pair (docs/design.md §7): saved bytes per adapter position, with
+    # and without fuse_layernorm
+    for provider in ("eager", "triton", "eager-nocudnn", "eager+ln", "triton+ln", "cuda"):
         _memory_task(ctx, shape, provider)
 
 
 # ---------------------------------------------------------------------------------- rest
 def stage_rest(ctx: Context) -> None:
     """Shapes B and C, torch.compile (default, fwd and fwd+bwd) then max-autotune fwd on A, and
-    the end-to-end train step with 12 adapters (then without, for the baseline)."""
+    the end-to-end train step with 12 adapters (then without, for the baseline; then with
+    fuse_layernorm, the adapter + LayerNorm pair)."""
     import torch
 
     from . import core
@@ -445,7 +449,8 @@ def stage_rest(ctx: Context) -> None:
     cfg = e2e_mod.VIT_TINY if ctx.cpu else e2e_mod.VIT_B16
     layouts = {label: (pre_attn, pre_mlp) for label, pre_attn, pre_mlp in e2e_mod.adapter_layouts(cfg)}
     twelve = next(label for label, (pre_attn, pre_mlp) in layouts.items() if pre_mlp and not pre_attn)
-    for label, provider in ((twelve, "triton"), (twelve, "eager"), ("0", "none"), (twelve, "cuda")):
+    for label, provider in ((twelve, "triton"), (twelve, "eager"), ("0", "none"), (twelve, "triton+ln"),
+                            (twelve, "cuda")):
         pre_attn, pre_mlp = layouts[label]
 
         def unavailable(provider=provider):
@@ -457,7 +462,7 @@ def stage_rest(ctx: Context) -> None:
                     return reason
             probe = core.OpShape("e2e", cfg.batch, cfg.frames, cfg.seq_len, cfg.width, cfg.adapter_channels)
             reason = core.provider_unavailable(provider, probe, ctx.device, torch.float16 if not ctx.cpu else torch.float32)
-            if reason is None and ctx.cpu and provider == "triton":
+            if reason is None and ctx.cpu and provider in ("triton", "triton+ln"):
                 reason = "the Triton interpreter is too slow for a whole model; e2e needs a GPU"
             return reason
 

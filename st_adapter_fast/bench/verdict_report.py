@@ -137,13 +137,19 @@ def headline(data: dict) -> List[str]:
         targets.append(f"{p}: " + (", ".join(parts) if parts else "not measured"))
     lines.append(f"**Targets** (fwd <= {TARGETS['fwd_ms']} ms, fwd+bwd <= {TARGETS['fwd_bwd_ms']} ms, "
                  f"saved <= 1 MB beyond x): " + "; ".join(targets) + ".")
+    pair = [(p, mem[p]) for p in ("eager+ln", "triton+ln") if mem.get(p, {}).get("saved_bytes") is not None]
+    if pair:  # the adapter + LayerNorm pair (docs/design.md §7): saved per adapted position, in x
+        lines.append("Adapter + LayerNorm per adapted position, saved for backward: " + ", ".join(
+            f"{p} {_bytes(m['saved_bytes'])} ({m['saved_bytes'] / m['x_bytes']:.2f} x)" for p, m in pair) + ".")
     ratios = [f"{mode} {ops[('cuda', mode)]['time_ms'] / ops[('triton', mode)]['time_ms']:.2f}x"
               for mode in ("fwd", "fwd+bwd") if ("cuda", mode) in ops and ("triton", mode) in ops]
     if ratios:
         lines.append(f"CUDA / Triton time (target <= {TARGETS['cuda_vs_triton']}x): " + ", ".join(ratios) + ".")
     e2e = [r for r in data.get("e2e", []) if r.get("status") == "ok"]
     if e2e:
-        steps = ", ".join(f"{r['provider']} {r['train_step_ms']:.2f} ms" for r in e2e if r["config"] != "0")
+        steps = ", ".join(f"{r['provider']} {r['train_step_ms']:.2f} ms"
+                          + (f" (peak {_bytes(r['peak_train_bytes'])})" if r.get("peak_train_bytes") else "")
+                          for r in e2e if r["config"] != "0")
         base = next((r["train_step_ms"] for r in e2e if r["config"] == "0"), None)
         lines.append(f"End-to-end train step, {next(r['config'] for r in e2e)} adapters (target <= "
                      f"{TARGETS['e2e_12_train_ms']} ms): {steps or '-'}" + (f"; 0 adapters {base:.2f} ms" if base else "") + ".")

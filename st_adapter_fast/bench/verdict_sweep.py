@@ -65,17 +65,21 @@ def stage_sweep(ctx) -> None:
             ctx.results.add("sweep", {"stage": ctx.stage, "shape_name": shape.name, "status": "skipped", "reason": reason})
             continue
         passes = {}
-        for mode in core.MODES:  # which kernels (and keys) each pass launches
-            inputs = core.make_op_inputs(shape, ctx.device, dtype, requires_grad=(mode == "fwd+bwd"))
-            step, reset = core.make_step("triton", shape, mode, inputs, ctx.device)
-            with observed_configs() as calls:
-                reset()
-                step()
-            passes[mode] = (step, reset, calls)
-        fwd_kernels = {c[0] for c in passes["fwd"][2]}
+        # which kernels (and keys) each pass launches: the adapter's, then the adapter + LayerNorm
+        # pair's (its two kernels of its own; its other launches are the adapter's kernels)
+        for provider in ("triton", "triton+ln"):
+            for mode in core.MODES:
+                inputs = core.make_op_inputs(shape, ctx.device, dtype, requires_grad=(mode == "fwd+bwd"))
+                step, reset = core.make_step(provider, shape, mode, inputs, ctx.device)
+                with observed_configs() as calls:
+                    reset()
+                    step()
+                passes[(provider, mode)] = (step, reset, calls)
         for kernel in tuning.KERNELS:
-            mode = "fwd" if kernel in fwd_kernels else "fwd+bwd"
-            step, reset, calls = passes[mode]
+            # the first pass that launches the kernel: the cheapest that times it
+            launching = [k for k, v in passes.items() if any(c[0] == kernel for c in v[2])]
+            provider, mode = launching[0] if launching else ("triton", "fwd+bwd")
+            step, reset, calls = passes[(provider, mode)]
             keys = sorted({(c[1], c[2], c[3]) for c in calls if c[0] == kernel}, key=str)
             if not keys:
                 # not an error: each kernel has an aligned and an *_unaligned family, and a shape
@@ -103,7 +107,8 @@ def stage_sweep(ctx) -> None:
                         raise RuntimeError(f"forced_config({kernel!r}) was not what the launches used: {applied[:2]}")
                     return dict(stats, first_call_s=first)
 
-                ctx.task("sweep", {"shape_name": shape.name, "kernel": kernel, "mode": mode, "keys": key_names,
+                ctx.task("sweep", {"shape_name": shape.name, "kernel": kernel, "provider": provider, "mode": mode,
+                                   "keys": key_names,
                                    "candidate": i, "is_default": i == 0, "config": dataclasses.asdict(cfg)},
                          measure, cap_s=60 if not ctx.cpu else 120)
             write_tuned_table(ctx)

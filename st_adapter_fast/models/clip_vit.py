@@ -107,13 +107,23 @@ class ResidualAttentionBlock(nn.Module):
         return self.attn.out_proj(out)
 
     def forward(self, x: torch.Tensor, num_frames: Optional[int] = None) -> torch.Tensor:
-        if self.adapter_pre_attn is not None:
-            x = self.adapter_pre_attn(x, adapter_num_frames(self.adapter_pre_attn, num_frames))
-        x = x + self.attention(self.ln_1(x))
-        if self.adapter_pre_mlp is not None:
-            x = self.adapter_pre_mlp(x, adapter_num_frames(self.adapter_pre_mlp, num_frames))
-        x = x + self.mlp(self.ln_2(x))
+        x, normed = self._adapted(self.adapter_pre_attn, self.ln_1, x, num_frames)
+        x = x + self.attention(normed)
+        x, normed = self._adapted(self.adapter_pre_mlp, self.ln_2, x, num_frames)
+        x = x + self.mlp(normed)
         return x
+
+    def _adapted(self, adapter: Optional[nn.Module], norm: nn.Module, x: torch.Tensor,
+                 num_frames: Optional[int]) -> tuple:
+        """(adapter(x), norm(adapter(x))); one fused op after inject_st_adapters(...,
+        fuse_layernorm=True) (STAdapter.forward_layernorm)."""
+        if adapter is None:
+            return x, norm(x)
+        t = adapter_num_frames(adapter, num_frames)
+        if getattr(adapter, "fuse_layernorm", False):
+            return adapter.forward_layernorm(x, t, norm)
+        x = adapter(x, t)
+        return x, norm(x)
 
 
 class Transformer(nn.Module):

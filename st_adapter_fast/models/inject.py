@@ -40,7 +40,7 @@ from torch import nn
 from ..module import STAdapter
 from .families import builtin, hf, open_clip, openai_clip, timm
 from .families.base import (
-    Target, adapter_num_frames, check_num_frames, library_version, random_tokens, run_adapter,
+    Target, adapter_num_frames, check_num_frames, layernorm_rule, library_version, random_tokens, run_adapter,
 )
 
 __all__ = [
@@ -239,6 +239,7 @@ class InjectionReport:
     adapter_params: int
     trainable_params: int
     total_params: int
+    fuse_layernorm: bool = False
     printed: bool = dataclasses.field(default=False, repr=False)  # verbose: a VideoClassifier prints too
 
     def __str__(self) -> str:
@@ -248,7 +249,8 @@ class InjectionReport:
                   else ",".join(map(str, self.block_indices)))
         return (f"ST-Adapters: {len(self.adapters)} x {self.channels}->{self.adapter_channels} "
                 f"kernel {self.kernel_size} ({'+'.join(self.positions)}) in {self.family} blocks {blocks}, "
-                f"prefix tokens {self.num_prefix_tokens}, backend {self.backend!r}; "
+                f"prefix tokens {self.num_prefix_tokens}, backend {self.backend!r}"
+                f"{', LayerNorm fused' if self.fuse_layernorm else ''}; "
                 f"trainable params: {self.trainable_params:,} / {self.total_params:,} ({pct:.2f}%), "
                 f"adapters {self.adapter_params:,}")
 
@@ -332,6 +334,7 @@ def inject_st_adapters(
     freeze_backbone: bool = True,
     check: bool = True,
     verbose: bool = True,
+    fuse_layernorm: bool = False,
 ) -> InjectionReport:
     """Insert STAdapters before attention and/or the MLP of a vision transformer's blocks.
 
@@ -358,6 +361,13 @@ def inject_st_adapters(
             require equal outputs; a mismatch is a TypeError naming the library version. Costs
             one block forward on a copy of one block.
         verbose: print the report (trainable parameter counts).
+        fuse_layernorm: run each adapter and the LayerNorm its output goes into (norm1 / ln_1,
+            norm2 / ln_2) as one op (STAdapter.forward_layernorm): backward then saves x and
+            per-token statistics instead of the adapter's input plus the LayerNorm's fp32 copy
+            of its output (docs/design.md §7). Same outputs and gradients under the parity
+            rule. Off by default until a GPU measurement shows it is no slower. Fused by the
+            Triton backend (backend="cuda" raises); a LayerNorm class it does not replicate is
+            a TypeError naming it.
 
     Adapters are created on the device and in the dtype of the block they join; a fresh adapter
     is the identity, so the model's outputs do not change until it trains. Returns an
@@ -378,6 +388,10 @@ def inject_st_adapters(
             if getattr(target.blocks[i], _ATTR[pos], None) is not None:
                 raise ValueError(f"{prefix}{target.block_path}.{i} already has an {_ATTR[pos]}; "
                                  f"call remove_st_adapters(model) first")
+    if not isinstance(fuse_layernorm, bool):
+        raise TypeError(f"fuse_layernorm must be a bool, got {type(fuse_layernorm).__name__}")
+    if fuse_layernorm:
+        _check_fusable_norms(target, indices, positions, backend)
     if check and target.kind.adapted_forward is not None:
         self_check(target, target.blocks[indices[0]], positions)
 
@@ -388,12 +402,14 @@ def inject_st_adapters(
             p.requires_grad_(False)
 
     added = _attach_adapters(target, indices, positions, width=width, kernel_size=kernel_size, backend=backend)
+    for adapter in added.values():  # read by the adapted block forwards (families.base.adapter_and_norm)
+        adapter.fuse_layernorm = fuse_layernorm
     names = [prefix + name for name in added]
     trainable, total = count_parameters(model)
     report = InjectionReport(
         family=target.family, adapters=names, block_indices=indices, positions=positions,
         channels=target.channels, adapter_channels=width, kernel_size=tuple(next(iter(added.values())).kernel_size),
-        num_prefix_tokens=target.num_prefix_tokens, backend=backend,
+        num_prefix_tokens=target.num_prefix_tokens, backend=backend, fuse_layernorm=fuse_layernorm,
         adapter_params=sum(p.numel() for a in added.values() for p in a.parameters()),
         trainable_params=trainable, total_params=total,
     )
@@ -402,6 +418,22 @@ def inject_st_adapters(
     if verbose:
         print(report)
     return report
+
+
+def _check_fusable_norms(target: Target, indices: Sequence[int], positions: Sequence[str], backend: str) -> None:
+    """fuse_layernorm's preconditions: a backend that fuses the pair, and behind every slot a
+    LayerNorm that the pair replicates (layernorm_rule)."""
+    if backend == "cuda":
+        raise ValueError("fuse_layernorm=True with backend='cuda': the CUDA backend does not fuse the LayerNorm "
+                         "after the adapter; use backend='triton' or 'auto', or fuse_layernorm=False")
+    for i in indices:
+        for pos in positions:
+            name = target.kind.norm_attrs[POSITIONS.index(pos)]
+            norm = getattr(target.blocks[i], name, None)
+            try:
+                layernorm_rule(norm, target.channels)
+            except TypeError as err:
+                raise TypeError(f"{target.block_path}.{i}.{name}: {err}") from None
 
 
 def _attach_adapters(target: Target, indices: Sequence[int], positions: Sequence[str], *,

@@ -76,6 +76,23 @@ def test_saved_tensor_counter_counts_each_storage_once_and_skips_parameters():
     assert x.grad is not None and w.grad is not None
 
 
+@pytest.mark.skipif(not core.triton_interpreter_on() and not torch.cuda.is_available(),
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+def test_memory_of_the_adapter_layernorm_pair_providers(one_thread):
+    """The memory benchmark's pair rows (docs/design.md §7): the eager pair keeps x plus the
+    adapter's intermediates plus the LayerNorm's fp32 copy of out; the fused pair x and two fp32
+    statistics per token. Both outputs (out, normed) are counted as the pair's output."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = core.TINY_SHAPES["tiny"]
+    eager = core.measure_memory("eager+ln", shape, device, torch.float32)
+    fused = core.measure_memory("triton+ln", shape, device, torch.float32)
+    tokens = shape.B * shape.T * shape.L
+    assert fused["saves_x"] and fused["saved_beyond_x_bytes"] == 2 * tokens * 4  # mean + rstd, fp32
+    assert eager["saved_bytes"] >= eager["x_bytes"] * 2  # x + the LayerNorm's copy of out, at least
+    assert fused["output_bytes"] == 2 * fused["x_bytes"]
+    assert core.provider_unavailable("cuda+ln", shape, "cpu", torch.float32) is not None
+
+
 def test_time_fn_on_cpu_returns_ordered_statistics():
     a = torch.randn(64, 64)
     stats = core.time_fn(lambda: a @ a, "cpu", warmup_ms=1, rep_ms=2, min_reps=5, max_reps=8)

@@ -114,7 +114,7 @@ def test_results_hold_rows_of_every_stage(dry_run):
         for mode in ("fwd", "fwd+bwd"):
             (r,) = rows("op", "headline", provider=provider, mode=mode, shape_name="tiny")
             assert r["status"] == "ok" and r["time_ms"] > 0 and r["roofline_frac"] > 0
-    assert {r["provider"] for r in rows("memory", "headline", status="ok")} == {"eager", "triton"}
+    assert {r["provider"] for r in rows("memory", "headline", status="ok")} == {"eager", "triton", "eager+ln", "triton+ln"}
     assert data["roofline"]["gemm_tflops"] > 0
     (parity,) = data["parity"]
     assert parity["stage"] == "parity" and parity["selected"] >= 10 and parity["counts"] == {"skipped": parity["selected"]}

@@ -28,6 +28,8 @@ KERNELS = {
     "adapter_conv_bwd_kernel",
     "adapter_wgrad_kernel",
     "adapter_grad_finalize_kernel",
+    "adapter_up_residual_ln_fwd_kernel",  # the adapter + LayerNorm pair (kernels/adapter_layernorm.py)
+    "adapter_up_ln_bwd_kernel",
 }
 GEMM_KERNELS = KERNELS - {"adapter_grad_finalize_kernel"}
 

@@ -19,7 +19,7 @@ from torch import nn
 
 __all__ = [
     "BlockKind", "Target", "adapter_num_frames", "check_num_frames", "run_adapter", "library_version",
-    "square_or_none", "random_tokens", "match_kind", "block_width",
+    "square_or_none", "random_tokens", "match_kind", "block_width", "adapter_and_norm", "layernorm_rule",
 ]
 
 
@@ -56,6 +56,56 @@ def run_adapter(block: nn.Module, adapter: nn.Module, x: torch.Tensor) -> torch.
     return adapter(x, adapter_num_frames(adapter))
 
 
+def adapter_and_norm(block: nn.Module, adapter: Optional[nn.Module], norm: nn.Module,
+                     x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x', norm(x')) with x' = adapter(x) (x itself without an adapter): the adapter slot and the
+    LayerNorm right after it in an adapted block forward. Where injection fused them
+    (inject_st_adapters(..., fuse_layernorm=True) sets adapter.fuse_layernorm) one op
+    computes both (STAdapter.forward_layernorm, docs/design.md §7)."""
+    if adapter is None:
+        return x, norm(x)
+    if not getattr(adapter, "fuse_layernorm", False):
+        x = run_adapter(block, adapter, x)
+        return x, norm(x)
+    seq_first = getattr(block, "st_adapter_seq_first", False)
+    tokens = x.transpose(0, 1) if seq_first else x
+    out, normed = adapter.forward_layernorm(tokens, adapter_num_frames(adapter), norm)
+    return (out.transpose(0, 1), normed.transpose(0, 1)) if seq_first else (out, normed)
+
+
+# LayerNorm classes the fused pair replicates, by (module, qualname): "input" = fp32 compute,
+# result cast back to the input's dtype (CLIP's, open_clip's); "torch" = F.layer_norm as is
+# (fp32 result under autocast, else the input's dtype)
+_LAYERNORMS = {
+    ("torch.nn.modules.normalization", "LayerNorm"): "torch",
+    ("timm.layers.norm", "LayerNorm"): "torch",  # unless timm's fast-norm mode is on
+    ("open_clip.transformer", "LayerNorm"): "input",
+    ("open_clip.transformer", "LayerNormFp32"): "input",
+    ("clip.model", "LayerNorm"): "input",
+    ("st_adapter_fast.models.clip_vit", "LayerNorm"): "input",
+}
+
+
+def layernorm_rule(norm: nn.Module, channels: int) -> str:
+    """'input' or 'torch' (see _LAYERNORMS) for a LayerNorm the adapter + LayerNorm pair can
+    replace; TypeError naming the class otherwise (another norm, timm's fast norm, a LayerNorm
+    over other than the last dim of width ``channels``)."""
+    key = (type(norm).__module__, type(norm).__qualname__)
+    rule = _LAYERNORMS.get(key)
+    shape = tuple(getattr(norm, "normalized_shape", ()))
+    why = None
+    if rule is None:
+        why = f"a {key[0]}.{key[1]}, not one of the LayerNorms the fused pair replicates " \
+              f"({', '.join(f'{m}.{q}' for m, q in _LAYERNORMS)})"
+    elif getattr(norm, "_fast_norm", False):
+        why = "timm's LayerNorm in fast-norm mode (timm.layers.set_fast_norm), which computes in low precision"
+    elif shape != (channels,):
+        why = f"a LayerNorm over {shape}, expected ({channels},)"
+    if why is not None:
+        raise TypeError(f"fuse_layernorm=True: the norm after the adapter is {why}; pass fuse_layernorm=False")
+    return rule
+
+
 # ------------------------------------------------------------------------ family descriptions
 def _no_extra_args(target: "Target", block: nn.Module, x: torch.Tensor) -> Tuple[tuple, dict]:
     return (), {}
@@ -75,6 +125,8 @@ class BlockKind:
     adapted_forward: Optional[Callable]
     channels_attr: str  # a LayerNorm of the block whose normalized_shape is the width C
     check_args: Callable = _no_extra_args
+    # the LayerNorm each slot's output goes into (pre_attn, pre_mlp): what fuse_layernorm fuses
+    norm_attrs: Tuple[str, str] = ("norm1", "norm2")
 
     @property
     def name(self) -> str:

@@ -17,7 +17,7 @@ __all__ = ["match", "describe", "official_pool"]
 def match(block: nn.Module) -> Optional[BlockKind]:
     # an attribute, not an import of clip_vit (which imports inject, which imports this)
     if getattr(type(block), "supports_st_adapters", False):
-        return BlockKind("st_adapter_fast", type(block), None, "ln_1")
+        return BlockKind("st_adapter_fast", type(block), None, "ln_1", norm_attrs=("ln_1", "ln_2"))
     return None
 
 

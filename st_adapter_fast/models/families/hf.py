@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .base import BlockKind, Target, block_width, match_kind, run_adapter
+from .base import BlockKind, Target, adapter_and_norm, block_width, match_kind
 
 __all__ = ["match", "describe", "hf_pool"]
 
@@ -41,16 +41,14 @@ _LAYERS = (
 # ------------------------------------------------------------------ transformers 5.x layers
 def _clip_layer_forward(self, hidden_states, attention_mask=None, **kwargs):
     # CLIPEncoderLayer / SiglipEncoderLayer.forward, transformers 5
-    if self.adapter_pre_attn is not None:
-        hidden_states = run_adapter(self, self.adapter_pre_attn, hidden_states)
+    hidden_states, normed = adapter_and_norm(self, self.adapter_pre_attn, self.layer_norm1, hidden_states)
     residual = hidden_states
-    hidden_states = self.layer_norm1(hidden_states)
+    hidden_states = normed
     hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask, **kwargs)
     hidden_states = residual + hidden_states
-    if self.adapter_pre_mlp is not None:
-        hidden_states = run_adapter(self, self.adapter_pre_mlp, hidden_states)
+    hidden_states, normed = adapter_and_norm(self, self.adapter_pre_mlp, self.layer_norm2, hidden_states)
     residual = hidden_states
-    hidden_states = self.layer_norm2(hidden_states)
+    hidden_states = normed
     hidden_states = self.mlp(hidden_states)
     hidden_states = residual + hidden_states
     return hidden_states
@@ -58,17 +56,15 @@ def _clip_layer_forward(self, hidden_states, attention_mask=None, **kwargs):
 
 def _dinov2_layer_forward(self, hidden_states, attention_mask=None, **kwargs):
     # Dinov2Layer / Dinov2WithRegistersLayer.forward, transformers 5
-    if self.adapter_pre_attn is not None:
-        hidden_states = run_adapter(self, self.adapter_pre_attn, hidden_states)
+    hidden_states, normed = adapter_and_norm(self, self.adapter_pre_attn, self.norm1, hidden_states)
     residual = hidden_states
-    hidden_states = self.norm1(hidden_states)
+    hidden_states = normed
     hidden_states, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
     hidden_states = self.layer_scale1(hidden_states)
     hidden_states = self.drop_path(hidden_states) + residual
-    if self.adapter_pre_mlp is not None:
-        hidden_states = run_adapter(self, self.adapter_pre_mlp, hidden_states)
+    hidden_states, normed = adapter_and_norm(self, self.adapter_pre_mlp, self.norm2, hidden_states)
     residual = hidden_states
-    hidden_states = self.norm2(hidden_states)
+    hidden_states = normed
     hidden_states = self.mlp(hidden_states)
     hidden_states = self.layer_scale2(hidden_states)
     hidden_states = self.drop_path(hidden_states) + residual
@@ -101,16 +97,14 @@ def _other_arguments(self, hidden_states, args, kwargs) -> Dict[str, object]:
 def _clip_layer_forward_legacy(self, hidden_states, *args, **kwargs):
     # CLIPEncoderLayer / SiglipEncoderLayer.forward, transformers 4.4x
     attn_kwargs = _other_arguments(self, hidden_states, args, kwargs)
-    if self.adapter_pre_attn is not None:
-        hidden_states = run_adapter(self, self.adapter_pre_attn, hidden_states)
+    hidden_states, normed = adapter_and_norm(self, self.adapter_pre_attn, self.layer_norm1, hidden_states)
     residual = hidden_states
-    hidden_states = self.layer_norm1(hidden_states)
+    hidden_states = normed
     hidden_states, attn_weights = self.self_attn(hidden_states=hidden_states, **attn_kwargs)
     hidden_states = residual + hidden_states
-    if self.adapter_pre_mlp is not None:
-        hidden_states = run_adapter(self, self.adapter_pre_mlp, hidden_states)
+    hidden_states, normed = adapter_and_norm(self, self.adapter_pre_mlp, self.layer_norm2, hidden_states)
     residual = hidden_states
-    hidden_states = self.layer_norm2(hidden_states)
+    hidden_states = normed
     hidden_states = self.mlp(hidden_states)
     hidden_states = residual + hidden_states
     outputs = (hidden_states,)
@@ -122,15 +116,13 @@ def _clip_layer_forward_legacy(self, hidden_states, *args, **kwargs):
 def _dinov2_layer_forward_legacy(self, hidden_states, *args, **kwargs):
     # Dinov2Layer / Dinov2WithRegistersLayer.forward, transformers 4.4x
     attn_kwargs = _other_arguments(self, hidden_states, args, kwargs)
-    if self.adapter_pre_attn is not None:
-        hidden_states = run_adapter(self, self.adapter_pre_attn, hidden_states)
-    self_attention_outputs = self.attention(self.norm1(hidden_states), **attn_kwargs)
+    hidden_states, normed = adapter_and_norm(self, self.adapter_pre_attn, self.norm1, hidden_states)
+    self_attention_outputs = self.attention(normed, **attn_kwargs)
     attention_output = self.layer_scale1(self_attention_outputs[0])
     outputs = self_attention_outputs[1:]
     hidden_states = self.drop_path(attention_output) + hidden_states
-    if self.adapter_pre_mlp is not None:
-        hidden_states = run_adapter(self, self.adapter_pre_mlp, hidden_states)
-    layer_output = self.layer_scale2(self.mlp(self.norm2(hidden_states)))
+    hidden_states, normed = adapter_and_norm(self, self.adapter_pre_mlp, self.norm2, hidden_states)
+    layer_output = self.layer_scale2(self.mlp(normed))
     layer_output = self.drop_path(layer_output) + hidden_states
     return (layer_output,) + outputs
 
@@ -139,7 +131,7 @@ _FORWARDS = {
     ("clip", False): _clip_layer_forward, ("clip", True): _clip_layer_forward_legacy,
     ("dinov2", False): _dinov2_layer_forward, ("dinov2", True): _dinov2_layer_forward_legacy,
 }
-_NORM = {"clip": "layer_norm1", "dinov2": "norm1"}
+_NORM = {"clip": ("layer_norm1", "layer_norm2"), "dinov2": ("norm1", "norm2")}
 
 
 def returns_tuple(layer_class: type) -> bool:
@@ -162,7 +154,8 @@ def block_kinds() -> List[BlockKind]:
         cls = getattr(module, class_name, None) if module is not None else None
         if cls is not None:
             forward = _FORWARDS[structure, returns_tuple(cls)]
-            kinds.append(BlockKind("transformers", cls, forward, _NORM[structure], _check_args))
+            kinds.append(BlockKind("transformers", cls, forward, _NORM[structure][0], _check_args,
+                                   norm_attrs=_NORM[structure]))
     return kinds
 
 

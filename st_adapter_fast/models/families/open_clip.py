@@ -10,32 +10,28 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .base import BlockKind, Target, block_width, match_kind, run_adapter, square_or_none
+from .base import BlockKind, Target, adapter_and_norm, block_width, match_kind, square_or_none
 
 __all__ = ["match", "describe"]
 
 
 def _block_forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
     # open_clip.transformer.ResidualAttentionBlock.forward
-    if self.adapter_pre_attn is not None:
-        q_x = run_adapter(self, self.adapter_pre_attn, q_x)
+    q_x, normed = adapter_and_norm(self, self.adapter_pre_attn, self.ln_1, q_x)
     k_x = self.ln_1_kv(k_x) if hasattr(self, "ln_1_kv") and k_x is not None else None
     v_x = self.ln_1_kv(v_x) if hasattr(self, "ln_1_kv") and v_x is not None else None
-    x = q_x + self.ls_1(self.attention(q_x=self.ln_1(q_x), k_x=k_x, v_x=v_x, attn_mask=attn_mask))
-    if self.adapter_pre_mlp is not None:
-        x = run_adapter(self, self.adapter_pre_mlp, x)
-    x = x + self.ls_2(self.mlp(self.ln_2(x)))
+    x = q_x + self.ls_1(self.attention(q_x=normed, k_x=k_x, v_x=v_x, attn_mask=attn_mask))
+    x, normed = adapter_and_norm(self, self.adapter_pre_mlp, self.ln_2, x)
+    x = x + self.ls_2(self.mlp(normed))
     return x
 
 
 def _custom_block_forward(self, x, attn_mask=None):
     # open_clip.transformer.CustomResidualAttentionBlock.forward
-    if self.adapter_pre_attn is not None:
-        x = run_adapter(self, self.adapter_pre_attn, x)
-    x = x + self.ls_1(self.ln_attn(self.attn(self.ln_1(x), attn_mask=attn_mask)))
-    if self.adapter_pre_mlp is not None:
-        x = run_adapter(self, self.adapter_pre_mlp, x)
-    x = x + self.ls_2(self.mlp(self.ln_2(x)))
+    x, normed = adapter_and_norm(self, self.adapter_pre_attn, self.ln_1, x)
+    x = x + self.ls_1(self.ln_attn(self.attn(normed, attn_mask=attn_mask)))
+    x, normed = adapter_and_norm(self, self.adapter_pre_mlp, self.ln_2, x)
+    x = x + self.ls_2(self.mlp(normed))
     return x
 
 
@@ -43,9 +39,10 @@ def block_kinds() -> List[BlockKind]:
     oc = sys.modules.get("open_clip.transformer")
     if oc is None:
         return []
-    kinds = [BlockKind("open_clip", oc.ResidualAttentionBlock, _block_forward, "ln_1")]
+    kinds = [BlockKind("open_clip", oc.ResidualAttentionBlock, _block_forward, "ln_1", norm_attrs=("ln_1", "ln_2"))]
     if hasattr(oc, "CustomResidualAttentionBlock"):
-        kinds.append(BlockKind("open_clip", oc.CustomResidualAttentionBlock, _custom_block_forward, "ln_1"))
+        kinds.append(BlockKind("open_clip", oc.CustomResidualAttentionBlock, _custom_block_forward, "ln_1",
+                               norm_attrs=("ln_1", "ln_2")))
     return kinds
 
 

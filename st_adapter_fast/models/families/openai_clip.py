@@ -13,26 +13,24 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .base import BlockKind, Target, block_width, match_kind, run_adapter, square_or_none
+from .base import BlockKind, Target, adapter_and_norm, block_width, match_kind, square_or_none
 
 __all__ = ["match", "describe", "openai_clip_pool"]
 
 
 def _block_forward(self, x: torch.Tensor) -> torch.Tensor:
     # clip.model.ResidualAttentionBlock.forward
-    if self.adapter_pre_attn is not None:
-        x = run_adapter(self, self.adapter_pre_attn, x)
-    x = x + self.attention(self.ln_1(x))
-    if self.adapter_pre_mlp is not None:
-        x = run_adapter(self, self.adapter_pre_mlp, x)
-    x = x + self.mlp(self.ln_2(x))
+    x, normed = adapter_and_norm(self, self.adapter_pre_attn, self.ln_1, x)
+    x = x + self.attention(normed)
+    x, normed = adapter_and_norm(self, self.adapter_pre_mlp, self.ln_2, x)
+    x = x + self.mlp(normed)
     return x
 
 
 def block_kinds() -> List[BlockKind]:
     model = sys.modules.get("clip.model")
     block = getattr(model, "ResidualAttentionBlock", None) if model is not None else None
-    return [BlockKind("clip", block, _block_forward, "ln_1")] if block is not None else []
+    return [BlockKind("clip", block, _block_forward, "ln_1", norm_attrs=("ln_1", "ln_2"))] if block is not None else []
 
 
 def match(block: nn.Module) -> Optional[BlockKind]:

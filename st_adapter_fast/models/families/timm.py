@@ -13,34 +13,30 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .base import BlockKind, Target, block_width, match_kind, run_adapter, square_or_none
+from .base import BlockKind, Target, adapter_and_norm, block_width, match_kind, square_or_none
 
 __all__ = ["match", "describe", "timm_pool"]
 
 
 def _block_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     # timm.models.vision_transformer.Block.forward (attn_mask / is_causal passed through)
-    if self.adapter_pre_attn is not None:
-        x = run_adapter(self, self.adapter_pre_attn, x)
-    x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), *args, **kwargs)))
-    if self.adapter_pre_mlp is not None:
-        x = run_adapter(self, self.adapter_pre_mlp, x)
-    x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    x, normed = adapter_and_norm(self, self.adapter_pre_attn, self.norm1, x)
+    x = x + self.drop_path1(self.ls1(self.attn(normed, *args, **kwargs)))
+    x, normed = adapter_and_norm(self, self.adapter_pre_mlp, self.norm2, x)
+    x = x + self.drop_path2(self.ls2(self.mlp(normed)))
     return x
 
 
 def _eva_block_forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None,
                        attn_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
     # timm.models.eva.EvaBlock.forward (is_causal, where the release has it, passed through)
-    if self.adapter_pre_attn is not None:
-        x = run_adapter(self, self.adapter_pre_attn, x)
-    x_attn = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, **kwargs)
+    x, normed = adapter_and_norm(self, self.adapter_pre_attn, self.norm1, x)
+    x_attn = self.attn(normed, rope=rope, attn_mask=attn_mask, **kwargs)
     if self.gamma_1 is not None:
         x_attn = self.gamma_1 * x_attn
     x = x + self.drop_path1(x_attn)
-    if self.adapter_pre_mlp is not None:
-        x = run_adapter(self, self.adapter_pre_mlp, x)
-    x_mlp = self.mlp(self.norm2(x))
+    x, normed = adapter_and_norm(self, self.adapter_pre_mlp, self.norm2, x)
+    x_mlp = self.mlp(normed)
     if self.gamma_2 is not None:
         x_mlp = self.gamma_2 * x_mlp
     x = x + self.drop_path2(x_mlp)
