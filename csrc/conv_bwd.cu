@@ -9,18 +9,19 @@
 namespace st_adapter {
 namespace {
 
-template <typename TD, typename T, int KT, typename CFG>
+// BM, BK, STAGES: the GEMM config's resolved tile (st_adapter_dispatch.h's GemmConfigs).
+template <typename TD, typename T, int KT, int BM, int BK, int STAGES>
 __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) {
-  constexpr int BM = kConvBlockM<KT>;
   constexpr int BN = kConvBlockN;
-  constexpr int BK = CFG::kBlockK;  // the K depth of a step (st_adapter_dispatch.h's GemmConfigs)
   constexpr int PAD = KT / 2;
   constexpr int E = BM * BN / kThreads;
   constexpr int ROW_STEP = kThreads / BN;
   static_assert(kThreads % BN == 0, "a thread's elements must share one channel");
-  using Layout = GemmLayout<T, BM, BN, BK, CFG::kStages>;
+  using Layout = GemmLayout<T, BM, BN, BK, STAGES>;
 
   __shared__ __align__(128) unsigned char smem[Layout::kBytes];
+  __shared__ int64_t row_base[BM];  // dO offset of row m's token at frame 0, -1 past B*S
+  __shared__ int64_t tok_base[BM];  // flat token index of row m at frame 0 (frame t adds t*S)
   __shared__ int64_t row_off[BM];
   __shared__ float reduce_buf[ROW_STEP][BN];
 
@@ -30,12 +31,17 @@ __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) 
   const T* __restrict__ h_buf = static_cast<const T*>(p.h);
   T* __restrict__ dh = static_cast<T*>(p.dh);
 
-  const int64_t n_ca_tiles = cdiv(p.Ca, BN);
-  const int64_t n_s_tiles = cdiv(p.S, BM);
-  const BlockCoord blk = decode_block(blockIdx.x, n_ca_tiles, n_s_tiles);
-  const int64_t ca0 = blk.x * BN;
-  const int64_t s0 = blk.y * BM;
-  const FrameRun run = frame_run(blk.z, cdiv(p.T, p.frames_per_run), p.frames_per_run, p.T);
+  // BLOCK_M of the B*S flattened (clip, spatial) rows, whole clip or a frame run (window_grid)
+  const WindowBlock run = window_block(blockIdx.x, conv_grid(p, BM), p.T);
+  const int64_t ca0 = run.ca_block * BN;
+  const int64_t r0 = run.row_block * BM;
+  const int64_t n_rows = p.B * p.S;
+  for (int m = threadIdx.x; m < BM; m += kThreads) {
+    const bool ok = r0 + m < n_rows;
+    row_base[m] = ok ? flat_row_offset(r0 + m, p.S, p.T, p.dout.P, p.dout.stride_f, p.dout.stride_l) : -1;
+    tok_base[m] = ok ? flat_row_token(r0 + m, p.S, p.T) : -1;
+  }
+  __syncthreads();
 
   const int col = threadIdx.x % BN;
   const int row_first = threadIdx.x / BN;
@@ -64,19 +70,18 @@ __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) 
 #pragma unroll
     for (int e = 0; e < E; ++e) dg[e] = 0.f;
     if (in_clip(t_in, p.T)) {
-      const int64_t frame = run.b * p.T + t_in;
       __syncthreads();  // the previous frame's readers of smem / row_off are done
       for (int m = threadIdx.x; m < BM; m += kThreads)
-        row_off[m] = s0 + m < p.S ? frame_token_offset(frame, s0 + m, p.dout.P, p.dout.stride_f, p.dout.stride_l) : -1;
+        row_off[m] = row_base[m] >= 0 ? row_base[m] + t_in * p.dout.stride_f : -1;
       __syncthreads();
       // dg = dy @ Wu: B(k = c, n = ca) = Wu[c, ca] = W(n, k) of the view wu
-      block_gemm<TD, T, BM, BN, BK, CFG::kStages>(smem, dout, row_off, p.C, p.dout.stride_c, vec_a, wu, ca0, p.Ca, p.wu.stride_n,
+      block_gemm<TD, T, BM, BN, BK, STAGES>(smem, dout, row_off, p.C, p.dout.stride_c, vec_a, wu, ca0, p.Ca, p.wu.stride_n,
                                     p.wu.stride_k);
       const float* cs = Layout::c(smem);
 #pragma unroll
       for (int e = 0; e < E; ++e) dg[e] = cs[(row_first + e * ROW_STEP) * Layout::kLdC + col];
       // conv-parameter gradients from the frames this block owns (halo frames belong to the
-      // neighbouring run). Rows past S and channels past Ca hold dg = 0 (zero-filled loads).
+      // neighbouring run). Rows past B*S and channels past Ca hold dg = 0 (zero-filled loads).
       if (t_in >= run.t0 && t_in < run.t1) {
 #pragma unroll
         for (int e = 0; e < E; ++e) dbc_acc += dg[e];
@@ -84,12 +89,12 @@ __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) 
         for (int j = 0; j < KT; ++j) {
           const int64_t t_h = t_in + j - PAD;
           if (in_clip(t_h, p.T) && ca_ok) {
-            const int64_t h_frame = (run.b * p.T + t_h) * p.S;
+            const int64_t h_frame = t_h * p.S;
             float part = 0.f;
 #pragma unroll
             for (int e = 0; e < E; ++e) {
-              const int64_t s = s0 + row_first + e * ROW_STEP;
-              if (s < p.S) part = fmaf(dg[e], to_float(h_buf[(h_frame + s) * p.Ca + ca]), part);
+              const int64_t tok = tok_base[row_first + e * ROW_STEP];
+              if (tok >= 0) part = fmaf(dg[e], to_float(h_buf[(tok + h_frame) * p.Ca + ca]), part);
             }
             dwc_acc[j] += part;
           }
@@ -100,18 +105,17 @@ __global__ void __launch_bounds__(kThreads, 1) conv_bwd_kernel(ConvBwdParams p) 
     conv_window_step<KT, E>(dg, q, r, dh_out);
     const int64_t t_out = t_in - PAD;
     if (t_out >= run.t0) {
-      const int64_t frame_out = run.b * p.T + t_out;
 #pragma unroll
       for (int e = 0; e < E; ++e) {
-        const int row = row_first + e * ROW_STEP;
-        if (ca_ok && s0 + row < p.S) dh[(frame_out * p.S + s0 + row) * p.Ca + ca] = from_float<T>(dh_out[e]);
+        const int64_t tok = tok_base[row_first + e * ROW_STEP];
+        if (ca_ok && tok >= 0) dh[(tok + t_out * p.S) * p.Ca + ca] = from_float<T>(dh_out[e]);
       }
     }
   }
 
   // Fixed-order reduction of the ROW_STEP threads that share a channel, then one partial per
-  // (block of frames x spatial rows, channel).
-  const int64_t part = blk.z * n_s_tiles + blk.y;
+  // (row block x frame run, channel).
+  const int64_t part = run.part;
 #pragma unroll
   for (int j = 0; j <= KT; ++j) {  // j == KT: dbc
     __syncthreads();
@@ -135,9 +139,12 @@ cudaError_t conv_backward(const ConvBwdParams& p, cudaStream_t stream) {
   return dispatch_dtypes(p.w_dtype, cudaErrorInvalidValue, [&](auto dout_dtype, auto w_dtype) {
     return dispatch_kt(p.KT, cudaErrorInvalidValue, [&](auto kt) {
       return dispatch_gemm_config<decltype(w_dtype)>(p.gemm_config, cudaErrorInvalidValue, [&](auto config) {
-        auto kernel = conv_bwd_kernel<CType<decltype(dout_dtype)>, CType<decltype(w_dtype)>, decltype(kt)::value,
-                                     decltype(config)>;
-        return launch_1d(kernel, conv_blocks(p), kThreads, stream, p);
+        using CFG = decltype(config);
+        constexpr int KT = decltype(kt)::value;
+        constexpr int BM = conv_tile_m<CFG, KT>();
+        auto kernel = conv_bwd_kernel<CType<decltype(dout_dtype)>, CType<decltype(w_dtype)>, KT, BM, CFG::kBlockK,
+                                      CFG::kStages>;
+        return launch_1d(kernel, conv_blocks(p, BM), kThreads, stream, p);
       });
     });
   }, p.dout.dtype);

@@ -115,10 +115,14 @@ inline void sta_emu_fiber_main() {
   sta_emu_current->done = true;  // uc_link returns to the scheduler
 }
 
+// Kernel launches so far (tests/cuda/test_cuda_emulated.py counts a pass's launches with it).
+inline int64_t sta_emu_launches = 0;
+
 // Runs kernel(args...) over `blocks` blocks of `threads` threads, one block at a time.
 template <typename Kernel, typename... Args>
 void sta_emu_launch(Kernel kernel, unsigned blocks, unsigned threads, Args... args) {
   if (threads % 32 != 0 || threads / 32 > kStaEmuMaxWarps) sta_emu_fail("block size must be whole warps");
+  ++sta_emu_launches;
   auto call = [&] { kernel(args...); };
   sta_emu_entry = [](void* f) { (*static_cast<decltype(call)*>(f))(); };
   sta_emu_entry_arg = &call;

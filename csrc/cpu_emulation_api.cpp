@@ -22,9 +22,9 @@ TokenView token_view(const void* ptr, int dtype, const int64_t* view) {
 }
 // view: {stride_n, stride_k}
 WeightView weight_view(const void* ptr, const int64_t* view) { return WeightView{ptr, view[0], view[1]}; }
-// shape: {B, T, S, C, Ca, KT, frames_per_run}
+// shape: {B, T, S, C, Ca, KT, frames_per_run, n_whole_rows}
 ConvShape conv_shape(const int64_t* s) {
-  return ConvShape{s[0], s[1], s[2], s[3], s[4], static_cast<int>(s[5]), s[6]};
+  return ConvShape{s[0], s[1], s[2], s[3], s[4], static_cast<int>(s[5]), s[6], s[7]};
 }
 
 }  // namespace
@@ -68,12 +68,43 @@ int sta_emu_sum_partials(const float* part, float* out, int64_t n_parts, int64_t
   return sum_partials(part, out, n_parts, numel, nullptr);
 }
 
-int64_t sta_emu_frames_per_run(int64_t T, int kt, int64_t S, int64_t Ca, int64_t B, int64_t sms) {
-  return frames_per_run(T, kt, conv_blocks_per_run(kt, S, Ca) * B, sms);
+// Sums of up to PartialSums::kMax segments in one launch, cast to out_dtype; parts/outs: n
+// pointers, counts: n_parts then numel, n each.
+int sta_emu_sum_partials_many(int n, const float* const* parts, void* const* outs, const int64_t* counts,
+                              int out_dtype) {
+  PartialSums sums;
+  sums.out_dtype = static_cast<DType>(out_dtype);
+  if (n < 0 || n > PartialSums::kMax) return static_cast<int>(cudaErrorInvalidValue);
+  for (int i = 0; i < n; ++i) sums.add(parts[i], outs[i], counts[i], counts[n + i]);
+  return sum_partials_many(sums, nullptr);
 }
 
-int64_t sta_emu_conv_bwd_num_parts(int kt, int64_t B, int64_t T, int64_t S, int64_t fpr) {
-  return conv_bwd_num_parts(kt, B, T, S, fpr);
+// binding.cpp's grid plan (conv_plan, rows per block from GEMM config `config`):
+// out = {frames_per_run, n_whole_rows}.
+void sta_emu_conv_plan(int kt, int64_t B, int64_t T, int64_t S, int64_t Ca, int64_t requested, int64_t sms,
+                       int config, int64_t* out) {
+  const ConvPlan p = conv_plan(conv_block_m_for(config, kt), kt, B, T, S, Ca, requested, sms);
+  out[0] = p.frames_per_run;
+  out[1] = p.n_whole_rows;
+}
+
+// The window grid of a conv shape (as sta_emu_down_conv takes it) under GEMM config `config`:
+// out = {blocks, parts}.
+void sta_emu_conv_grid(const int64_t* shape, int config, int64_t* out) {
+  const ConvShape s = conv_shape(shape);
+  const int block_m = conv_block_m_for(config, s.KT);
+  out[0] = conv_blocks(s, block_m);
+  out[1] = conv_parts(s, block_m);
+}
+
+// The config table: out = {K depth, stages, window rows for kt, up-residual rows}; -1 if absent.
+int sta_emu_gemm_config_tiles(int config, int kt, int* out) {
+  if (!gemm_config_supported(config)) return -1;
+  out[0] = gemm_block_k_for(config);
+  out[1] = gemm_stages_for(config);
+  out[2] = conv_block_m_for(config, kt);
+  out[3] = up_block_m_for(config);
+  return 0;
 }
 
 void sta_emu_wgrad_split(int64_t N, int64_t I, int64_t J, int64_t sms, int64_t* out) {
@@ -81,6 +112,9 @@ void sta_emu_wgrad_split(int64_t N, int64_t I, int64_t J, int64_t sms, int64_t* 
   out[0] = s.splits;
   out[1] = s.tokens_per_split;
 }
+
+// Kernel launches the emulation has run so far.
+int64_t sta_emu_launch_count() { return sta_emu_launches; }
 
 // The dispatch table: whether kt and a GEMM config index have kernels, and whether a compute dtype takes these operand
 // dtypes (n_operands of them).

@@ -1,7 +1,8 @@
 // Kernel 1 of the fused forward (and the backward's recompute): g = conv_t(x_s Wd^T + bd) + bc.
 //
-// A block owns BLOCK_M spatial positions x 64 adapter channels of one frame run [t0, t1) of one
-// clip and walks input frames t0 - KT/2 .. t1 + KT/2 - 1 in order. Per frame it computes the
+// A block owns BLOCK_M rows of the B*S flattened (clip, spatial position) rows -- no per-clip
+// padding of S to the tile -- x 64 adapter channels, for the whole clip or a frame run [t0, t1)
+// (window_grid), and walks input frames t0 - KT/2 .. t1 + KT/2 - 1 in order. Per frame it computes the
 // down-projection tile h on tensor cores (fp16/bf16) or SIMT (fp32), adds bd, and pushes it
 // through a register sliding window (conv_window_step) that emits the finished output frame
 // t_in - KT/2: each h tile is computed once (plus the halo), h never goes to memory (unless the
@@ -13,18 +14,20 @@
 namespace st_adapter {
 namespace {
 
-template <typename TX, typename T, int KT, typename CFG>
+// BM, BK, STAGES: the GEMM config's resolved tile (st_adapter_dispatch.h's GemmConfigs), so configs
+// that agree on them share one instantiation.
+template <typename TX, typename T, int KT, int BM, int BK, int STAGES>
 __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvParams p) {
-  constexpr int BM = kConvBlockM<KT>;
   constexpr int BN = kConvBlockN;
-  constexpr int BK = CFG::kBlockK;  // the K depth of a step (st_adapter_dispatch.h's GemmConfigs)
   constexpr int PAD = KT / 2;
   constexpr int E = BM * BN / kThreads;  // tile elements per thread, all in one channel
   constexpr int ROW_STEP = kThreads / BN;
   static_assert(kThreads % BN == 0, "a thread's elements must share one channel");
-  using Layout = GemmLayout<T, BM, BN, BK, CFG::kStages>;
+  using Layout = GemmLayout<T, BM, BN, BK, STAGES>;
 
   __shared__ __align__(128) unsigned char smem[Layout::kBytes];
+  __shared__ int64_t row_base[BM];  // x offset of row m's token at frame 0, -1 past B*S
+  __shared__ int64_t tok_base[BM];  // flat token index of row m at frame 0 (frame t adds t*S)
   __shared__ int64_t row_off[BM];
 
   const TX* __restrict__ x = static_cast<const TX*>(p.x.ptr);
@@ -33,12 +36,16 @@ __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvPara
   T* __restrict__ g = static_cast<T*>(p.g);
   T* __restrict__ h_out = static_cast<T*>(p.h);
 
-  const int64_t n_ca_tiles = cdiv(p.Ca, BN);
-  const int64_t n_s_tiles = cdiv(p.S, BM);
-  const BlockCoord blk = decode_block(blockIdx.x, n_ca_tiles, n_s_tiles);
-  const int64_t ca0 = blk.x * BN;
-  const int64_t s0 = blk.y * BM;
-  const FrameRun run = frame_run(blk.z, cdiv(p.T, p.frames_per_run), p.frames_per_run, p.T);
+  const WindowBlock run = window_block(blockIdx.x, conv_grid(p, BM), p.T);
+  const int64_t ca0 = run.ca_block * BN;
+  const int64_t r0 = run.row_block * BM;
+  const int64_t n_rows = p.B * p.S;
+  for (int m = threadIdx.x; m < BM; m += kThreads) {
+    const bool ok = r0 + m < n_rows;
+    row_base[m] = ok ? flat_row_offset(r0 + m, p.S, p.T, p.x.P, p.x.stride_f, p.x.stride_l) : -1;
+    tok_base[m] = ok ? flat_row_token(r0 + m, p.S, p.T) : -1;
+  }
+  __syncthreads();
 
   // This thread's channel and rows in the tile: elements (row_first + e*ROW_STEP, col).
   const int col = threadIdx.x % BN;
@@ -65,14 +72,13 @@ __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvPara
     float h[E];
 #pragma unroll
     for (int e = 0; e < E; ++e) h[e] = 0.f;  // frames outside the clip: zero padding, no bias
-    const int64_t frame = run.b * p.T + t_in;
     if (in_clip(t_in, p.T)) {  // uniform across the block
       __syncthreads();  // the previous frame's readers of smem / row_off are done
       for (int m = threadIdx.x; m < BM; m += kThreads)
-        row_off[m] = s0 + m < p.S ? frame_token_offset(frame, s0 + m, p.x.P, p.x.stride_f, p.x.stride_l) : -1;
+        row_off[m] = row_base[m] >= 0 ? row_base[m] + t_in * p.x.stride_f : -1;
       __syncthreads();
       // B(k = c, n = ca) = Wd[ca, c]
-      block_gemm<TX, T, BM, BN, BK, CFG::kStages>(smem, x, row_off, p.C, p.x.stride_c, vec_a, wd, ca0, p.Ca, p.wd.stride_n,
+      block_gemm<TX, T, BM, BN, BK, STAGES>(smem, x, row_off, p.C, p.x.stride_c, vec_a, wd, ca0, p.Ca, p.wd.stride_n,
                                     p.wd.stride_k);
       const float* cs = Layout::c(smem);
       const bool store_h = h_out != nullptr && t_in >= run.t0 && t_in < run.t1;
@@ -80,19 +86,18 @@ __global__ void __launch_bounds__(kThreads, 1) down_conv_fwd_kernel(DownConvPara
       for (int e = 0; e < E; ++e) {
         const int row = row_first + e * ROW_STEP;
         h[e] = cs[row * Layout::kLdC + col] + bd;
-        if (store_h && ca_ok && s0 + row < p.S)
-          h_out[(frame * p.S + s0 + row) * p.Ca + ca] = from_float<T>(h[e]);
+        const int64_t tok = tok_base[row];
+        if (store_h && ca_ok && tok >= 0) h_out[(tok + t_in * p.S) * p.Ca + ca] = from_float<T>(h[e]);
       }
     }
     float out[E];
     conv_window_step<KT, E>(h, q, r, out);
     const int64_t t_out = t_in - PAD;
     if (t_out >= run.t0) {
-      const int64_t frame_out = run.b * p.T + t_out;
 #pragma unroll
       for (int e = 0; e < E; ++e) {
-        const int row = row_first + e * ROW_STEP;
-        if (ca_ok && s0 + row < p.S) g[(frame_out * p.S + s0 + row) * p.Ca + ca] = from_float<T>(out[e] + bc);
+        const int64_t tok = tok_base[row_first + e * ROW_STEP];
+        if (ca_ok && tok >= 0) g[(tok + t_out * p.S) * p.Ca + ca] = from_float<T>(out[e] + bc);
       }
     }
   }
@@ -104,9 +109,12 @@ cudaError_t down_conv_forward(const DownConvParams& p, cudaStream_t stream) {
   return dispatch_dtypes(p.w_dtype, cudaErrorInvalidValue, [&](auto x_dtype, auto w_dtype) {
     return dispatch_kt(p.KT, cudaErrorInvalidValue, [&](auto kt) {
       return dispatch_gemm_config<decltype(w_dtype)>(p.gemm_config, cudaErrorInvalidValue, [&](auto config) {
-        auto kernel = down_conv_fwd_kernel<CType<decltype(x_dtype)>, CType<decltype(w_dtype)>, decltype(kt)::value,
-                                     decltype(config)>;
-        return launch_1d(kernel, conv_blocks(p), kThreads, stream, p);
+        using CFG = decltype(config);
+        constexpr int KT = decltype(kt)::value;
+        constexpr int BM = conv_tile_m<CFG, KT>();
+        auto kernel = down_conv_fwd_kernel<CType<decltype(x_dtype)>, CType<decltype(w_dtype)>, KT, BM, CFG::kBlockK,
+                                           CFG::kStages>;
+        return launch_1d(kernel, conv_blocks(p, BM), kThreads, stream, p);
       });
     });
   }, p.x.dtype);

@@ -4,12 +4,15 @@
 //
 //   tok n S P stride_f stride_l        -> frame s offset
 //   row row L P S                      -> frame l token spatial
-//   run run runs_per_clip fpr T kt     -> b t0 t1 halo_begin halo_end
+//   flat r S T P stride_f stride_l     -> b s token offset (flattened (clip, spatial) row r at frame 0)
+//   win linear n_rows T Ca bm bn fpr n_whole kt
+//                                      -> ca_block row_block t0 t1 part halo_begin halo_end blocks parts
+//   plan bm kt B T S Ca requested sms  -> frames_per_run n_whole_rows blocks parts (binding.cpp's plan)
 //   fpr T kt blocks_per_run sms        -> frames_per_run
 //   split N I J sms                    -> splits tokens_per_split
 //   dec linear nx ny                   -> x y z
 //   grid x y z                         -> 1 if the grid fits the hardware limits, else 0
-//   conv KT T B fpr transposed v_0 .. v_{B*T-1} w_0 .. w_{KT-1}
+//   conv KT T B fpr n_whole transposed v_0 .. v_{B*T-1} w_0 .. w_{KT-1}
 //        -> B*T outputs of the sliding-window temporal conv, run split and halo included, two
 //           lanes (v and 2v+1) checked against each other; "ERR ..." when a frame is written
 //           twice or never.
@@ -24,7 +27,7 @@
 using namespace st_adapter;
 
 template <int KT>
-bool sliding_conv(int64_t T, int64_t B, int64_t fpr, bool transposed, const std::vector<double>& v,
+bool sliding_conv(int64_t T, int64_t B, int64_t fpr, int64_t n_whole, bool transposed, const std::vector<double>& v,
                   const std::vector<double>& w, std::vector<double>& out) {
   constexpr int E = 2;
   constexpr int PAD = KT / 2;
@@ -33,9 +36,13 @@ bool sliding_conv(int64_t T, int64_t B, int64_t fpr, bool transposed, const std:
   std::vector<int> writes(B * T, 0);
   std::vector<double> lane1(B * T, 0.0);
   out.assign(B * T, 0.0);
-  const int64_t runs_per_clip = cdiv(T, fpr);
-  for (int64_t run_idx = 0; run_idx < B * runs_per_clip; ++run_idx) {
-    const FrameRun run = frame_run(run_idx, runs_per_clip, fpr, T);
+  // one row per clip, one channel: the window grid's blocks are its (row block, run) pairs
+  const WindowGrid grid = window_grid(B, T, 1, 1, 1, fpr, n_whole);
+  for (int64_t blk = 0; blk < window_grid_blocks(grid); ++blk) {
+    const WindowBlock w = window_block(blk, grid, T);
+    struct {
+      int64_t b, t0, t1;
+    } run{w.row_block, w.t0, w.t1};
     float q[ConvWindow<KT>::kPartials][E] = {};
     for (int64_t t_in = halo_begin(run.t0, KT); t_in < halo_end(run.t1, KT); ++t_in) {
       float h[E] = {0.f, 0.f};
@@ -80,13 +87,29 @@ int main() {
       in >> row >> L >> P >> S;
       const RowPos r = row_position(row, L, P, S);
       std::printf("%lld %lld %lld %d\n", (long long)r.frame, (long long)r.l, (long long)r.token, r.spatial ? 1 : 0);
-    } else if (cmd == "run") {
-      int64_t run, rpc, fpr, T;
-      int kt;
-      in >> run >> rpc >> fpr >> T >> kt;
-      const FrameRun r = frame_run(run, rpc, fpr, T);
-      std::printf("%lld %lld %lld %lld %lld\n", (long long)r.b, (long long)r.t0, (long long)r.t1,
-                  (long long)halo_begin(r.t0, kt), (long long)halo_end(r.t1, kt));
+    } else if (cmd == "flat") {
+      int64_t r, S, T, P, sf, sl;
+      in >> r >> S >> T >> P >> sf >> sl;
+      const FlatRow f = flat_row(r, S);
+      std::printf("%lld %lld %lld %lld\n", (long long)f.b, (long long)f.s, (long long)flat_row_token(r, S, T),
+                  (long long)flat_row_offset(r, S, T, P, sf, sl));
+    } else if (cmd == "win") {
+      int64_t lin, n_rows, T, Ca, fpr, n_whole;
+      int bm, bn, kt;
+      in >> lin >> n_rows >> T >> Ca >> bm >> bn >> fpr >> n_whole >> kt;
+      const WindowGrid g = window_grid(n_rows, T, Ca, bm, bn, fpr, n_whole);
+      const WindowBlock w = window_block(lin, g, T);
+      std::printf("%lld %lld %lld %lld %lld %lld %lld %lld %lld\n", (long long)w.ca_block, (long long)w.row_block,
+                  (long long)w.t0, (long long)w.t1, (long long)w.part, (long long)halo_begin(w.t0, kt),
+                  (long long)halo_end(w.t1, kt), (long long)window_grid_blocks(g), (long long)window_grid_parts(g));
+    } else if (cmd == "plan") {
+      int bm, kt;
+      int64_t B, T, S, Ca, req, sms;
+      in >> bm >> kt >> B >> T >> S >> Ca >> req >> sms;
+      const ConvPlan p = conv_plan(bm, kt, B, T, S, Ca, req, sms);
+      const WindowGrid g = conv_grid(bm, B, T, S, Ca, p.frames_per_run, p.n_whole_rows);
+      std::printf("%lld %lld %lld %lld\n", (long long)p.frames_per_run, (long long)p.n_whole_rows,
+                  (long long)window_grid_blocks(g), (long long)window_grid_parts(g));
     } else if (cmd == "fpr") {
       int64_t T, per, sms;
       int kt;
@@ -108,19 +131,19 @@ int main() {
       std::printf("%d\n", grid_fits(x, y, z) ? 1 : 0);
     } else if (cmd == "conv") {
       int kt;
-      int64_t T, B, fpr;
+      int64_t T, B, fpr, n_whole;
       int transposed;
-      in >> kt >> T >> B >> fpr >> transposed;
+      in >> kt >> T >> B >> fpr >> n_whole >> transposed;
       std::vector<double> v(B * T), w(kt), out;
       for (auto& x : v) in >> x;
       for (auto& x : w) in >> x;
       bool ok = false;
       switch (kt) {
-        case 1: ok = sliding_conv<1>(T, B, fpr, transposed != 0, v, w, out); break;
-        case 3: ok = sliding_conv<3>(T, B, fpr, transposed != 0, v, w, out); break;
-        case 5: ok = sliding_conv<5>(T, B, fpr, transposed != 0, v, w, out); break;
-        case 7: ok = sliding_conv<7>(T, B, fpr, transposed != 0, v, w, out); break;
-        case 9: ok = sliding_conv<9>(T, B, fpr, transposed != 0, v, w, out); break;
+        case 1: ok = sliding_conv<1>(T, B, fpr, n_whole, transposed != 0, v, w, out); break;
+        case 3: ok = sliding_conv<3>(T, B, fpr, n_whole, transposed != 0, v, w, out); break;
+        case 5: ok = sliding_conv<5>(T, B, fpr, n_whole, transposed != 0, v, w, out); break;
+        case 7: ok = sliding_conv<7>(T, B, fpr, n_whole, transposed != 0, v, w, out); break;
+        case 9: ok = sliding_conv<9>(T, B, fpr, n_whole, transposed != 0, v, w, out); break;
         default: break;
       }
       if (!ok) {

@@ -35,11 +35,13 @@ struct WeightView {
 };
 
 // B clips of T frames of S spatial tokens, C model and Ca adapter channels, kernel KT; the down-conv
-// and conv-backward blocks walk runs of frames_per_run frames.
+// and conv-backward grids (window_grid over the B*S flattened rows): the first n_whole_rows row
+// blocks walk whole clips, the others runs of frames_per_run frames.
 struct ConvShape {
   int64_t B, T, S, C, Ca;
   int KT;
   int64_t frames_per_run;
+  int64_t n_whole_rows;
 };
 
 // g = conv_t(x_s Wd^T + bd) + bc per clip; also h = x_s Wd^T + bd when h != nullptr (backward).
@@ -55,7 +57,8 @@ struct DownConvParams : ConvShape {
   int gemm_config;   // index into GemmConfigs (16-bit tile K depth x cp.async stages), 0 = default
 };
 
-// dh = conv_t^T(dO_s Wu) and per-block fp32 partials of dwc (n_parts, Ca, KT) and dbc (n_parts, Ca).
+// dh = conv_t^T(dO_s Wu) and per-(row block, run) fp32 partials of dwc (n_parts, Ca, KT) and dbc
+// (n_parts, Ca), n_parts = conv_parts().
 struct ConvBwdParams : ConvShape {
   TokenView dout;
   WeightView wu;     // W(n = ca, k = c) = Wu[c, ca]
@@ -101,17 +104,46 @@ cudaError_t weight_grad(const WgradParams& p, cudaStream_t stream);
 // out[i] = sum_p part[p * numel + i], summed in order p = 0, 1, ...: deterministic.
 cudaError_t sum_partials(const float* part, float* out, int64_t n_parts, int64_t numel, cudaStream_t stream);
 
+// Up to kMax such sums in one launch (the backward's finalize: dwc, dbc, dWu, dbu, dWd, dbd), cast
+// to out_dtype (the parameters'), so the backward stays within 6 launches with no cast after it.
+// Segment i: out[i] (numel[i],) = sum over n_parts[i] slices of part[i], in order.
+struct PartialSums {
+  static constexpr int kMax = 6;
+  DType out_dtype = DType::kFloat32;
+  int n = 0;
+  const float* part[kMax];
+  void* out[kMax];
+  int64_t n_parts[kMax];
+  int64_t numel[kMax];
+  void add(const float* p, void* o, int64_t parts, int64_t count) {
+    part[n] = p;
+    out[n] = o;
+    n_parts[n] = parts;
+    numel[n] = count;
+    ++n;
+  }
+  int64_t total() const {
+    int64_t t = 0;
+    for (int i = 0; i < n; ++i) t += numel[i];
+    return t;
+  }
+};
+cudaError_t sum_partials_many(const PartialSums& sums, cudaStream_t stream);
+
 // ------------------------------------------------------------------------------ grids
 // Blocks of every launch (1-D grids), for the launchers and for binding.cpp's up-front check.
-// Blocks of one frame run of the down-conv / conv-backward grids (for frames_per_run).
-inline int64_t conv_blocks_per_run(int kt, int64_t S, int64_t Ca) {
-  return cdiv(S, conv_block_m(kt)) * cdiv(Ca, kConvBlockN);
+// The down-conv / conv-backward window grid of a launch (st_adapter_index.cuh) with block_m rows
+// per block: conv_block_m_for(gemm_config, KT) on the host, the kernel's own BM on the device.
+STA_HD WindowGrid conv_grid(const ConvShape& s, int block_m) {
+  return conv_grid(block_m, s.B, s.T, s.S, s.Ca, s.frames_per_run, s.n_whole_rows);
 }
-inline int64_t conv_blocks(const ConvShape& s) {
-  return conv_blocks_per_run(s.KT, s.S, s.Ca) * s.B * cdiv(s.T, s.frames_per_run);
-}
-inline int64_t up_residual_blocks(int64_t F, int64_t L, int64_t NOUT) {
-  return cdiv(NOUT, kUpBlockN) * cdiv(F * L, kUpBlockM);
+STA_HD int64_t conv_blocks(const ConvShape& s, int block_m) { return window_grid_blocks(conv_grid(s, block_m)); }
+// The number of dwc/dbc partials conv_backward writes.
+inline int64_t conv_parts(const ConvShape& s, int block_m) { return window_grid_parts(conv_grid(s, block_m)); }
+
+// block_m: up_block_m_for(gemm_config).
+inline int64_t up_residual_blocks(int64_t F, int64_t L, int64_t NOUT, int block_m) {
+  return cdiv(NOUT, kUpBlockN) * cdiv(F * L, block_m);
 }
 inline int64_t wgrad_blocks(int64_t I, int64_t J, int64_t splits) {
   return cdiv(J, kWgradBlockN) * cdiv(I, kWgradBlockM) * splits;
@@ -119,9 +151,5 @@ inline int64_t wgrad_blocks(int64_t I, int64_t J, int64_t splits) {
 constexpr int kSumPartialsThreads = 256;
 inline int64_t sum_partials_blocks(int64_t numel) { return cdiv(numel, kSumPartialsThreads); }
 
-// The number of dwc/dbc partials conv_backward writes.
-inline int64_t conv_bwd_num_parts(int kt, int64_t B, int64_t T, int64_t S, int64_t frames_per_run) {
-  return B * cdiv(T, frames_per_run) * cdiv(S, conv_block_m(kt));
-}
 
 }  // namespace st_adapter

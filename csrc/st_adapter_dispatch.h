@@ -28,6 +28,16 @@ template <int... Ns>
 struct IntList {};
 
 // ---------------------------------------------------------------------------------- the table
+// The work model (st_adapter_fast/backends/cuda_model.py) compiles each kernel file with the
+// table cut down to one entry -- -DSTA_ONLY_DTYPE=<DType> -DSTA_ONLY_KT=<kt> -DSTA_ONLY_CONFIG=<index>
+// -- for the registers and spills of exactly the instantiations a launch dispatches to, in
+// seconds instead of minutes. Nothing else defines these.
+#if defined(STA_ONLY_DTYPE) && defined(STA_ONLY_KT) && defined(STA_ONLY_CONFIG)
+#define STA_ONLY_ONE_ENTRY 1
+using ComputeDTypes = DTypeList<static_cast<DType>(STA_ONLY_DTYPE)>;
+using KernelSizes = IntList<STA_ONLY_KT>;
+constexpr int kMaxFp32Operands = 0;
+#else
 // Compute dtypes, i.e. the weights' dtype: fp16/bf16 on tensor cores, fp32 on IEEE SIMT.
 using ComputeDTypes = DTypeList<DType::kFloat32, DType::kFloat16, DType::kBFloat16>;
 // Temporal kernel sizes the conv kernels are instantiated for (the register window is unrolled
@@ -37,20 +47,57 @@ using KernelSizes = IntList<1, 3, 5, 7, 9>;
 // them -- the caller's activations x or dO -- may be fp32 under autocast (cast on load, as the
 // Triton kernels' _mma does). The work buffers g, h, dh are always in the compute dtype.
 constexpr int kMaxFp32Operands = 1;
-// Tile configurations of the 16-bit GEMMs, selectable per call for the GPU sweep (an index into
-// GemmConfigs; 0 = the first, the default): the K depth of a block step and the depth of the
-// cp.async ring (STAGES tiles keep STAGES - 1 K steps in flight). Both keep >= 2 steps in flight:
-// 32-deep steps x 3 stages, or 16-deep steps x 4 stages (half the shared memory per stage, one
-// more step in flight). The fp32 kernels (IEEE SIMT, loads in-step) are built for the default only.
-template <int BK, int STAGES>
+#endif
+// Tile configurations, selectable per call for the GPU sweep (an index into GemmConfigs; 0 = the
+// first, the default; st_adapter_fast.backends.cuda.gemm_configs() lists them): the K depth of a
+// 16-bit block step and the depth of its cp.async ring (STAGES tiles keep STAGES - 1 K steps in
+// flight), the down-conv / conv-backward rows per block (0: kConvBlockM<KT>, 64 for kt <= 3, 32
+// above) and the up-residual rows per block. 0: 32-deep steps x 3 stages; 1: 16-deep x 4 (half the
+// shared memory per stage, one more step in flight); 2: 32-row window tiles for every kt and
+// 64-row up-residual tiles (2x the blocks: the shape-A window grid gets the Triton kernel's 49 row
+// blocks instead of 25, which fill 1.14 waves of 132 SMs). The kernels are templated on the
+// resolved sizes, so an entry compiles only the instantiations no other entry has (entry 2: kt 1
+// and 3 window kernels, the up-residual). fp32 kernels (IEEE SIMT, loads in-step) take the
+// entry's tile rows with the default K depth.
+template <int BK, int STAGES, int CONV_BM = 0, int UP_BM = 128>
 struct GemmConfig {
   static constexpr int kBlockK = BK;
   static constexpr int kStages = STAGES;
+  static constexpr int kConvBlockM = CONV_BM;
+  static constexpr int kUpBlockM = UP_BM;
 };
 template <typename... Cs>
 struct ConfigList {};
-using GemmConfigs = ConfigList<GemmConfig<32, 3>, GemmConfig<16, 4>>;
+using AllGemmConfigs = ConfigList<GemmConfig<32, 3>, GemmConfig<16, 4>, GemmConfig<32, 3, 32, 64>>;
+template <int I, typename... Cs>
+struct ConfigAt;
+template <typename C, typename... Cs>
+struct ConfigAt<0, C, Cs...> {
+  using type = C;
+};
+template <int I, typename C, typename... Cs>
+struct ConfigAt<I, C, Cs...> : ConfigAt<I - 1, Cs...> {};
+template <int I, typename List>
+struct OneConfig;
+template <int I, typename... Cs>
+struct OneConfig<I, ConfigList<Cs...>> {
+  using type = ConfigList<typename ConfigAt<I, Cs...>::type>;
+};
+#ifdef STA_ONLY_ONE_ENTRY
+using GemmConfigs = typename OneConfig<STA_ONLY_CONFIG, AllGemmConfigs>::type;
+#else
+using GemmConfigs = AllGemmConfigs;
+#endif
 using DefaultGemmConfig = GemmConfig<32, 3>;
+// The fp32 twin of a config: its tile rows, the default K depth.
+template <typename C>
+using Fp32GemmConfig = GemmConfig<DefaultGemmConfig::kBlockK, DefaultGemmConfig::kStages, C::kConvBlockM, C::kUpBlockM>;
+
+// Rows per block of a config's window kernels for KT, and of its up-residual.
+template <typename C, int KT>
+constexpr int conv_tile_m() {
+  return C::kConvBlockM ? C::kConvBlockM : kConvBlockM<KT>;
+}
 
 // ----------------------------------------------------------------------------- dispatch
 namespace detail {
@@ -101,7 +148,9 @@ R dispatch_dtypes(DType compute, R fallback, F& f, DTypeList<Cs...>, Ops... oper
 
 }  // namespace detail
 
+#ifndef STA_ONLY_ONE_ENTRY
 static_assert(detail::max_kt(KernelSizes{}) == kMaxKT, "the table's widest KT is the register window's kMaxKT");
+#endif
 
 // f(IntTag<kt>{}) for a kt of the table, else fallback.
 template <typename R, typename F>
@@ -110,11 +159,11 @@ R dispatch_kt(int kt, R fallback, F&& f) {
 }
 
 // f(GemmConfig<...>{}) for the config index of the table, else fallback; fp32 compute (a
-// DTypeTag) always gets the default: its kernels have no pipeline.
+// DTypeTag) gets the entry's fp32 twin: its kernels have no pipeline.
 template <typename ComputeTag, typename R, typename F>
 R dispatch_gemm_config(int config, R fallback, F&& f) {
   if constexpr (ComputeTag::value == DType::kFloat32) {
-    auto fp32 = [&](auto) { return f(DefaultGemmConfig{}); };
+    auto fp32 = [&](auto c) { return f(Fp32GemmConfig<decltype(c)>{}); };
     return detail::dispatch_config(config, fallback, fp32, GemmConfigs{});
   } else {
     return detail::dispatch_config(config, fallback, f, GemmConfigs{});
@@ -135,6 +184,27 @@ inline bool kt_supported(int kt) {
 inline bool gemm_config_supported(int config) {
   return dispatch_gemm_config<DTypeTag<DType::kFloat16>>(config, false, [](auto) { return true; });
 }
+inline int gemm_config_count() {
+  int n = 0;
+  while (gemm_config_supported(n)) ++n;
+  return n;
+}
+// A config's tiles, for the host plan: (K depth, stages, window rows for kt, up-residual rows).
+inline int conv_block_m_for(int config, int kt) {
+  return dispatch_gemm_config<DTypeTag<DType::kFloat16>>(config, conv_block_m(kt), [&](auto c) {
+    return decltype(c)::kConvBlockM ? decltype(c)::kConvBlockM : conv_block_m(kt);
+  });
+}
+inline int up_block_m_for(int config) {
+  return dispatch_gemm_config<DTypeTag<DType::kFloat16>>(config, kUpBlockM, [](auto c) { return decltype(c)::kUpBlockM; });
+}
+inline int gemm_block_k_for(int config) {
+  return dispatch_gemm_config<DTypeTag<DType::kFloat16>>(config, 0, [](auto c) { return decltype(c)::kBlockK; });
+}
+inline int gemm_stages_for(int config) {
+  return dispatch_gemm_config<DTypeTag<DType::kFloat16>>(config, 0, [](auto c) { return decltype(c)::kStages; });
+}
+
 template <typename... Ops>
 bool dtypes_supported(DType compute, Ops... operand_dtypes) {
   return dispatch_dtypes(compute, false, [](auto...) { return true; }, operand_dtypes...);

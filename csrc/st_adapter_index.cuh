@@ -1,7 +1,8 @@
-// Index arithmetic of the ST-Adapter CUDA kernels: token -> (frame, s), prefix offsets, frame
-// runs with their temporal halo, flattened grids, tile configurations, and the sliding-window
-// temporal stencil. Everything here is __host__ __device__ and free of CUDA types, so
-// tests/test_cuda_host_index.py compiles it with plain g++ and checks it against Python.
+// Index arithmetic of the ST-Adapter CUDA kernels: token -> (frame, s), prefix offsets, flattened
+// (clip, spatial) row tiles, window grids of frame runs with their temporal halo, flattened grids,
+// tile configurations, and the sliding-window temporal stencil. Everything here is
+// __host__ __device__ and free of CUDA types, so tests/cuda/test_cuda_host_index.py compiles it with
+// plain g++ and checks it against Python.
 //
 // Layout conventions (the same as kernels/_common.py):
 // - a token tensor is viewed as (F, L, K) with F = B*T frames (frame = b*T + t); its spatial
@@ -72,22 +73,95 @@ STA_HD RowPos row_position(int64_t row, int64_t L, int64_t P, int64_t S) {
   return r;
 }
 
-// ------------------------------------------------------------------------ frame runs
-// A down-conv / conv-backward block owns output frames [t0, t1) of clip b and walks input
-// frames [t0 - KT/2, t1 + KT/2): the halo frames on both sides are recomputed, never shared.
-struct FrameRun {
-  int64_t b;
-  int64_t t0;
-  int64_t t1;
+// ------------------------------------------------------------------- flattened row tiles
+// The down-conv and conv-backward blocks own BLOCK_M rows of the B*S flattened (clip, spatial
+// position) rows -- a tile may span two clips; S = 196 is not padded up to the tile per clip
+// (196 -> 256 rows cost 1.31x the FLOPs on shape A) -- and walk frames t in order, the same t for
+// every row of the tile (every clip has T frames). Mirrors kernels/_common.py's _flat_rows.
+struct FlatRow {
+  int64_t b;  // clip
+  int64_t s;  // spatial position, 0..S-1
 };
 
-STA_HD FrameRun frame_run(int64_t run, int64_t n_runs_per_clip, int64_t frames_per_run, int64_t T) {
-  FrameRun r;
-  r.b = run / n_runs_per_clip;
-  r.t0 = (run - r.b * n_runs_per_clip) * frames_per_run;
-  int64_t end = r.t0 + frames_per_run;
-  r.t1 = end < T ? end : T;
-  return r;
+STA_HD FlatRow flat_row(int64_t r, int64_t S) {
+  FlatRow f;
+  f.b = r / S;
+  f.s = r - f.b * S;
+  return f;
+}
+
+// Flat token index (frame b*T, s) of row r at frame 0; frame t adds t * S. One division per row
+// per block, none per frame.
+STA_HD int64_t flat_row_token(int64_t r, int64_t S, int64_t T) {
+  const FlatRow f = flat_row(r, S);
+  return f.b * T * S + f.s;
+}
+
+// Element offset of row r's token at frame 0 of its clip in a token tensor (prefix P); frame t
+// adds t * stride_f.
+STA_HD int64_t flat_row_offset(int64_t r, int64_t S, int64_t T, int64_t P, int64_t stride_f, int64_t stride_l) {
+  const FlatRow f = flat_row(r, S);
+  return f.b * T * stride_f + (f.s + P) * stride_l;
+}
+
+// ------------------------------------------------------------------- window grids
+// A 1-D grid of (Ca block, row block, frame run) blocks: the first n_whole_rows row blocks walk
+// whole clips (ca_blocks blocks each), every later row block is split into `runs` runs of
+// frames_per_run frames (ca_blocks blocks per run, Ca fastest so blocks sharing x tiles run
+// together). A run [t0, t1) walks input frames [t0 - KT/2, t1 + KT/2): the halo frames on both
+// sides are recomputed, never shared. Mirrors kernels/_common.py's _window_program.
+struct WindowGrid {
+  int64_t ca_blocks, row_blocks, n_whole_rows, runs, frames_per_run;
+};
+
+// frames_per_run is clamped to [1, T]; with one run per clip every row block is whole.
+STA_HD WindowGrid window_grid(int64_t n_rows, int64_t T, int64_t Ca, int block_m, int block_n,
+                              int64_t frames_per_run, int64_t n_whole_rows) {
+  WindowGrid g;
+  g.ca_blocks = cdiv(Ca, block_n);
+  g.row_blocks = cdiv(n_rows, block_m);
+  g.frames_per_run = frames_per_run < 1 ? 1 : (frames_per_run > T ? T : frames_per_run);
+  g.runs = T > 0 ? cdiv(T, g.frames_per_run) : 1;
+  const int64_t whole = n_whole_rows < 0 ? 0 : (n_whole_rows > g.row_blocks ? g.row_blocks : n_whole_rows);
+  g.n_whole_rows = g.runs == 1 ? g.row_blocks : whole;
+  return g;
+}
+
+// dwc/dbc partials of a window grid: one per (row block, run).
+STA_HD int64_t window_grid_parts(const WindowGrid& g) {
+  return g.n_whole_rows + (g.row_blocks - g.n_whole_rows) * g.runs;
+}
+STA_HD int64_t window_grid_blocks(const WindowGrid& g) { return g.ca_blocks * window_grid_parts(g); }
+
+struct WindowBlock {
+  int64_t ca_block, row_block;
+  int64_t t0, t1;  // output frames this block owns
+  int64_t part;    // its dwc/dbc partial
+};
+
+STA_HD WindowBlock window_block(int64_t linear, const WindowGrid& g, int64_t T) {
+  WindowBlock w;
+  const int64_t n_whole = g.n_whole_rows * g.ca_blocks;
+  if (linear < n_whole) {
+    w.row_block = linear / g.ca_blocks;
+    w.ca_block = linear - w.row_block * g.ca_blocks;
+    w.t0 = 0;
+    w.t1 = T;
+    w.part = w.row_block;
+  } else {
+    const int64_t q = linear - n_whole;
+    const int64_t per_row = g.ca_blocks * g.runs;
+    const int64_t rr = q / per_row;
+    const int64_t rem = q - rr * per_row;
+    const int64_t j = rem / g.ca_blocks;
+    w.ca_block = rem - j * g.ca_blocks;
+    w.row_block = g.n_whole_rows + rr;
+    w.t0 = j * g.frames_per_run;
+    const int64_t end = w.t0 + g.frames_per_run;
+    w.t1 = end < T ? end : T;
+    w.part = g.n_whole_rows + rr * g.runs + j;
+  }
+  return w;
 }
 
 STA_HD int64_t halo_begin(int64_t t0, int kt) { return t0 - kt / 2; }
@@ -97,8 +171,11 @@ STA_HD bool in_clip(int64_t t, int64_t T) { return t >= 0 && t < T; }
 
 // Frames one down-conv block walks: whole clips when the grid already fills the GPU, shorter
 // runs (each recomputing a KT/2 halo on both sides) when the batch is small (B=4, T=32). A run
-// stays >= 2*KT frames so the halo costs at most half of the useful work. Mirrors
-// kernels.adapter_fwd.frames_per_program so both backends split work the same way.
+// stays >= 2*KT frames so the halo costs at most half of the useful work. blocks_per_frame_run:
+// the grid's blocks with one run per clip (Ca blocks x row blocks). The binding's fallback when
+// its caller plans nothing: st_adapter_fast.backends.cuda hands it the Triton launchers'
+// occupancy plan (kernels/_common.py window_plan) instead. backends/cuda.py frames_per_run
+// restates this policy (tests/cuda/test_cuda_host_index.py checks the two agree).
 STA_HD int64_t frames_per_run(int64_t T, int kt, int64_t blocks_per_frame_run, int64_t sms) {
   int64_t per = blocks_per_frame_run > 1 ? blocks_per_frame_run : 1;
   int64_t want_runs = cdiv(2 * sms, per);
@@ -135,7 +212,7 @@ STA_HD BlockCoord decode_block(int64_t linear, int64_t nx, int64_t ny) {
 }
 
 // ------------------------------------------------------------------ tile configurations
-// Down-conv and conv-backward: BLOCK_M spatial positions x BLOCK_N adapter channels per frame,
+// Down-conv and conv-backward: BLOCK_M flattened (clip, spatial) rows x BLOCK_N adapter channels per frame,
 // plus KT-1 fp32 window partials of that tile in registers: (BLOCK_M*BLOCK_N/256)*(KT-1) floats
 // per thread. 64x64 for kt <= 3 (32 window registers); wider kernels halve the rows (kt = 5 at
 // 64x64 spilled 44-140 bytes on sm_90 once the next K step's loads were staged in registers).
@@ -152,19 +229,33 @@ constexpr int kWgradBlockM = 64;
 constexpr int kWgradBlockN = 64;
 constexpr int kWgradBlockK = 32;
 
-// Token splits of a weight-gradient GEMM: enough blocks for two waves, each split >= 8 token
-// steps; tokens_per_split is a multiple of BLOCK_K. Mirrors kernels.adapter_bwd.weight_grad.
+// Token splits of a weight-gradient GEMM: the Triton launchers' policy (kernels/_common.py
+// token_splits) -- the fewest splits that minimise whole waves x (token steps per block + the
+// cost of its fp32 partial, kWgradPartialSteps steps), each split >= 8 token steps -- for
+// kWgradCtasPerSm resident blocks per SM (the 16-bit kernel: 118-122 registers, 25-31 KB shared
+// memory on sm_90). Shape A's dWu: 11 splits, 792 blocks on 264 slots (was 4: 288 blocks, 1.09
+// waves). tokens_per_split is a multiple of kWgradBlockK.
+constexpr int kWgradCtasPerSm = 2;
+constexpr int kWgradPartialSteps = 4;
+
 struct WgradSplit {
   int64_t splits;
   int64_t tokens_per_split;
 };
 
 STA_HD WgradSplit wgrad_split(int64_t num_tokens, int64_t I, int64_t J, int64_t sms) {
-  int64_t tiles = cdiv(I, kWgradBlockM) * cdiv(J, kWgradBlockN);
-  int64_t by_sms = cdiv(2 * sms, tiles);
-  int64_t by_work = cdiv(num_tokens, 8 * kWgradBlockK);
-  int64_t splits = by_sms < by_work ? by_sms : by_work;
-  if (splits < 1) splits = 1;
+  const int64_t tiles = cdiv(I, kWgradBlockM) * cdiv(J, kWgradBlockN);
+  const int64_t slots = (sms > 1 ? sms : 1) * kWgradCtasPerSm;
+  const int64_t steps = num_tokens > kWgradBlockK ? cdiv(num_tokens, kWgradBlockK) : 1;
+  const int64_t most = steps / 8 > 1 ? steps / 8 : 1;
+  int64_t splits = 1, best_cost = -1;
+  for (int64_t s = 1; s <= most; ++s) {
+    const int64_t cost = cdiv(tiles * s, slots) * (cdiv(steps, s) + kWgradPartialSteps);
+    if (best_cost < 0 || cost < best_cost) {
+      splits = s;
+      best_cost = cost;
+    }
+  }
   int64_t n = num_tokens > 1 ? num_tokens : 1;
   int64_t tps = cdiv(cdiv(n, splits), kWgradBlockK) * kWgradBlockK;
   WgradSplit w;
@@ -172,6 +263,32 @@ STA_HD WgradSplit wgrad_split(int64_t num_tokens, int64_t I, int64_t J, int64_t 
   w.splits = cdiv(num_tokens, tps);
   if (w.splits < 1) w.splits = 1;
   return w;
+}
+
+// ---------------------------------------------------------- down-conv / conv-backward grids
+// The down-conv / conv-backward window grid over the B*S flattened (clip, spatial) rows.
+// block_m: the launch's rows per block (conv_block_m(kt), or its GEMM config's; st_adapter_dispatch.h).
+STA_HD WindowGrid conv_grid(int block_m, int64_t B, int64_t T, int64_t S, int64_t Ca, int64_t frames_per_run,
+                            int64_t n_whole_rows) {
+  return window_grid(B * S, T, Ca, block_m, kConvBlockN, frames_per_run, n_whole_rows);
+}
+// The binding's fallback grid plan (its caller passed frames_per_run = 0): frames_per_run
+// (requested > 0, else the frames_per_run policy for `sms` SMs); split row blocks only
+// (n_whole_rows = 0) when runs > 1.
+struct ConvPlan {
+  int64_t frames_per_run, n_whole_rows;
+};
+STA_HD ConvPlan conv_plan(int block_m, int kt, int64_t B, int64_t T, int64_t S, int64_t Ca, int64_t requested,
+                          int64_t sms) {
+  ConvPlan p;
+  if (requested > 0) {
+    p.frames_per_run = requested < T ? requested : T;
+  } else {
+    const WindowGrid whole = conv_grid(block_m, B, T, S, Ca, T, 0);
+    p.frames_per_run = frames_per_run(T, kt, whole.ca_blocks * whole.row_blocks, sms);
+  }
+  p.n_whole_rows = 0;
+  return p;
 }
 
 // ------------------------------------------------------------------ temporal stencil

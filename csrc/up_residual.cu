@@ -8,14 +8,13 @@
 namespace st_adapter {
 namespace {
 
-template <typename TR, typename T, typename CFG>
+// BM, BK, STAGES: the GEMM config's resolved tile (st_adapter_dispatch.h's GemmConfigs).
+template <typename TR, typename T, int BM, int BK, int STAGES>
 __global__ void __launch_bounds__(kThreads, 1) up_residual_kernel(UpResidualParams p) {
-  constexpr int BM = kUpBlockM;
   constexpr int BN = kUpBlockN;
-  constexpr int BK = CFG::kBlockK;  // the K depth of a step (st_adapter_dispatch.h's GemmConfigs)
   constexpr int E = BM * BN / kThreads;
   constexpr int ROW_STEP = kThreads / BN;
-  using Layout = GemmLayout<T, BM, BN, BK, CFG::kStages>;
+  using Layout = GemmLayout<T, BM, BN, BK, STAGES>;
 
   __shared__ __align__(128) unsigned char smem[Layout::kBytes];
   __shared__ int64_t row_off[BM];
@@ -41,7 +40,7 @@ __global__ void __launch_bounds__(kThreads, 1) up_residual_kernel(UpResidualPara
   __syncthreads();
   // `a` rows are token * K
   const bool vec_a = rows_vector_ok<T, T>(p.a, p.K, 1, p.K, p.K);
-  block_gemm<T, T, BM, BN, BK, CFG::kStages>(smem, a, row_off, p.K, 1, vec_a, w, n0, p.NOUT, p.w.stride_n, p.w.stride_k);
+  block_gemm<T, T, BM, BN, BK, STAGES>(smem, a, row_off, p.K, 1, vec_a, w, n0, p.NOUT, p.w.stride_n, p.w.stride_k);
 
   const float* cs = Layout::c(smem);
   const int col = threadIdx.x % BN;
@@ -65,8 +64,10 @@ __global__ void __launch_bounds__(kThreads, 1) up_residual_kernel(UpResidualPara
 cudaError_t up_residual_forward(const UpResidualParams& p, cudaStream_t stream) {
   return dispatch_dtypes(p.w_dtype, cudaErrorInvalidValue, [&](auto res_dtype, auto w_dtype) {
     return dispatch_gemm_config<decltype(w_dtype)>(p.gemm_config, cudaErrorInvalidValue, [&](auto config) {
-      auto kernel = up_residual_kernel<CType<decltype(res_dtype)>, CType<decltype(w_dtype)>, decltype(config)>;
-      return launch_1d(kernel, up_residual_blocks(p.F, p.res.P + p.S, p.NOUT), kThreads, stream, p);
+      using CFG = decltype(config);
+      auto kernel = up_residual_kernel<CType<decltype(res_dtype)>, CType<decltype(w_dtype)>, CFG::kUpBlockM,
+                                       CFG::kBlockK, CFG::kStages>;
+      return launch_1d(kernel, up_residual_blocks(p.F, p.res.P + p.S, p.NOUT, CFG::kUpBlockM), kThreads, stream, p);
     });
   }, p.res.dtype);
 }

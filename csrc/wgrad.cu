@@ -1,5 +1,5 @@
 // Weight gradients dWu = dy^T g (+ dbu = sum dy) and dWd = dh^T x_s (+ dbd = sum dh), split over
-// tokens into fp32 partials (splits, I, J) that sum_partials adds in a fixed order:
+// tokens into fp32 partials (splits, I, J) that sum_partials_many adds in a fixed order:
 // deterministic, no float atomics. Mirrors kernels/adapter_bwd.py's adapter_wgrad_kernel.
 #include <type_traits>
 
@@ -194,12 +194,11 @@ __device__ __forceinline__ void load_tokens_stage(T* Xs, const TX* __restrict__ 
 
 // 16-bit: token-major A^T and B tiles (As[k][i], Bs[k][j]) through a CFG::kStages-deep cp.async
 // ring, kStages - 1 token steps in flight during each step's mma.sync (A fragments by ldmatrix.trans).
-template <typename TA, typename TB, typename T, typename CFG>
+// BK, STAGES: the GEMM config's resolved K depth and ring (configs that agree share a kernel).
+template <typename TA, typename TB, typename T, int BK, int STAGES>
 __global__ void __launch_bounds__(kThreads, 1) wgrad_mma_kernel(WgradParams p) {
   constexpr int BM = kWgradBlockM;  // I per tile
   constexpr int BN = kWgradBlockN;  // J per tile
-  constexpr int BK = CFG::kBlockK;  // tokens per step
-  constexpr int STAGES = CFG::kStages;
   static_assert(kWgradBlockK % BK == 0, "token splits (multiples of kWgradBlockK) are whole steps");
   constexpr int LDA = BM + 8;       // As[k][i]
   constexpr int LDB = BN + 8;       // Bs[k][j]
@@ -253,13 +252,22 @@ __global__ void __launch_bounds__(kThreads, 1) wgrad_mma_kernel(WgradParams p) {
   store_partials<BM, BN>(p, Layout::c(smem), Layout::kLdC, split, i0, j0, with_bias, bias_acc, bias_buf);
 }
 
-__global__ void sum_partials_kernel(const float* __restrict__ part, float* __restrict__ out, int64_t n_parts,
-                                    int64_t numel) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= numel) return;
-  float sum = 0.f;
-  for (int64_t q = 0; q < n_parts; ++q) sum += part[q * numel + i];
-  out[i] = sum;
+// Thread i of the grid sums element i of the concatenated outputs: it finds its segment, then
+// adds that segment's partials in order p = 0, 1, ... (deterministic, no atomics), and casts.
+template <typename TO>
+__global__ void sum_partials_kernel(PartialSums sums) {
+  int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int seg = 0; seg < sums.n; ++seg) {
+    if (i < sums.numel[seg]) {
+      const float* __restrict__ part = sums.part[seg];
+      const int64_t numel = sums.numel[seg];
+      float sum = 0.f;
+      for (int64_t q = 0; q < sums.n_parts[seg]; ++q) sum += part[q * numel + i];
+      static_cast<TO*>(sums.out[seg])[i] = from_float<TO>(sum);
+      return;
+    }
+    i -= sums.numel[seg];
+  }
 }
 
 }  // namespace
@@ -275,14 +283,24 @@ cudaError_t weight_grad(const WgradParams& p, cudaStream_t stream) {
       if constexpr (std::is_same<T, float>::value)
         return launch_1d(wgrad_simt_kernel<TA, TB, T>, blocks, kThreads, stream, p);
       else
-        return launch_1d(wgrad_mma_kernel<TA, TB, T, decltype(config)>, blocks, kThreads, stream, p);
+        return launch_1d(wgrad_mma_kernel<TA, TB, T, decltype(config)::kBlockK, decltype(config)::kStages>, blocks,
+                         kThreads, stream, p);
     });
   }, p.a.dtype, p.b.dtype);
 }
 
+cudaError_t sum_partials_many(const PartialSums& sums, cudaStream_t stream) {
+  if (sums.n < 0 || sums.n > PartialSums::kMax) return cudaErrorInvalidValue;
+  return dispatch_dtypes(sums.out_dtype, cudaErrorInvalidValue, [&](auto dtype) {
+    return launch_1d(sum_partials_kernel<CType<decltype(dtype)>>, sum_partials_blocks(sums.total()),
+                     kSumPartialsThreads, stream, sums);
+  });
+}
+
 cudaError_t sum_partials(const float* part, float* out, int64_t n_parts, int64_t numel, cudaStream_t stream) {
-  return launch_1d(sum_partials_kernel, sum_partials_blocks(numel), kSumPartialsThreads, stream, part, out, n_parts,
-                   numel);
+  PartialSums sums;
+  sums.add(part, out, n_parts, numel);
+  return sum_partials_many(sums, stream);
 }
 
 }  // namespace st_adapter

@@ -385,10 +385,14 @@ def _main_model(args, kwargs) -> int:
     shapes = kwargs.get("shapes") or {k: TARGET_SHAPES[k] for k in ("A", "B", "C")}
     rows = work_model.model_rows(shapes, kwargs.get("dtypes", (torch.bfloat16,))[0], (args.arch or [90])[0],
                                  kwargs.get("kts", (3,))[0], layernorm=args.layernorm)
+    # the CUDA backend's launches too (backend "cuda"; registers need nvcc)
+    rows += work_model.cuda_model_rows(shapes, kwargs.get("dtypes", (torch.bfloat16,))[0], (args.arch or [90])[0],
+                                       kwargs.get("kts", (3,))[0])
     print(work_model.format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": [r.as_json() for r in rows], "summary": work_model.summary(rows)}, f, indent=1)
+            json.dump({"rows": [r.as_json() for r in rows], "summary": work_model.summary(rows),
+                       "summary_cuda": work_model.summary(rows, "cuda")}, f, indent=1)
     return 0
 
 

@@ -326,10 +326,12 @@ def model_rows(shapes: Dict[str, tuple], dtype: torch.dtype = torch.bfloat16, ar
     return rows
 
 
-def summary(rows: List[Row]) -> Dict[str, dict]:
-    """Per shape: executed/required FLOPs over fwd+bwd, launches per pass, L2 bytes."""
+def summary(rows: List[Row], backend: str = "triton") -> Dict[str, dict]:
+    """Per shape: executed/required FLOPs over fwd+bwd, launches per pass, L2 bytes, of one backend."""
     out: Dict[str, dict] = {}
     for r in rows:
+        if r.backend != backend:
+            continue
         s = out.setdefault(r.shape, {"flops_executed": 0, "flops_required": 0, "launches_fwd": 0,
                                      "launches_bwd": 0, "l2_bytes_est": 0, "hbm_bytes_min": 0})
         s["flops_executed"] += r.flops_executed
@@ -361,9 +363,19 @@ def format_table(rows: List[Row]) -> str:
             f"{opt(r.spill_bytes, 'd'):>5} {opt(r.shared_bytes and r.shared_bytes // 1024, 'd'):>6} "
             f"{opt(r.uses_wgmma and 'y' or (r.uses_wgmma is not None and 'n') or None, 's'):>5} "
             f"{opt(r.ctas_per_sm, 'd'):>6} {opt(r.waves, '.2f'):>6} {opt(r.utilisation, '.2f'):>5}")
-    for shape, s in summary(rows).items():
+    for shape, s in [(f"{sh} {be}", v) for be in ("triton", "cuda") for sh, v in summary(rows, be).items()]:
         lines.append(f"{shape}: executed/required FLOPs {s['flops_ratio']:.3f} "
                      f"({s['flops_executed'] / 1e9:.1f} / {s['flops_required'] / 1e9:.1f} GFLOP), launches "
                      f"fwd {s['launches_fwd']} bwd {s['launches_bwd']}, L2 {s['l2_bytes_est'] / 1e6:.0f} MB, "
                      f"HBM min {s['hbm_bytes_min'] / 1e6:.0f} MB")
     return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------- CUDA backend
+def cuda_model_rows(shapes: Dict[str, tuple], dtype: torch.dtype = torch.bfloat16, arch: int = 90, kt: int = 3,
+                    compile_kernels: bool = True, sms: Optional[int] = None) -> List[Row]:
+    """Rows (backend "cuda") of the CUDA backend's launches: st_adapter_fast/backends/cuda_model.py
+    (binding.cpp's launch sequence, these work functions, registers from nvcc -Xptxas -v)."""
+    from st_adapter_fast.backends import cuda_model
+
+    return cuda_model.model_rows(shapes, dtype, arch, kt, compile_kernels, sms)

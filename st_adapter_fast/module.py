@@ -124,6 +124,10 @@ class STAdapter(nn.Module):
             training=self.training,
         )
 
+    # inject_st_adapters(..., fuse_layernorm=True) sets it: the adapted block forwards then call
+    # forward_layernorm with the block's LayerNorm instead of forward followed by that LayerNorm
+    fuse_layernorm: bool = False
+
     def forward_layernorm(self, x: torch.Tensor, num_frames: int, norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
         """(out, norm(out)) with out = self(x, num_frames), as one fused op (the adapter + LayerNorm
         pair, st_adapter_fast.adapter_layernorm): backward saves x and per-token statistics, not

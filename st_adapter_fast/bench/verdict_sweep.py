@@ -46,7 +46,8 @@ def stage_sweep(ctx) -> None:
     the op pass the kernel belongs to (fwd when it launches in the forward, else fwd+bwd) under
     tuning.forced_config; after each (shape, kernel) DIR/tuned_configs.json is rewritten with the
     best config per tuning.config_key. A candidate that fails to compile or run is a row with
-    its error, never the end of the sweep."""
+    its error, never the end of the sweep. Then the CUDA backend's configs on shape A
+    (sweep_cuda_configs)."""
     import torch
 
     from st_adapter_fast.kernels import tuning
@@ -113,6 +114,54 @@ def stage_sweep(ctx) -> None:
             write_tuned_table(ctx)
         del passes
         core._release(ctx.device)
+    sweep_cuda_configs(ctx, targets["A"], dtype, timing)
+
+
+def sweep_cuda_configs(ctx, shape, dtype, timing) -> None:
+    """The CUDA backend's tile configs (backends.cuda.gemm_configs(), ST_ADAPTER_CUDA_GEMM_CONFIG),
+    each timed on shape A fwd+bwd only (3 rows, ~1 s of GPU time plus one warm-up each): one GPU
+    window A/Bs them. Rows carry cuda_config / cuda_config_label and no "config", so pick_tuned
+    (Triton tile tables) ignores them; a config that fails is its row's error."""
+    from st_adapter_fast.backends import cuda as cuda_backend
+
+    from . import core
+
+    reason = core.provider_unavailable("cuda", shape, ctx.device, dtype)
+    configs = cuda_backend.gemm_configs()
+    if reason:
+        ctx.results.add("sweep", {"stage": ctx.stage, "shape_name": shape.name, "family": "cuda", "status": "skipped",
+                                  "cuda_configs": [c.describe() for c in configs], "reason": reason})
+        return
+    import torch
+
+    try:
+        inputs = core.make_op_inputs(shape, ctx.device, dtype, requires_grad=True)
+        step, reset = core.make_step("cuda", shape, "fwd+bwd", inputs, ctx.device)
+    except Exception as err:  # the sweep goes on without this axis
+        ctx.results.add("sweep", {"stage": ctx.stage, "shape_name": shape.name, "family": "cuda", "status": "error",
+                                  "reason": f"{type(err).__name__}: {str(err)[:300]}"})
+        return
+    for cfg in configs:
+        def measure(cfg=cfg):
+            old = os.environ.get("ST_ADAPTER_CUDA_GEMM_CONFIG")
+            os.environ["ST_ADAPTER_CUDA_GEMM_CONFIG"] = str(cfg.index)
+            try:
+                if cuda_backend.gemm_config() != cfg.index:
+                    raise RuntimeError(f"ST_ADAPTER_CUDA_GEMM_CONFIG={cfg.index} was not applied")
+                reset()
+                step()
+                torch.cuda.synchronize()
+                return core.time_fn(step, ctx.device, setup=reset, loop=False, **timing)
+            finally:
+                if old is None:
+                    os.environ.pop("ST_ADAPTER_CUDA_GEMM_CONFIG", None)
+                else:
+                    os.environ["ST_ADAPTER_CUDA_GEMM_CONFIG"] = old
+
+        ctx.task("sweep", {"shape_name": shape.name, "family": "cuda", "mode": "fwd+bwd", "cuda_config": cfg.index,
+                           "cuda_config_label": cfg.describe(), "is_default": cfg.index == 0}, measure, cap_s=60)
+    del inputs
+    core._release(ctx.device)
 
 
 def pick_tuned(rows: List[dict]) -> Dict[str, dict]:

@@ -262,7 +262,7 @@ def _to_model_keys(state: Mapping[str, torch.Tensor], meta: Optional[Mapping], m
     return out, skipped
 
 
-def _inject_from_file(model: nn.Module, meta: Optional[Mapping], backend: str) -> List[str]:
+def _inject_from_file(model: nn.Module, meta: Optional[Mapping], backend: str, fuse_layernorm: bool) -> List[str]:
     """inject_st_adapters(model, ...) with the settings the file stores; returns the new names."""
     if meta is None or not meta.get("adapters"):
         raise ValueError("inject=True: the file has no adapter settings (it was not written by save_adapters); "
@@ -292,13 +292,14 @@ def _inject_from_file(model: nn.Module, meta: Optional[Mapping], backend: str) -
     for (position, channels, kernel_size, prefix_tokens), blocks in groups.items():
         report = _inject.inject_st_adapters(
             model, adapter_channels=channels, kernel_size=kernel_size, positions=(position,),
-            block_indices=sorted(blocks), num_prefix_tokens=prefix_tokens, backend=backend, verbose=False)
+            block_indices=sorted(blocks), num_prefix_tokens=prefix_tokens, backend=backend,
+            fuse_layernorm=fuse_layernorm, verbose=False)
         names += report.adapters
     return names
 
 
 def load_adapters(model: nn.Module, source, *, strict: bool = True, include_trainable: bool = True,
-                  inject: bool = False, backend: str = "auto") -> CheckpointReport:
+                  inject: bool = False, backend: str = "auto", fuse_layernorm: bool = False) -> CheckpointReport:
     """Load a file written by save_adapters (or any {'model': state_dict} / bare state dict).
 
     Args:
@@ -314,11 +315,13 @@ def load_adapters(model: nn.Module, source, *, strict: bool = True, include_trai
             must have no adapters yet. Freezes the backbone like inject_st_adapters.
         backend: for the adapters inject=True creates ("auto": the fastest available here; the
             backend the file was saved with is recorded but may not exist on this machine).
+        fuse_layernorm: for the adapters inject=True creates, as inject_st_adapters takes it
+            (a runtime choice: files do not record it).
     Returns a CheckpointReport; ``report.extra`` holds the file's other entries (optimizer=,
     epoch=, ...) and ``report.injected`` the adapters inject=True created.
     """
     state, meta, extra = _read_payload(source)
-    injected = _inject_from_file(model, meta, backend) if inject else []
+    injected = _inject_from_file(model, meta, backend, fuse_layernorm) if inject else []
     try:
         mapped, skipped = _to_model_keys(state, meta, model)
         wanted = _trainable_names(model, include_trainable)

@@ -120,7 +120,7 @@ class ResidualAttentionBlock(nn.Module):
         if adapter is None:
             return x, norm(x)
         t = adapter_num_frames(adapter, num_frames)
-        if getattr(self, "st_adapter_fuse_layernorm", False):
+        if getattr(adapter, "fuse_layernorm", False):
             return adapter.forward_layernorm(x, t, norm)
         x = adapter(x, t)
         return x, norm(x)

@@ -402,11 +402,8 @@ def inject_st_adapters(
             p.requires_grad_(False)
 
     added = _attach_adapters(target, indices, positions, width=width, kernel_size=kernel_size, backend=backend)
-    for i in indices:
-        if fuse_layernorm:
-            target.blocks[i].st_adapter_fuse_layernorm = True
-        else:
-            target.blocks[i].__dict__.pop("st_adapter_fuse_layernorm", None)
+    for adapter in added.values():  # read by the adapted block forwards (families.base.adapter_and_norm)
+        adapter.fuse_layernorm = fuse_layernorm
     names = [prefix + name for name in added]
     trainable, total = count_parameters(model)
     report = InjectionReport(
@@ -482,6 +479,5 @@ def remove_st_adapters(model: nn.Module) -> int:
         if "forward" in block.__dict__:
             del block.__dict__["forward"]
         block.__dict__.pop("st_adapter_seq_first", None)
-        block.__dict__.pop("st_adapter_fuse_layernorm", None)
     target.module.__dict__.pop("st_adapter_report", None)
     return removed

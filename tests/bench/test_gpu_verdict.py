@@ -256,3 +256,42 @@ def test_a_sticky_cuda_error_skips_the_rest_of_the_stage(tmp_path):
     assert [r["status"] for r in saved["sweep"]] == ["error", "skipped"]
     ok = verdict.Context("sweep", "cpu", tmp_path, tmp_path, ROOT, time.time() + 60, results)
     assert ok.task("sweep", {"kernel": "wgrad", "candidate": 0}, lambda: {"time_ms": 1.0})["status"] == "ok"
+
+
+def test_sweep_times_every_cuda_config_on_shape_a(tmp_path, monkeypatch):
+    """The sweep's CUDA-config axis: one fwd+bwd row per entry of backends.cuda.gemm_configs(),
+    each timed with ST_ADAPTER_CUDA_GEMM_CONFIG set to it (and restored after); rows carry no
+    "config", so the Triton tuned table ignores them. Without a GPU: one skipped row."""
+    import torch
+
+    from st_adapter_fast.backends import cuda as cuda_backend
+    from st_adapter_fast.bench import core, verdict_sweep
+
+    results = verdict.Results(tmp_path, "cpu")
+    ctx = verdict.Context("sweep", "cpu", tmp_path, tmp_path, ROOT, time.time() + 60, results)
+    shape = core.TINY_TARGETS["A"]
+    verdict_sweep.sweep_cuda_configs(ctx, shape, torch.float32, {"fixed_reps": 1})
+    (skipped,) = results.data["sweep"]
+    assert skipped["status"] == "skipped" and skipped["family"] == "cuda" and skipped["reason"]
+
+    seen = []
+    monkeypatch.delenv("ST_ADAPTER_CUDA_GEMM_CONFIG", raising=False)
+    monkeypatch.setattr(core, "provider_unavailable", lambda *a: None)
+    monkeypatch.setattr(core, "make_op_inputs", lambda *a, **k: {})
+    monkeypatch.setattr(core, "make_step", lambda provider, *a: (lambda: seen.append((provider, cuda_backend.gemm_config())),
+                                                                 lambda: None))
+    monkeypatch.setattr(core, "time_fn", lambda step, *a, **k: step() or {"time_ms": 1.0 + cuda_backend.gemm_config()})
+    monkeypatch.setattr(core, "_release", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    (tmp_path / "gpu").mkdir()
+    results = verdict.Results(tmp_path / "gpu", "cpu")
+    ctx = verdict.Context("sweep", "cpu", tmp_path, tmp_path, ROOT, time.time() + 60, results)
+    verdict_sweep.sweep_cuda_configs(ctx, shape, torch.float32, {"fixed_reps": 1})
+    rows = results.data["sweep"]
+    configs = cuda_backend.gemm_configs()
+    assert [r["cuda_config"] for r in rows] == [c.index for c in configs] and len(configs) >= 3
+    assert all(r["status"] == "ok" and r["mode"] == "fwd+bwd" and r["shape_name"] == shape.name for r in rows)
+    assert [r["time_ms"] for r in rows] == [1.0 + c.index for c in configs]
+    assert {p for p, _ in seen} == {"cuda"} and sorted({c for _, c in seen}) == [c.index for c in configs]
+    assert "ST_ADAPTER_CUDA_GEMM_CONFIG" not in os.environ
+    assert pick_tuned(rows) == {}

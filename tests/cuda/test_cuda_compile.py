@@ -7,7 +7,7 @@ their PTX is a cp.async pipeline feeding ldmatrix + mma.sync m16n8k16, with no W
 
 Only the kernel files are compiled (-c, no torch): the binding needs a CUDA build of torch
 (tests/cuda/test_cuda_build.py, marker cuda_build). Objects are cached per session in a tmp dir; the
-four files x two archs (the 16-bit kernels in two GEMM configs) compile in 6-7 minutes on a busy
+four files x two archs (the 16-bit kernels in every GEMM config of the table) compile in 6-7 minutes on a busy
 2-core machine (2-3 minutes with one depth).
 """
 
@@ -20,6 +20,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from st_adapter_fast.backends import cuda as cuda_backend
+from st_adapter_fast.backends import cuda_model
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 KERNEL_FILES = ("down_conv_fwd.cu", "conv_bwd.cu", "up_residual.cu", "wgrad.cu")
@@ -38,31 +41,8 @@ def _find_nvcc():
 NVCC = _find_nvcc()
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (CUDA toolkit absent)")
 
-_ENTRY = re.compile(r"Compiling entry function '(\S+)' for 'sm_(\d+)'")
-_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-
-
-def _parse_ptxas(log: str):
-    """{mangled kernel: {regs, smem, stack, spill_st, spill_ld}} from ptxas -v output."""
-    kernels = {}
-    current = None
-    for line in log.splitlines():
-        m = _ENTRY.search(line)
-        if m:
-            current = kernels.setdefault(m.group(1), {"smem": 0})
-            continue
-        if current is None:
-            continue
-        m = _SPILL.search(line)
-        if m:
-            current["stack"], current["spill_st"], current["spill_ld"] = map(int, m.groups())
-            continue
-        m = re.search(r"Used (\d+) registers", line)
-        if m:
-            current["regs"] = int(m.group(1))
-            s = re.search(r"(\d+) bytes smem", line)
-            current["smem"] = int(s.group(1)) if s else 0
-    return kernels
+# the one ptxas -v parser (the work model's CUDA rows read registers and spills with it too)
+_parse_ptxas = cuda_model.parse_ptxas
 
 
 def _compile(src: str, arch: int, out_dir: Path):
@@ -123,28 +103,43 @@ def test_kernels_compile_without_spills(src, arch, compiled):
     assert not bad, f"{src} sm_{arch}:\n  " + "\n  ".join(bad)
 
 
-# every instantiation the host dispatch can pick, by mangled-name fragments: dtype pairs
-# (1 fp32 + 4 with 16-bit compute; wgrad: 1 + 6) x KT (5) x GEMM configs (2, 16-bit only)
-GEMM_CONFIGS = 2
-_EXPECTED = {
-    "down_conv_fwd.cu": ("down_conv_fwd_kernel", (1 + 4 * GEMM_CONFIGS) * 5),
-    "conv_bwd.cu": ("conv_bwd_kernel", (1 + 4 * GEMM_CONFIGS) * 5),
-    "up_residual.cu": ("up_residual_kernel", 1 + 4 * GEMM_CONFIGS),
-    "wgrad.cu": ("_kernelI", 1 + 6 * GEMM_CONFIGS),  # wgrad_simt_kernel<...> and wgrad_mma_kernel<...>
-}
+# every instantiation the host dispatch can pick, by mangled-name fragments: dtype pairs (1 fp32 +
+# 4 with 16-bit compute; wgrad: 1 + 6) x the distinct resolved tiles of the GEMM config table
+# (backends/cuda.py gemm_configs(), checked against the compiled table by test_cuda_emulated.py):
+# configs that agree on a kernel's tile share its instantiation.
+KTS = (1, 3, 5, 7, 9)
+FP32_K = (32, 3)  # fp32 kernels: the default K depth, the entry's tile rows
+
+
+def _conv_tiles(kt, half):
+    return {(cfg.conv_rows(kt),) + ((cfg.block_k, cfg.stages) if half else FP32_K) for cfg in cuda_backend.gemm_configs()}
+
+
+def _expected(src):
+    cfgs = cuda_backend.gemm_configs()
+    if src in ("down_conv_fwd.cu", "conv_bwd.cu"):
+        return sum(len(_conv_tiles(kt, False)) + 4 * len(_conv_tiles(kt, True)) for kt in KTS)
+    if src == "up_residual.cu":
+        return len({c.up_block_m for c in cfgs}) + 4 * len({(c.up_block_m, c.block_k, c.stages) for c in cfgs})
+    return 1 + 6 * len({(c.block_k, c.stages) for c in cfgs})  # wgrad_simt_kernel<...>, wgrad_mma_kernel<...>
+
+
+_FRAGMENT = {"down_conv_fwd.cu": "down_conv_fwd_kernel", "conv_bwd.cu": "conv_bwd_kernel",
+             "up_residual.cu": "up_residual_kernel", "wgrad.cu": "wgrad_"}
 
 
 @pytest.mark.parametrize("src", KERNEL_FILES)
 def test_every_dispatched_instantiation_is_compiled(src, compiled):
     rc, log, _ = compiled[(src, 80)]
     assert rc == 0
-    fragment, count = _EXPECTED[src]
-    names = [n for n in _parse_ptxas(log) if fragment in n]
+    fragment, count = _FRAGMENT[src], _expected(src)
+    names = [n for n in _parse_ptxas(log) if fragment in n.split("_cu_")[-1]]  # not the file name's "wgrad_cu"
     assert len(names) == count, f"{src}: expected {count} instantiations of {fragment}, got {len(names)}"
     if src in ("down_conv_fwd.cu", "conv_bwd.cu"):
-        for kt in (1, 3, 5, 7, 9):
-            # template int arguments in order: KT, then the config's K depth and stages
-            assert sum(re.findall(r"Li(\d+)E", n)[0] == str(kt) for n in names) == 1 + 4 * GEMM_CONFIGS, \
+        for kt in KTS:
+            # template int arguments in order: KT, then the resolved rows per block, K depth and stages
+            want = len(_conv_tiles(kt, False)) + 4 * len(_conv_tiles(kt, True))
+            assert sum(re.findall(r"Li(\d+)E", n)[0] == str(kt) for n in names) == want, \
                 f"{src}: KT={kt} not compiled for every dtype pair and GEMM config"
 
 

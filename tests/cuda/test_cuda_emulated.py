@@ -14,6 +14,7 @@ What it cannot cover: GPU timing and races, the HMMA summation order, and bindin
 """
 
 import ctypes
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -53,7 +54,7 @@ def _lib(tmp_dir: Path):
         lib = ctypes.CDLL(str(so))
         i64, i32, vp = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
         arr = ctypes.POINTER(i64)  # the views: tokens {P, stride_f, stride_l, stride_c}, weights
-        # {stride_n, stride_k}, conv shape {B, T, S, C, Ca, KT, frames_per_run}
+        # {stride_n, stride_k}, conv shape {B, T, S, C, Ca, KT, frames_per_run, n_whole_rows}
         # the last argument of every launch: the 16-bit GEMM config index (0 = default)
         lib.sta_emu_down_conv.argtypes = [vp, i32, arr, vp, arr, i32, vp, vp, vp, vp, vp, arr, i32]
         lib.sta_emu_conv_bwd.argtypes = [vp, i32, arr, vp, arr, i32, vp, vp, vp, vp, vp, arr, i32]
@@ -64,10 +65,11 @@ def _lib(tmp_dir: Path):
         lib.sta_emu_gemm_config_supported.argtypes = [i32]
         lib.sta_emu_dtypes_supported.argtypes = [i32, i32, ctypes.POINTER(i32)]
         lib.sta_emu_sum_partials.argtypes = [vp, vp, i64, i64]
-        lib.sta_emu_frames_per_run.argtypes = [i64, i32, i64, i64, i64, i64]
-        lib.sta_emu_frames_per_run.restype = i64
-        lib.sta_emu_conv_bwd_num_parts.argtypes = [i32, i64, i64, i64, i64]
-        lib.sta_emu_conv_bwd_num_parts.restype = i64
+        lib.sta_emu_sum_partials_many.argtypes = [i32, ctypes.POINTER(vp), ctypes.POINTER(vp), arr, i32]
+        lib.sta_emu_conv_plan.argtypes = [i32, i64, i64, i64, i64, i64, i64, i32, arr]
+        lib.sta_emu_conv_grid.argtypes = [arr, i32, arr]
+        lib.sta_emu_gemm_config_tiles.argtypes = [i32, i32, ctypes.POINTER(i32)]
+        lib.sta_emu_launch_count.restype = i64
         lib.sta_emu_wgrad_split.argtypes = [i64, i64, i64, i64, ctypes.POINTER(i64)]
         _LIB = lib
     return _LIB
@@ -90,10 +92,48 @@ def _ok(rc):
 
 
 # --------------------------------------------------------- binding.cpp, restated for ctypes
-def _frames_per_run(lib, t, kt, s, ca, b, requested):
-    if requested:
-        return min(int(requested), t)
-    return lib.sta_emu_frames_per_run(t, kt, s, ca, b, EMU_SMS)
+def _conv_plan(lib, t, kt, s, ca, b, requested):
+    """backends/cuda.py call_plan (forced runs, else the occupancy plan window_plan for EMU_SMS
+    SMs: whole-clip row blocks then split ones) as binding.cpp's pick_plan receives it."""
+    env = os.environ.get("ST_ADAPTER_FRAMES_PER_PROGRAM")
+    forced = int(requested or (env or 0))
+    if forced:
+        return min(forced, t), 0
+    rows = cuda_backend.gemm_configs()[cuda_backend.gemm_config()].conv_rows(kt)
+    return cuda_backend.window_plan(kt, b, t, s, ca, rows, EMU_SMS)
+
+
+def test_binding_fallback_plan(emulated):
+    """binding.cpp's own plan (frames_per_run = 0) from the dispatch table's tile rows equals
+    backends/cuda.py conv_plan for every config."""
+    out = (ctypes.c_int64 * 2)()
+    for cfg in cuda_backend.gemm_configs():
+        for kt, b, t, s, ca in ((3, 16, 8, 196, 384), (3, 4, 32, 196, 384), (9, 1, 17, 7, 40)):
+            emulated.sta_emu_conv_plan(kt, b, t, s, ca, 0, 132, cfg.index, out)
+            assert tuple(out) == cuda_backend.conv_plan(cfg.conv_rows(kt), kt, b, t, s, ca, 0, 132)
+
+
+class _Finalize:
+    """binding.cpp's Finalize: every fp32 partial of the backward summed and cast to the
+    parameters' dtype in one launch."""
+
+    def __init__(self):
+        self.parts, self.outs, self.n_parts = [], [], []
+
+    def add(self, part, out, n_parts):
+        self.parts.append(part)
+        self.outs.append(out)
+        self.n_parts.append(n_parts)
+
+    def launch(self, lib):
+        n = len(self.parts)
+        if n == 0:
+            return
+        vps = ctypes.c_void_p * n
+        _ok(lib.sta_emu_sum_partials_many(n, vps(*(t.data_ptr() for t in self.parts)),
+                                          vps(*(t.data_ptr() for t in self.outs)),
+                                          _i64s(*self.n_parts, *(t.numel() for t in self.outs)),
+                                          DTYPE_CODE[self.outs[0].dtype]))
 
 
 def _i64s(*vals):
@@ -112,16 +152,16 @@ def _weight(w, transposed=False):
     return _i64s(*(reversed(w.stride()) if transposed else w.stride()))
 
 
-def _conv_shape(x, t, p, taps, fpr):
+def _conv_shape(x, t, p, taps, plan):
     f, seq_len, c = x.shape
     ca, kt = taps.shape
-    return _i64s(f // t, t, seq_len - p, c, ca, kt, fpr)
+    return _i64s(f // t, t, seq_len - p, c, ca, kt, *plan)
 
 
-def _down_conv(lib, x, t, p, wd, bd, taps, bc, g, h, fpr):
+def _down_conv(lib, x, t, p, wd, bd, taps, bc, g, h, plan):
     _ok(lib.sta_emu_down_conv(_ptr(x), DTYPE_CODE[x.dtype], _tokens(x, x.shape[1] - p, p), _ptr(wd), _weight(wd),
                               DTYPE_CODE[wd.dtype], _ptr(bd), _ptr(taps), _ptr(bc), _ptr(g), _ptr(h),
-                              _conv_shape(x, t, p, taps, fpr), cuda_backend.gemm_config()))
+                              _conv_shape(x, t, p, taps, plan), cuda_backend.gemm_config()))
 
 
 def _up_residual(lib, res, p, a, w, transposed, bias, out):
@@ -131,24 +171,23 @@ def _up_residual(lib, res, p, a, w, transposed, bias, out):
                                 a.shape[1], nout, cuda_backend.gemm_config()))
 
 
-def _weight_grad(lib, a, b, s, p, n, compute, with_bias):
+def _weight_grad(lib, a, b, s, p, n, compute, with_bias, fin):
     i_dim, j_dim = a.shape[-1], b.shape[-1]
-    dw = torch.zeros(i_dim, j_dim)
-    db = torch.zeros(i_dim) if with_bias else None
+    dw = torch.zeros(i_dim, j_dim, dtype=compute)
+    db = torch.zeros(i_dim, dtype=compute) if with_bias else None
     if n == 0:
         return dw, db
     split = (ctypes.c_int64 * 2)()
     lib.sta_emu_wgrad_split(n, i_dim, j_dim, EMU_SMS, split)
     splits, tps = split[0], split[1]
-    dw_part = torch.empty(splits, i_dim, j_dim) if splits > 1 else dw
-    db_part = (torch.empty(splits, i_dim) if splits > 1 else db) if with_bias else None
+    dw_part = torch.empty(splits, i_dim, j_dim)
+    db_part = torch.empty(splits, i_dim) if with_bias else None
     _ok(lib.sta_emu_weight_grad(_ptr(a), DTYPE_CODE[a.dtype], _tokens(a, s, p), _ptr(b), DTYPE_CODE[b.dtype],
                                 _tokens(b, s, p), DTYPE_CODE[compute], s, n, i_dim, j_dim, splits, tps,
                                 _ptr(dw_part), _ptr(db_part), cuda_backend.gemm_config()))
-    if splits > 1:
-        _ok(lib.sta_emu_sum_partials(_ptr(dw_part), _ptr(dw), splits, i_dim * j_dim))
-        if with_bias:
-            _ok(lib.sta_emu_sum_partials(_ptr(db_part), _ptr(db), splits, i_dim))
+    fin.add(dw_part, dw, splits)
+    if with_bias:
+        fin.add(db_part, db, splits)
     return dw, db
 
 
@@ -165,7 +204,7 @@ def emu_forward(lib, x, t, p, wd, bd, taps, bc, wu, bu, *, frames_per_prog=None)
     if out.numel() == 0:
         return out
     if g.numel():
-        _down_conv(lib, x, t, p, wd, bd, taps, bc, g, None, _frames_per_run(lib, t, kt, s, ca, f // t, frames_per_prog))
+        _down_conv(lib, x, t, p, wd, bd, taps, bc, g, None, _conv_plan(lib, t, kt, s, ca, f // t, frames_per_prog))
     _up_residual(lib, x, p, g, wu, False, bu, out)
     return out
 
@@ -175,29 +214,34 @@ def emu_backward(lib, dout, x, t, p, wd, bd, taps, bc, wu, bu, *, frames_per_pro
     f, seq_len, c = x.shape
     s, (ca, kt) = seq_len - p, taps.shape
     b, n = f // t, f * s
-    fpr = _frames_per_run(lib, t, kt, s, ca, b, frames_per_prog)
+    plan = _conv_plan(lib, t, kt, s, ca, b, frames_per_prog)
     g = torch.empty(n, ca, dtype=wd.dtype)
     h = torch.empty(n, ca, dtype=wd.dtype)
     if n:
-        _down_conv(lib, x, t, p, wd, bd, taps, bc, g, h, fpr)
+        _down_conv(lib, x, t, p, wd, bd, taps, bc, g, h, plan)
+    fin = _Finalize()
     dh = torch.empty(n, ca, dtype=wd.dtype)
-    dwc = torch.zeros(ca, kt)
-    dbc = torch.zeros(ca)
+    # empty, not zeros: the finalize writes every element (NaN if it missed one)
+    dwc = torch.full((ca, kt), float("nan"), dtype=wd.dtype) if n else torch.zeros(ca, kt, dtype=wd.dtype)
+    dbc = torch.full((ca,), float("nan"), dtype=wd.dtype) if n else torch.zeros(ca, dtype=wd.dtype)
     if n:
-        parts = lib.sta_emu_conv_bwd_num_parts(kt, b, t, s, fpr)
+        grid = (ctypes.c_int64 * 2)()
+        lib.sta_emu_conv_grid(_conv_shape(x, t, p, taps, plan), cuda_backend.gemm_config(), grid)
+        parts = grid[1]
         dwc_part = torch.empty(parts, ca, kt)
         dbc_part = torch.empty(parts, ca)
         _ok(lib.sta_emu_conv_bwd(_ptr(dout), DTYPE_CODE[dout.dtype], _tokens(dout, s, p), _ptr(wu),
                                  _weight(wu, transposed=True), DTYPE_CODE[wd.dtype], _ptr(taps), _ptr(h), _ptr(dh),
-                                 _ptr(dwc_part), _ptr(dbc_part), _conv_shape(x, t, p, taps, fpr),
+                                 _ptr(dwc_part), _ptr(dbc_part), _conv_shape(x, t, p, taps, plan),
                                  cuda_backend.gemm_config()))
-        _ok(lib.sta_emu_sum_partials(_ptr(dwc_part), _ptr(dwc), parts, ca * kt))
-        _ok(lib.sta_emu_sum_partials(_ptr(dbc_part), _ptr(dbc), parts, ca))
+        fin.add(dwc_part, dwc, parts)
+        fin.add(dbc_part, dbc, parts)
     dx = torch.empty(f, seq_len, c, dtype=dout.dtype)
     if dx.numel():
         _up_residual(lib, dout, p, dh, wd, True, None, dx)
-    dwu, dbu = _weight_grad(lib, dout, g, s, p, n, wd.dtype, bu is not None)
-    dwd, dbd = _weight_grad(lib, dh, x, s, p, n, wd.dtype, bd is not None)
+    dwu, dbu = _weight_grad(lib, dout, g, s, p, n, wd.dtype, bu is not None, fin)
+    dwd, dbd = _weight_grad(lib, dh, x, s, p, n, wd.dtype, bd is not None, fin)
+    fin.launch(lib)
     return dx, dwd, dbd, dwc, (dbc if bc is not None else None), dwu, dbu
 
 
@@ -263,14 +307,41 @@ def test_emulated_wide_kernels_and_halo(kt, emulated, monkeypatch):
                torch.bfloat16 if fpr == 2 else torch.float32)
 
 
-@pytest.mark.parametrize("config", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_mixed_window_grid(dtype, emulated, monkeypatch):
+    """A window grid of whole-clip row blocks then row blocks split into runs of 2 frames (halo),
+    over B*S = 75 flattened rows (row blocks of 32 for kt = 5 span clips; the last is ragged):
+    the kernels and the dwc/dbc partial indexing hold for any plan, not just binding.cpp's."""
+    monkeypatch.setitem(globals(), "_conv_plan", lambda *a: (2, 1))
+    _check(Case(batch=3, frames=5, grid=(5, 5), prefix=1, channels=24, adapter_channels=72, kernel=(5, 1, 1)), dtype)
+
+
+@pytest.mark.parametrize("config", [c.index for c in cuda_backend.gemm_configs()])
 def test_emulated_gemm_configs(config, emulated, monkeypatch):
-    """Each 16-bit GEMM config of the table (32-deep steps x 3 stages, 16-deep x 4), with more K
-    steps than stages (C = 72, Ca = 136: up to 9 steps of 16) so the cp.async ring wraps; a wait for
-    too few groups would read a stale stage here."""
+    """Each config of the table (32-deep steps x 3 stages, 16-deep x 4, 32-row window and 64-row
+    up-residual tiles), with more K steps than stages (C = 72, Ca = 136: up to 9 steps of 16) so the
+    cp.async ring wraps (a wait for too few groups would read a stale stage here), and B*S = 162
+    rows: ragged last row blocks of 64 and 32, tiles spanning clips."""
     monkeypatch.setenv("ST_ADAPTER_CUDA_GEMM_CONFIG", str(config))
-    _check(Case(batch=1, frames=3, grid=(3, 3), prefix=1, channels=72, adapter_channels=136, kernel=(3, 1, 1)),
-           torch.bfloat16 if config else torch.float16)
+    _check(Case(batch=2, frames=3, grid=(9, 9), prefix=1, channels=72, adapter_channels=136, kernel=(3, 1, 1)),
+           torch.bfloat16 if config % 2 else torch.float16)
+    if config == 2:  # the fp32 kernels take the entry's tile rows too
+        _check(Case(batch=2, frames=3, grid=(3, 5), prefix=1, channels=24, adapter_channels=40, kernel=(3, 1, 1)),
+               torch.float32)
+
+
+def test_gemm_config_table_matches_the_backend(emulated):
+    """st_adapter_fast.backends.cuda.gemm_configs() (the sweep's list, the work model's tiles) is the
+    compiled table: same entries, same K depth, stages and rows per block for every kt."""
+    out = (ctypes.c_int * 4)()
+    n = 0
+    while emulated.sta_emu_gemm_config_tiles(n, 3, out) == 0:
+        n += 1
+    assert n == len(cuda_backend.gemm_configs())
+    for cfg in cuda_backend.gemm_configs():
+        for kt in (1, 3, 5, 9):
+            assert emulated.sta_emu_gemm_config_tiles(cfg.index, kt, out) == 0
+            assert tuple(out) == (cfg.block_k, cfg.stages, cfg.conv_rows(kt), cfg.up_block_m), (cfg, kt)
 
 
 @pytest.mark.parametrize("autocast", [torch.float16, torch.bfloat16], ids=str)
@@ -310,6 +381,26 @@ def test_emulation_runs_the_kernels_and_can_fail(emulated, monkeypatch):
     got = run(case, inputs, "cuda_emulated", torch.float32, "cpu", grads=False)
     with pytest.raises(AssertionError, match="out"):
         assert_parity(got, ref, eager, torch.float32)
+
+
+def test_launch_budget(emulated):
+    """binding.cpp's launch sequence, as restated here and run by the emulated launchers: the
+    forward is 2 launches (down-conv, up-residual), the backward 6 (recompute, conv-backward,
+    dgrad, two wgrads, one finalize for every fp32 partial), with several wgrad token splits and
+    frame runs; the gradients come back in the weights' dtype (no cast launches after it)."""
+    case = Case(batch=2, frames=8, grid=(3, 3), channels=24, adapter_channels=40)
+    inputs = make_inputs(case)
+    x, t, p = inputs["x"].to(torch.bfloat16), case.frames, case.prefix
+    params = [v.to(torch.bfloat16) if v is not None else None for v in
+              (inputs["fc1_weight"], inputs["fc1_bias"], inputs["conv_weight"].reshape(40, -1), inputs["conv_bias"],
+               inputs["fc2_weight"], inputs["fc2_bias"])]
+    before = emulated.sta_emu_launch_count()
+    emu_forward(emulated, x, t, p, *params)
+    assert emulated.sta_emu_launch_count() - before == 2
+    before = emulated.sta_emu_launch_count()
+    grads = emu_backward(emulated, torch.ones_like(x), x, t, p, *params, frames_per_prog=3)
+    assert emulated.sta_emu_launch_count() - before == 6
+    assert all(g.dtype == torch.bfloat16 for g in grads[1:] if g is not None)
 
 
 def test_emulated_strided_weights(emulated):
@@ -353,10 +444,10 @@ def test_dispatch_table(emulated):
     # a dtype the table lacks is refused by the launcher, not launched
     assert emulated.sta_emu_up_residual(None, 1, _i64s(0, 8, 8, 1), None, None, _i64s(8, 1), 2, None, None,
                                         1, 1, 8, 8, 0) == CUDA_ERROR_INVALID_VALUE
-    # 16-bit GEMM configs: 0 (default) and 1; others are refused
-    assert [c for c in range(-1, 8) if emulated.sta_emu_gemm_config_supported(c)] == [0, 1]
+    # GEMM configs: 0 (default), 1, 2; others are refused
+    assert [c for c in range(-1, 8) if emulated.sta_emu_gemm_config_supported(c)] == [0, 1, 2]
     assert emulated.sta_emu_up_residual(None, 1, _i64s(0, 8, 8, 1), None, None, _i64s(8, 1), 1, None, None,
-                                        1, 1, 8, 8, 2) == CUDA_ERROR_INVALID_VALUE
+                                        1, 1, 8, 8, 3) == CUDA_ERROR_INVALID_VALUE
 
 
 def test_launch_refuses_grids_past_the_hardware_limit(emulated):
@@ -367,8 +458,8 @@ def test_launch_refuses_grids_past_the_hardware_limit(emulated):
     rc = emulated.sta_emu_up_residual(None, 0, _i64s(0, 64, 64, 1), None, None, _i64s(64, 1), 0, None, None,
                                       too_many_rows, 1, 64, 64, 0)
     assert rc == CUDA_ERROR_INVALID_CONFIGURATION
-    # down-conv: 2**31 clips of one frame, one (64 x 64) tile each
-    shape = _i64s(2 ** 31, 1, 1, 64, 64, 3, 1)
+    # down-conv: 2**31 * 64 clips of one frame and one spatial token, 64 flattened rows per block
+    shape = _i64s(64 * 2 ** 31, 1, 1, 64, 64, 3, 1, 0)
     rc = emulated.sta_emu_down_conv(None, 0, _i64s(0, 64, 64, 1), None, _i64s(64, 1), 0, None, None, None, None, None,
                                     shape, 0)
     assert rc == CUDA_ERROR_INVALID_CONFIGURATION

@@ -1,7 +1,8 @@
 """Host-side check of the CUDA kernels' index arithmetic (csrc/st_adapter_index.cuh).
 
 The token -> (frame, s) mapping, prefix offsets, int64 offsets past 2**31, the up-residual row
-mapping, frame runs with their halo, flattened grids and their hardware limits, work splits and the sliding-window
+mapping, the B*S flattened (clip, spatial) row tiles, window grids of whole clips and frame runs
+with their halo, the launch plan, flattened grids and their hardware limits, work splits and the sliding-window
 temporal stencil are __host__ __device__ functions. csrc/index_selftest.cpp runs them on the CPU
 (plain g++, no GPU, no CUDA toolkit) and this test compares every answer with Python.
 """
@@ -82,61 +83,124 @@ def test_up_residual_row_mapping(driver):
             assert got[2] == frame * s + l_idx - p
 
 
-@pytest.mark.parametrize("kt", [1, 3, 5, 9])
-def test_frame_runs_cover_every_frame_once(kt, driver):
-    """Runs of fpr frames tile each clip exactly; each run's walk adds KT//2 halo frames per side."""
-    queries, expect = [], []
-    for t_count in (1, 2, 7, 8, 17, 32):
-        for fpr in sorted({min(f, t_count) for f in (1, 2, 3, 5, t_count)}):
-            runs_per_clip = math.ceil(t_count / fpr)
-            for batch in (1, 3):
-                for run in range(batch * runs_per_clip):
-                    queries.append(f"run {run} {runs_per_clip} {fpr} {t_count} {kt}")
-                    b, i = divmod(run, runs_per_clip)
-                    t0, t1 = i * fpr, min(i * fpr + fpr, t_count)
-                    expect.append((b, t0, t1, t0 - kt // 2, t1 + kt // 2, t_count, batch, fpr))
-    answers = driver(queries)
-    covered = {}
-    for ans, (b, t0, t1, hb, he, t_count, batch, fpr) in zip(answers, expect):
-        assert tuple(map(int, ans.split())) == (b, t0, t1, hb, he)
-        for t in range(t0, t1):
-            key = (t_count, batch, fpr, b, t)
-            covered[key] = covered.get(key, 0) + 1
-    assert set(covered.values()) == {1}
-    want = {(t_count, batch, fpr, b, t) for (_, _, _, _, _, t_count, batch, fpr) in expect
-            for b in range(batch) for t in range(t_count)}
-    assert set(covered) == want
+def test_flattened_rows(driver):
+    """Row r of the B*S flattened (clip, spatial) rows is (b, s) = divmod(r, S); its token at frame 0
+    is b*T*S + s and its element offset b*T*stride_f + (s + P)*stride_l (int64, past 2**31)."""
+    cases = [(r, s, t, p, 197 * 768 + pad, 768) for s in (1, 7, 196) for t in (1, 8, 32) for p in (0, 1)
+             for pad in (0, 5) for r in (0, 1, s - 1, s, 3 * s + 2, 64 * s + 63)]
+    cases.append((16 * 196 - 1, 196, 1024, 1, 197 * 1024, 1024))  # offset 3.1e9
+    answers = driver([f"flat {r} {s} {t} {p} {sf} {sl}" for r, s, t, p, sf, sl in cases])
+    big = 0
+    for (r, s, t, p, sf, sl), ans in zip(cases, answers):
+        b, sp = divmod(r, s)
+        want = (b, sp, b * t * s + sp, b * t * sf + (sp + p) * sl)
+        assert tuple(map(int, ans.split())) == want, (r, s, t, p)
+        big += want[3] >= 2 ** 31
+    assert big >= 1
 
 
-def _frames_per_program_py(num_frames, kt, per_run, sms):
-    """kernels.adapter_fwd.frames_per_program, restated (both backends split work the same way)."""
-    want_runs = max(1, math.ceil(2 * sms / max(per_run, 1)))
-    runs = min(want_runs, max(1, num_frames // (2 * kt)))
-    return math.ceil(num_frames / runs)
+def _window_blocks(driver, n_rows, t_count, ca, bm, bn, fpr, n_whole, kt):
+    """Every block of one window grid, as the kernels decode it."""
+    first = driver([f"win 0 {n_rows} {t_count} {ca} {bm} {bn} {fpr} {n_whole} {kt}"])[0]
+    blocks = int(first.split()[7])
+    answers = driver([f"win {i} {n_rows} {t_count} {ca} {bm} {bn} {fpr} {n_whole} {kt}" for i in range(blocks)])
+    return [tuple(map(int, a.split())) for a in answers]
 
 
-def test_frames_per_run_matches_triton_policy(driver):
+# (B, S, T, Ca, BLOCK_M, frames_per_run, n_whole_rows): B*S off the tile (ragged last row block),
+# tiles spanning clips, whole clips, runs with halos, and mixed grids (whole rows, then split rows)
+WINDOW_GRIDS = [
+    (2, 9, 3, 40, 64, 3, 0), (3, 25, 5, 40, 32, 2, 1), (8, 196, 8, 384, 64, 8, 0), (4, 196, 32, 384, 64, 6, 0),
+    (4, 196, 32, 384, 64, 11, 5), (1, 7, 17, 136, 32, 3, 0), (5, 13, 9, 64, 64, 4, 9), (2, 3, 11, 24, 32, 2, 0),
+]
+
+
+@pytest.mark.parametrize("kt", [1, 3, 9])
+@pytest.mark.parametrize("grid", WINDOW_GRIDS, ids=lambda g: "B{}S{}T{}Ca{}bm{}fpr{}whole{}".format(*g))
+def test_window_grid_covers_every_row_frame_and_channel_once(grid, kt, driver):
+    """The down-conv / conv-backward window grid over B*S flattened rows: every (clip, spatial,
+    frame, Ca block) owned by exactly one block, none past B*S; each block walks a KT//2 halo on
+    both sides of its frames; one dwc/dbc partial per (row block, run), shared only by the Ca
+    blocks of that (row block, run); and the decode matches kernels/_common.py's _window_program."""
+    batch, s, t_count, ca, bm, fpr, n_whole = grid
+    n_rows = batch * s
+    blocks = _window_blocks(driver, n_rows, t_count, ca, bm, 64, fpr, n_whole, kt)
+    g_ca, g_r = math.ceil(ca / 64), math.ceil(n_rows / bm)
+    fpr_c = min(max(fpr, 1), t_count)
+    runs = math.ceil(t_count / fpr_c)
+    whole = g_r if runs == 1 else min(n_whole, g_r)
+    parts = whole + (g_r - whole) * runs
+    assert len(blocks) == g_ca * parts and all(b[7] == len(blocks) and b[8] == parts for b in blocks)
+    owned = {}
+    part_owner = {}
+    for lin, (ca_b, row_b, t0, t1, part, hb, he, _, _) in enumerate(blocks):
+        # _window_program, restated
+        if lin < whole * g_ca:
+            want = (lin % g_ca, lin // g_ca, 0, t_count, lin // g_ca)
+        else:
+            q = lin - whole * g_ca
+            rr, rem = divmod(q, g_ca * runs)
+            j, pid_ca = divmod(rem, g_ca)
+            want = (pid_ca, whole + rr, j * fpr_c, min(j * fpr_c + fpr_c, t_count), whole + rr * runs + j)
+        assert (ca_b, row_b, t0, t1, part) == want, lin
+        assert (hb, he) == (t0 - kt // 2, t1 + kt // 2)
+        assert 0 <= part < parts
+        assert part_owner.setdefault(part, (row_b, t0)) == (row_b, t0)
+        for r in range(row_b * bm, min(row_b * bm + bm, n_rows)):
+            b, sp = divmod(r, s)
+            for t in range(t0, t1):
+                key = (b, sp, t, ca_b)
+                owned[key] = owned.get(key, 0) + 1
+    assert set(owned.values()) == {1}
+    assert set(owned) == {(b, sp, t, c) for b in range(batch) for sp in range(s) for t in range(t_count)
+                          for c in range(g_ca)}
+    assert len(part_owner) == parts
+
+
+def test_conv_plan_matches_the_backend_mirror(driver):
+    """binding.cpp's plan (conv_plan: the frames_per_run policy over the flattened grid, or a
+    requested run length) equals st_adapter_fast.backends.cuda.conv_plan, which the work model
+    uses; and its grid's blocks and partials are what the launch and the finalize size."""
+    from st_adapter_fast.backends import cuda as cuda_backend
+
+    shapes = ((8, 8, 196), (16, 8, 196), (4, 32, 196), (1, 17, 7), (2, 3, 9))
+    cases = [(bm, kt, b, t, s, ca, req, sms) for kt in (1, 3, 5, 9) for bm in {cuda_backend.conv_block_m(kt), 32}
+             for b, t, s in shapes for ca in (40, 384) for req in (0, 2, 5) for sms in (4, 132)]
+    answers = driver([f"plan {bm} {kt} {b} {t} {s} {ca} {req} {sms}" for bm, kt, b, t, s, ca, req, sms in cases])
+    for (bm, kt, b, t, s, ca, req, sms), ans in zip(cases, answers):
+        fpr, whole, blocks, parts = map(int, ans.split())
+        assert (fpr, whole) == cuda_backend.conv_plan(bm, kt, b, t, s, ca, req, sms), (bm, kt, b, t, s, ca, req, sms)
+        runs = math.ceil(t / fpr)
+        g_r = math.ceil(b * s / bm)
+        assert parts == (g_r if runs == 1 else whole + (g_r - whole) * runs)
+        assert blocks == math.ceil(ca / cuda_backend.CONV_BLOCK_N) * parts
+
+
+def test_frames_per_run_policy(driver):
+    """The frame-run policy (st_adapter_index.cuh frames_per_run) against its Python home,
+    st_adapter_fast.backends.cuda.frames_per_run, and the policy written out."""
+    from st_adapter_fast.backends import cuda as cuda_backend
+
     cases = [(t, kt, per, sms) for t in (1, 8, 17, 32, 64) for kt in (1, 3, 9) for per in (1, 24, 500, 3000)
              for sms in (108, 132)]
     answers = driver([f"fpr {t} {kt} {per} {sms}" for t, kt, per, sms in cases])
-    for case, ans in zip(cases, answers):
-        assert int(ans) == _frames_per_program_py(*case), case
-    try:  # the Triton launcher itself, where triton imports
-        from st_adapter_fast.kernels.adapter_fwd import frames_per_program
-    except ImportError:
-        return
-    for case, ans in zip(cases, answers):
-        assert int(ans) == frames_per_program(*case), case
+    for (t, kt, per, sms), ans in zip(cases, answers):
+        runs = min(max(1, math.ceil(2 * sms / max(per, 1))), max(1, t // (2 * kt)))
+        assert int(ans) == math.ceil(t / runs) == cuda_backend.frames_per_run(t, kt, per, sms), (t, kt, per, sms)
 
 
 def test_wgrad_splits(driver):
+    """The CUDA wgrad token splits are the Triton launchers' policy (kernels/_common.py
+    token_splits) for 2 resident blocks per SM; every token in exactly one split."""
+    from st_adapter_fast.kernels._common import token_splits
+
     block_k, block_m, block_n = 32, 64, 64
-    cases = [(n, i, j, sms) for n in (1, 31, 32, 33, 1000, 25088, 2 ** 31 + 5) for i, j in ((768, 384), (24, 40))
+    cases = [(n, i, j, sms) for n in (1, 31, 32, 33, 1000, 25088, 50176, 2 ** 24 + 5) for i, j in ((768, 384), (24, 40))
              for sms in (4, 132)]
     answers = driver([f"split {n} {i} {j} {sms}" for n, i, j, sms in cases])
     for (n, i, j, sms), ans in zip(cases, answers):
         tiles = math.ceil(i / block_m) * math.ceil(j / block_n)
-        splits = max(1, min(math.ceil(2 * sms / tiles), math.ceil(n / (8 * block_k))))
+        splits = token_splits(n, block_k, tiles, 2 * sms)
         tps = math.ceil(math.ceil(max(n, 1) / splits) / block_k) * block_k
         want = (max(1, math.ceil(n / tps)), tps)
         got = tuple(map(int, ans.split()))
@@ -182,17 +246,18 @@ def _conv_ref(v, w, t_count, batch, transposed):
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["conv", "conv_transposed"])
 def test_sliding_window_stencil(transposed, driver):
-    """The register window + run split + halo compute the zero-padded conv (forward: taps
-    reversed; backward: the transposed conv) for every odd kt up to 9, T below and above a run."""
+    """The register window + window grid (whole clips, runs with halos, or both) compute the
+    zero-padded conv (forward: taps reversed; backward: the transposed conv) for every odd kt up
+    to 9, T below and above a run."""
     rng = random.Random(1)
     queries, refs = [], []
     for kt in (1, 3, 5, 7, 9):
         for t_count in (1, 2, 4, 8, 17):
-            for fpr in sorted({min(f, t_count) for f in (1, 3, t_count)}):
+            for fpr, n_whole in sorted({(min(f, t_count), w) for f in (1, 3, t_count) for w in (0, 1)}):
                 batch = 2
                 v = [round(rng.uniform(-2, 2), 3) for _ in range(batch * t_count)]
                 w = [round(rng.uniform(-1, 1), 3) for _ in range(kt)]
-                queries.append(f"conv {kt} {t_count} {batch} {fpr} {int(transposed)} "
+                queries.append(f"conv {kt} {t_count} {batch} {fpr} {n_whole} {int(transposed)} "
                                + " ".join(map(str, v + w)))
                 ref0 = _conv_ref(v, w, t_count, batch, transposed)
                 ref1 = _conv_ref([2 * x + 1 for x in v], w, t_count, batch, transposed)

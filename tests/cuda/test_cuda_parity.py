@@ -69,13 +69,38 @@ def test_halo_recompute_cuda(frames_per_run, dtype, monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("config", [0, 1])
+@pytest.mark.parametrize("config", [c.index for c in cuda_backend.gemm_configs()])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_gemm_configs_cuda(config, dtype, monkeypatch):
-    """Each 16-bit GEMM config (ST_ADAPTER_CUDA_GEMM_CONFIG), with more K steps than stages; the
+    """Each GEMM config (ST_ADAPTER_CUDA_GEMM_CONFIG), with more K steps than stages; the
     CPU twin is test_cuda_emulated.py's test_emulated_gemm_configs."""
     monkeypatch.setenv("ST_ADAPTER_CUDA_GEMM_CONFIG", str(config))
     _check(Case(batch=2, frames=5, grid=(6, 6), prefix=1, channels=136, adapter_channels=200, kernel=(3, 1, 1)), dtype)
+
+
+@requires_cuda
+def test_launch_budget_cuda():
+    """The binding launches 2 kernels forward and 6 backward, every cast and reduction included
+    (profiled; the CPU twin is test_cuda_emulated.py's test_launch_budget)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    t, p, c, ca, kt = 8, 1, 256, 128, 3
+    x = torch.randn(4 * t, p + 196, c, generator=gen).cuda().bfloat16()
+    wd, bd = (torch.randn(ca, c, generator=gen) * c ** -0.5).cuda().bfloat16(), torch.zeros(ca, device="cuda").bfloat16()
+    taps, bc = torch.randn(ca, kt, generator=gen).cuda().bfloat16(), torch.zeros(ca, device="cuda").bfloat16()
+    wu, bu = (torch.randn(c, ca, generator=gen) * ca ** -0.5).cuda().bfloat16(), torch.zeros(c, device="cuda").bfloat16()
+    args = (t, p, wd, bd, taps, bc, wu, bu)
+    cuda_backend.adapter_backward(x, x, *args)  # build, warm up
+    torch.cuda.synchronize()
+    for name, fn, most in (("fwd", lambda: cuda_backend.adapter_forward(x, *args), 2),
+                           ("bwd", lambda: cuda_backend.adapter_backward(x, x, *args), 6)):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out = fn()
+            torch.cuda.synchronize()
+        kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert 1 <= len(kernels) <= most, f"{name}: {len(kernels)} launches: {kernels}"
+    assert all(g.dtype == torch.bfloat16 for g in out[1:] if g is not None)
 
 
 @requires_cuda

@@ -12,6 +12,9 @@ The adapter + LayerNorm pair of issue 16 (kernels/adapter_layernorm.py, shapes "
 to the same budget, at the price the issue allows: one GEMM more (the up-projection recomputed in
 backward to rebuild out), so 8 GEMMs required.
 
+The CUDA backend's launches (rows with backend "cuda": st_adapter_fast/backends/cuda_model.py) are
+held to the same FLOPs and launch budget, with 0 spills and no stack frame from nvcc -Xptxas -v.
+
 The model runs in a subprocess: AOT compilation needs triton.jit's real JITFunction, which
 TRITON_INTERPRET=1 (set for this test session on CPU) replaces.
 """
@@ -42,8 +45,9 @@ def model(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-def _rows(model, shape, **match):
-    return [r for r in model["rows"] if r["shape"] == shape and all(r[k] == v for k, v in match.items())]
+def _rows(model, shape, backend="triton", **match):
+    return [r for r in model["rows"] if r["shape"] == shape and r["backend"] == backend
+            and all(r[k] == v for k, v in match.items())]
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -52,8 +56,8 @@ def test_required_flops_are_seven_gemms(model, shape):
     b, t, seq, c, ca = SHAPES[shape]
     n_tok = b * t * (seq - 1)
     assert model["summary"][shape]["flops_required"] == 7 * 2 * n_tok * c * ca
+    assert {r["backend"] for r in model["rows"]} == {"triton", "cuda"}
     for row in _rows(model, shape):
-        assert row["backend"] == "triton"
         if row["flops_required"]:
             assert row["flops_executed"] >= row["flops_required"], row
 
@@ -125,3 +129,32 @@ def test_occupancy_the_launchers_assume_is_what_the_compile_gives(model):
             assert r["ctas_per_sm"] >= hint, f"{r['variant']}: {r['ctas_per_sm']} CTA/SM compiled, {hint} assumed"
             checked += 1
     assert checked >= 3 * len(PAIRS)
+
+
+# ------------------------------------------------------------------------- the CUDA backend
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_cuda_rows_within_the_budget(model, shape):
+    """The CUDA launches: the same 7 GEMMs of required FLOPs, executed/required within the Triton
+    budget (no per-clip padding: B*S flattened rows), <= 2 forward and <= 6 backward launches."""
+    b, t, seq, c, ca = SHAPES[shape]
+    s = model["summary_cuda"][shape]
+    assert s["flops_required"] == 7 * 2 * b * t * (seq - 1) * c * ca
+    ratio = s["flops_executed"] / s["flops_required"]
+    assert ratio <= FLOP_BUDGET[shape], f"{shape} cuda: executed/required FLOPs {ratio:.3f} > {FLOP_BUDGET[shape]}"
+    for pass_, most in MAX_LAUNCHES.items():
+        rows = _rows(model, shape, "cuda", **{"pass": pass_})
+        assert 1 <= len(rows) <= most, f"{shape} cuda {pass_}: {[r['kernel'] for r in rows]}"
+        assert s[f"launches_{pass_}"] == len(rows)
+    for row in _rows(model, shape, "cuda"):
+        assert row["flops_executed"] >= row["flops_required"], row
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_cuda_kernels_have_no_spills(model, shape):
+    """Registers and spills of every CUDA launch's instantiation (nvcc -Xptxas -v, sm_90)."""
+    rows = _rows(model, shape, "cuda")
+    if any(r["registers"] is None for r in rows):
+        pytest.skip("nvcc not found: the CUDA rows carry no compile data")
+    bad = [f"{r['variant']}: {r['spill_bytes']} B spilled or stack" for r in rows if r["spill_bytes"]]
+    assert not bad, "\n".join(bad)
+    assert all(0 < r["registers"] <= 255 and r["ctas_per_sm"] >= 1 for r in rows)

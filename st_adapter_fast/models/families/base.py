@@ -60,11 +60,11 @@ def adapter_and_norm(block: nn.Module, adapter: Optional[nn.Module], norm: nn.Mo
                      x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(x', norm(x')) with x' = adapter(x) (x itself without an adapter): the adapter slot and the
     LayerNorm right after it in an adapted block forward. Where injection fused them
-    (inject_st_adapters(..., fuse_layernorm=True) sets block.st_adapter_fuse_layernorm) one op
+    (inject_st_adapters(..., fuse_layernorm=True) sets adapter.fuse_layernorm) one op
     computes both (STAdapter.forward_layernorm, docs/design.md §7)."""
     if adapter is None:
         return x, norm(x)
-    if not getattr(block, "st_adapter_fuse_layernorm", False):
+    if not getattr(adapter, "fuse_layernorm", False):
         x = run_adapter(block, adapter, x)
         return x, norm(x)
     seq_first = getattr(block, "st_adapter_seq_first", False)
