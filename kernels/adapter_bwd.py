@@ -36,7 +36,6 @@ from ._common import (
     _gemm_rows_tile,
     _load_taps,
     _weight_desc,
-    act_code,
     aligned,
     arch_of,
     dot_flags,
@@ -44,6 +43,29 @@ from ._common import (
 )
 from .adapter_fwd import down_conv_forward, up_residual_forward, window_grid
 from .wgrad import bu_dot_parts, finalize, weight_grad, weight_grad_config, weight_grad_partials  # noqa: F401
+
+
+@triton.jit
+def _branch_dg(a, g_ptrs, mask_tile, m_row, fac, dscale_acc, owned, ACT2: tl.constexpr, HAS_SCALE: tl.constexpr,
+               HAS_DROP: tl.constexpr):
+    """(dg, dscale_acc) of one frame tile from a = dO Wu (fp32): dg = a * s * m[row] (fac), times
+    act2'(g_pre) with ACT2 (g_ptrs: g before ACT2, else the recompute's g, which carries m);
+    with HAS_SCALE and an owned frame, dscale_acc (BLOCK_M,) gains m * g . a per row:
+    d(scale) = sum m * dO . (g Wu^T) = sum m * g . (dO Wu), no extra GEMM."""
+    dg = a
+    if (ACT2 != 0) | HAS_SCALE:
+        g_in = tl.load(g_ptrs, mask=mask_tile, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            if owned:
+                if ACT2 != 0:
+                    dscale_acc += m_row * tl.sum(_act(g_in, ACT2) * a, axis=1)
+                else:  # the recompute's g already carries m (its G_DROP)
+                    dscale_acc += tl.sum(g_in * a, axis=1)
+    if HAS_SCALE | HAS_DROP:
+        dg = dg * fac[:, None]
+    if ACT2 != 0:
+        dg = dg * _act_grad(g_in, ACT2)
+    return dg, dscale_acc
 
 
 @triton.jit
@@ -68,10 +90,11 @@ def adapter_conv_bwd_kernel(
     dwc_part: (runs * row blocks, KT, Ca) fp32, dbc_part: (runs * row blocks, Ca) fp32.
     docs/design.md §9 switches: h_ptr holds h before ACT1 (dwc takes act1(h), dh comes out as
     dh * act1'(h)); g_ptr holds g before ACT2 when ACT2 (dg -> dg * act2'(g)), else the
-    recompute's g (times m with DropPath: its G_DROP), read only when needed. The branch factor s * m[clip] (HAS_SCALE: s = *scale_ptr;
-    HAS_DROP: m = mask[clip] / drop_keep) multiplies dO Wu; with HAS_SCALE each program also
-    writes dscale_part[program] = sum of m * g . (dO Wu) over its own frames and channels
-    (the fc2 bias's share of d(scale) comes from the wgrad launch).
+    recompute's g (times m with DropPath: its G_DROP), read only when needed. The branch
+    factor s * m[clip] (HAS_SCALE: s = *scale_ptr; HAS_DROP: m = mask[clip] / drop_keep)
+    multiplies dO Wu; with HAS_SCALE each program also writes dscale_part[program] = sum of
+    m * g . (dO Wu) over its own frames and channels (the fc2 bias's share of d(scale) comes
+    from the wgrad launch).
     """
     PAD: tl.constexpr = KT // 2
     pid_ca, pid_r, t0, t1, part = _window_program(G_CA, n_whole_rows, runs, frames_per_prog, T)
@@ -115,19 +138,8 @@ def adapter_conv_bwd_kernel(
                 offs_ca, mask_ca, C, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION,
                 wu_desc, pid_ca * BLOCK_N, USE_TMA, W_KMAJOR,
             )
-            if (ACT2 != 0) | HAS_SCALE:
-                g_in = tl.load(g_ptr + t_in * frame_elems + buf, mask=mask_tile, other=0.0).to(tl.float32)
-                if HAS_SCALE:
-                    # d(scale) = sum m * dO . (g Wu^T) = sum m * g . (dO Wu): no extra GEMM
-                    if (t_in >= t0) & (t_in < t1):
-                        if ACT2 != 0:
-                            dscale_acc += m_row * tl.sum(_act(g_in, ACT2) * dg, axis=1)
-                        else:  # the recompute's g already carries m (its G_DROP)
-                            dscale_acc += tl.sum(g_in * dg, axis=1)
-            if HAS_SCALE | HAS_DROP:
-                dg = dg * fac[:, None]
-            if ACT2 != 0:
-                dg = dg * _act_grad(g_in, ACT2)
+            dg, dscale_acc = _branch_dg(dg, g_ptr + t_in * frame_elems + buf, mask_tile, m_row, fac, dscale_acc,
+                                        (t_in >= t0) & (t_in < t1), ACT2, HAS_SCALE, HAS_DROP)
             # conv-parameter gradients from the frames this program owns (halo frames belong
             # to the neighbouring run): dwc[c, j] += sum_s dg_t[s, c] * h_{t+j-PAD}[s, c]
             if (t_in >= t0) & (t_in < t1):
@@ -332,6 +344,7 @@ def backward_from_recompute(
     times DropPath's factor m with DropPath), g_pre (with act2) before act2; with a scale,
     grads["dscale"] is filled too (fc2_bias: its share)."""
     sw = switches or Switches()
+    assert extra_segment is None or sw.scale is None, "d(scale) takes the finalize launch's last segment"
     bt, seq_len, _ = x.shape
     s = seq_len - num_prefix_tokens
     # problem 0: dWu = dy^T g (+ dbu = sum dy); problem 1: dWd^T = x_s^T dh (+ dbd = sum dh)

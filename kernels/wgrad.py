@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from ._common import TL_DTYPE, TileConfig, _cast, _drop_factor, _mma, aligned, arch_of, dot_flags, sm_count, token_splits
+from ._common import (TL_DTYPE, TileConfig, _cast, _drop_factor, _mma, aligned, arch_of, dot_flags, sm_count,
+                      token_splits)
 
 
 @triton.jit
@@ -217,8 +218,9 @@ def weight_grad_partials(
     (dw_part (problems * splits, I, J), dba_part (splits, I), dbb_part (splits, J), splits).
 
     a0_drop = (draw (B,) fp32 0/1, 1 - p, T): problem 0's bias sums weight A's rows by
-    DropPath's per-clip factor (its GEMM does not: B must carry the factor). bu_dot = (bias (I,), out (bu_dot_parts(...),) fp32): problem 0 (bias side 1) also
-    writes bias . (its column sums) per (split, I block), d(scale)'s bias share."""
+    DropPath's per-clip factor (its GEMM does not: B must carry the factor). bu_dot = (bias (I,),
+    out (bu_dot_parts(...),) fp32): problem 0 (bias side 1) also writes bias . (its column
+    sums) per (split, I block), d(scale)'s bias share."""
     a0 = problems[0][0]
     i_dim, j_dim = a0.shape[-1], problems[0][1].shape[-1]
     cfg, splits, tokens_per_split = wgrad_plan(problems, compute_dtype, num_tokens, splits)

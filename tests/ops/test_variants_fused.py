@@ -37,9 +37,9 @@ def _case(variant, *, batch=2, frames=2, grid=(2, 3), prefix=1, kt=3, **kw):
                 kernel=(kt, 1, 1), variant=variant, **kw)
 
 
-# each switch alone, then combined; P in {0, 1, 2}, T in {1, 2, 8}, kt in {1, 3} (one 5), strided x, no
-# biases (ReLU cases keep theirs: _clear_relu_gates); DropPath cases have batches whose seeded draw (parity.DROP_PATH_SEED) drops some clips
-# and keeps others (asserted below)
+# each switch alone, then combined; P in {0, 1, 2}, T in {1, 2, 8}, kt in {1, 3} (one 5), strided
+# x, no biases (ReLU cases keep theirs: _clear_relu_gates); DropPath cases have batches whose
+# seeded draw (parity.DROP_PATH_SEED) drops some clips and keeps others (asserted in _check)
 CASES = [
     _case(Variant(act_after_fc1="gelu"), frames=2, prefix=1, kt=3),
     _case(Variant(act_after_fc1="quick_gelu"), frames=1, prefix=0, kt=1, grid=(3, 3)),
