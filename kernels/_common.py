@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import heapq
 import os
-from typing import List
+from typing import List, Optional
 
 import torch
 import triton
@@ -235,6 +235,77 @@ def _conv_window_step(h, q0, q1, q2, q3, q4, q5, q6, q7,
     if KT == 9:
         q7 = r8[None, :] * h
     return out, q0, q1, q2, q3, q4, q5, q6, q7
+
+
+# docs/design.md §9's activations as kernel constexprs (ACT1 after fc1, ACT2 after the conv)
+ACT_CODES = {None: 0, "gelu": 1, "quick_gelu": 2, "relu": 3}
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2): erf GELU
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/sqrt(2*pi): the GELU's derivative
+_QUICK_GELU_A = tl.constexpr(1.702)  # CLIP's QuickGELU: t * sigmoid(1.702 t)
+
+
+def act_code(name) -> int:
+    """The ACT constexpr of an activation name (None | "gelu" | "quick_gelu" | "relu")."""
+    try:
+        return ACT_CODES[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; expected one of {tuple(ACT_CODES)}") from None
+
+
+@triton.jit
+def _act(t, ACT: tl.constexpr):
+    """act(t) in fp32 for ACT = 0 (identity), 1 (erf GELU), 2 (QuickGELU), 3 (ReLU)."""
+    out = t
+    if ACT == 1:
+        out = 0.5 * t * (1.0 + tl.erf(t * _SQRT1_2))
+    if ACT == 2:
+        out = t * tl.sigmoid(t * _QUICK_GELU_A)  # tensor first: constexpr * tensor stays a constexpr
+    if ACT == 3:
+        out = tl.maximum(t, 0.0)
+    return out
+
+
+@triton.jit
+def _act_grad(t, ACT: tl.constexpr):
+    """d act / dt at the pre-activation t (fp32); ReLU's is 0 at t = 0, as torch's."""
+    out = tl.full(t.shape, 1.0, tl.float32)
+    if ACT == 1:
+        out = 0.5 * (1.0 + tl.erf(t * _SQRT1_2)) + t * _INV_SQRT_2PI * tl.exp(-0.5 * t * t)
+    if ACT == 2:
+        sig = tl.sigmoid(t * _QUICK_GELU_A)
+        out = sig + t * _QUICK_GELU_A * sig * (1.0 - sig)
+    if ACT == 3:
+        out = tl.where(t > 0.0, 1.0, 0.0)
+    return out
+
+
+@triton.jit
+def _drop_factor(mask_ptr, clip, valid, drop_keep, HAS_DROP: tl.constexpr):
+    """DropPath's per-row factor m = draw[clip] / (1 - p) in fp32 (draw: the per-clip 0/1
+    Bernoulli vector, ops.drop_path_draw), or 1 without DropPath. clip: (BLOCK,) int."""
+    if HAS_DROP:
+        m = tl.load(mask_ptr + clip, mask=valid, other=0.0).to(tl.float32) / drop_keep
+    else:
+        m = tl.full(clip.shape, 1.0, tl.float32)
+    return m
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Switches:
+    """The docs/design.md §9 switches the Triton kernels fuse, as launch arguments: activations
+    after fc1 / after the conv (ACT_CODES), the branch scale s (a 0-dim tensor in the compute
+    dtype) and DropPath (drop_draw: the (B,) float32 0/1 per-clip draw; drop_path: p)."""
+
+    act1: int = 0
+    act2: int = 0
+    scale: Optional[torch.Tensor] = None
+    drop_draw: Optional[torch.Tensor] = None
+    drop_path: float = 0.0
+
+    @classmethod
+    def of(cls, act_after_fc1=None, act_after_conv=None, scale=None, drop_draw=None, drop_path=0.0) -> "Switches":
+        return cls(act_code(act_after_fc1), act_code(act_after_conv), scale,
+                   drop_draw if drop_path > 0 else None, float(drop_path) if drop_draw is not None else 0.0)
 
 
 def dot_flags(compute_dtype: torch.dtype) -> tuple[bool, str]:

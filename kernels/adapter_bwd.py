@@ -24,9 +24,13 @@ import triton.language as tl
 
 from . import tuning
 from ._common import (
+    Switches,
     TileConfig,
+    _act,
+    _act_grad,
     _cast,
     _conv_window_step,
+    _drop_factor,
     _flat_rows,
     _window_program,
     _gemm_rows_tile,
@@ -38,25 +42,59 @@ from ._common import (
     weight_tma,
 )
 from .adapter_fwd import down_conv_forward, up_residual_forward, window_grid
-from .wgrad import finalize, weight_grad, weight_grad_config, weight_grad_partials  # noqa: F401
+from .wgrad import bu_dot_parts, finalize, weight_grad, weight_grad_config, weight_grad_partials  # noqa: F401
+
+
+@triton.jit
+def _branch_dg(a, g_ptrs, mask_tile, m_row, fac, dscale_acc, owned, ACT2: tl.constexpr, HAS_SCALE: tl.constexpr,
+               HAS_DROP: tl.constexpr):
+    """(dg, dscale_acc) of one frame tile from a = dO Wu (fp32): dg = a * s * m[row] (fac), times
+    act2'(g_pre) with ACT2 (g_ptrs: g before ACT2, else the recompute's g, which carries m);
+    with HAS_SCALE and an owned frame, dscale_acc (BLOCK_M,) gains m * g . a per row:
+    d(scale) = sum m * dO . (g Wu^T) = sum m * g . (dO Wu), no extra GEMM."""
+    dg = a
+    if (ACT2 != 0) | HAS_SCALE:
+        g_in = tl.load(g_ptrs, mask=mask_tile, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            if owned:
+                if ACT2 != 0:
+                    dscale_acc += m_row * tl.sum(_act(g_in, ACT2) * a, axis=1)
+                else:  # the recompute's g already carries m (its G_DROP)
+                    dscale_acc += tl.sum(g_in * a, axis=1)
+    if HAS_SCALE | HAS_DROP:
+        dg = dg * fac[:, None]
+    if ACT2 != 0:
+        dg = dg * _act_grad(g_in, ACT2)
+    return dg, dscale_acc
 
 
 @triton.jit
 def adapter_conv_bwd_kernel(
     dout_ptr, wu_ptr, wc_ptr, h_ptr, dh_ptr, dwc_part_ptr, dbc_part_ptr,
+    g_ptr, scale_ptr, mask_ptr, dscale_part_ptr,  # §9 switches: see ACT2 / HAS_SCALE / HAS_DROP
     T, S, P, C, CA,
     n_rows,  # B*S flattened rows
     G_CA, n_whole_rows, runs, frames_per_prog,  # 1-D grid: whole-clip rows, then split rows
     stride_df, stride_dl, stride_dc,  # dO viewed as (B*T, L, C)
     stride_wu_o, stride_wu_i,  # fc2.weight (C, Ca)
+    drop_keep,  # 1 - p (HAS_DROP)
     KT: tl.constexpr, KT_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False, W_KMAJOR: tl.constexpr = False,  # Wu^T through a descriptor
+    ACT1: tl.constexpr = 0, ACT2: tl.constexpr = 0,
+    HAS_SCALE: tl.constexpr = False, HAS_DROP: tl.constexpr = False,
 ):
     """dh (N, Ca) and partial (dwc, dbc) sums of one (frame run, row block) per program.
 
     dwc_part: (runs * row blocks, KT, Ca) fp32, dbc_part: (runs * row blocks, Ca) fp32.
+    docs/design.md §9 switches: h_ptr holds h before ACT1 (dwc takes act1(h), dh comes out as
+    dh * act1'(h)); g_ptr holds g before ACT2 when ACT2 (dg -> dg * act2'(g)), else the
+    recompute's g (times m with DropPath: its G_DROP), read only when needed. The branch
+    factor s * m[clip] (HAS_SCALE: s = *scale_ptr; HAS_DROP: m = mask[clip] / drop_keep)
+    multiplies dO Wu; with HAS_SCALE each program also writes dscale_part[program] = sum of
+    m * g . (dO Wu) over its own frames and channels (the fc2 bias's share of d(scale) comes
+    from the wgrad launch).
     """
     PAD: tl.constexpr = KT // 2
     pid_ca, pid_r, t0, t1, part = _window_program(G_CA, n_whole_rows, runs, frames_per_prog, T)
@@ -69,6 +107,12 @@ def adapter_conv_bwd_kernel(
     d_rows, tok = _flat_rows(offs_r, S, T, P, stride_df, stride_dl)
     buf = tok[:, None] * CA + offs_ca[None, :]
     frame_elems = S.to(tl.int64) * CA
+    # the branch factor s * m of each row's clip (rows are (clip, position) pairs)
+    m_row = _drop_factor(mask_ptr, offs_r // S, mask_r, drop_keep, HAS_DROP)
+    fac = m_row
+    if HAS_SCALE:
+        fac = fac * tl.load(scale_ptr).to(tl.float32)
+    dscale_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     # transposed conv: taps in natural order (see _conv_window_step)
     r0, r1, r2, r3, r4, r5, r6, r7, r8 = _load_taps(wc_ptr, offs_ca, mask_ca, KT, False)
@@ -94,6 +138,8 @@ def adapter_conv_bwd_kernel(
                 offs_ca, mask_ca, C, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION,
                 wu_desc, pid_ca * BLOCK_N, USE_TMA, W_KMAJOR,
             )
+            dg, dscale_acc = _branch_dg(dg, g_ptr + t_in * frame_elems + buf, mask_tile, m_row, fac, dscale_acc,
+                                        (t_in >= t0) & (t_in < t1), ACT2, HAS_SCALE, HAS_DROP)
             # conv-parameter gradients from the frames this program owns (halo frames belong
             # to the neighbouring run): dwc[c, j] += sum_s dg_t[s, c] * h_{t+j-PAD}[s, c]
             if (t_in >= t0) & (t_in < t1):
@@ -102,13 +148,16 @@ def adapter_conv_bwd_kernel(
                     t_h = t_in + j - PAD
                     if (t_h >= 0) & (t_h < T):
                         h = tl.load(h_ptr + t_h * frame_elems + buf, mask=mask_tile, other=0.0).to(tl.float32)
-                        contrib = tl.sum(dg * h, axis=0)
+                        contrib = tl.sum(dg * _act(h, ACT1), axis=0)
                         dwc_acc += tl.where(taps[:, None] == j, contrib[None, :], 0.0)
         dh, q0, q1, q2, q3, q4, q5, q6, q7 = _conv_window_step(
             dg, q0, q1, q2, q3, q4, q5, q6, q7, r0, r1, r2, r3, r4, r5, r6, r7, r8, KT
         )
         t_out = t_in - PAD
         if t_out >= t0:
+            if ACT1 != 0:
+                h_out = tl.load(h_ptr + t_out * frame_elems + buf, mask=mask_tile, other=0.0).to(tl.float32)
+                dh = dh * _act_grad(h_out, ACT1)
             tl.store(dh_ptr + t_out * frame_elems + buf, _cast(dh, dh_ptr.dtype.element_ty), mask=mask_tile)
 
     part = part.to(tl.int64)
@@ -118,6 +167,8 @@ def adapter_conv_bwd_kernel(
         mask=(taps[:, None] < KT) & mask_ca[None, :],
     )
     tl.store(dbc_part_ptr + part * CA + offs_ca, dbc_acc, mask=mask_ca)
+    if HAS_SCALE:
+        tl.store(dscale_part_ptr + tl.program_id(0), tl.sum(dscale_acc, axis=0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,9 +193,15 @@ def conv_backward(
     h: torch.Tensor,
     *,
     frames_per_prog: Optional[int] = None,
+    switches: Optional["Switches"] = None,
+    g: Optional[torch.Tensor] = None,
+    dscale_part: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh (N, Ca) in the weights' dtype, dwc partials (parts, KT, Ca) fp32, dbc partials
-    (parts, 1, Ca) fp32); finalize() sums the partials."""
+    (parts, 1, Ca) fp32); finalize() sums the partials. With docs/design.md §9 switches: h is
+    before act1, g (N, Ca) is before act2 (or the activated g without act2), and with a scale
+    dscale_part[:conv_programs(...)] receives one fp32 partial of d(scale) per program."""
+    sw = switches or Switches()
     bt, seq_len, c = dout.shape
     ca, kt = conv_taps.shape
     s = seq_len - num_prefix_tokens
@@ -163,15 +220,32 @@ def conv_backward(
     use_tma, kmajor = weight_tma(cfg, fc2_weight.t(), arch_of(dout), is_aligned)  # the GEMM's W is Wu^T
     adapter_conv_bwd_kernel[grid](
         dout, fc2_weight, conv_taps, h, dh, dwc_part, dbc_part,
+        g if g is not None else h, sw.scale if sw.scale is not None else h,
+        sw.drop_draw if sw.drop_draw is not None else h, dscale_part if dscale_part is not None else dwc_part,
         num_frames, s, num_prefix_tokens, c, ca, b * s, *plan,
         dout.stride(0), dout.stride(1), dout.stride(2),
         fc2_weight.stride(0), fc2_weight.stride(1),
+        1.0 - sw.drop_path,
         KT=kt, KT_POW2=triton.next_power_of_2(kt),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KMAJOR=kmajor,
+        ACT1=sw.act1, ACT2=sw.act2, HAS_SCALE=sw.scale is not None, HAS_DROP=sw.drop_draw is not None,
         **cfg.launch_kwargs(),
     )
     return dh, dwc_part, dbc_part
+
+
+def conv_programs(dout: torch.Tensor, num_frames: int, num_prefix_tokens: int, fc2_weight: torch.Tensor,
+                  conv_taps: torch.Tensor, *, frames_per_prog: Optional[int] = None) -> int:
+    """Programs of conv_backward's launch (one d(scale) partial each)."""
+    bt, seq_len, c = dout.shape
+    ca, kt = conv_taps.shape
+    s = seq_len - num_prefix_tokens
+    is_aligned = aligned(c, ca, *dout.stride(), *fc2_weight.stride())
+    cfg = tuning.config_for(tuning.family("conv_bwd", is_aligned), kt=kt, compute_dtype=fc2_weight.dtype,
+                            arch=arch_of(dout))
+    _, (programs,) = window_grid(cfg, bt // num_frames, num_frames, kt, s, ca, dout, frames_per_prog)
+    return programs
 
 
 def adapter_backward(
@@ -187,33 +261,50 @@ def adapter_backward(
     fc2_bias: Optional[torch.Tensor],
     *,
     frames_per_prog: Optional[int] = None,
+    act_after_fc1: Optional[str] = None,
+    act_after_conv: Optional[str] = None,
+    scale: Optional[torch.Tensor] = None,
+    drop_draw: Optional[torch.Tensor] = None,
+    drop_path: float = 0.0,
 ) -> tuple:
     """Gradients (dx, dWd, dbd, dwc (Ca, KT), dbc, dWu, dbu) in five launches: recompute, conv
     backward, dgrad, both weight GEMMs, one fixed-order reduce-and-cast. Parameter grads come in
     the parameters' dtype (summed in fp32), dx in dO's dtype (contiguous). Bias grads are None
-    where the bias is None."""
+    where the bias is None. With a ``scale`` (0-dim) an eighth entry, d(scale), follows.
+
+    docs/design.md §9 switches (as adapter_fwd.adapter_forward takes them), still five launches:
+    the recompute stores h and (with act_after_conv) g before their activations, and g times
+    DropPath's per-clip factor m (so dWu = dO^T (m g)); the conv backward applies s * m to dO Wu
+    and the activations' derivatives, and writes d(scale) partials; the wgrad launch weights
+    dbu's column sums by m and adds the fc2 bias's share of d(scale); finalize multiplies dWu,
+    dbu by s and sums d(scale) with the rest."""
+    sw = Switches.of(act_after_fc1, act_after_conv, scale, drop_draw, drop_path)
     bt, seq_len, _ = x.shape
     n_tokens = bt * (seq_len - num_prefix_tokens)
     if dout.dtype != x.dtype:  # one wgrad launch reads dO and x through one pointer type
         dout = dout.to(x.dtype)
-    grads = parameter_grads(x, fc1_weight, fc1_bias, conv_taps, conv_bias, fc2_weight, fc2_bias)
+    grads = parameter_grads(x, fc1_weight, fc1_bias, conv_taps, conv_bias, fc2_weight, fc2_bias, scale=scale)
     if n_tokens == 0:
         dx = torch.empty(dout.shape, device=dout.device, dtype=dout.dtype).copy_(dout)
         return (dx, *[None if g is None else g.zero_() for g in grads.values()])
+    g_pre = torch.empty((n_tokens, conv_taps.shape[0]), device=x.device, dtype=fc1_weight.dtype) if sw.act2 else None
     g, h = down_conv_forward(
         x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
-        store_h=True, frames_per_prog=frames_per_prog,
+        store_h=True, frames_per_prog=frames_per_prog, act1=sw.act1, act2=sw.act2, g_pre=g_pre,
+        g_drop=(sw.drop_draw, sw.drop_path) if sw.drop_draw is not None else None,
     )
-    return backward_from_recompute(dout, x, g, h, num_frames, num_prefix_tokens, fc1_weight, fc2_weight, conv_taps,
-                                   grads, frames_per_prog=frames_per_prog)
+    out = backward_from_recompute(dout, x, g, h, num_frames, num_prefix_tokens, fc1_weight, fc2_weight, conv_taps,
+                                  grads, frames_per_prog=frames_per_prog, switches=sw, g_pre=g_pre, fc2_bias=fc2_bias)
+    return out + (grads["dscale"],) if scale is not None else out
 
 
 def parameter_grads(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias, conv_taps: torch.Tensor, conv_bias,
-                    fc2_weight: torch.Tensor, fc2_bias) -> dict:
-    """Empty gradient buffers, in the parameters' dtype, that backward_from_recompute fills."""
+                    fc2_weight: torch.Tensor, fc2_bias, *, scale: Optional[torch.Tensor] = None) -> dict:
+    """Empty gradient buffers, in the parameters' dtype, that backward_from_recompute fills
+    (plus "dscale", 0-dim in scale's dtype, when a branch scale is given)."""
     ca, kt = conv_taps.shape
     pdtype = fc1_weight.dtype
-    return dict(
+    grads = dict(
         dwd=torch.empty(fc1_weight.shape, device=x.device, dtype=pdtype),
         dbd=torch.empty((ca,), device=x.device, dtype=pdtype) if fc1_bias is not None else None,
         dwc=torch.empty((ca, kt), device=x.device, dtype=pdtype),
@@ -221,6 +312,9 @@ def parameter_grads(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias, conv_ta
         dwu=torch.empty(fc2_weight.shape, device=x.device, dtype=pdtype),
         dbu=torch.empty(fc2_weight.shape[:1], device=x.device, dtype=pdtype) if fc2_bias is not None else None,
     )
+    if scale is not None:
+        grads["dscale"] = torch.empty((), device=x.device, dtype=scale.dtype)
+    return grads
 
 
 def backward_from_recompute(
@@ -237,30 +331,53 @@ def backward_from_recompute(
     *,
     extra_segment: Optional[tuple] = None,
     frames_per_prog: Optional[int] = None,
+    switches: Optional[Switches] = None,
+    g_pre: Optional[torch.Tensor] = None,
+    fc2_bias: Optional[torch.Tensor] = None,
 ) -> tuple:
     """Launches 2-5 of the backward, given the recomputed g, h (B*T*S, Ca): conv backward,
     dgrad, both weight GEMMs, and one fixed-order finalize that fills ``grads``
     (parameter_grads) -- plus ``extra_segment`` (partials (n, R, Q) fp32, out), a caller's own
-    partial sums reduced in the same launch (the LayerNorm pair's affine grads)."""
+    partial sums reduced in the same launch (the LayerNorm pair's affine grads).
+
+    switches (docs/design.md §9, see adapter_backward): h is then before act1, g after act2 (and
+    times DropPath's factor m with DropPath), g_pre (with act2) before act2; with a scale,
+    grads["dscale"] is filled too (fc2_bias: its share)."""
+    sw = switches or Switches()
+    assert extra_segment is None or sw.scale is None, "d(scale) takes the finalize launch's last segment"
     bt, seq_len, _ = x.shape
     s = seq_len - num_prefix_tokens
-    dh, dwc_part, dbc_part = conv_backward(
-        dout, num_frames, num_prefix_tokens, fc2_weight, conv_taps, h, frames_per_prog=frames_per_prog
-    )
-    del h
-    dx = up_residual_forward(dout, dh, fc1_weight.t(), None, num_prefix_tokens)
     # problem 0: dWu = dy^T g (+ dbu = sum dy); problem 1: dWd^T = x_s^T dh (+ dbd = sum dh)
-    dw_part, dbu_part, dbd_part, splits = weight_grad_partials(
-        [(dout, g, 1 if grads["dbu"] is not None else 0), (x, dh, 2 if grads["dbd"] is not None else 0)],
-        fc1_weight.dtype, bt * s, s, num_prefix_tokens,
+    has_bu = grads["dbu"] is not None
+    problems = [(dout, g, 1 if has_bu else 0), (x, None, 2 if grads["dbd"] is not None else 0)]
+    dscale_part, n_conv, bu_dot = None, 0, None
+    if sw.scale is not None:
+        # one fp32 partial per conv-backward program, then (bias) one per wgrad (split, C block)
+        n_conv = conv_programs(dout, num_frames, num_prefix_tokens, fc2_weight, conv_taps,
+                               frames_per_prog=frames_per_prog)
+        shapes = [(dout, g, problems[0][2]), (x, g, problems[1][2])]  # dh is laid out as g
+        n_bu = bu_dot_parts(shapes, fc1_weight.dtype, bt * s) if has_bu else 0
+        dscale_part = torch.empty((n_conv + n_bu, 1, 1), device=x.device, dtype=torch.float32)
+        bu_dot = (fc2_bias, dscale_part[n_conv:].view(-1)) if has_bu else None
+    dh, dwc_part, dbc_part = conv_backward(
+        dout, num_frames, num_prefix_tokens, fc2_weight, conv_taps, h, frames_per_prog=frames_per_prog,
+        switches=sw, g=g_pre if sw.act2 else g, dscale_part=dscale_part,
     )
+    del h, g_pre
+    dx = up_residual_forward(dout, dh, fc1_weight.t(), None, num_prefix_tokens)
+    problems[1] = (x, dh, problems[1][2])
+    a0_drop = (sw.drop_draw, 1.0 - sw.drop_path, num_frames) if sw.drop_draw is not None else None
+    dw_part, dbu_part, dbd_part, splits = weight_grad_partials(
+        problems, fc1_weight.dtype, bt * s, s, num_prefix_tokens, a0_drop=a0_drop, bu_dot=bu_dot,
+    )
+    scaled = sw.scale is not None  # dy = s * m * dO: m rode on g (and dbu's sums), s comes in here
     finalize([
-        (dw_part[:splits], grads["dwu"]),
+        (dw_part[:splits], grads["dwu"], scaled),
         (dw_part[splits:], grads["dwd"].t()),
-        (dbu_part[:, None, :], grads["dbu"]) if grads["dbu"] is not None else None,
+        (dbu_part[:, None, :], grads["dbu"], scaled) if has_bu else None,
         (dbd_part[:, None, :], grads["dbd"]) if grads["dbd"] is not None else None,
         (dwc_part, grads["dwc"].t()),
         (dbc_part, grads["dbc"]) if grads["dbc"] is not None else None,
-        extra_segment,
-    ])
+        extra_segment if dscale_part is None else (dscale_part, grads["dscale"]),
+    ], multiplier=sw.scale)
     return dx, grads["dwd"], grads["dbd"], grads["dwc"], grads["dbc"], grads["dwu"], grads["dbu"]

@@ -16,6 +16,7 @@ Shapes: x (B*T, L, C); g, h (B*T*S, Ca) with S = L - P spatial tokens per frame.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
@@ -26,12 +27,15 @@ import triton.language as tl
 from . import tuning
 from ._common import (
     TileConfig,
+    _act,
     _cast,
     _conv_window_step,
+    _drop_factor,
     _flat_rows,
     _window_program,
     _gemm_rows_tile,
     _load_taps,
+    act_code,
     aligned,
     arch_of,
     dot_flags,
@@ -44,12 +48,13 @@ from ._common import (
 
 @triton.jit
 def adapter_down_conv_fwd_kernel(
-    x_ptr, wd_ptr, bd_ptr, wc_ptr, bc_ptr, g_ptr, h_ptr,
+    x_ptr, wd_ptr, bd_ptr, wc_ptr, bc_ptr, g_ptr, h_ptr, gpre_ptr, mask_ptr,
     T, S, P, C, CA,
     n_rows,  # B*S: the flattened (clip, spatial position) rows a tile covers
     G_CA, n_whole_rows, runs, frames_per_prog,  # 1-D grid: whole-clip rows, then split rows
     stride_xf, stride_xl, stride_xc,  # x viewed as (B*T, L, C)
     stride_wd_o, stride_wd_i,  # fc1.weight (Ca, C)
+    drop_keep,  # 1 - p (G_DROP)
     KT: tl.constexpr,
     HAS_BD: tl.constexpr, HAS_BC: tl.constexpr,
     STORE_H: tl.constexpr,  # backward recompute also wants h (for the conv-weight gradient)
@@ -58,6 +63,13 @@ def adapter_down_conv_fwd_kernel(
     BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False, W_KMAJOR: tl.constexpr = False,  # Wd through a descriptor
+    # docs/design.md §9 activations (_common.ACT_CODES): ACT1 on h after fc1's bias, ACT2 on g
+    # after the conv's bias. STORE_H stores h before ACT1; STORE_GPRE (recompute with ACT2) also
+    # stores g before ACT2 to gpre_ptr, for the derivatives the backward needs.
+    ACT1: tl.constexpr = 0, ACT2: tl.constexpr = 0, STORE_GPRE: tl.constexpr = False,
+    # recompute with DropPath: g is stored times the per-clip factor m, the backward's dWu = dO^T (m g)
+    # (the factor on the wgrad's dO operand instead serialised its wgmma on sm_90)
+    G_DROP: tl.constexpr = False,
 ):
     PAD: tl.constexpr = KT // 2
     pid_ca, pid_r, t0, t1, part = _window_program(G_CA, n_whole_rows, runs, frames_per_prog, T)
@@ -71,6 +83,8 @@ def adapter_down_conv_fwd_kernel(
     x_rows, tok = _flat_rows(offs_r, S, T, P, stride_xf, stride_xl)
     buf = tok[:, None] * CA + offs_ca[None, :]  # flat (N, Ca) buffers at frame 0
 
+    if G_DROP:
+        m_row = _drop_factor(mask_ptr, offs_r // S, mask_r, drop_keep, G_DROP)
     # forward conv: the window wants taps reversed (see _conv_window_step)
     r0, r1, r2, r3, r4, r5, r6, r7, r8 = _load_taps(wc_ptr, offs_ca, mask_ca, KT, True)
     if HAS_BD:
@@ -102,6 +116,8 @@ def adapter_down_conv_fwd_kernel(
             if STORE_H:
                 if (t_in >= t0) & (t_in < t1):
                     tl.store(h_ptr + t_in * frame_elems + buf, _cast(h, h_ptr.dtype.element_ty), mask=mask_out)
+            # inside the clip only: the conv zero-pads act1(h)
+            h = _act(h, ACT1)
         g, q0, q1, q2, q3, q4, q5, q6, q7 = _conv_window_step(
             h, q0, q1, q2, q3, q4, q5, q6, q7, r0, r1, r2, r3, r4, r5, r6, r7, r8, KT
         )
@@ -109,13 +125,19 @@ def adapter_down_conv_fwd_kernel(
         if t_out >= t0:
             if HAS_BC:
                 g += bc[None, :]
+            if STORE_GPRE:
+                tl.store(gpre_ptr + t_out * frame_elems + buf, _cast(g, gpre_ptr.dtype.element_ty), mask=mask_out)
+            g = _act(g, ACT2)
+            if G_DROP:
+                g = g * m_row[:, None]
             tl.store(g_ptr + t_out * frame_elems + buf, _cast(g, g_ptr.dtype.element_ty), mask=mask_out)
 
 
 @triton.jit
 def adapter_up_residual_fwd_kernel(
-    res_ptr, a_ptr, w_ptr, bias_ptr, out_ptr,
+    res_ptr, a_ptr, w_ptr, bias_ptr, out_ptr, scale_ptr, mask_ptr,
     n_rows, L, P, S, K, NOUT,
+    T, drop_keep,  # frames per clip and 1 - p: DropPath's per-clip factor (HAS_DROP)
     stride_rf, stride_rl, stride_rc,  # residual viewed as (B*T, L, NOUT); may be strided
     stride_an,  # a: (B*T*S, K), row stride; unit column stride
     stride_wo, stride_wi,  # W (NOUT, K); pass Wd's strides swapped to multiply by Wd
@@ -123,8 +145,10 @@ def adapter_up_residual_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False, W_KMAJOR: tl.constexpr = False,  # W through a descriptor
+    HAS_SCALE: tl.constexpr = False, HAS_DROP: tl.constexpr = False,
 ):
-    """out (B*T*L, NOUT), contiguous: res + [row is spatial] * (a[token] @ W^T + bias)."""
+    """out (B*T*L, NOUT), contiguous: res + [row is spatial] * s * m[clip] * (a[token] @ W^T + bias),
+    s = *scale_ptr (HAS_SCALE, a 0-dim tensor) and m the DropPath factor (HAS_DROP; both 1 if not)."""
     pid_n = tl.program_id(0)  # fastest: programs sharing an `a` tile run together
     pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -145,7 +169,15 @@ def adapter_up_residual_fwd_kernel(
     )
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    acc = tl.where(spatial[:, None], acc, 0.0)
+    if HAS_SCALE | HAS_DROP:
+        # one per-row factor s * m[clip], 0 on prefix rows (frame indices fit in int32: clip is a
+        # 32-bit division; with a 64-bit one the 128x64 unaligned tile spilled 8 B on sm_90)
+        fac = _drop_factor(mask_ptr, f.to(tl.int32) // T, mask_m, drop_keep, HAS_DROP)
+        if HAS_SCALE:
+            fac = fac * tl.load(scale_ptr).to(tl.float32)
+        acc = acc * tl.where(spatial, fac, 0.0)[:, None]
+    else:
+        acc = tl.where(spatial[:, None], acc, 0.0)
     mask = mask_m[:, None] & mask_n[None, :]
     res = tl.load(
         res_ptr + f[:, None] * stride_rf + l_idx[:, None] * stride_rl + offs_n[None, :].to(tl.int64) * stride_rc,
@@ -232,10 +264,18 @@ def down_conv_forward(
     *,
     store_h: bool = False,
     frames_per_prog: Optional[int] = None,
+    act1: int = 0,
+    act2: int = 0,
+    g_pre: Optional[torch.Tensor] = None,
+    g_drop: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """g (and h if store_h) as (B*T*S, Ca) buffers in the weights' dtype.
 
     x: (B*T, L, C) any strides; fc1_weight (Ca, C); conv_taps (Ca, KT) contiguous.
+    act1, act2: docs/design.md §9 activations as _common.ACT_CODES (after fc1, after the conv);
+    h is stored before act1 (the backward's pre-activation), g after act2. g_pre: a (B*T*S, Ca)
+    buffer that also receives g before act2 (the recompute with act2). g_drop = (draw (B,) fp32
+    0/1, p): g is stored times DropPath's per-clip factor draw / (1 - p) (the recompute).
     """
     bt, seq_len, c = x.shape
     ca = fc1_weight.shape[0]
@@ -248,19 +288,30 @@ def down_conv_forward(
     if g.numel() == 0:
         return g, h
     cfg = tuning.config_for("down_conv", kt=kt, compute_dtype=dtype, arch=arch_of(x))
+    is_aligned = aligned(c, ca, *x.stride(), *fc1_weight.stride())
+    if store_h and (act1 or act2 or g_drop is not None):
+        # the §9 recompute stores h, g_pre and g with per-element 64-bit addresses: the bf16
+        # KT=9 64x32 tile spilled ~0.5 KB (sm_80 and sm_90) at 255 registers, and unaligned the
+        # KT=3 64x64 one 16 B (sm_80) / 128 B (sm_90); 64x16 and 64x32 do not (64 rows keep wgmma)
+        if kt > 3 and cfg.BLOCK_N > 16:
+            cfg = dataclasses.replace(cfg, BLOCK_N=16)
+        elif not is_aligned and cfg.BLOCK_N > 32:
+            cfg = dataclasses.replace(cfg, BLOCK_N=32)
     plan, grid = window_grid(cfg, b, num_frames, kt, s, ca, x, frames_per_prog)
     dot_fp32, precision = dot_flags(dtype)
-    use_tma, kmajor = weight_tma(cfg, fc1_weight, arch_of(x), aligned(c, ca, *x.stride(), *fc1_weight.stride()))
+    use_tma, kmajor = weight_tma(cfg, fc1_weight, arch_of(x), is_aligned)
+    draw, p_drop = g_drop if g_drop is not None else (fc1_weight, 0.0)
     adapter_down_conv_fwd_kernel[grid](
         x, fc1_weight, fc1_bias if fc1_bias is not None else fc1_weight,
         conv_taps, conv_bias if conv_bias is not None else conv_taps,
-        g, h if h is not None else g,
+        g, h if h is not None else g, g_pre if g_pre is not None else g, draw,
         num_frames, s, num_prefix_tokens, c, ca, b * s, *plan,
         x.stride(0), x.stride(1), x.stride(2),
-        fc1_weight.stride(0), fc1_weight.stride(1),
+        fc1_weight.stride(0), fc1_weight.stride(1), 1.0 - p_drop,
         KT=kt, HAS_BD=fc1_bias is not None, HAS_BC=conv_bias is not None, STORE_H=store_h,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KMAJOR=kmajor,
+        ACT1=act1, ACT2=act2, STORE_GPRE=g_pre is not None, G_DROP=g_drop is not None,
         **cfg.launch_kwargs(),
     )
     return g, h
@@ -272,10 +323,16 @@ def up_residual_forward(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     num_prefix_tokens: int,
+    *,
+    num_frames: int = 1,
+    scale: Optional[torch.Tensor] = None,
+    drop_draw: Optional[torch.Tensor] = None,
+    drop_path: float = 0.0,
 ) -> torch.Tensor:
-    """res (B*T, L, NOUT) + [spatial] (a @ weight^T + bias); a (B*T*S, K); weight (NOUT, K)
-    with any strides (pass fc1.weight.t() to multiply by fc1.weight). Returns a new contiguous
-    (B*T, L, NOUT) tensor of res's dtype."""
+    """res (B*T, L, NOUT) + [spatial] s * m[clip] * (a @ weight^T + bias); a (B*T*S, K); weight
+    (NOUT, K) with any strides (pass fc1.weight.t() to multiply by fc1.weight). s: scale (0-dim)
+    or 1; m = drop_draw[clip] / (1 - drop_path) with drop_draw the (B,) 0/1 DropPath draw of the
+    B = B*T / num_frames clips, or 1. Returns a new contiguous (B*T, L, NOUT) tensor of res's dtype."""
     bt, seq_len, nout = res.shape
     k = a.shape[1]
     s = seq_len - num_prefix_tokens
@@ -286,18 +343,24 @@ def up_residual_forward(
     is_aligned = aligned(k, nout, *res.stride(), a.stride(0), *weight.stride())
     fam = tuning.family("up_residual", is_aligned)
     cfg = tuning.config_for(fam, kt=1, compute_dtype=weight.dtype, arch=arch_of(res))
+    if (scale is not None or drop_draw is not None) and not is_aligned and arch_of(res) >= 90 and cfg.BLOCK_M > 64:
+        # the unaligned 128x64 tile sits at 254 registers on sm_90 already; the branch factor
+        # made it spill 16 B. 64x64 does not (sm_80's 128x64: 112 registers, kept)
+        cfg = dataclasses.replace(cfg, BLOCK_M=64)
     dot_fp32, precision = dot_flags(weight.dtype)
     grid = (triton.cdiv(nout, cfg.BLOCK_N), triton.cdiv(n_rows, cfg.BLOCK_M))
     use_tma, kmajor = weight_tma(cfg, weight, arch_of(res), is_aligned)
     adapter_up_residual_fwd_kernel[grid](
         res, a, weight, bias if bias is not None else weight, out,
-        n_rows, seq_len, num_prefix_tokens, s, k, nout,
+        scale if scale is not None else weight, drop_draw if drop_draw is not None else weight,
+        n_rows, seq_len, num_prefix_tokens, s, k, nout, num_frames, 1.0 - drop_path,
         res.stride(0), res.stride(1), res.stride(2),
         a.stride(0),
         weight.stride(0), weight.stride(1),
         HAS_BIAS=bias is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KMAJOR=kmajor,
+        HAS_SCALE=scale is not None, HAS_DROP=drop_draw is not None,
         **cfg.launch_kwargs(),
     )
     return out
@@ -315,10 +378,19 @@ def adapter_forward(
     fc2_bias: Optional[torch.Tensor],
     *,
     frames_per_prog: Optional[int] = None,
+    act_after_fc1: Optional[str] = None,
+    act_after_conv: Optional[str] = None,
+    scale: Optional[torch.Tensor] = None,
+    drop_draw: Optional[torch.Tensor] = None,
+    drop_path: float = 0.0,
 ) -> torch.Tensor:
-    """Fused forward: (B*T, L, C) -> new (B*T, L, C) tensor of x's dtype."""
+    """Fused forward: (B*T, L, C) -> new (B*T, L, C) tensor of x's dtype. Two launches for every
+    docs/design.md §9 switch taken here: activations are epilogues of the down-conv kernel, the
+    scale s (0-dim) and DropPath (drop_draw: the (B,) 0/1 per-clip draw, drop_path: p) one of
+    the up-projection: out = x + s * draw[clip] / (1 - p) * (g Wu^T + bu) on spatial rows."""
     g, _ = down_conv_forward(
         x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
-        frames_per_prog=frames_per_prog,
+        frames_per_prog=frames_per_prog, act1=act_code(act_after_fc1), act2=act_code(act_after_conv),
     )
-    return up_residual_forward(x, g, fc2_weight, fc2_bias, num_prefix_tokens)
+    return up_residual_forward(x, g, fc2_weight, fc2_bias, num_prefix_tokens, num_frames=num_frames,
+                               scale=scale, drop_draw=drop_draw, drop_path=drop_path)

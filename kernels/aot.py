@@ -63,7 +63,8 @@ class Variant:
     maxnreg: Optional[int] = None
 
     def label(self) -> str:
-        keys = ("KT", "STORE_H", "HAS_BIAS", "INPUT_PRECISION", "USE_TMA", "BLOCK_M", "BLOCK_N", "BLOCK_K")
+        keys = ("KT", "STORE_H", "HAS_BIAS", "INPUT_PRECISION", "USE_TMA", "ACT1", "ACT2", "HAS_SCALE", "HAS_DROP",
+                "A0_DROP", "SCALED", "BLOCK_M", "BLOCK_N", "BLOCK_K")
         consts = dict(self.constexprs)
         dtypes = sorted({t for _, t in self.signature if t.startswith("*")})
         parts = [f"{k}={consts[k]}" for k in keys if k in consts]
@@ -155,7 +156,7 @@ def dispatch_variants(arch: int, kts=(1, 3, 5, 7, 9), dtypes=(torch.bfloat16, to
     sm_90 16-bit also with the weights through tensor descriptors (TileConfig.USE_TMA)."""
     from . import tuning
 
-    variants = _dispatch_variants(arch, kts, dtypes, shapes)
+    variants = _dispatch_variants(arch, kts, dtypes, shapes, switches=True)
     if arch >= 90 and tma:
         with tuning.override(USE_TMA=True):
             # bf16 stands for fp16 (same tiles, same registers to within a few)
@@ -163,8 +164,11 @@ def dispatch_variants(arch: int, kts=(1, 3, 5, 7, 9), dtypes=(torch.bfloat16, to
     return list(dict.fromkeys(variants))
 
 
-def _dispatch_variants(arch, kts, dtypes, shapes) -> List[Variant]:
+def _dispatch_variants(arch, kts, dtypes, shapes, switches: bool = False) -> List[Variant]:
+    """switches: also one representative docs/design.md §9 variant (_record_switches), bf16 at
+    KT=3 (or the first KT asked for), so the compile count grows by ~6 per shape and arch."""
     sink: List[Variant] = []
+    switch_kt = 3 if 3 in kts else kts[0]
     shapes = shapes or TARGET_SHAPES
     tf32 = torch.backends.cuda.matmul.allow_tf32
     with _recording(arch, sink):
@@ -183,6 +187,8 @@ def _dispatch_variants(arch, kts, dtypes, shapes) -> List[Variant]:
                             _record_backward(x, t, wd, bd, taps, bc, wu, bu)
                             if kt == kts[0]:  # the pair has no KT of its own: one kt records it
                                 _record_layernorm_pair(x, t, wd, bd, taps, bc, wu, bu)
+                            if switches and kt == switch_kt and dtype == torch.bfloat16:
+                                _record_switches(x, t, wd, bd, taps, bc, wu, bu)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
     return list(dict.fromkeys(sink))
@@ -191,6 +197,15 @@ def _dispatch_variants(arch, kts, dtypes, shapes) -> List[Variant]:
 def _record_backward(x, t, wd, bd, taps, bc, wu, bu):
     # adapter_backward reduces partials with torch ops, which meta tensors support
     adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu)
+
+
+def _record_switches(x, t, wd, bd, taps, bc, wu, bu):
+    """The §9 switches the Triton kernels fuse, all at once (every new constexpr on): GELU after
+    fc1, ReLU after the conv, a scale, DropPath -- forward and backward."""
+    switches = dict(act_after_fc1="gelu", act_after_conv="relu", scale=torch.empty((), device="meta", dtype=x.dtype),
+                    drop_draw=torch.empty(x.shape[0] // t, device="meta", dtype=torch.float32), drop_path=0.1)
+    adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu, **switches)
+    adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu, **switches)
 
 
 def _record_layernorm_pair(x, t, wd, bd, taps, bc, wu, bu):

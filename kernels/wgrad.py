@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from ._common import TL_DTYPE, TileConfig, _cast, _mma, aligned, arch_of, dot_flags, sm_count, token_splits
+from ._common import (TL_DTYPE, TileConfig, _cast, _drop_factor, _mma, aligned, arch_of, dot_flags, sm_count,
+                      token_splits)
 
 
 @triton.jit
@@ -29,12 +30,18 @@ def _wgrad_tile(
     a_ptr, P_a, s_af, s_al, s_ac, b_ptr, P_b, s_bf, s_bl, s_bc,
     dw_part_ptr, dba_part_ptr, dbb_part_ptr, part, split,
     N, S, I, J, tokens_per_split, wrap_f, wrap_s,
+    mask_ptr, drop_keep, T, bu_ptr, dscale_ptr,
     BIAS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    A_DROP: tl.constexpr, BU_DOT: tl.constexpr,
 ):
     """dw_part[part] = sum over the split's tokens of A[n]^T B[n] for one (I, J) tile; BIAS 1
-    sums A's columns into dba_part[split] (pid_j == 0 programs), 2 sums B's into dbb_part."""
+    sums A's columns into dba_part[split] (pid_j == 0 programs), 2 sums B's into dbb_part.
+    A_DROP: A's column sums (BIAS 1) weight token n by DropPath's factor mask[clip(n)] / drop_keep
+    (clips of T frames); the GEMM does not (the factor in the MMA operand serialised sm_90's
+    wgmma: the caller puts it on B instead). BU_DOT (with BIAS 1): those programs also write bu . (their column sums) to
+    dscale_ptr[split * I blocks + pid_i] (the fc2 bias's share of d(scale))."""
     pid_j = tl.program_id(0)
     pid_i = tl.program_id(1)
     offs_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -60,7 +67,11 @@ def _wgrad_tile(
                     mask=mask_n[:, None] & mask_j[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
         if BIAS == 1:
             if pid_j == 0:
-                sum_a += tl.sum(a.to(tl.float32), axis=1)
+                if A_DROP:
+                    fac = _drop_factor(mask_ptr, f.to(tl.int32) // T, mask_n, drop_keep, A_DROP)
+                    sum_a += tl.sum(a.to(tl.float32) * fac[None, :], axis=1)
+                else:
+                    sum_a += tl.sum(a.to(tl.float32), axis=1)
         if BIAS == 2:
             if pid_i == 0:
                 sum_b += tl.sum(b.to(tl.float32), axis=0)
@@ -76,6 +87,9 @@ def _wgrad_tile(
     if BIAS == 1:
         if pid_j == 0:
             tl.store(dba_part_ptr + split.to(tl.int64) * I + offs_i, sum_a, mask=mask_i)
+            if BU_DOT:
+                bu = tl.load(bu_ptr + offs_i, mask=mask_i, other=0.0).to(tl.float32)
+                tl.store(dscale_ptr + split * tl.num_programs(1) + pid_i, tl.sum(sum_a * bu, axis=0))
     if BIAS == 2:
         if pid_i == 0:
             tl.store(dbb_part_ptr + split.to(tl.int64) * J + offs_j, sum_b, mask=mask_j)
@@ -87,28 +101,32 @@ def adapter_wgrad_kernel(
     N, S, I, J, tokens_per_split, n_splits, wrap_f, wrap_s,
     P_a0, s_a0f, s_a0l, s_a0c, P_b0, s_b0f, s_b0l, s_b0c,  # problem 0: A0 (I cols), B0 (J cols)
     P_a1, s_a1f, s_a1l, s_a1c, P_b1, s_b1f, s_b1l, s_b1c,  # problem 1 (grid axis 2 >= n_splits)
+    mask_ptr, drop_keep, T, bu_ptr, dscale_ptr,  # problem 0's A_DROP / BU_DOT (see _wgrad_tile)
     BIAS0: tl.constexpr, BIAS1: tl.constexpr,  # 0: none, 1: also sum A's columns, 2: B's
     COMPUTE_DTYPE: tl.constexpr,  # the weights' dtype: under autocast x / dO may be fp32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    A0_DROP: tl.constexpr = False, BU_DOT0: tl.constexpr = False,
 ):
     """Grid (J blocks, I blocks, problems * splits); dw_part (problems * splits, I, J) fp32."""
     z = tl.program_id(2)
     if z < n_splits:
         _wgrad_tile(a0_ptr, P_a0, s_a0f, s_a0l, s_a0c, b0_ptr, P_b0, s_b0f, s_b0l, s_b0c,
                     dw_part_ptr, dba_part_ptr, dbb_part_ptr, z, z,
-                    N, S, I, J, tokens_per_split, wrap_f, wrap_s, BIAS0, COMPUTE_DTYPE,
-                    BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION)
+                    N, S, I, J, tokens_per_split, wrap_f, wrap_s, mask_ptr, drop_keep, T, bu_ptr, dscale_ptr,
+                    BIAS0, COMPUTE_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION, A0_DROP, BU_DOT0)
     else:
         _wgrad_tile(a1_ptr, P_a1, s_a1f, s_a1l, s_a1c, b1_ptr, P_b1, s_b1f, s_b1l, s_b1c,
                     dw_part_ptr, dba_part_ptr, dbb_part_ptr, z, z - n_splits,
-                    N, S, I, J, tokens_per_split, wrap_f, wrap_s, BIAS1, COMPUTE_DTYPE,
-                    BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION)
+                    N, S, I, J, tokens_per_split, wrap_f, wrap_s, mask_ptr, drop_keep, T, bu_ptr, dscale_ptr,
+                    BIAS1, COMPUTE_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION, False, False)
 
 
 @triton.jit
-def _reduce_segment(part_ptr, n_parts, R, Q, out_ptr, so_r, so_q, blk, BLOCK: tl.constexpr):
-    """out[r, q] (strides so_r, so_q) = sum over p = 0, 1, ... of part[p, r, q], in that order."""
+def _reduce_segment(part_ptr, n_parts, R, Q, out_ptr, so_r, so_q, blk, BLOCK: tl.constexpr,
+                    mult_ptr, SCALED: tl.constexpr):
+    """out[r, q] (strides so_r, so_q) = sum over p = 0, 1, ... of part[p, r, q], in that order;
+    times *mult_ptr (fp32) if SCALED."""
     e = blk * BLOCK + tl.arange(0, BLOCK)
     mask = e < R * Q
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -116,6 +134,8 @@ def _reduce_segment(part_ptr, n_parts, R, Q, out_ptr, so_r, so_q, blk, BLOCK: tl
     for _ in range(n_parts):
         acc += tl.load(ptrs, mask=mask, other=0.0)
         ptrs += R * Q  # a pointer increment: 64-bit addressing whatever the partials' size
+    if SCALED:
+        acc = acc * tl.load(mult_ptr).to(tl.float32)
     r = e // Q
     q = e - r * Q
     tl.store(out_ptr + r * so_r + q * so_q, _cast(acc, out_ptr.dtype.element_ty), mask=mask)
@@ -130,24 +150,26 @@ def adapter_grad_finalize_kernel(
     p4, n4, r4, q4, o4, sr4, sq4, e4,
     p5, n5, r5, q5, o5, sr5, sq5, e5,
     p6, n6, r6, q6, o6, sr6, sq6, e6,
+    mult_ptr,
     BLOCK: tl.constexpr,
+    SCALED: tl.constexpr = 0,  # bit k: segment k is multiplied by *mult_ptr (the branch scale)
 ):
     """Seven (partials (n, R, Q) fp32 -> out) segments; program blocks [e_{k-1}, e_k) do segment k."""
     pid = tl.program_id(0)
     if pid < e0:
-        _reduce_segment(p0, n0, r0, q0, o0, sr0, sq0, pid, BLOCK)
+        _reduce_segment(p0, n0, r0, q0, o0, sr0, sq0, pid, BLOCK, mult_ptr, SCALED % 2 == 1)
     elif pid < e1:
-        _reduce_segment(p1, n1, r1, q1, o1, sr1, sq1, pid - e0, BLOCK)
+        _reduce_segment(p1, n1, r1, q1, o1, sr1, sq1, pid - e0, BLOCK, mult_ptr, SCALED // 2 % 2 == 1)
     elif pid < e2:
-        _reduce_segment(p2, n2, r2, q2, o2, sr2, sq2, pid - e1, BLOCK)
+        _reduce_segment(p2, n2, r2, q2, o2, sr2, sq2, pid - e1, BLOCK, mult_ptr, SCALED // 4 % 2 == 1)
     elif pid < e3:
-        _reduce_segment(p3, n3, r3, q3, o3, sr3, sq3, pid - e2, BLOCK)
+        _reduce_segment(p3, n3, r3, q3, o3, sr3, sq3, pid - e2, BLOCK, mult_ptr, SCALED // 8 % 2 == 1)
     elif pid < e4:
-        _reduce_segment(p4, n4, r4, q4, o4, sr4, sq4, pid - e3, BLOCK)
+        _reduce_segment(p4, n4, r4, q4, o4, sr4, sq4, pid - e3, BLOCK, mult_ptr, SCALED // 16 % 2 == 1)
     elif pid < e5:
-        _reduce_segment(p5, n5, r5, q5, o5, sr5, sq5, pid - e4, BLOCK)
+        _reduce_segment(p5, n5, r5, q5, o5, sr5, sq5, pid - e4, BLOCK, mult_ptr, SCALED // 32 % 2 == 1)
     elif pid < e6:
-        _reduce_segment(p6, n6, r6, q6, o6, sr6, sq6, pid - e5, BLOCK)
+        _reduce_segment(p6, n6, r6, q6, o6, sr6, sq6, pid - e5, BLOCK, mult_ptr, SCALED // 64 % 2 == 1)
 
 
 FINALIZE_BLOCK = 1024
@@ -189,9 +211,49 @@ def weight_grad_partials(
     num_prefix_tokens: int,
     *,
     splits: Optional[int] = None,
+    a0_drop: Optional[Tuple[torch.Tensor, float, int]] = None,
+    bu_dot: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """One launch for up to two problems (A, B, bias side) with equal (I, J): fp32 partials
-    (dw_part (problems * splits, I, J), dba_part (splits, I), dbb_part (splits, J), splits)."""
+    (dw_part (problems * splits, I, J), dba_part (splits, I), dbb_part (splits, J), splits).
+
+    a0_drop = (draw (B,) fp32 0/1, 1 - p, T): problem 0's bias sums weight A's rows by
+    DropPath's per-clip factor (its GEMM does not: B must carry the factor). bu_dot = (bias (I,),
+    out (bu_dot_parts(...),) fp32): problem 0 (bias side 1) also writes bias . (its column
+    sums) per (split, I block), d(scale)'s bias share."""
+    a0 = problems[0][0]
+    i_dim, j_dim = a0.shape[-1], problems[0][1].shape[-1]
+    cfg, splits, tokens_per_split = wgrad_plan(problems, compute_dtype, num_tokens, splits)
+    dev = a0.device
+    dw_part = torch.empty((len(problems) * splits, i_dim, j_dim), device=dev, dtype=torch.float32)
+    dba_part = torch.empty((splits, i_dim), device=dev, dtype=torch.float32)
+    dbb_part = torch.empty((splits, j_dim), device=dev, dtype=torch.float32)
+    # IEEE even when TF32 is allowed: both operands are token-major (the reduction dim is the
+    # strided one), and TF32 wgmma cannot take them transposed -- ptxas serialised it (C7515).
+    dot_fp32, _ = dot_flags(compute_dtype)
+    (a0, b0, bias0), (a1, b1, bias1) = problems[0], problems[-1]
+    grid = (triton.cdiv(j_dim, cfg.BLOCK_N), triton.cdiv(i_dim, cfg.BLOCK_M), len(problems) * splits)
+    assert bu_dot is None or (bias0 == 1 and bu_dot[1].numel() == splits * grid[1])
+    draw, keep, frames = a0_drop if a0_drop is not None else (dw_part, 1.0, 1)
+    bu, dscale = bu_dot if bu_dot is not None else (dw_part, dw_part)
+    adapter_wgrad_kernel[grid](
+        a0, b0, a1, b1, dw_part, dba_part, dbb_part,
+        num_tokens, spatial, i_dim, j_dim, tokens_per_split, splits,
+        cfg.BLOCK_K // spatial, cfg.BLOCK_K % spatial,
+        *_token_view(a0, num_prefix_tokens, spatial), *_token_view(b0, num_prefix_tokens, spatial),
+        *_token_view(a1, num_prefix_tokens, spatial), *_token_view(b1, num_prefix_tokens, spatial),
+        draw, keep, frames, bu, dscale,
+        BIAS0=bias0, BIAS1=bias1, COMPUTE_DTYPE=TL_DTYPE[compute_dtype],
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        DOT_FP32=dot_fp32, INPUT_PRECISION="ieee", A0_DROP=a0_drop is not None, BU_DOT0=bu_dot is not None,
+        **cfg.launch_kwargs(),
+    )
+    return dw_part, dba_part, dbb_part, splits
+
+
+def wgrad_plan(problems: Sequence[Tuple[torch.Tensor, torch.Tensor, int]], compute_dtype: torch.dtype,
+               num_tokens: int, splits: Optional[int] = None) -> Tuple[TileConfig, int, int]:
+    """(tile config, token splits, tokens per split) of weight_grad_partials' launch."""
     a0 = problems[0][0]
     i_dim, j_dim = a0.shape[-1], problems[0][1].shape[-1]
     fam = tuning.family("wgrad", aligned(i_dim, j_dim, *(v for a, b, _ in problems for v in (*a.stride(), *b.stride()))))
@@ -202,38 +264,26 @@ def weight_grad_partials(
     splits = splits or token_splits(num_tokens, cfg.BLOCK_K, tiles, sm_count(a0) * cfg.ctas_per_sm, cfg.splits,
                                     partial_steps)
     tokens_per_split = triton.cdiv(triton.cdiv(max(num_tokens, 1), splits), cfg.BLOCK_K) * cfg.BLOCK_K
-    splits = max(1, triton.cdiv(num_tokens, tokens_per_split))
-    dev = a0.device
-    dw_part = torch.empty((len(problems) * splits, i_dim, j_dim), device=dev, dtype=torch.float32)
-    dba_part = torch.empty((splits, i_dim), device=dev, dtype=torch.float32)
-    dbb_part = torch.empty((splits, j_dim), device=dev, dtype=torch.float32)
-    # IEEE even when TF32 is allowed: both operands are token-major (the reduction dim is the
-    # strided one), and TF32 wgmma cannot take them transposed -- ptxas serialised it (C7515).
-    dot_fp32, _ = dot_flags(compute_dtype)
-    (a0, b0, bias0), (a1, b1, bias1) = problems[0], problems[-1]
-    grid = (triton.cdiv(j_dim, cfg.BLOCK_N), triton.cdiv(i_dim, cfg.BLOCK_M), len(problems) * splits)
-    adapter_wgrad_kernel[grid](
-        a0, b0, a1, b1, dw_part, dba_part, dbb_part,
-        num_tokens, spatial, i_dim, j_dim, tokens_per_split, splits,
-        cfg.BLOCK_K // spatial, cfg.BLOCK_K % spatial,
-        *_token_view(a0, num_prefix_tokens, spatial), *_token_view(b0, num_prefix_tokens, spatial),
-        *_token_view(a1, num_prefix_tokens, spatial), *_token_view(b1, num_prefix_tokens, spatial),
-        BIAS0=bias0, BIAS1=bias1, COMPUTE_DTYPE=TL_DTYPE[compute_dtype],
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-        DOT_FP32=dot_fp32, INPUT_PRECISION="ieee",
-        **cfg.launch_kwargs(),
-    )
-    return dw_part, dba_part, dbb_part, splits
+    return cfg, max(1, triton.cdiv(num_tokens, tokens_per_split)), tokens_per_split
 
 
-def finalize(segments: List[Optional[Tuple[torch.Tensor, torch.Tensor]]]) -> None:
+def bu_dot_parts(problems, compute_dtype: torch.dtype, num_tokens: int) -> int:
+    """Length of weight_grad_partials' bu_dot output: splits x I blocks of problem 0."""
+    cfg, splits, _ = wgrad_plan(problems, compute_dtype, num_tokens)
+    return splits * triton.cdiv(problems[0][0].shape[-1], cfg.BLOCK_M)
+
+
+def finalize(segments: List[Optional[tuple]], multiplier: Optional[torch.Tensor] = None) -> None:
     """One launch: for each (partials (n, R, Q) fp32 contiguous, out of R*Q elements with strides
-    (so_r, so_q) given as out.stride() of an (R, Q) view) out = sum over n, cast to out's dtype."""
+    (so_r, so_q) given as out.stride() of an (R, Q) view) out = sum over n, cast to out's dtype.
+    A segment (part, out, True) is also multiplied by the 0-dim ``multiplier`` (the branch scale)."""
     args: list = []
     end = 0
     live = [seg for seg in segments if seg is not None and seg[1].numel() > 0]
     assert len(live) <= FINALIZE_SEGMENTS
-    for part, out in live:
+    scaled = sum(1 << k for k, seg in enumerate(live) if len(seg) > 2 and seg[2])
+    assert not scaled or multiplier is not None
+    for part, out, *_ in live:
         n_parts, rows, cols = part.shape
         view = out.view(rows, cols) if out.dim() != 2 else out
         end += triton.cdiv(rows * cols, FINALIZE_BLOCK)
@@ -244,8 +294,8 @@ def finalize(segments: List[Optional[Tuple[torch.Tensor, torch.Tensor]]]) -> Non
     while len(args) < 8 * FINALIZE_SEGMENTS:
         args += dummy[:7] + [end]
     cfg = tuning.config_for("finalize", kt=1, compute_dtype=live[0][1].dtype, arch=arch_of(live[0][0]))
-    adapter_grad_finalize_kernel[(end,)](*args, BLOCK=cfg.BLOCK_M, num_warps=cfg.num_warps,
-                                         num_stages=cfg.num_stages)
+    adapter_grad_finalize_kernel[(end,)](*args, multiplier if scaled else live[0][0], BLOCK=cfg.BLOCK_M,
+                                         SCALED=scaled, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def weight_grad(

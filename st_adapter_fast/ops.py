@@ -229,18 +229,43 @@ def fused_adapter(
     num_frames: int,
     num_prefix_tokens: int,
     backend: str,
+    scale: Optional[Tensor] = None,
+    drop_draw: Optional[Tensor] = None,
+    drop_path: float = 0.0,
+    act_after_fc1: Optional[str] = None,
+    act_after_conv: Optional[str] = None,
 ) -> Tensor:
-    """Fused forward with a named backend. x: (B*T, L, C) -> new (B*T, L, C), x's dtype."""
+    """Fused forward with a named backend. x: (B*T, L, C) -> new (B*T, L, C), x's dtype.
+
+    docs/design.md §9 switches the fused op takes: scale (0-dim), DropPath (drop_draw: the (B,)
+    float32 0/1 per-clip draw of drop_path_draw, drop_path: p) and the activations."""
     impl = _backends.get_backend(backend)
     return impl.forward(
         x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, _taps(conv_weight), conv_bias,
-        fc2_weight, fc2_bias,
+        fc2_weight, fc2_bias, **_switch_kwargs(scale, drop_draw, drop_path, act_after_fc1, act_after_conv),
     )
+
+
+def _switch_kwargs(scale, drop_draw, drop_path, act_after_fc1, act_after_conv) -> dict:
+    """The §9 keyword arguments of a backend's forward / backward; none for the official switches
+    (so a backend fusing only those keeps its plain signature)."""
+    kwargs = dict(scale=scale, act_after_fc1=act_after_fc1, act_after_conv=act_after_conv)
+    if drop_path > 0:
+        kwargs.update(drop_draw=drop_draw, drop_path=drop_path)
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def drop_path_draw(num_clips: int, p: float, device) -> Tensor:
+    """(num_clips,) float32 0/1: DropPath's per-clip keep draw, one RNG op. The same draw as
+    reference.drop_path_mask (float32 Bernoulli(1 - p) over a (num_clips, 1, 1, 1) tensor), so a
+    fused and a reference run from one seed drop the same clips; the kernels divide by 1 - p."""
+    return torch.empty((num_clips, 1, 1, 1), dtype=torch.float32, device=device).bernoulli_(1.0 - p).view(num_clips)
 
 
 @fused_adapter.register_fake
 def _fused_adapter_fake(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias,
-                        num_frames, num_prefix_tokens, backend):
+                        num_frames, num_prefix_tokens, backend, scale=None, drop_draw=None, drop_path=0.0,
+                        act_after_fc1=None, act_after_conv=None):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -257,56 +282,68 @@ def fused_adapter_backward(
     num_frames: int,
     num_prefix_tokens: int,
     backend: str,
+    scale: Optional[Tensor] = None,
+    drop_draw: Optional[Tensor] = None,
+    drop_path: float = 0.0,
+    act_after_fc1: Optional[str] = None,
+    act_after_conv: Optional[str] = None,
 ) -> List[Tensor]:
-    """[dx, dfc1_w, dfc1_b, dconv_w, dconv_b, dfc2_w, dfc2_b] in the inputs' dtypes; the grad of
-    an absent bias is an empty tensor (the autograd formula turns it into None)."""
+    """[dx, dfc1_w, dfc1_b, dconv_w, dconv_b, dfc2_w, dfc2_b, dscale] in the inputs' dtypes; the
+    grad of an absent bias or scale is an empty tensor (the autograd formula turns it into None).
+    The switches as fused_adapter's."""
     impl = _backends.get_backend(backend)
-    dx, dwd, dbd, dtaps, dbc, dwu, dbu = impl.backward(
+    grads = impl.backward(
         grad_out, x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, _taps(conv_weight),
-        conv_bias, fc2_weight, fc2_bias,
+        conv_bias, fc2_weight, fc2_bias, **_switch_kwargs(scale, drop_draw, drop_path, act_after_fc1, act_after_conv),
     )
+    dx, dwd, dbd, dtaps, dbc, dwu, dbu = grads[:7]
+    dscale = grads[7] if scale is not None else None  # backends return it as an 8th entry
     pdtype = fc1_weight.dtype
 
-    def cast(t: Optional[Tensor]) -> Tensor:
+    def cast(t: Optional[Tensor], dtype=pdtype) -> Tensor:
         # outputs may not alias each other: a fresh empty tensor per absent bias
-        return fc1_weight.new_empty((0,)) if t is None else t.to(pdtype)
+        return fc1_weight.new_empty((0,)) if t is None else t.to(dtype)
 
     return [
         dx.to(x.dtype), cast(dwd), cast(dbd), cast(dtaps).contiguous().reshape(conv_weight.shape), cast(dbc),
-        cast(dwu), cast(dbu),
+        cast(dwu), cast(dbu), cast(dscale, scale.dtype if scale is not None else pdtype),
     ]
 
 
 @fused_adapter_backward.register_fake
 def _fused_adapter_backward_fake(grad_out, x, fc1_weight, fc1_bias, conv_weight, conv_bias,
-                                 fc2_weight, fc2_bias, num_frames, num_prefix_tokens, backend):
+                                 fc2_weight, fc2_bias, num_frames, num_prefix_tokens, backend, scale=None,
+                                 drop_draw=None, drop_path=0.0, act_after_fc1=None, act_after_conv=None):
     def like(t):
         return fc1_weight.new_empty((0,)) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
 
     return [
         torch.empty(x.shape, dtype=x.dtype, device=x.device), like(fc1_weight), like(fc1_bias),
-        like(conv_weight), like(conv_bias), like(fc2_weight), like(fc2_bias),
+        like(conv_weight), like(conv_bias), like(fc2_weight), like(fc2_bias), like(scale),
     ]
 
 
 def _setup_context(ctx, inputs, output):
-    x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, t, p, backend = inputs
-    # Only x and the parameters: h, g and the conv input are recomputed in backward.
-    ctx.save_for_backward(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias)
+    (x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, t, p, backend,
+     scale, drop_draw, drop_path, act1, act2) = inputs
+    # Only x and the parameters (scale among them), plus DropPath's (B,) per-clip draw: h, g and
+    # the conv input are recomputed in backward.
+    ctx.save_for_backward(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, scale, drop_draw)
     ctx.num_frames, ctx.num_prefix_tokens, ctx.backend = t, p, backend
+    ctx.switches = (drop_path, act1, act2)
     ctx.has_bias = (fc1_bias is not None, conv_bias is not None, fc2_bias is not None)
 
 
 def _backward(ctx, grad_out):
-    x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias = ctx.saved_tensors
-    dx, dwd, dbd, dwc, dbc, dwu, dbu = fused_adapter_backward(
+    x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, scale, drop_draw = ctx.saved_tensors
+    dx, dwd, dbd, dwc, dbc, dwu, dbu, dscale = fused_adapter_backward(
         grad_out, x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias,
-        ctx.num_frames, ctx.num_prefix_tokens, ctx.backend,
+        ctx.num_frames, ctx.num_prefix_tokens, ctx.backend, scale, drop_draw, *ctx.switches,
     )
     has_bd, has_bc, has_bu = ctx.has_bias
     return (
         dx, dwd, dbd if has_bd else None, dwc, dbc if has_bc else None, dwu,
-        dbu if has_bu else None, None, None, None,
+        dbu if has_bu else None, None, None, None, dscale if scale is not None else None, None, None, None, None,
     )
 
 
@@ -363,8 +400,11 @@ def st_adapter(
         scale: a 0-dim tensor multiplying the branch (None: 1).
         drop_path: probability; with training=True one Bernoulli per clip zeroes the branch or
             scales it by 1/(1-p) (torch's RNG: a seeded run repeats). training=False: identity.
-    No fused backend runs a non-official switch yet: "auto" falls back to the reference with a
-    one-time warning naming the switch, and backend="triton"/"cuda" raises naming it.
+    The Triton backend fuses the activations, scale and DropPath for temporal kernels (kt, 1, 1)
+    (DropPath: one float32 Bernoulli draw per clip, the op's only extra launch and extra saved
+    tensor); norm, prefix_mode="mlp" and spatial kernels it refuses by name, as the CUDA backend
+    refuses every switch: "auto" then falls back to the reference with a one-time warning
+    naming the switch, and an explicit backend raises naming it.
 
     Under torch.autocast the parameters (and scale) are cast to the autocast dtype (their grads
     stay in their own dtype; the LayerNorm runs as autocast runs F.layer_norm) and the result
@@ -393,18 +433,22 @@ def st_adapter(
                          norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps,
                          act_after_fc1=act_after_fc1, act_after_conv=act_after_conv,
                          prefix_mode=prefix_mode, scale=scale, drop_path=drop_path, training=training)
-    if not variant.official:  # the fused op has no switch arguments yet (docs/design.md §9)
+    if variant.norm is not None or variant.prefix_mode != "skip":  # docs/design.md §9
         raise RuntimeError(f"backend {name!r} accepted {variant.describe()}, but the fused op runs only the "
-                           f"official switches so far; its unavailable_reason must refuse them")
+                           f"official switches plus the activations, scale and DropPath (no norm or prefix_mode "
+                           f"switch yet); its unavailable_reason must refuse them")
     if x.numel() == 0:
         return x if inplace else x.clone()
+    p = variant.drop_path  # 0 unless training
+    draw = drop_path_draw(x.shape[0] // num_frames, p, x.device) if p > 0 else None
+    switches = (scale, draw, p, act_after_fc1, act_after_conv)
     if not inplace:
-        return fused_adapter(x, *params, num_frames, num_prefix_tokens, name)
+        return fused_adapter(x, *params, num_frames, num_prefix_tokens, name, *switches)
     # In place: the op saves its input for backward, so under autograd it gets a copy of x
     # (x itself is overwritten below); without autograd x is read directly.
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, *params)
+        t is not None and t.requires_grad for t in (x, *params, scale)
     )
-    out = fused_adapter(x.clone() if needs_grad else x, *params, num_frames, num_prefix_tokens, name)
+    out = fused_adapter(x.clone() if needs_grad else x, *params, num_frames, num_prefix_tokens, name, *switches)
     x.copy_(out)
     return x

@@ -15,7 +15,11 @@ dO with any strides, and return (see kernels.adapter_bwd.adapter_backward):
   forward(x, T, P, Wd, bd, taps, bc, Wu, bu) -> out (B*T, L, C), x's dtype, contiguous
   backward(dO, x, T, P, Wd, bd, taps, bc, Wu, bu) -> (dx, dWd, dbd, dtaps (Ca, KT), dbc, dWu, dbu)
 with parameter gradients in fp32 or in the parameters' dtype (ops casts to the latter; the Triton
-backend reduces in fp32 and casts in its last launch), None for absent biases.
+backend reduces in fp32 and casts in its last launch), None for absent biases. A backend whose
+unavailable_reason accepts a §9 switch the fused op takes (act_after_fc1, act_after_conv, scale,
+DropPath) gets it as keyword arguments of both (act_after_fc1=, act_after_conv=, scale= a 0-dim
+tensor, drop_draw= the (B,) float32 0/1 per-clip draw with drop_path= p; only those set), and
+its backward returns d(scale) as an 8th entry when scale= is passed.
 """
 
 from __future__ import annotations

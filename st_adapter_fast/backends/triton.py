@@ -86,17 +86,25 @@ def _triton_unavailable(x: torch.Tensor, kernel_size: Sequence[int], dtype: torc
         return f"kernel_size {tuple(kernel_size)}: only temporal kernels (kt, 1, 1) are fused"
     if kt > common.MAX_FUSED_KT:
         return f"kernel_size {tuple(kernel_size)}: temporal kernels up to {common.MAX_FUSED_KT} are fused"
-    if variant is not None and not variant.official:
-        return f"the variant switches are not fused yet (docs/design.md §9): {variant.describe()}"
+    if variant is not None:
+        # docs/design.md §9: activations, scale and DropPath are fused (kernel epilogues); these not yet
+        refused = [f"norm={variant.norm!r}"] if variant.norm is not None else []
+        if variant.prefix_mode != "skip":
+            refused.append(f"prefix_mode={variant.prefix_mode!r}")
+        if refused:
+            return (f"{' and '.join(refused)} not fused yet (docs/design.md §9; the activations, scale "
+                    f"and DropPath are)")
     return None
 
 
-def _triton_forward(*args):
-    return _triton_kernels()[0].adapter_forward(*args)
+def _triton_forward(*args, **switches):
+    """switches: act_after_fc1, act_after_conv, scale, drop_draw, drop_path (adapter_forward)."""
+    return _triton_kernels()[0].adapter_forward(*args, **switches)
 
 
-def _triton_backward(*args):
-    return _triton_kernels()[1].adapter_backward(*args)
+def _triton_backward(*args, **switches):
+    """The 7 gradients of adapter_backward, and d(scale) as an 8th when a scale is passed."""
+    return _triton_kernels()[1].adapter_backward(*args, **switches)
 
 
 def _triton_layernorm_forward(*args):

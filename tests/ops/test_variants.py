@@ -1,6 +1,7 @@
 """docs/design.md §9 variants: the reference against an independent plain-PyTorch definition,
 STAdapter's switches, DropPath, meta tensors, and dispatch (fused backends refuse the switches
-by name; "auto" falls back to the reference with one warning).
+they do not fuse by name; "auto" falls back to the reference with one warning). The Triton
+backend's fused switches (activations, scale, DropPath) are checked in test_variants_fused.py.
 
 The variants grid runs its covering subset here (~1 s); ST_ADAPTER_FAST_FULL_GRID=1 runs all
 of parity.variant_grid(full=True) (108 cases, ~20 s on 2 CPU cores).
@@ -392,10 +393,14 @@ SWITCHES = [
     (dict(scale=0.5), "scale"),
     (dict(drop_path=0.2), "drop_path=0.2"),
 ]
+# what each fused backend still refuses: CUDA every switch, Triton those it does not fuse yet
+# (the activations, scale and DropPath it fuses: test_variants_fused.py)
+TRITON_REFUSES = ("norm='layernorm'", "prefix_mode='mlp'")
+REFUSALS = [("cuda", kw, named) for kw, named in SWITCHES] + [
+    ("triton", kw, named) for kw, named in SWITCHES if named in TRITON_REFUSES]
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("kwargs,named", SWITCHES, ids=[s[1] for s in SWITCHES])
+@pytest.mark.parametrize("backend,kwargs,named", REFUSALS, ids=[f"{b}-{n}" for b, _, n in REFUSALS])
 def test_explicit_fused_backend_refuses_the_switch_by_name(backend, kwargs, named):
     if backend == "triton" and DEVICE == "cpu" and not triton_interpreter_on():
         pytest.skip("the Triton backend needs CUDA or TRITON_INTERPRET=1 to get to the case checks")
@@ -428,11 +433,11 @@ def test_auto_falls_back_once_naming_the_switch(monkeypatch):
     assert ops.resolve_backend("auto", x, (3, 1, 1), torch.float32) == "triton"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = st_adapter(x, 2, *w, act_after_conv="gelu")
-        st_adapter(x, 2, *w, act_after_conv="gelu")
+        got = st_adapter(x, 2, *w, prefix_mode="mlp")
+        st_adapter(x, 2, *w, prefix_mode="mlp")
     msgs = [str(c.message) for c in caught if "no fused backend" in str(c.message)]
-    assert len(msgs) == 1 and "act_after_conv='gelu'" in msgs[0], msgs
-    torch.testing.assert_close(got, reference(x, 2, *w, act_after_conv="gelu"), rtol=0, atol=0)
+    assert len(msgs) == 1 and "prefix_mode='mlp'" in msgs[0], msgs
+    torch.testing.assert_close(got, reference(x, 2, *w, prefix_mode="mlp"), rtol=0, atol=0)
 
 
 @requires_cuda  # auto offers CUDA tensors to the fused backends
@@ -471,14 +476,18 @@ def test_backends_without_variant_support_keep_their_interface():
     assert get_backend("triton").variant_aware and get_backend("cuda").variant_aware
 
 
-def test_a_backend_claiming_variants_cannot_silently_drop_them():
-    """The fused op has no switch arguments yet: a backend that accepts a variant gets an error,
-    never the official computation."""
+@pytest.mark.parametrize("kwargs,named", [(dict(norm="layernorm"), "norm='layernorm'"),
+                                          (dict(prefix_mode="mlp"), "prefix_mode='mlp'")], ids=["norm", "mlp"])
+def test_a_backend_claiming_variants_cannot_silently_drop_them(kwargs, named):
+    """The fused op has no norm or prefix_mode argument yet: a backend that accepts one gets an
+    error, never the computation without it. (The switches the op takes reach the backend's
+    forward as keyword arguments, so a forward without them fails too.)"""
     register_backend(Backend("test_claims_all", lambda x, k, d, variant=None: None, None, None, auto=False,
                              variant_aware=True), replace=True)
     try:
-        with pytest.raises(RuntimeError, match="act_after_fc1='relu'.*runs only the official switches"):
-            st_adapter(torch.randn(4, 5, 8), 2, *_weights(), backend="test_claims_all", act_after_fc1="relu")
+        with pytest.raises(RuntimeError, match=f"{named}.*no norm or prefix_mode switch yet"):
+            st_adapter(torch.randn(4, 5, 8), 2, *_weights(), backend="test_claims_all", act_after_fc1="relu",
+                       **kwargs)
     finally:
         unregister_backend("test_claims_all")
 

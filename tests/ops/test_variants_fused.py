@@ -1,0 +1,331 @@
+"""The docs/design.md §9 switches the Triton backend fuses -- act_after_fc1, act_after_conv,
+scale and DropPath, for temporal kernels (kt, 1, 1) -- forward and backward, under THE parity
+rule (st_adapter_fast.parity) against float64: the output and every gradient, scale's included.
+Also: DropPath draws the reference's mask, nothing but x, the parameters and the per-clip draw is
+saved, dispatch runs these fused (no fallback) and still refuses the rest by name, opcheck,
+torch.compile fullgraph, meta tensors.
+
+Runs in the Triton interpreter on CPU (~40 s on 2 cores); ST_ADAPTER_FAST_FULL_GRID=1 adds
+FULL_CASES (every fused switch x kt in {1, 3, 5} x T in {1, 2, 8}).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from st_adapter_fast import STAdapter, ops, parity, st_adapter
+from st_adapter_fast.reference import activation, drop_path_mask
+from st_adapter_fast.parity import Case
+from st_adapter_fast.variants import Variant
+
+from helpers import fused_device, triton_interpreter_on
+
+FULL = os.environ.get("ST_ADAPTER_FAST_FULL_GRID", "0") == "1"
+DEVICE = fused_device()
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not triton_interpreter_on(),
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+
+COMBINED = Variant(act_after_fc1="gelu", act_after_conv="relu", scale=True, drop_path=0.5)
+
+
+def _case(variant, *, batch=2, frames=2, grid=(2, 3), prefix=1, kt=3, **kw):
+    return Case(batch=batch, frames=frames, grid=grid, prefix=prefix, channels=20, adapter_channels=12,
+                kernel=(kt, 1, 1), variant=variant, **kw)
+
+
+# each switch alone, then combined; P in {0, 1, 2}, T in {1, 2, 8}, kt in {1, 3} (one 5), strided
+# x, no biases (ReLU cases keep theirs: _clear_relu_gates); DropPath cases have batches whose
+# seeded draw (parity.DROP_PATH_SEED) drops some clips and keeps others (asserted in _check)
+CASES = [
+    _case(Variant(act_after_fc1="gelu"), frames=2, prefix=1, kt=3),
+    _case(Variant(act_after_fc1="quick_gelu"), frames=1, prefix=0, kt=1, grid=(3, 3)),
+    _case(Variant(act_after_fc1="relu"), batch=1, frames=8, prefix=2, kt=3, grid=(2, 2)),
+    _case(Variant(act_after_conv="gelu"), batch=1, frames=8, prefix=1, kt=3, noncontiguous=True),
+    _case(Variant(act_after_conv="quick_gelu"), frames=2, prefix=2, kt=1, bias=False),
+    _case(Variant(act_after_conv="relu"), frames=1, prefix=0, kt=3),
+    _case(Variant(scale=True), frames=2, prefix=1, kt=3),
+    _case(Variant(scale=True), batch=1, frames=8, prefix=0, kt=1, bias=False),
+    _case(Variant(drop_path=0.5), batch=4, frames=2, prefix=2, kt=3),
+    _case(COMBINED, batch=3, frames=2, prefix=1, kt=3, grid=(3, 5), noncontiguous=True),
+    _case(Variant(act_after_fc1="gelu", scale=True, drop_path=0.5), batch=4, frames=2, prefix=0, kt=3),
+    # KT > 3: the recompute's narrower tile (adapter_fwd.down_conv_forward)
+    _case(Variant(act_after_fc1="quick_gelu", act_after_conv="gelu", scale=True, drop_path=0.5), batch=4, frames=8,
+          prefix=1, kt=5),
+    _case(Variant(act_after_fc1="quick_gelu", act_after_conv="gelu", scale=True, drop_path=0.3), batch=4,
+          frames=1, prefix=2, kt=1, bias=False),
+]
+FULL_CASES = [
+    _case(v, batch=4, frames=t, prefix=i % 3, kt=kt, noncontiguous=i % 2 == 1)
+    for i, (v, kt, t) in enumerate(
+        (v, kt, t)
+        for v in (Variant(act_after_fc1="gelu"), Variant(act_after_fc1="quick_gelu"), Variant(act_after_fc1="relu"),
+                  Variant(act_after_conv="gelu"), Variant(act_after_conv="quick_gelu"),
+                  Variant(act_after_conv="relu"), Variant(scale=True), Variant(drop_path=0.5), COMBINED)
+        for kt in (1, 3, 5) for t in (1, 2, 8))
+] if FULL else []
+MODES = ["fp32", "bf16", "autocast-bf16"]
+
+
+def _clear_relu_gates(case, inputs):
+    """Inputs whose ReLU pre-activations clear zero by >= 0.5 (float64, asserted): per channel a
+    bias of +-(1.5 + |b|), alternating, over weights scaled by 1/4, so the gates are half open,
+    half shut, and neither run's rounding can flip one. With plain random inputs a 16-bit run
+    flips the few gates within its rounding (~1e-2) of zero, each flip moving the upstream
+    gradients by a whole term: measured here, one flip put dx 1.7 from float64 where eager bf16,
+    flipping others, was 0.05 -- which gate flips is luck, and the rule's ratio to eager bound
+    would measure that, not the kernels. fp32 runs keep their random inputs."""
+    v = case.variant
+    ca = case.adapter_channels
+    signs = torch.tensor([1.0 if c % 2 == 0 else -1.0 for c in range(ca)], dtype=torch.float64)
+    if v.act_after_fc1 == "relu":
+        inputs["fc1_weight"] = inputs["fc1_weight"] * 0.25
+        inputs["fc1_bias"] = signs * (1.5 + inputs["fc1_bias"].abs())
+    if v.act_after_conv == "relu":
+        inputs["fc1_weight"] = inputs["fc1_weight"] * 0.25
+        inputs["conv_weight"] = inputs["conv_weight"] * 0.25
+        inputs["conv_bias"] = signs.roll(1) * (2.0 + inputs["conv_bias"].abs())
+    # the float64 pre-activations, spatial rows of every clip (kt taps along t, zero padded)
+    b, t, s = case.batch, case.frames, case.grid[0] * case.grid[1]
+    h = inputs["x"][:, case.prefix:] @ inputs["fc1_weight"].t() + inputs["fc1_bias"]
+    if v.act_after_fc1 == "relu":
+        assert h.abs().min() >= 0.5, h.abs().min()
+    if v.act_after_conv == "relu":
+        h = activation(v.act_after_fc1, h).reshape(b, t, s, ca)
+        kt = case.kernel[0]
+        taps = inputs["conv_weight"].reshape(ca, kt)
+        g = inputs["conv_bias"].expand(b, t, s, ca).clone()
+        for j in range(kt):
+            for f in range(t):
+                if 0 <= f + j - kt // 2 < t:
+                    g[:, f] += taps[:, j] * h[:, f + j - kt // 2]
+        assert g.abs().min() >= 0.5, g.abs().min()
+    return inputs
+
+
+def _uncancelled_scale_grad(case, inputs):
+    """grad_out plus a part along the branch y (float64, DropPath mask included), so d(scale) =
+    sum(dO * y) does not cancel (asserted: >= 1/10 of sum |dO * y|). With a random dO it is a
+    sum of ~500 terms of both signs that cancels to ~1% of their size (measured: 2.9 of 201),
+    and the rule's bound, relative to |d(scale)|, then compares whose rounding cancels better:
+    fp32 errors of 1e-7 (ours) against eager's 4e-7 in one case, 4e-6 against 3e-7 in another,
+    both ~1e-8 of the terms' size."""
+    out = parity.reference64(case, inputs, grads=False, device=DEVICE)["out"]
+    y = (out - inputs["x"]) / inputs["scale"]
+    inputs["grad_out"] = inputs["grad_out"] + y / y.abs().max()
+    terms = inputs["grad_out"] * y
+    assert terms.sum().abs() >= 0.1 * terms.abs().sum(), (terms.sum(), terms.abs().sum())
+    return inputs
+
+
+def _check(case, mode_name, seed=5):
+    inputs = parity.make_inputs(case, seed=seed)
+    if mode_name != "fp32" and "relu" in (case.variant.act_after_fc1, case.variant.act_after_conv):
+        assert case.bias
+        inputs = _clear_relu_gates(case, inputs)
+    if case.variant.scale:
+        inputs = _uncancelled_scale_grad(case, inputs)
+    if case.variant.drop_path > 0:  # the seed must drop some clips and keep others
+        torch.manual_seed(parity.DROP_PATH_SEED)
+        draw = ops.drop_path_draw(case.batch, case.variant.drop_path, "cpu")
+        assert (draw == 0).any() and (draw == 1).any(), draw
+    ref64 = parity.reference64(case, inputs, device=DEVICE)
+    mode = parity.DTYPE_MODES[mode_name]
+    got = parity.run_mode(case, inputs, "triton", mode, DEVICE)
+    eager = parity.run_mode(case, inputs, "reference", mode, DEVICE)
+    assert set(got) == set(ref64) and ("scale" in got) == case.variant.scale
+    errors = parity.compare(got, ref64, eager, mode.dtype, exempt=parity.backstop_exempt(case))
+    assert all(e.passed for e in errors), parity.format_failures(errors, case.label(), mode_name)
+
+
+@pytest.mark.parametrize("mode_name", MODES)
+@pytest.mark.parametrize("case", CASES + FULL_CASES, ids=[c.label() for c in CASES + FULL_CASES])
+def test_fused_switch_parity(case, mode_name):
+    _check(case, mode_name)
+
+
+def test_cases_cover_the_fused_switches():
+    variants = {c.variant for c in CASES}
+    for name in ("act_after_fc1", "act_after_conv"):
+        for act in ("gelu", "quick_gelu", "relu"):
+            assert Variant(**{name: act}) in variants
+    assert Variant(scale=True) in variants and Variant(drop_path=0.5) in variants and COMBINED in variants
+    assert {c.prefix for c in CASES} == {0, 1, 2} and {c.frames for c in CASES} == {1, 2, 8}
+    assert {c.kernel[0] for c in CASES} == {1, 3, 5}
+    assert any(c.noncontiguous for c in CASES) and any(not c.bias for c in CASES)
+
+
+@pytest.mark.parametrize("mode_name", ["fp32", "bf16"])
+def test_multi_tile_runs_and_splits(mode_name):
+    """Several row and channel tiles, K blocks, frame runs with halos and wgrad token splits: the
+    d(scale) partials of every conv-backward program and every (split, C block) of the bias
+    share, and halo frames' pre-activations."""
+    from st_adapter_fast.kernels import tuning
+
+    case = Case(batch=2, frames=8, grid=(7, 5), prefix=1, channels=40, adapter_channels=72, kernel=(3, 1, 1),
+                variant=COMBINED)
+    with tuning.override(runs=3, splits=3):
+        _check(case, mode_name)
+
+
+def test_drop_path_draw_is_the_references_mask():
+    """One seed, one mask: the fused op's draw is bitwise reference.drop_path_mask's, and a fused
+    and a reference run from one seed drop the same clips (the branch of a dropped clip is 0)."""
+    for p in (0.1, 0.5):
+        torch.manual_seed(7)
+        draw = ops.drop_path_draw(40, p, DEVICE)
+        torch.manual_seed(7)
+        mask = drop_path_mask(40, p, torch.zeros((), device=DEVICE))
+        assert draw.dtype == torch.float32 and draw.shape == (40,)
+        assert torch.equal(draw / (1 - p), mask.flatten()) and 0 < int(draw.sum()) < 40
+    m = STAdapter(8, 4, (3, 1, 1), scale=0.7, drop_path=0.5, act_after_conv="gelu").to(DEVICE).train()
+    for q in m.parameters():
+        torch.nn.init.normal_(q, std=0.3)
+    x = torch.randn(16 * 2, 5, 8, device=DEVICE)
+    dropped = {}
+    for backend in ("triton", "reference"):
+        m.backend = backend
+        torch.manual_seed(11)
+        branch = (m(x, 2) - x).reshape(16, -1)
+        dropped[backend] = (branch.abs().sum(1) == 0).tolist()
+    assert dropped["triton"] == dropped["reference"] and 0 < sum(dropped["triton"]) < 16
+
+
+def test_runs_fused_without_fallback_and_saves_only_inputs(monkeypatch):
+    """With x's device offered to the fused backends (as CUDA tensors are), "auto" runs these
+    switches on Triton -- no fallback warning, the explicit backend's result bitwise -- and only
+    x, the parameters (scale included) and the (B,) DropPath draw are saved for backward."""
+    monkeypatch.setattr(ops, "AUTO_FUSED_DEVICES", ("cuda", DEVICE))
+    monkeypatch.setattr(ops, "_WARNED", set())
+    m = STAdapter(16, 8, (3, 1, 1), act_after_fc1="gelu", act_after_conv="quick_gelu", scale=0.5,
+                  drop_path=0.3).to(DEVICE).train()
+    for q in m.parameters():
+        torch.nn.init.normal_(q, std=0.3)
+    x = torch.randn(4 * 2, 10, 16, device=DEVICE, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback warning fails the test
+        assert ops.resolve_backend("auto", x, (3, 1, 1), torch.float32, m.variant) == "triton"
+        torch.manual_seed(3)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = m(x, 2)
+    m.backend = "triton"
+    torch.manual_seed(3)
+    assert torch.equal(out, m(x, 2))
+    params = sum(q.numel() * q.element_size() for q in m.parameters())
+    extra = sum(t.numel() * t.element_size() for t in saved if t.data_ptr() != x.data_ptr())
+    assert extra == params + 4 * 4, (extra, params)  # + the float32 draw of 4 clips
+    out.square().sum().backward()
+    assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in m.parameters())
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    (dict(norm="layernorm"), "norm='layernorm'"),
+    (dict(prefix_mode="mlp"), "prefix_mode='mlp'"),
+    (dict(kernel_size=(3, 3, 3)), r"kernel_size \(3, 3, 3\)"),
+], ids=["norm", "mlp", "spatial"])
+def test_triton_still_refuses_the_rest_by_name(kwargs, named):
+    m = STAdapter(8, 4, backend="triton", act_after_fc1="gelu", scale=0.5, **kwargs).to(DEVICE)
+    with pytest.raises(RuntimeError, match=f"backend='triton' cannot run this call: .*{named}"):
+        m(torch.randn(4, 5, 8, device=DEVICE), 2)
+
+
+def _op_args(scale=True, drop=True):
+    case = Case(batch=2, frames=2, grid=(2, 2), channels=16, adapter_channels=16)
+    inp = parity.make_inputs(case)
+    x = inp["x"].float().to(DEVICE).requires_grad_()
+    params = [inp[n].float().to(DEVICE).requires_grad_() for n in parity.PARAM_NAMES]
+    s = torch.tensor(0.7, device=DEVICE, requires_grad=True) if scale else None
+    draw = torch.tensor([0.0, 1.0], device=DEVICE) if drop else None
+    return x, params, s, draw
+
+
+def test_opcheck_with_switches():
+    x, params, s, draw = _op_args()
+    args = (x, *params, 2, 1, "triton", s, draw, 0.5, "gelu", "relu")
+    torch.library.opcheck(torch.ops.st_adapter_fast.fused_adapter.default, args)
+    bwd = (torch.randn_like(x), x.detach(), *[p.detach() for p in params], 2, 1, "triton", s.detach(), draw, 0.5,
+           "gelu", "relu")
+    torch.library.opcheck(torch.ops.st_adapter_fast.fused_adapter_backward.default, bwd)
+
+
+def test_compile_fullgraph_fused_switches_match_eager():
+    """The fused switches trace without graph breaks; the compiled run draws the same mask."""
+    m = STAdapter(16, 8, (3, 1, 1), backend="triton", act_after_fc1="gelu", act_after_conv="relu", scale=0.5,
+                  drop_path=0.5).to(DEVICE).train()
+    for q in m.parameters():
+        torch.nn.init.normal_(q, std=0.3)
+    x = torch.randn(6 * 2, 10, 16, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(lambda t: m(t, 2), fullgraph=True, backend="aot_eager")
+    torch.manual_seed(2)
+    got = compiled(x)
+    got.square().sum().backward()
+    grads = [x.grad.clone()] + [q.grad.clone() for q in m.parameters()]
+    x.grad = None
+    m.zero_grad()
+    torch.manual_seed(2)
+    want = m(x, 2)
+    want.square().sum().backward()
+    assert torch.equal(got, want)
+    for a, b in zip(grads, [x.grad] + [q.grad for q in m.parameters()]):
+        assert torch.equal(a, b)
+    per_clip = (got - x).detach().reshape(6, -1).abs().sum(1)
+    assert (per_clip == 0).any() and (per_clip > 0).any(), per_clip
+
+
+def test_meta_tensors_with_fused_switches():
+    m = STAdapter(16, 8, backend="triton", act_after_fc1="relu", act_after_conv="gelu", scale=0.5,
+                  drop_path=0.2).to("meta").train()
+    x = torch.empty(6, 10, 16, device="meta", requires_grad=True)
+    out = m(x, 3)
+    assert out.device.type == "meta" and out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape and m.scale.grad.shape == () and m.scale.grad.device.type == "meta"
+
+
+def test_launch_budget_with_every_fused_switch():
+    """Forward: the two kernels plus DropPath's one RNG op (bernoulli_); backward: the official
+    five launches (recompute, conv backward, dgrad, wgrad, finalize), no torch op between --
+    counted as the work model counts (kernels recorded on meta tensors, every launching torch op)."""
+    from st_adapter_fast.kernels import adapter_bwd, adapter_fwd, aot, work_model
+
+    b, t, seq, c, ca = 2, 8, 197, 768, 384  # shape A's per-clip sizes, two clips
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    x = torch.empty(b * t, seq, c, **meta)
+    params = [torch.empty(ca, c, **meta), torch.empty(ca, **meta), torch.empty(ca, 3, **meta),
+              torch.empty(ca, **meta), torch.empty(c, ca, **meta), torch.empty(c, **meta)]
+    counts = {}
+    saved_draw = ops.drop_path_draw(b, 0.1, "meta")  # what backward gets (saved by the forward)
+    for pass_name in ("fwd", "bwd"):
+        events, sink = [], []
+        with aot._recording(90, sink, events), work_model._OpCapture(events):
+            draw = ops.drop_path_draw(b, 0.1, "meta") if pass_name == "fwd" else saved_draw
+            switches = dict(act_after_fc1="gelu", act_after_conv="relu", scale=torch.empty((), **meta),
+                            drop_draw=draw, drop_path=0.1)
+            if pass_name == "fwd":
+                adapter_fwd.adapter_forward(x, t, 1, *params, **switches)
+            else:
+                grads = adapter_bwd.adapter_backward(x, x, t, 1, *params, **switches)
+                assert len(grads) == 8 and grads[7].shape == ()
+        counts[pass_name] = [getattr(e, "name", None) or e.variant.kernel for e in events]
+    assert counts["fwd"] == ["aten.bernoulli_", "adapter_down_conv_fwd_kernel", "adapter_up_residual_fwd_kernel"]
+    assert counts["bwd"] == ["adapter_down_conv_fwd_kernel", "adapter_conv_bwd_kernel",
+                             "adapter_up_residual_fwd_kernel", "adapter_wgrad_kernel",
+                             "adapter_grad_finalize_kernel"], counts["bwd"]
+
+
+def test_inplace_with_fused_switches_matches_out_of_place():
+    w = [t.to(DEVICE) for t in _op_args(scale=False, drop=False)[1]]
+    x = torch.randn(2 * 2, 5, 16, device=DEVICE)
+    kw = dict(backend="triton", act_after_fc1="quick_gelu", act_after_conv="gelu",
+              scale=torch.tensor(0.6, device=DEVICE), drop_path=0.5, training=True)
+    with torch.no_grad():
+        torch.manual_seed(4)
+        want = st_adapter(x, 2, *w, **kw)
+        y = x.clone()
+        torch.manual_seed(4)
+        got = st_adapter(y, 2, *w, inplace=True, **kw)
+    assert got is y and torch.equal(got, want)
