@@ -218,16 +218,6 @@ def up_residual_config(compute_dtype: torch.dtype, arch: int) -> TileConfig:
     return TileConfig(128, 64, 32, num_warps=8, num_stages=3)
 
 
-def frames_per_program(num_frames: int, kt: int, programs_per_frame_run: int, sms: int) -> int:
-    """The CUDA backend's frame-run policy (tests/cuda restate it; the Triton launchers size runs
-    from compiled occupancy instead, _common.window_plan). Whole clips when the grid fills the GPU;
-    shorter runs (each recomputing a KT//2 halo on both sides) when the batch is small, e.g.
-    B=4, T=32. A run stays >= 2*KT frames so the halo costs at most half of the useful work."""
-    want_runs = max(1, triton.cdiv(2 * sms, max(programs_per_frame_run, 1)))
-    runs = min(want_runs, max(1, num_frames // (2 * kt)))
-    return triton.cdiv(num_frames, runs)
-
-
 def window_grid(cfg: TileConfig, batch: int, num_frames: int, kt: int, spatial: int, ca: int,
                 like: torch.Tensor, frames_per_prog: Optional[int]) -> tuple:
     """((Ca blocks, whole-clip row blocks, runs of the split row blocks, frames per run), 1-D

@@ -65,15 +65,6 @@ def test_conv_window_matches_conv1d(kt, transposed):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
-def test_frames_per_program_keeps_halo_small():
-    from st_adapter_fast.kernels.adapter_fwd import frames_per_program
-
-    assert frames_per_program(8, 3, programs_per_frame_run=384, sms=132) == 8  # grid full: whole clips
-    fpp = frames_per_program(32, 3, programs_per_frame_run=96, sms=132)  # shape C: B=4, T=32
-    assert 6 <= fpp < 32 and fpp >= 2 * 3
-    assert frames_per_program(1, 9, programs_per_frame_run=1, sms=132) == 1
-
-
 def test_frame_runs_and_token_splits_follow_occupancy():
     """Runs per clip and wgrad splits come from the compiled occupancy (slots = SMs x CTAs/SM):
     whole clips when one run per tile fills the waves, halo-paying runs only when SMs idle."""
