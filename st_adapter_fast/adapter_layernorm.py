@@ -22,12 +22,10 @@ import torch
 from torch import Tensor
 
 from . import backends as _backends
-from .ops import AUTO_FUSED_DEVICES, _autocast_on, _taps, _warn_once, check_inputs
+from .ops import _autocast_on, _taps, check_inputs, resolve_backend
 from .reference import reference_layernorm
 
-__all__ = ["st_adapter_layernorm", "check_layernorm_inputs", "resolve_layernorm_backend", "SWITCH"]
-
-SWITCH = "fuse_layernorm (the adapter + LayerNorm pair, st_adapter_layernorm)"
+__all__ = ["st_adapter_layernorm", "check_layernorm_inputs"]
 
 
 def check_layernorm_inputs(x: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
@@ -50,41 +48,6 @@ def check_layernorm_inputs(x: Tensor, norm_weight: Optional[Tensor], norm_bias: 
         raise ValueError(f"norm_eps must be a real number >= 0, got {norm_eps!r}")
     if normed_dtype is not None and (not isinstance(normed_dtype, torch.dtype) or not normed_dtype.is_floating_point):
         raise TypeError(f"normed_dtype must be a floating torch.dtype or None, got {normed_dtype!r}")
-
-
-def resolve_layernorm_backend(backend: str, x: Tensor, kernel_size: Sequence[int], compute_dtype: torch.dtype) -> str:
-    """'reference' or a backend that fuses the pair (Backend.forward_layernorm). A named backend
-    that cannot run it raises with the reason; 'auto' takes the first that can on CUDA tensors,
-    else the reference (warning once when a CUDA call falls back)."""
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    if backend == "reference":
-        return backend
-    if backend != "auto":
-        impl = _backends.get_backend(backend)  # ValueError for unknown names
-        if impl.forward_layernorm is None:
-            raise RuntimeError(f"backend={backend!r} cannot run this call: it does not fuse the LayerNorm after the "
-                               f"adapter ({SWITCH}); use backend='triton' or 'auto', or run the adapter and the "
-                               f"LayerNorm separately (inject_st_adapters(..., fuse_layernorm=False))")
-        reason = impl.reason(x, kernel_size, compute_dtype)
-        if reason is not None:
-            raise RuntimeError(f"backend={backend!r} cannot run this call: {reason}")
-        return backend
-    if x.device.type not in AUTO_FUSED_DEVICES:
-        return "reference"
-    reasons = []
-    for name in _backends.available_backends():
-        impl = _backends.get_backend(name) if name != "reference" else None
-        if impl is None or not impl.auto:
-            continue
-        reason = "does not fuse the LayerNorm" if impl.forward_layernorm is None else impl.reason(x, kernel_size,
-                                                                                                   compute_dtype)
-        if reason is None:
-            return name
-        reasons.append(f"{name}: {reason}")
-    _warn_once("st_adapter_layernorm: no fused backend covers this case, using the reference ("
-               + "; ".join(reasons) + ")")
-    return "reference"
 
 
 # ------------------------------------------------------------------- registered fused op
@@ -259,7 +222,7 @@ def st_adapter_layernorm(
         params = [p.to(cast_to) if p is not None else None for p in params]
     if normed_dtype is None:
         normed_dtype = torch.float32 if autocast else x.dtype
-    name = resolve_layernorm_backend(backend, x, kernel_size, params[0].dtype)
+    name = resolve_backend(backend, x, kernel_size, params[0].dtype, layernorm=True)
     if name == "reference" or x.numel() == 0:
         return reference_layernorm(x, num_frames, *params, norm_weight, norm_bias, norm_eps=norm_eps,
                                    normed_dtype=normed_dtype, num_prefix_tokens=num_prefix_tokens,

@@ -172,7 +172,7 @@ AUTO_FUSED_DEVICES = ("cuda",)
 
 def resolve_backend(
     backend: str, x: Tensor, kernel_size: Sequence[int], compute_dtype: torch.dtype,
-    variant: Optional[Variant] = None,
+    variant: Optional[Variant] = None, *, layernorm: bool = False,
 ) -> str:
     """The backend that runs this call: 'reference' or a registered fused backend.
 
@@ -181,7 +181,9 @@ def resolve_backend(
     warning once per case when a CUDA call falls back. ``variant`` (docs/design.md §9 switches,
     None = official) goes to each backend's unavailable_reason (Backend.reason). Meta tensors
     under "auto" run the reference (shapes only); a named fused backend on meta tensors runs
-    its registered fake (st_adapter_fast::fused_adapter) where it covers the case.
+    its registered fake (st_adapter_fast::fused_adapter) where it covers the case. layernorm:
+    the call is the adapter + LayerNorm pair (st_adapter_fast.adapter_layernorm), which only
+    backends with forward_layernorm run.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
@@ -189,7 +191,7 @@ def resolve_backend(
         return backend
     if backend != "auto":
         impl = _backends.get_backend(backend)  # ValueError for unknown names
-        reason = impl.reason(x, kernel_size, compute_dtype, variant)
+        reason = impl.reason(x, kernel_size, compute_dtype, variant, layernorm=layernorm)
         if reason is not None:
             raise RuntimeError(f"backend={backend!r} cannot run this call: {reason}")
         return backend
@@ -202,7 +204,7 @@ def resolve_backend(
         impl = _backends.get_backend(name)
         if not impl.auto:
             continue
-        reason = impl.reason(x, kernel_size, compute_dtype, variant)
+        reason = impl.reason(x, kernel_size, compute_dtype, variant, layernorm=layernorm)
         if reason is None:
             return name
         reasons.append(f"{name}: {reason}")

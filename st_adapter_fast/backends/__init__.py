@@ -33,6 +33,7 @@ __all__ = ["Backend", "BackendStatus", "register_backend", "get_backend", "avail
            "FUSED_DTYPES"]
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LAYERNORM_SWITCH = "fuse_layernorm (the adapter + LayerNorm pair, st_adapter_layernorm)"
 
 
 @dataclasses.dataclass
@@ -55,9 +56,14 @@ class Backend:
     backward_layernorm: Optional[Callable] = None
 
     def reason(self, x: torch.Tensor, kernel_size: Sequence[int], dtype: torch.dtype,
-               variant=None) -> Optional[str]:
+               variant=None, *, layernorm: bool = False) -> Optional[str]:
         """None if this backend can run the call, else why not; variant: the call's
-        st_adapter_fast.variants.Variant, None (or an official one) for the official module."""
+        st_adapter_fast.variants.Variant, None (or an official one) for the official module;
+        layernorm: the call is the adapter + LayerNorm pair (forward_layernorm)."""
+        if layernorm and self.forward_layernorm is None:
+            return (f"the {self.name} backend does not fuse the LayerNorm after the adapter ({LAYERNORM_SWITCH}); "
+                    f"use backend='triton' or 'auto', or run the adapter and the LayerNorm separately "
+                    f"(inject_st_adapters(..., fuse_layernorm=False))")
         if variant is None or variant.official:
             return self.unavailable_reason(x, kernel_size, dtype)
         if self.variant_aware:

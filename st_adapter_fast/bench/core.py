@@ -200,15 +200,15 @@ def pair_base(provider: str) -> Optional[str]:
     return provider[: -len(LAYERNORM_SUFFIX)] if provider.endswith(LAYERNORM_SUFFIX) else None
 
 
-def provider_unavailable(provider: str, shape: OpShape, device: str, dtype: torch.dtype) -> Optional[str]:
-    """None if this provider can run the shape on this device, else the reason (for the report)."""
+def provider_unavailable(provider: str, shape: OpShape, device: str, dtype: torch.dtype, *,
+                         layernorm: bool = False) -> Optional[str]:
+    """None if this provider can run the shape on this device, else the reason (for the report).
+    layernorm: asked for the "+ln" pair provider built on this one."""
     if device == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
     base = pair_base(provider)
     if base is not None:
-        if base != "eager" and st_adapter_fast.backends.get_backend(base).forward_layernorm is None:
-            return f"the {base} backend does not fuse the LayerNorm after the adapter"
-        return provider_unavailable(base, shape, device, dtype)
+        return provider_unavailable(base, shape, device, dtype, layernorm=True)
     if provider == "eager":
         return None
     if provider == "eager-nocudnn":
@@ -224,7 +224,7 @@ def provider_unavailable(provider: str, shape: OpShape, device: str, dtype: torc
     except ValueError as err:
         return str(err)
     probe = torch.empty(0, device=device, dtype=dtype)
-    return backend.unavailable_reason(probe, (shape.kt, 1, 1), dtype)
+    return backend.reason(probe, (shape.kt, 1, 1), dtype, layernorm=layernorm)
 
 
 def make_op_inputs(shape: OpShape, device: str, dtype: torch.dtype, requires_grad: bool, seed: int = 0) -> dict:
