@@ -16,7 +16,8 @@ Rows of the window kernels are the flattened (clip, spatial position) pairs, B*S
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -41,7 +42,8 @@ from ._common import (
     dot_flags,
     weight_tma,
 )
-from .adapter_fwd import down_conv_forward, up_residual_forward, window_grid
+from . import adapter_stencil
+from .adapter_fwd import down_conv_forward, spatial_grid, up_residual_forward, window_grid
 from .wgrad import bu_dot_parts, finalize, weight_grad, weight_grad_config, weight_grad_partials  # noqa: F401
 
 
@@ -84,6 +86,9 @@ def adapter_conv_bwd_kernel(
     USE_TMA: tl.constexpr = False, W_KMAJOR: tl.constexpr = False,  # Wu^T through a descriptor
     ACT1: tl.constexpr = 0, ACT2: tl.constexpr = 0,
     HAS_SCALE: tl.constexpr = False, HAS_DROP: tl.constexpr = False,
+    # the spatial path's dg launch (kernels/adapter_stencil.py does the conv): KT=1 with the tap
+    # 1, no taps read, no dwc partials (stored as zeros), so "dh" comes out as dg itself
+    IDENTITY_CONV: tl.constexpr = False,
 ):
     """dh (N, Ca) and partial (dwc, dbc) sums of one (frame run, row block) per program.
 
@@ -116,6 +121,8 @@ def adapter_conv_bwd_kernel(
 
     # transposed conv: taps in natural order (see _conv_window_step)
     r0, r1, r2, r3, r4, r5, r6, r7, r8 = _load_taps(wc_ptr, offs_ca, mask_ca, KT, False)
+    if IDENTITY_CONV:
+        r0 = tl.full([BLOCK_N], 1.0, tl.float32)
 
     q0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     q1 = q0
@@ -144,7 +151,7 @@ def adapter_conv_bwd_kernel(
             # to the neighbouring run): dwc[c, j] += sum_s dg_t[s, c] * h_{t+j-PAD}[s, c]
             if (t_in >= t0) & (t_in < t1):
                 dbc_acc += tl.sum(dg, axis=0)
-                for j in tl.static_range(KT):
+                for j in tl.static_range(0 if IDENTITY_CONV else KT):
                     t_h = t_in + j - PAD
                     if (t_h >= 0) & (t_h < T):
                         h = tl.load(h_ptr + t_h * frame_elems + buf, mask=mask_tile, other=0.0).to(tl.float32)
@@ -189,7 +196,7 @@ def conv_backward(
     num_frames: int,
     num_prefix_tokens: int,
     fc2_weight: torch.Tensor,
-    conv_taps: torch.Tensor,
+    conv_taps: Optional[torch.Tensor],
     h: torch.Tensor,
     *,
     frames_per_prog: Optional[int] = None,
@@ -200,10 +207,14 @@ def conv_backward(
     """(dh (N, Ca) in the weights' dtype, dwc partials (parts, KT, Ca) fp32, dbc partials
     (parts, 1, Ca) fp32); finalize() sums the partials. With docs/design.md §9 switches: h is
     before act1, g (N, Ca) is before act2 (or the activated g without act2), and with a scale
-    dscale_part[:conv_programs(...)] receives one fp32 partial of d(scale) per program."""
+    dscale_part[:conv_programs(...)] receives one fp32 partial of d(scale) per program.
+    conv_taps None: no conv (KT=1, tap 1, switches.act1 must be 0, h is not read): dh = dg, the
+    spatial path's (its dwc partials are zeros; adapter_stencil.stencil_backward's count)."""
     sw = switches or Switches()
     bt, seq_len, c = dout.shape
-    ca, kt = conv_taps.shape
+    identity = conv_taps is None
+    assert not identity or sw.act1 == 0
+    ca, kt = (fc2_weight.shape[1], 1) if identity else conv_taps.shape
     s = seq_len - num_prefix_tokens
     b = bt // num_frames
     dtype = fc2_weight.dtype
@@ -219,7 +230,7 @@ def conv_backward(
     dot_fp32, precision = dot_flags(dtype)
     use_tma, kmajor = weight_tma(cfg, fc2_weight.t(), arch_of(dout), is_aligned)  # the GEMM's W is Wu^T
     adapter_conv_bwd_kernel[grid](
-        dout, fc2_weight, conv_taps, h, dh, dwc_part, dbc_part,
+        dout, fc2_weight, fc2_weight if identity else conv_taps, h, dh, dwc_part, dbc_part,
         g if g is not None else h, sw.scale if sw.scale is not None else h,
         sw.drop_draw if sw.drop_draw is not None else h, dscale_part if dscale_part is not None else dwc_part,
         num_frames, s, num_prefix_tokens, c, ca, b * s, *plan,
@@ -230,16 +241,16 @@ def conv_backward(
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KMAJOR=kmajor,
         ACT1=sw.act1, ACT2=sw.act2, HAS_SCALE=sw.scale is not None, HAS_DROP=sw.drop_draw is not None,
-        **cfg.launch_kwargs(),
+        IDENTITY_CONV=identity, **cfg.launch_kwargs(),
     )
     return dh, dwc_part, dbc_part
 
 
 def conv_programs(dout: torch.Tensor, num_frames: int, num_prefix_tokens: int, fc2_weight: torch.Tensor,
-                  conv_taps: torch.Tensor, *, frames_per_prog: Optional[int] = None) -> int:
+                  conv_taps: Optional[torch.Tensor], *, frames_per_prog: Optional[int] = None) -> int:
     """Programs of conv_backward's launch (one d(scale) partial each)."""
     bt, seq_len, c = dout.shape
-    ca, kt = conv_taps.shape
+    ca, kt = (fc2_weight.shape[1], 1) if conv_taps is None else conv_taps.shape
     s = seq_len - num_prefix_tokens
     is_aligned = aligned(c, ca, *dout.stride(), *fc2_weight.stride())
     cfg = tuning.config_for(tuning.family("conv_bwd", is_aligned), kt=kt, compute_dtype=fc2_weight.dtype,
@@ -266,6 +277,7 @@ def adapter_backward(
     scale: Optional[torch.Tensor] = None,
     drop_draw: Optional[torch.Tensor] = None,
     drop_path: float = 0.0,
+    grid_size: Optional[tuple] = None,
 ) -> tuple:
     """Gradients (dx, dWd, dbd, dwc (Ca, KT), dbc, dWu, dbu) in five launches: recompute, conv
     backward, dgrad, both weight GEMMs, one fixed-order reduce-and-cast. Parameter grads come in
@@ -277,7 +289,12 @@ def adapter_backward(
     DropPath's per-clip factor m (so dWu = dO^T (m g)); the conv backward applies s * m to dO Wu
     and the activations' derivatives, and writes d(scale) partials; the wgrad launch weights
     dbu's column sums by m and adds the fc2 bias's share of d(scale); finalize multiplies dWu,
-    dbu by s and sums d(scale) with the rest."""
+    dbu by s and sums d(scale) with the rest.
+
+    Spatial kernels (conv_taps (Ca, kt, kh, kw), grid_size (H, W) or None: square; dwc comes
+    back in that shape) take seven launches: the recompute is the down-projection (a = act1(h),
+    h) plus the stencil (g, g_pre; kernels/adapter_stencil.py), the conv backward computes dg
+    alone (no conv), and the transposed stencil turns dg into dh and the dwc partials."""
     sw = Switches.of(act_after_fc1, act_after_conv, scale, drop_draw, drop_path)
     bt, seq_len, _ = x.shape
     n_tokens = bt * (seq_len - num_prefix_tokens)
@@ -288,26 +305,49 @@ def adapter_backward(
         dx = torch.empty(dout.shape, device=dout.device, dtype=dout.dtype).copy_(dout)
         return (dx, *[None if g is None else g.zero_() for g in grads.values()])
     g_pre = torch.empty((n_tokens, conv_taps.shape[0]), device=x.device, dtype=fc1_weight.dtype) if sw.act2 else None
+    g_drop = (sw.drop_draw, sw.drop_path) if sw.drop_draw is not None else None
+    if conv_taps.dim() == 4:
+        out = _spatial_backward(dout, x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
+                                fc2_weight, fc2_bias, grads, sw, g_pre, g_drop, grid_size, frames_per_prog)
+        return out + (grads["dscale"],) if scale is not None else out
     g, h = down_conv_forward(
         x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
-        store_h=True, frames_per_prog=frames_per_prog, act1=sw.act1, act2=sw.act2, g_pre=g_pre,
-        g_drop=(sw.drop_draw, sw.drop_path) if sw.drop_draw is not None else None,
+        store_h=True, frames_per_prog=frames_per_prog, act1=sw.act1, act2=sw.act2, g_pre=g_pre, g_drop=g_drop,
     )
     out = backward_from_recompute(dout, x, g, h, num_frames, num_prefix_tokens, fc1_weight, fc2_weight, conv_taps,
                                   grads, frames_per_prog=frames_per_prog, switches=sw, g_pre=g_pre, fc2_bias=fc2_bias)
     return out + (grads["dscale"],) if scale is not None else out
 
 
+def _spatial_backward(dout, x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
+                      fc2_weight, fc2_bias, grads, sw, g_pre, g_drop, grid_size, frames_per_prog) -> tuple:
+    """adapter_backward's seven launches for a spatial kernel (see there)."""
+    grid = spatial_grid(x.shape[1] - num_prefix_tokens, grid_size)
+    # a = act1(h) is the conv's input (and dwc's operand); h before act1 only for act1'
+    a, h = down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, None, None,
+                             store_h=sw.act1 != 0, frames_per_prog=frames_per_prog, act1=sw.act1)
+    g = adapter_stencil.stencil_forward(a, num_frames, grid, conv_taps, conv_bias, act2=sw.act2, g_pre=g_pre,
+                                        g_drop=g_drop)
+
+    def stencil(dg):
+        return adapter_stencil.stencil_backward(dg, a, h, num_frames, grid, conv_taps, act1=sw.act1)
+
+    return backward_from_recompute(dout, x, g, a, num_frames, num_prefix_tokens, fc1_weight, fc2_weight, None,
+                                   grads, frames_per_prog=frames_per_prog, switches=sw, g_pre=g_pre,
+                                   fc2_bias=fc2_bias, stencil=stencil)
+
+
 def parameter_grads(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias, conv_taps: torch.Tensor, conv_bias,
                     fc2_weight: torch.Tensor, fc2_bias, *, scale: Optional[torch.Tensor] = None) -> dict:
     """Empty gradient buffers, in the parameters' dtype, that backward_from_recompute fills
-    (plus "dscale", 0-dim in scale's dtype, when a branch scale is given)."""
-    ca, kt = conv_taps.shape
+    (plus "dscale", 0-dim in scale's dtype, when a branch scale is given). dwc is shaped as
+    conv_taps: (Ca, kt) or (Ca, kt, kh, kw)."""
+    ca = conv_taps.shape[0]
     pdtype = fc1_weight.dtype
     grads = dict(
         dwd=torch.empty(fc1_weight.shape, device=x.device, dtype=pdtype),
         dbd=torch.empty((ca,), device=x.device, dtype=pdtype) if fc1_bias is not None else None,
-        dwc=torch.empty((ca, kt), device=x.device, dtype=pdtype),
+        dwc=torch.empty(conv_taps.shape, device=x.device, dtype=pdtype),
         dbc=torch.empty((ca,), device=x.device, dtype=pdtype) if conv_bias is not None else None,
         dwu=torch.empty(fc2_weight.shape, device=x.device, dtype=pdtype),
         dbu=torch.empty(fc2_weight.shape[:1], device=x.device, dtype=pdtype) if fc2_bias is not None else None,
@@ -334,6 +374,7 @@ def backward_from_recompute(
     switches: Optional[Switches] = None,
     g_pre: Optional[torch.Tensor] = None,
     fc2_bias: Optional[torch.Tensor] = None,
+    stencil: Optional[Callable[[torch.Tensor], tuple]] = None,
 ) -> tuple:
     """Launches 2-5 of the backward, given the recomputed g, h (B*T*S, Ca): conv backward,
     dgrad, both weight GEMMs, and one fixed-order finalize that fills ``grads``
@@ -342,7 +383,11 @@ def backward_from_recompute(
 
     switches (docs/design.md §9, see adapter_backward): h is then before act1, g after act2 (and
     times DropPath's factor m with DropPath), g_pre (with act2) before act2; with a scale,
-    grads["dscale"] is filled too (fc2_bias: its share)."""
+    grads["dscale"] is filled too (fc2_bias: its share).
+
+    stencil (the spatial path): conv_taps is None, so the conv backward launch computes only dg
+    (with the dbc and d(scale) partials; act1 is left to the stencil), and stencil(dg) returns
+    (dh, dwc partials (parts, kt*kh*kw, Ca) fp32): one more launch. h is then not read."""
     sw = switches or Switches()
     assert extra_segment is None or sw.scale is None, "d(scale) takes the finalize launch's last segment"
     bt, seq_len, _ = x.shape
@@ -361,9 +406,12 @@ def backward_from_recompute(
         bu_dot = (fc2_bias, dscale_part[n_conv:].view(-1)) if has_bu else None
     dh, dwc_part, dbc_part = conv_backward(
         dout, num_frames, num_prefix_tokens, fc2_weight, conv_taps, h, frames_per_prog=frames_per_prog,
-        switches=sw, g=g_pre if sw.act2 else g, dscale_part=dscale_part,
+        switches=sw if stencil is None else dataclasses.replace(sw, act1=0), g=g_pre if sw.act2 else g,
+        dscale_part=dscale_part,
     )
     del h, g_pre
+    if stencil is not None:
+        dh, dwc_part = stencil(dh)  # conv_backward's dh is dg here
     dx = up_residual_forward(dout, dh, fc1_weight.t(), None, num_prefix_tokens)
     problems[1] = (x, dh, problems[1][2])
     a0_drop = (sw.drop_draw, 1.0 - sw.drop_path, num_frames) if sw.drop_draw is not None else None
@@ -376,7 +424,7 @@ def backward_from_recompute(
         (dw_part[splits:], grads["dwd"].t()),
         (dbu_part[:, None, :], grads["dbu"], scaled) if has_bu else None,
         (dbd_part[:, None, :], grads["dbd"]) if grads["dbd"] is not None else None,
-        (dwc_part, grads["dwc"].t()),
+        (dwc_part, grads["dwc"].view(grads["dwc"].shape[0], -1).t()),
         (dbc_part, grads["dbc"]) if grads["dbc"] is not None else None,
         extra_segment if dscale_part is None else (dscale_part, grads["dscale"]),
     ], multiplier=sw.scale)

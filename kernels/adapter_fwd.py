@@ -17,14 +17,15 @@ Shapes: x (B*T, L, C); g, h (B*T*S, Ca) with S = L - P spatial tokens per frame.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from . import tuning
+from . import adapter_stencil, tuning
 from ._common import (
     TileConfig,
     _act,
@@ -70,6 +71,9 @@ def adapter_down_conv_fwd_kernel(
     # recompute with DropPath: g is stored times the per-clip factor m, the backward's dWu = dO^T (m g)
     # (the factor on the wgrad's dO operand instead serialised its wgmma on sm_90)
     G_DROP: tl.constexpr = False,
+    # the spatial path's pure down-projection (kernels/adapter_stencil.py runs the conv): KT=1
+    # with the tap 1, no taps read (wc_ptr is any valid pointer)
+    IDENTITY_CONV: tl.constexpr = False,
 ):
     PAD: tl.constexpr = KT // 2
     pid_ca, pid_r, t0, t1, part = _window_program(G_CA, n_whole_rows, runs, frames_per_prog, T)
@@ -87,6 +91,8 @@ def adapter_down_conv_fwd_kernel(
         m_row = _drop_factor(mask_ptr, offs_r // S, mask_r, drop_keep, G_DROP)
     # forward conv: the window wants taps reversed (see _conv_window_step)
     r0, r1, r2, r3, r4, r5, r6, r7, r8 = _load_taps(wc_ptr, offs_ca, mask_ca, KT, True)
+    if IDENTITY_CONV:
+        r0 = tl.full([BLOCK_N], 1.0, tl.float32)
     if HAS_BD:
         bd = tl.load(bd_ptr + offs_ca, mask=mask_ca, other=0.0).to(tl.float32)
     if HAS_BC:
@@ -249,7 +255,7 @@ def down_conv_forward(
     num_prefix_tokens: int,
     fc1_weight: torch.Tensor,
     fc1_bias: Optional[torch.Tensor],
-    conv_taps: torch.Tensor,
+    conv_taps: Optional[torch.Tensor],
     conv_bias: Optional[torch.Tensor],
     *,
     store_h: bool = False,
@@ -261,7 +267,9 @@ def down_conv_forward(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """g (and h if store_h) as (B*T*S, Ca) buffers in the weights' dtype.
 
-    x: (B*T, L, C) any strides; fc1_weight (Ca, C); conv_taps (Ca, KT) contiguous.
+    x: (B*T, L, C) any strides; fc1_weight (Ca, C); conv_taps (Ca, KT) contiguous, or None:
+    no conv (KT=1, tap 1; conv_bias must be None), g = act2(act1(h)): the spatial path's
+    down-projection, whose conv is kernels/adapter_stencil.py's.
     act1, act2: docs/design.md §9 activations as _common.ACT_CODES (after fc1, after the conv);
     h is stored before act1 (the backward's pre-activation), g after act2. g_pre: a (B*T*S, Ca)
     buffer that also receives g before act2 (the recompute with act2). g_drop = (draw (B,) fp32
@@ -269,7 +277,9 @@ def down_conv_forward(
     """
     bt, seq_len, c = x.shape
     ca = fc1_weight.shape[0]
-    kt = conv_taps.shape[1]
+    identity = conv_taps is None
+    assert not identity or conv_bias is None
+    kt = 1 if identity else conv_taps.shape[1]
     s = seq_len - num_prefix_tokens
     b = bt // num_frames
     dtype = fc1_weight.dtype
@@ -293,7 +303,7 @@ def down_conv_forward(
     draw, p_drop = g_drop if g_drop is not None else (fc1_weight, 0.0)
     adapter_down_conv_fwd_kernel[grid](
         x, fc1_weight, fc1_bias if fc1_bias is not None else fc1_weight,
-        conv_taps, conv_bias if conv_bias is not None else conv_taps,
+        fc1_weight if identity else conv_taps, conv_bias if conv_bias is not None else fc1_weight,
         g, h if h is not None else g, g_pre if g_pre is not None else g, draw,
         num_frames, s, num_prefix_tokens, c, ca, b * s, *plan,
         x.stride(0), x.stride(1), x.stride(2),
@@ -302,7 +312,7 @@ def down_conv_forward(
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KMAJOR=kmajor,
         ACT1=act1, ACT2=act2, STORE_GPRE=g_pre is not None, G_DROP=g_drop is not None,
-        **cfg.launch_kwargs(),
+        IDENTITY_CONV=identity, **cfg.launch_kwargs(),
     )
     return g, h
 
@@ -356,6 +366,17 @@ def up_residual_forward(
     return out
 
 
+def spatial_grid(num_spatial: int, grid_size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+    """(H, W) of the spatial tokens: grid_size, or the square of num_spatial tokens."""
+    if grid_size is None:
+        side = math.isqrt(num_spatial)
+        assert side * side == num_spatial, f"{num_spatial} spatial tokens are no square grid: pass grid_size"
+        return side, side
+    h, w = (int(v) for v in grid_size)
+    assert h * w == num_spatial, (grid_size, num_spatial)
+    return h, w
+
+
 def adapter_forward(
     x: torch.Tensor,
     num_frames: int,
@@ -373,11 +394,24 @@ def adapter_forward(
     scale: Optional[torch.Tensor] = None,
     drop_draw: Optional[torch.Tensor] = None,
     drop_path: float = 0.0,
+    grid_size: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Fused forward: (B*T, L, C) -> new (B*T, L, C) tensor of x's dtype. Two launches for every
     docs/design.md §9 switch taken here: activations are epilogues of the down-conv kernel, the
     scale s (0-dim) and DropPath (drop_draw: the (B,) 0/1 per-clip draw, drop_path: p) one of
-    the up-projection: out = x + s * draw[clip] / (1 - p) * (g Wu^T + bu) on spatial rows."""
+    the up-projection: out = x + s * draw[clip] / (1 - p) * (g Wu^T + bu) on spatial rows.
+
+    conv_taps (Ca, kt) is a temporal kernel; (Ca, kt, kh, kw) a spatial one on the (H, W) =
+    grid_size grid of the L - P spatial tokens (None: square), in three launches: the
+    down-projection a = act1(x_s Wd^T + bd), the stencil g = act2(conv3d(a) + bc)
+    (kernels/adapter_stencil.py), the same up-projection."""
+    if conv_taps.dim() == 4:
+        grid = spatial_grid(x.shape[1] - num_prefix_tokens, grid_size)
+        a, _ = down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, None, None,
+                                 frames_per_prog=frames_per_prog, act1=act_code(act_after_fc1))
+        g = adapter_stencil.stencil_forward(a, num_frames, grid, conv_taps, conv_bias, act2=act_code(act_after_conv))
+        return up_residual_forward(x, g, fc2_weight, fc2_bias, num_prefix_tokens, num_frames=num_frames,
+                                   scale=scale, drop_draw=drop_draw, drop_path=drop_path)
     g, _ = down_conv_forward(
         x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
         frames_per_prog=frames_per_prog, act1=act_code(act_after_fc1), act2=act_code(act_after_conv),
