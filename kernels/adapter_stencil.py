@@ -31,6 +31,10 @@ import triton.language as tl
 from . import tuning
 from ._common import TileConfig, _act, _act_grad, _cast, _drop_factor, arch_of
 
+# _TAP_LOOP: the tap loop's trip count is a runtime argument. With the constexpr KT*KH*KW the
+# compiler unrolled the 27 taps of (3, 3, 3) and hoisted their loads: 255 registers and 1.2 KB
+# (forward) / 3.5 KB (backward) of spills on the unaligned odd shape (Ca = 72), sm_80.
+
 # Largest fused spatial extents (backends/triton.py refuses beyond, naming them): the tap loop
 # is a runtime loop, so this bounds nothing in registers; 7 covers every kernel seen in the field.
 MAX_FUSED_KHW = 7
@@ -69,6 +73,7 @@ def _tap_neighbour(tap, valid, t, i, j, row, T, H, W, BUF_L, SIGN: tl.constexpr,
 def adapter_stencil_fwd_kernel(
     a_ptr, wc_ptr, bc_ptr, g_ptr, gpre_ptr, mask_ptr,
     n_tok,  # B*T*S tokens
+    n_taps,  # KT*KH*KW, a runtime loop bound (see _TAP_LOOP)
     T, S, H, W, CA,
     BUF_L, BUF_P,  # buffer rows per frame, first spatial row (see the module docstring)
     drop_keep,  # 1 - p (G_DROP)
@@ -87,7 +92,7 @@ def adapter_stencil_fwd_kernel(
     valid, t, i, j, row = _token_coords(offs_m, n_tok, T, S, W, BUF_L, BUF_P)
     NTAPS: tl.constexpr = KT * KH * KW
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for tap in range(NTAPS):
+    for tap in range(n_taps):
         ok, nb = _tap_neighbour(tap, valid, t, i, j, row, T, H, W, BUF_L, 1, KH, KW, KT // 2, KH // 2, KW // 2)
         v = tl.load(a_ptr + nb[:, None] * CA + offs_c[None, :], mask=ok[:, None] & mask_c[None, :], other=0.0)
         w = tl.load(wc_ptr + offs_c * NTAPS + tap, mask=mask_c, other=0.0).to(tl.float32)
@@ -108,7 +113,7 @@ def adapter_stencil_fwd_kernel(
 @triton.jit
 def adapter_stencil_bwd_kernel(
     dg_ptr, a_ptr, h_ptr, wc_ptr, dh_ptr, dwc_part_ptr,
-    n_tok, T, S, H, W, CA,
+    n_tok, n_taps, T, S, H, W, CA,
     BUF_L, BUF_P,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     ACT1: tl.constexpr = 0,
@@ -130,7 +135,7 @@ def adapter_stencil_bwd_kernel(
     dg_own = tl.load(dg_ptr + own, mask=mask, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     part = dwc_part_ptr + pid_m.to(tl.int64) * NTAPS * CA + offs_c
-    for tap in range(NTAPS):
+    for tap in range(n_taps):
         w = tl.load(wc_ptr + offs_c * NTAPS + tap, mask=mask_c, other=0.0).to(tl.float32)
         # transposed conv: token n receives dg of the token whose tap-`tap` input it was
         ok_in, nb_in = _tap_neighbour(tap, valid, t, i, j, row, T, H, W, BUF_L, -1, KH, KW, KT // 2, KH // 2, KW // 2)
@@ -147,17 +152,22 @@ def adapter_stencil_bwd_kernel(
 
 # --------------------------------------------------------------------------------------------
 # Tile configurations (tests/kernels/test_aot_compile.py compiles each for sm_80 and sm_90).
-# Both kernels are elementwise stencils (no MMA): BLOCK_K is unused. The tile holds one fp32
-# accumulator and one gathered neighbour tile; the backward adds dg of its own tokens and a
-# second gather, and writes kt*kh*kw x BLOCK_N fp32 partials per row block, so its row block is
-# twice as tall (shape A, (3,3,3): 196 row blocks x 27 x 384 x 4 B = 8 MB of partials, not 16).
+# Both kernels are elementwise stencils (no MMA; BLOCK_K unused). Registers follow the elements
+# per thread, and the unaligned odd shape (Ca = 72: per-element 64-bit addresses, no vector
+# loads) is the hungriest (ptxas -v, triton 3.9, (3, 3, 3)): 32 elements per thread (64x64, 4
+# warps) spilled 1.2 KB (forward) / 3.5 KB (backward) at 255 registers on sm_80, 16 (64x64, 8
+# warps) still 120-176 B in the backward; 8 per thread compile spill-free: forward 64x32 at
+# 123-140 registers unaligned, 62-72 aligned (shape A); backward 128x16 at 170-194 / 90-99.
+# The backward's rows are 128 tall because it writes kt*kh*kw x Ca fp32 partials per row block:
+# shape A with (3, 3, 3) has 196 row blocks x 27 x 384 x 4 B = 8 MB of them (64 rows: 16 MB).
+# num_stages=1: the tap loop has no MMA to pipeline.
 # --------------------------------------------------------------------------------------------
 def stencil_fwd_config(compute_dtype: torch.dtype, arch: int) -> TileConfig:
-    return TileConfig(64, 64, 16, num_warps=4, num_stages=2)
+    return TileConfig(64, 32, 16, num_warps=8, num_stages=1)
 
 
 def stencil_bwd_config(compute_dtype: torch.dtype, arch: int) -> TileConfig:
-    return TileConfig(128, 64, 16, num_warps=8, num_stages=2)
+    return TileConfig(128, 16, 16, num_warps=8, num_stages=1)
 
 
 def _dims(taps: torch.Tensor, n_tok: int, num_frames: int, grid_size: Tuple[int, int]):
@@ -201,7 +211,7 @@ def stencil_forward(
     adapter_stencil_fwd_kernel[grid](
         a, conv_taps, conv_bias if conv_bias is not None else conv_taps, g,
         g_pre if g_pre is not None else g, draw,
-        n_tok, num_frames, s, h, w, ca, buf_l, buf_p, 1.0 - p_drop,
+        n_tok, kt * kh * kw, num_frames, s, h, w, ca, buf_l, buf_p, 1.0 - p_drop,
         KT=kt, KH=kh, KW=kw, HAS_BC=conv_bias is not None,
         ACT2=act2, STORE_GPRE=g_pre is not None, G_DROP=g_drop is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **cfg.launch_kwargs(),
@@ -238,7 +248,7 @@ def stencil_backward(
         return dh, dwc_part
     adapter_stencil_bwd_kernel[grid](
         dg, a, h if act1 else dg, conv_taps, dh, dwc_part,
-        n_tok, num_frames, s, hh, w, ca, buf_l, buf_p,
+        n_tok, kt * kh * kw, num_frames, s, hh, w, ca, buf_l, buf_p,
         KT=kt, KH=kh, KW=kw, ACT1=act1,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **cfg.launch_kwargs(),
     )

@@ -26,7 +26,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import triton
 
-from . import _common, adapter_bwd, adapter_fwd, adapter_layernorm, wgrad
+from . import _common, adapter_bwd, adapter_fwd, adapter_layernorm, adapter_stencil, wgrad
 
 # Shared memory a block may use (opt-in maximum): A100 163 KB, H100 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -47,6 +47,9 @@ _KERNELS = {
     "adapter_grad_finalize_kernel": (wgrad, wgrad.adapter_grad_finalize_kernel),
     "adapter_up_residual_ln_fwd_kernel": (adapter_layernorm, adapter_layernorm.adapter_up_residual_ln_fwd_kernel),
     "adapter_up_ln_bwd_kernel": (adapter_layernorm, adapter_layernorm.adapter_up_ln_bwd_kernel),
+    # spatial kernels (kt, kh, kw): the conv as a stencil over a in memory
+    "adapter_stencil_fwd_kernel": (adapter_stencil, adapter_stencil.adapter_stencil_fwd_kernel),
+    "adapter_stencil_bwd_kernel": (adapter_stencil, adapter_stencil.adapter_stencil_bwd_kernel),
 }
 
 _TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -63,7 +66,7 @@ class Variant:
     maxnreg: Optional[int] = None
 
     def label(self) -> str:
-        keys = ("KT", "STORE_H", "HAS_BIAS", "INPUT_PRECISION", "USE_TMA", "ACT1", "ACT2", "HAS_SCALE", "HAS_DROP",
+        keys = ("KT", "KH", "KW", "IDENTITY_CONV", "STORE_H", "STORE_GPRE", "G_DROP", "HAS_BIAS", "INPUT_PRECISION", "USE_TMA", "ACT1", "ACT2", "HAS_SCALE", "HAS_DROP",
                 "A0_DROP", "SCALED", "BLOCK_M", "BLOCK_N", "BLOCK_K")
         consts = dict(self.constexprs)
         dtypes = sorted({t for _, t in self.signature if t.startswith("*")})
@@ -133,7 +136,7 @@ def _recording(arch: int, sink: List[Variant], launches: Optional[List[Launch]] 
         setattr(mod, name, _Recorder(name, fn, sink, launches))
     sms = sms or (132 if arch >= 90 else 108)
     patched = {"arch_of": lambda t: arch, "sm_count": lambda t: sms}
-    mods = (_common, adapter_fwd, adapter_bwd, adapter_layernorm, wgrad)
+    mods = (_common, adapter_fwd, adapter_bwd, adapter_layernorm, adapter_stencil, wgrad)
     old = [(m, k, getattr(m, k)) for m in mods for k in patched if hasattr(m, k)]
     for m, k, _ in old:
         setattr(m, k, patched[k])
@@ -189,6 +192,11 @@ def _dispatch_variants(arch, kts, dtypes, shapes, switches: bool = False) -> Lis
                                 _record_layernorm_pair(x, t, wd, bd, taps, bc, wu, bu)
                             if switches and kt == switch_kt and dtype == torch.bfloat16:
                                 _record_switches(x, t, wd, bd, taps, bc, wu, bu)
+                            if kt == switch_kt:
+                                # spatial (kt, 3, 3): the stencils' registers do not grow with the
+                                # taps (a runtime loop), so one kernel size stands for all
+                                _record_spatial(x, t, wd, bd, torch.empty(ca, kt, 3, 3, **meta), bc, wu, bu,
+                                                switches and dtype == torch.bfloat16)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
     return list(dict.fromkeys(sink))
@@ -206,6 +214,18 @@ def _record_switches(x, t, wd, bd, taps, bc, wu, bu):
                     drop_draw=torch.empty(x.shape[0] // t, device="meta", dtype=torch.float32), drop_path=0.1)
     adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu, **switches)
     adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu, **switches)
+
+
+def _record_spatial(x, t, wd, bd, taps, bc, wu, bu, switches: bool):
+    """A spatial kernel's forward and backward (down-projection, stencils, dg launch), plain and,
+    with switches, with every §9 switch the Triton path fuses (as _record_switches)."""
+    adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu)
+    adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu)
+    if switches:
+        kw = dict(act_after_fc1="gelu", act_after_conv="relu", scale=torch.empty((), device="meta", dtype=x.dtype),
+                  drop_draw=torch.empty(x.shape[0] // t, device="meta", dtype=torch.float32), drop_path=0.1)
+        adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu, **kw)
+        adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu, **kw)
 
 
 def _record_layernorm_pair(x, t, wd, bd, taps, bc, wu, bu):
