@@ -373,14 +373,28 @@ def adapter_forward(
     scale: Optional[torch.Tensor] = None,
     drop_draw: Optional[torch.Tensor] = None,
     drop_path: float = 0.0,
+    grid_size: Optional[tuple] = None,
+    norm: Optional[tuple] = None,
+    prefix_mlp: bool = False,
 ) -> torch.Tensor:
     """Fused forward: (B*T, L, C) -> new (B*T, L, C) tensor of x's dtype. Two launches for every
     docs/design.md §9 switch taken here: activations are epilogues of the down-conv kernel, the
     scale s (0-dim) and DropPath (drop_draw: the (B,) 0/1 per-clip draw, drop_path: p) one of
     the up-projection: out = x + s * draw[clip] / (1 - p) * (g Wu^T + bu) on spatial rows."""
+    unfused_switches(conv_taps, norm, prefix_mlp)
     g, _ = down_conv_forward(
         x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
         frames_per_prog=frames_per_prog, act1=act_code(act_after_fc1), act2=act_code(act_after_conv),
     )
     return up_residual_forward(x, g, fc2_weight, fc2_bias, num_prefix_tokens, num_frames=num_frames,
                                scale=scale, drop_draw=drop_draw, drop_path=drop_path)
+
+
+def unfused_switches(conv_taps: torch.Tensor, norm: Optional[tuple], prefix_mlp: bool) -> None:
+    """Raise NotImplementedError naming the docs/design.md §9 switches these kernels do not run
+    yet (backends/triton.py refuses the same ones before dispatch)."""
+    missing = [name for name, on in (("spatial kernels (Ca, kt, kh, kw) taps", conv_taps.dim() == 4),
+                                      ("norm='layernorm'", norm is not None),
+                                      ("prefix_mode='mlp'", prefix_mlp)) if on]
+    if missing:
+        raise NotImplementedError(f"the Triton kernels do not fuse {', '.join(missing)} yet")
