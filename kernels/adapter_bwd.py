@@ -43,7 +43,7 @@ from ._common import (
     weight_tma,
 )
 from . import adapter_stencil
-from .adapter_fwd import down_conv_forward, spatial_grid, up_residual_forward, window_grid
+from .adapter_fwd import down_conv_forward, spatial_grid, unfused_switches, up_residual_forward, window_grid
 from .wgrad import bu_dot_parts, finalize, weight_grad, weight_grad_config, weight_grad_partials  # noqa: F401
 
 
@@ -278,6 +278,8 @@ def adapter_backward(
     drop_draw: Optional[torch.Tensor] = None,
     drop_path: float = 0.0,
     grid_size: Optional[tuple] = None,
+    norm: Optional[tuple] = None,
+    prefix_mlp: bool = False,
 ) -> tuple:
     """Gradients (dx, dWd, dbd, dwc (Ca, KT), dbc, dWu, dbu) in five launches: recompute, conv
     backward, dgrad, both weight GEMMs, one fixed-order reduce-and-cast. Parameter grads come in
@@ -295,6 +297,7 @@ def adapter_backward(
     back in that shape) take seven launches: the recompute is the down-projection (a = act1(h),
     h) plus the stencil (g, g_pre; kernels/adapter_stencil.py), the conv backward computes dg
     alone (no conv), and the transposed stencil turns dg into dh and the dwc partials."""
+    unfused_switches(conv_taps, norm, prefix_mlp)
     sw = Switches.of(act_after_fc1, act_after_conv, scale, drop_draw, drop_path)
     bt, seq_len, _ = x.shape
     n_tokens = bt * (seq_len - num_prefix_tokens)

@@ -395,6 +395,8 @@ def adapter_forward(
     drop_draw: Optional[torch.Tensor] = None,
     drop_path: float = 0.0,
     grid_size: Optional[Tuple[int, int]] = None,
+    norm: Optional[tuple] = None,
+    prefix_mlp: bool = False,
 ) -> torch.Tensor:
     """Fused forward: (B*T, L, C) -> new (B*T, L, C) tensor of x's dtype. Two launches for every
     docs/design.md §9 switch taken here: activations are epilogues of the down-conv kernel, the
@@ -405,6 +407,7 @@ def adapter_forward(
     grid_size grid of the L - P spatial tokens (None: square), in three launches: the
     down-projection a = act1(x_s Wd^T + bd), the stencil g = act2(conv3d(a) + bc)
     (kernels/adapter_stencil.py), the same up-projection."""
+    unfused_switches(conv_taps, norm, prefix_mlp)
     if conv_taps.dim() == 4:
         grid = spatial_grid(x.shape[1] - num_prefix_tokens, grid_size)
         a, _ = down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, None, None,
@@ -418,3 +421,12 @@ def adapter_forward(
     )
     return up_residual_forward(x, g, fc2_weight, fc2_bias, num_prefix_tokens, num_frames=num_frames,
                                scale=scale, drop_draw=drop_draw, drop_path=drop_path)
+
+
+def unfused_switches(conv_taps: torch.Tensor, norm: Optional[tuple], prefix_mlp: bool) -> None:
+    """Raise NotImplementedError naming the docs/design.md §9 switches these kernels do not run
+    yet (backends/triton.py refuses the same ones before dispatch)."""
+    missing = [name for name, on in (("norm='layernorm'", norm is not None),
+                                      ("prefix_mode='mlp'", prefix_mlp)) if on]
+    if missing:
+        raise NotImplementedError(f"the Triton kernels do not fuse {', '.join(missing)} yet")
