@@ -30,8 +30,11 @@ KERNELS = {
     "adapter_grad_finalize_kernel",
     "adapter_up_residual_ln_fwd_kernel",  # the adapter + LayerNorm pair (kernels/adapter_layernorm.py)
     "adapter_up_ln_bwd_kernel",
+    # spatial kernels (kt, kh, kw) (kernels/adapter_stencil.py): elementwise stencils, no MMA
+    "adapter_stencil_fwd_kernel",
+    "adapter_stencil_bwd_kernel",
 }
-GEMM_KERNELS = KERNELS - {"adapter_grad_finalize_kernel"}
+GEMM_KERNELS = KERNELS - {"adapter_grad_finalize_kernel", "adapter_stencil_fwd_kernel", "adapter_stencil_bwd_kernel"}
 
 
 @pytest.fixture(scope="module")

@@ -225,7 +225,7 @@ def test_runs_fused_without_fallback_and_saves_only_inputs(monkeypatch):
 @pytest.mark.parametrize("kwargs,named", [
     (dict(norm="layernorm"), "norm='layernorm'"),
     (dict(prefix_mode="mlp"), "prefix_mode='mlp'"),
-    (dict(kernel_size=(3, 3, 3)), r"kernel_size \(3, 3, 3\)"),
+    (dict(kernel_size=(3, 9, 3)), r"kernel_size \(3, 9, 3\): spatial kernels up to kh, kw = 7"),
 ], ids=["norm", "mlp", "spatial"])
 def test_triton_still_refuses_the_rest_by_name(kwargs, named):
     m = STAdapter(8, 4, backend="triton", act_after_fc1="gelu", scale=0.5, **kwargs).to(DEVICE)
