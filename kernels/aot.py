@@ -367,6 +367,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", help="write the reports here")
     parser.add_argument("--model", action="store_true",
                         help="the work model (docs/design.md §10): one row per launch of fwd and bwd")
+    parser.add_argument("--kernel", help="with --model: a full kernel kt,kh,kw (e.g. 3,3,3: the spatial path)")
     parser.add_argument("--layernorm", action="store_true",
                         help="with --model: also the adapter + LayerNorm pair's launches (shapes '<name>+LN')")
     args = parser.parse_args(argv)
@@ -403,11 +404,14 @@ def _main_model(args, kwargs) -> int:
         print("--model takes one --arch, one --dtype and at most one --kt", file=sys.stderr)
         return 2
     shapes = kwargs.get("shapes") or {k: TARGET_SHAPES[k] for k in ("A", "B", "C")}
+    kernel = tuple(int(k) for k in args.kernel.split(",")) if args.kernel else None
+    spatial = kernel is not None and kernel[1:] != (1, 1)
+    kt = kernel[0] if kernel else kwargs.get("kts", (3,))[0]
     rows = work_model.model_rows(shapes, kwargs.get("dtypes", (torch.bfloat16,))[0], (args.arch or [90])[0],
-                                 kwargs.get("kts", (3,))[0], layernorm=args.layernorm)
-    # the CUDA backend's launches too (backend "cuda"; registers need nvcc)
-    rows += work_model.cuda_model_rows(shapes, kwargs.get("dtypes", (torch.bfloat16,))[0], (args.arch or [90])[0],
-                                       kwargs.get("kts", (3,))[0])
+                                 kt, layernorm=args.layernorm, kernel=kernel)
+    if not spatial:  # the CUDA backend's launches too (backend "cuda"; registers need nvcc); no spatial kernels
+        rows += work_model.cuda_model_rows(shapes, kwargs.get("dtypes", (torch.bfloat16,))[0], (args.arch or [90])[0],
+                                           kt)
     print(work_model.format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -95,11 +95,14 @@ class _OpCapture(TorchDispatchMode):
         return out
 
 
-def _meta_params(b, t, seq, c, ca, kt, dtype):
+def _meta_params(b, t, seq, c, ca, kt, dtype, kernel=None):
+    """kernel (kt, kh, kw) with kh or kw > 1: spatial taps (Ca, kt, kh, kw), else (Ca, kt)."""
     meta = dict(device="meta", dtype=dtype)
     x = torch.empty(b * t, seq, c, **meta)
     wd, bd = torch.empty(ca, c, **meta), torch.empty(ca, **meta)
-    taps, bc = torch.empty(ca, kt, **meta), torch.empty(ca, **meta)
+    spatial = kernel is not None and tuple(kernel[1:]) != (1, 1)
+    taps = torch.empty(ca, *kernel, **meta) if spatial else torch.empty(ca, kernel[0] if kernel else kt, **meta)
+    bc = torch.empty(ca, **meta)
     wu, bu = torch.empty(c, ca, **meta), torch.empty(c, **meta)
     return x, (wd, bd, taps, bc, wu, bu)
 
@@ -117,10 +120,11 @@ def _ops_epilogue(grads, x, fc1_weight, conv_shape):
 
 
 def record_launches(shape: Tuple[int, ...], dtype: torch.dtype, arch: int, kt: int = 3, prefix: int = 1,
-                    sms: Optional[int] = None, layernorm: bool = False):
+                    sms: Optional[int] = None, layernorm: bool = False, kernel: Optional[Tuple[int, int, int]] = None):
     """{"fwd": [...], "bwd": [...]} of aot.Launch / TorchOp events in launch order; layernorm: of
     the adapter + LayerNorm pair (kernels/adapter_layernorm.py; LayerNorm affine frozen, as in a
-    frozen backbone -- trained, its grads ride in the same finalize launch)."""
+    frozen backbone -- trained, its grads ride in the same finalize launch). kernel: a full
+    (kt, kh, kw) instead of (kt, 1, 1) (spatial ones on the square grid of L - prefix tokens)."""
     from . import adapter_bwd, adapter_fwd, adapter_layernorm
 
     b, t, seq, c, ca = shape
@@ -128,7 +132,8 @@ def record_launches(shape: Tuple[int, ...], dtype: torch.dtype, arch: int, kt: i
     for pass_name in ("fwd", "bwd"):
         events: list = []
         sink: list = []
-        x, (wd, bd, taps, bc, wu, bu) = _meta_params(b, t, seq, c, ca, kt, dtype)
+        x, (wd, bd, taps, bc, wu, bu) = _meta_params(b, t, seq, c, ca, kt, dtype, kernel)
+        conv_shape = (ca, 1, *kernel) if kernel is not None else (ca, 1, kt, 1, 1)
         with aot._recording(arch, sink, events, sms), _OpCapture(events):
             if layernorm:
                 lnw, lnb = torch.empty(c, device="meta", dtype=dtype), torch.empty(c, device="meta", dtype=dtype)
@@ -139,12 +144,12 @@ def record_launches(shape: Tuple[int, ...], dtype: torch.dtype, arch: int, kt: i
                     stats = torch.empty(x.shape[:2], device="meta", dtype=torch.float32)
                     grads = adapter_layernorm.adapter_layernorm_backward(
                         x, x, x, t, prefix, wd, bd, taps, bc, wu, bu, lnw, lnb, stats, stats, affine_grads=False)
-                    _ops_epilogue(grads[:7], x, wd, (ca, 1, kt, 1, 1))
+                    _ops_epilogue(grads[:7], x, wd, conv_shape)
             elif pass_name == "fwd":
                 adapter_fwd.adapter_forward(x, t, prefix, wd, bd, taps, bc, wu, bu)
             else:
                 grads = adapter_bwd.adapter_backward(x, x, t, prefix, wd, bd, taps, bc, wu, bu)
-                _ops_epilogue(grads, x, wd, (ca, 1, kt, 1, 1))
+                _ops_epilogue(grads, x, wd, conv_shape)
         passes[pass_name] = events
     return passes
 
@@ -192,9 +197,11 @@ def _work_conv_bwd(launch) -> Work:
     he, kt = _elt(a["h_ptr"]), a["KT"]
     g_r = _cdiv(a["n_rows"], a["BLOCK_M"])
     parts = (a["n_whole_rows"] + (g_r - a["n_whole_rows"]) * a["runs"]) * (kt + 1) * a["CA"] * 4
-    hbm = n_tok * a["C"] * _elt(a["dout_ptr"]) + a["CA"] * a["C"] * _elt(a["wu_ptr"]) + 2 * n_tok * a["CA"] * he
+    h_reads = 0 if a.get("IDENTITY_CONV") else kt  # the spatial path's dg launch reads no h
+    hbm = n_tok * a["C"] * _elt(a["dout_ptr"]) + a["CA"] * a["C"] * _elt(a["wu_ptr"]) \
+        + (1 + min(h_reads, 1)) * n_tok * a["CA"] * he
     # h is loaded KT times per owned frame (once per tap), dh stored once
-    return executed, required, hbm + parts, loads + (kt + 1) * out_elems * he + parts
+    return executed, required, hbm + parts, loads + (h_reads + 1) * out_elems * he + parts
 
 
 def _work_up_residual(launch) -> Work:
@@ -252,6 +259,28 @@ def _work_wgrad(launch) -> Work:
     return executed, problems * 2 * N * I * J, hbm + parts, l2 + parts
 
 
+def _work_stencil(launch, forward: bool) -> Work:
+    """The spatial path's depthwise stencils (kernels/adapter_stencil.py): no MMA, so flops 0
+    (their 2 * tokens * Ca * taps FMAs run on the CUDA cores). HBM: each buffer once; L2: every
+    program's neighbour tile per tap (forward: a; backward: dg and a), its own tiles once, and
+    the backward's fp32 dwc partials (row blocks x taps x Ca)."""
+    a, (g_c, g_m) = launch.args, launch.grid
+    n_tok, CA, taps = a["n_tok"], a["CA"], a["KT"] * a["KH"] * a["KW"]
+    tile = a["BLOCK_M"] * a["BLOCK_N"]
+    if forward:
+        e = _elt(a["a_ptr"])
+        outs = 2 if a["STORE_GPRE"] else 1
+        hbm = n_tok * CA * e * (1 + outs)
+        l2 = g_c * g_m * tile * e * (taps + outs)
+        return 0, 0, hbm + CA * taps * e, l2
+    e = _elt(a["dg_ptr"])
+    own = 3 if a["ACT1"] else 2  # dg (+ h) read, dh written
+    parts = g_m * taps * CA * 4
+    hbm = n_tok * CA * e * (own + 1) + parts
+    l2 = g_c * g_m * tile * e * (2 * taps + own) + parts
+    return 0, 0, hbm, l2
+
+
 def _work_finalize(launch) -> Work:
     """A fixed-order sum of fp32 partials into each output, cast: reads every partial once."""
     a = launch.args
@@ -274,6 +303,8 @@ WORK: Dict[str, Callable] = {
     "adapter_grad_finalize_kernel": _work_finalize,
     "adapter_up_residual_ln_fwd_kernel": functools.partial(_work_up_ln, forward=True),
     "adapter_up_ln_bwd_kernel": functools.partial(_work_up_ln, forward=False),
+    "adapter_stencil_fwd_kernel": functools.partial(_work_stencil, forward=True),
+    "adapter_stencil_bwd_kernel": functools.partial(_work_stencil, forward=False),
 }
 
 
@@ -313,15 +344,18 @@ def _row(shape_name: str, pass_name: str, event, arch: int, compile_kernels: boo
 
 
 def model_rows(shapes: Dict[str, tuple], dtype: torch.dtype = torch.bfloat16, arch: int = 90, kt: int = 3,
-               compile_kernels: bool = True, sms: Optional[int] = None, layernorm: bool = False) -> List[Row]:
+               compile_kernels: bool = True, sms: Optional[int] = None, layernorm: bool = False,
+               kernel: Optional[Tuple[int, int, int]] = None) -> List[Row]:
     """One Row per launch of fwd and bwd for each (B, T, L, C, Ca) shape; `sms` stands in for the
     arch's SM count (tests use a small one to make the launchers split work). layernorm: also the
-    adapter + LayerNorm pair's launches, as shape "<name>+LN"."""
+    adapter + LayerNorm pair's launches, as shape "<name>+LN". kernel: (kt, kh, kw) (the spatial
+    path for kh or kw > 1; kt is then kernel[0])."""
     rows = []
     for name, shape in shapes.items():
         for ln in (False, True) if layernorm else (False,):
             label = f"{name}+LN" if ln else name
-            for pass_name, events in record_launches(shape, dtype, arch, kt, sms=sms, layernorm=ln).items():
+            for pass_name, events in record_launches(shape, dtype, arch, kt, sms=sms, layernorm=ln,
+                                                     kernel=kernel).items():
                 rows += [_row(label, pass_name, ev, arch, compile_kernels) for ev in events]
     return rows
 

@@ -263,3 +263,25 @@ def test_launch_budget_of_the_spatial_path():
     assert counts["bwd"] == ["adapter_down_conv_fwd_kernel", "adapter_stencil_fwd_kernel", "adapter_conv_bwd_kernel",
                              "adapter_stencil_bwd_kernel", "adapter_up_residual_fwd_kernel", "adapter_wgrad_kernel",
                              "adapter_grad_finalize_kernel"], counts["bwd"]
+
+
+def test_work_model_of_the_spatial_path():
+    """kernels/work_model.py on shape A (B8 T8 L197 C768 Ca384, bf16, sm_90) with (3, 3, 3): the
+    same GEMM work as the temporal path (the conv moves out of the window kernels into the
+    stencils, which issue no MMA), 3 + 7 launches, and the stencils' bytes: a read and g
+    written once forward; backward dg, a read, dh written, plus the fp32 dwc partials of 98
+    row blocks x 27 taps x 384 channels."""
+    from st_adapter_fast.kernels import work_model
+
+    shape = {"A": (8, 8, 197, 768, 384)}
+    rows = work_model.model_rows(shape, torch.bfloat16, 90, kernel=(3, 3, 3), compile_kernels=False)
+    temporal = work_model.model_rows(shape, torch.bfloat16, 90, kt=3, compile_kernels=False)
+    summary, summary_t = work_model.summary(rows)["A"], work_model.summary(temporal)["A"]
+    assert (summary["launches_fwd"], summary["launches_bwd"]) == (3, 7)
+    assert summary["flops_required"] == summary_t["flops_required"]
+    assert summary["flops_executed"] < summary_t["flops_executed"]  # KT=1 windows: no halo frames
+    n_tok, ca, taps = 8 * 8 * 196, 384, 27
+    stencils = {(r.pass_, r.kernel): r for r in rows if "stencil" in r.kernel}
+    assert stencils["fwd", "adapter_stencil_fwd_kernel"].hbm_bytes_min == 2 * n_tok * ca * 2 + ca * taps * 2
+    assert stencils["bwd", "adapter_stencil_bwd_kernel"].hbm_bytes_min == 3 * n_tok * ca * 2 + 98 * taps * ca * 4
+    assert all(r.flops_executed == 0 for r in stencils.values())
