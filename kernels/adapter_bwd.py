@@ -12,6 +12,9 @@ Given dO (B*T, L, C) (docs/design.md §2):
 5. adapter_grad_finalize_kernel: every fp32 partial (dWu, dWd, biases, dwc, dbc) summed in a
    fixed order and cast to the parameters' dtype. Deterministic, no atomics: five launches.
 Rows of the window kernels are the flattened (clip, spatial position) pairs, B*S of them.
+Spatial kernels (kt, kh, kw): seven launches -- the recompute is the down-projection plus the
+stencil (kernels/adapter_stencil.py), step 2 runs without a conv (IDENTITY_CONV: dg and the dbc
+/ d(scale) partials only), and the transposed stencil makes dh and the dwc partials from dg.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@
    copied, over all B*T*L rows so prefix passthrough needs no extra launch. Run with
    a = dh and W = Wd^T (strides swapped), no bias, it is also the backward's dgrad: dx = dO + dh Wd.
 
+Spatial kernels (kt, kh, kw) couple grid neighbours in other row tiles: kernel 1 then runs with
+no conv (IDENTITY_CONV) as the down-projection a = act1(x_s Wd^T + bd), and
+kernels/adapter_stencil.py's stencil makes g from a between kernels 1 and 2 (three launches).
+
 Shapes: x (B*T, L, C); g, h (B*T*S, Ca) with S = L - P spatial tokens per frame.
 """
 
