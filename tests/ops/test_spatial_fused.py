@@ -285,3 +285,15 @@ def test_work_model_of_the_spatial_path():
     assert stencils["fwd", "adapter_stencil_fwd_kernel"].hbm_bytes_min == 2 * n_tok * ca * 2 + ca * taps * 2
     assert stencils["bwd", "adapter_stencil_bwd_kernel"].hbm_bytes_min == 3 * n_tok * ca * 2 + 98 * taps * ca * 4
     assert all(r.flops_executed == 0 for r in stencils.values())
+
+
+def test_multi_tile_spatial():
+    """Several row and channel blocks in both stencils (560 tokens: 9 forward / 5 backward row
+    blocks, whose neighbours sit in other blocks; Ca = 72: 3 / 5 channel blocks, the last
+    ragged), frame runs in the KT=1 window launches and wgrad token splits, every fused switch."""
+    from st_adapter_fast.kernels import tuning
+
+    case = Case(batch=2, frames=8, grid=(7, 5), prefix=1, channels=40, adapter_channels=72, kernel=(3, 3, 3),
+                variant=GELU_MMACTION2)
+    with tuning.override(runs=3, splits=3):
+        _check(case, "fp32")
