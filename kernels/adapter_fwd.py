@@ -12,7 +12,7 @@
    a = dh and W = Wd^T (strides swapped), no bias, it is also the backward's dgrad: dx = dO + dh Wd.
 
 Spatial kernels (kt, kh, kw) couple grid neighbours in other row tiles: kernel 1 then runs with
-no conv (IDENTITY_CONV) as the down-projection a = act1(x_s Wd^T + bd), and
+no conv (KT = 0) as the down-projection a = act1(x_s Wd^T + bd), and
 kernels/adapter_stencil.py's stencil makes g from a between kernels 1 and 2 (three launches).
 
 Shapes: x (B*T, L, C); g, h (B*T*S, Ca) with S = L - P spatial tokens per frame.
@@ -55,11 +55,12 @@ from ._common import (
 def adapter_down_conv_fwd_kernel(
     x_ptr, wd_ptr, bd_ptr, wc_ptr, bc_ptr, g_ptr, h_ptr, gpre_ptr, mask_ptr,
     T, S, P, C, CA,
+    BUF_L, BUF_P,  # work buffers viewed as (B*T, BUF_L, Ca): token s of frame f at row f*BUF_L + BUF_P + s
     n_rows,  # B*S: the flattened (clip, spatial position) rows a tile covers
     G_CA, n_whole_rows, runs, frames_per_prog,  # 1-D grid: whole-clip rows, then split rows
     stride_xf, stride_xl, stride_xc,  # x viewed as (B*T, L, C)
     stride_wd_o, stride_wd_i,  # fc1.weight (Ca, C)
-    drop_keep,  # 1 - p (G_DROP)
+    drop_keep, clip_rows,  # 1 - p and the rows of one clip (row // clip_rows: its clip) (G_DROP)
     KT: tl.constexpr,
     HAS_BD: tl.constexpr, HAS_BC: tl.constexpr,
     STORE_H: tl.constexpr,  # backward recompute also wants h (for the conv-weight gradient)
@@ -75,9 +76,6 @@ def adapter_down_conv_fwd_kernel(
     # recompute with DropPath: g is stored times the per-clip factor m, the backward's dWu = dO^T (m g)
     # (the factor on the wgrad's dO operand instead serialised its wgmma on sm_90)
     G_DROP: tl.constexpr = False,
-    # the spatial path's pure down-projection (kernels/adapter_stencil.py runs the conv): KT=1
-    # with the tap 1, no taps read (wc_ptr is any valid pointer)
-    IDENTITY_CONV: tl.constexpr = False,
 ):
     PAD: tl.constexpr = KT // 2
     pid_ca, pid_r, t0, t1, part = _window_program(G_CA, n_whole_rows, runs, frames_per_prog, T)
@@ -88,15 +86,14 @@ def adapter_down_conv_fwd_kernel(
     mask_ca = offs_ca < CA
     mask_out = mask_r[:, None] & mask_ca[None, :]
     # rows span clips: B*S rows tile without per-clip padding (196 -> 256 cost 1.31x the FLOPs)
-    x_rows, tok = _flat_rows(offs_r, S, T, P, stride_xf, stride_xl)
-    buf = tok[:, None] * CA + offs_ca[None, :]  # flat (N, Ca) buffers at frame 0
+    x_rows, _ = _flat_rows(offs_r, S, T, P, stride_xf, stride_xl)
+    buf_rows, _ = _flat_rows(offs_r, S, T, BUF_P, BUF_L * CA, CA)
+    buf = buf_rows[:, None] + offs_ca[None, :]  # the (B*T*BUF_L, Ca) buffers at frame 0
 
     if G_DROP:
-        m_row = _drop_factor(mask_ptr, offs_r // S, mask_r, drop_keep, G_DROP)
+        m_row = _drop_factor(mask_ptr, offs_r // clip_rows, mask_r, drop_keep, G_DROP)
     # forward conv: the window wants taps reversed (see _conv_window_step)
     r0, r1, r2, r3, r4, r5, r6, r7, r8 = _load_taps(wc_ptr, offs_ca, mask_ca, KT, True)
-    if IDENTITY_CONV:
-        r0 = tl.full([BLOCK_N], 1.0, tl.float32)
     if HAS_BD:
         bd = tl.load(bd_ptr + offs_ca, mask=mask_ca, other=0.0).to(tl.float32)
     if HAS_BC:
@@ -110,7 +107,7 @@ def adapter_down_conv_fwd_kernel(
     q5 = q0
     q6 = q0
     q7 = q0
-    frame_elems = S.to(tl.int64) * CA
+    frame_elems = CA.to(tl.int64) * BUF_L
     wd_desc = _weight_desc(wd_ptr, CA, C, stride_wd_o, stride_wd_i, BLOCK_N, BLOCK_K, USE_TMA, W_KMAJOR)
     for t_in in range(t0 - PAD, t1 + PAD):
         h = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -259,7 +256,7 @@ def down_conv_forward(
     num_prefix_tokens: int,
     fc1_weight: torch.Tensor,
     fc1_bias: Optional[torch.Tensor],
-    conv_taps: Optional[torch.Tensor],
+    conv_taps: torch.Tensor,
     conv_bias: Optional[torch.Tensor],
     *,
     store_h: bool = False,
@@ -268,12 +265,20 @@ def down_conv_forward(
     act2: int = 0,
     g_pre: Optional[torch.Tensor] = None,
     g_drop: Optional[tuple] = None,
+    out: Optional[tuple] = None,
+    layout: Optional[tuple] = None,
+    clip_rows: Optional[int] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """g (and h if store_h) as (B*T*S, Ca) buffers in the weights' dtype.
 
-    x: (B*T, L, C) any strides; fc1_weight (Ca, C); conv_taps (Ca, KT) contiguous, or None:
-    no conv (KT=1, tap 1; conv_bias must be None), g = act2(act1(h)): the spatial path's
-    down-projection, whose conv is kernels/adapter_stencil.py's.
+    out = (g, h or None), layout = (rows per frame BUF_L, prefix offset BUF_P): write into the
+    caller's (B*T*BUF_L, Ca) buffers instead, token s of frame f at row f*BUF_L + BUF_P + s
+    (prefix_mode="mlp" keeps every row of a frame in one buffer; g_pre alike). Default: new
+    buffers, BUF_L = S, BUF_P = 0. clip_rows: rows of one DropPath clip in the launch's (clip,
+    position) row space (default S; prefix rows launched as 1-frame clips pass P * T).
+
+    x: (B*T, L, C) any strides; fc1_weight (Ca, C); conv_taps (Ca, KT) contiguous, or None: no
+    conv (KT = 0, the identity; conv_bias must be None), g = act2(act1(x_s Wd^T + bd)).
     act1, act2: docs/design.md §9 activations as _common.ACT_CODES (after fc1, after the conv);
     h is stored before act1 (the backward's pre-activation), g after act2. g_pre: a (B*T*S, Ca)
     buffer that also receives g before act2 (the recompute with act2). g_drop = (draw (B,) fp32
@@ -281,15 +286,20 @@ def down_conv_forward(
     """
     bt, seq_len, c = x.shape
     ca = fc1_weight.shape[0]
-    identity = conv_taps is None
-    assert not identity or conv_bias is None
-    kt = 1 if identity else conv_taps.shape[1]
+    kt = conv_taps.shape[1] if conv_taps is not None else 0
+    assert conv_taps is not None or conv_bias is None
     s = seq_len - num_prefix_tokens
     b = bt // num_frames
     dtype = fc1_weight.dtype
-    g = torch.empty((bt * s, ca), device=x.device, dtype=dtype)
-    h = torch.empty((bt * s, ca), device=x.device, dtype=dtype) if store_h else None
-    if g.numel() == 0:
+    if out is not None:
+        g, h = out
+        buf_l, buf_p = layout
+    else:
+        g = torch.empty((bt * s, ca), device=x.device, dtype=dtype)
+        h = torch.empty((bt * s, ca), device=x.device, dtype=dtype) if store_h else None
+        buf_l, buf_p = s, 0
+    assert not store_h or h is not None
+    if bt * s * ca == 0:
         return g, h
     cfg = tuning.config_for("down_conv", kt=kt, compute_dtype=dtype, arch=arch_of(x))
     is_aligned = aligned(c, ca, *x.stride(), *fc1_weight.stride())
@@ -307,16 +317,16 @@ def down_conv_forward(
     draw, p_drop = g_drop if g_drop is not None else (fc1_weight, 0.0)
     adapter_down_conv_fwd_kernel[grid](
         x, fc1_weight, fc1_bias if fc1_bias is not None else fc1_weight,
-        fc1_weight if identity else conv_taps, conv_bias if conv_bias is not None else fc1_weight,
+        conv_taps if conv_taps is not None else fc1_weight, conv_bias if conv_bias is not None else fc1_weight,
         g, h if h is not None else g, g_pre if g_pre is not None else g, draw,
-        num_frames, s, num_prefix_tokens, c, ca, b * s, *plan,
+        num_frames, s, num_prefix_tokens, c, ca, buf_l, buf_p, b * s, *plan,
         x.stride(0), x.stride(1), x.stride(2),
-        fc1_weight.stride(0), fc1_weight.stride(1), 1.0 - p_drop,
+        fc1_weight.stride(0), fc1_weight.stride(1), 1.0 - p_drop, clip_rows or s,
         KT=kt, HAS_BD=fc1_bias is not None, HAS_BC=conv_bias is not None, STORE_H=store_h,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KMAJOR=kmajor,
         ACT1=act1, ACT2=act2, STORE_GPRE=g_pre is not None, G_DROP=g_drop is not None,
-        IDENTITY_CONV=identity, **cfg.launch_kwargs(),
+        **cfg.launch_kwargs(),
     )
     return g, h
 
@@ -398,7 +408,7 @@ def adapter_forward(
     scale: Optional[torch.Tensor] = None,
     drop_draw: Optional[torch.Tensor] = None,
     drop_path: float = 0.0,
-    grid_size: Optional[Tuple[int, int]] = None,
+    grid_size: Optional[tuple] = None,
     norm: Optional[tuple] = None,
     prefix_mlp: bool = False,
 ) -> torch.Tensor:
@@ -411,26 +421,68 @@ def adapter_forward(
     grid_size grid of the L - P spatial tokens (None: square), in three launches: the
     down-projection a = act1(x_s Wd^T + bd), the stencil g = act2(conv3d(a) + bc)
     (kernels/adapter_stencil.py), the same up-projection."""
-    unfused_switches(conv_taps, norm, prefix_mlp)
+    unfused_switches(conv_taps, norm, prefix_mlp and num_prefix_tokens > 0)
+    acts = dict(act1=act_code(act_after_fc1), act2=act_code(act_after_conv))
     if conv_taps.dim() == 4:
         grid = spatial_grid(x.shape[1] - num_prefix_tokens, grid_size)
         a, _ = down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, None, None,
-                                 frames_per_prog=frames_per_prog, act1=act_code(act_after_fc1))
-        g = adapter_stencil.stencil_forward(a, num_frames, grid, conv_taps, conv_bias, act2=act_code(act_after_conv))
-        return up_residual_forward(x, g, fc2_weight, fc2_bias, num_prefix_tokens, num_frames=num_frames,
-                                   scale=scale, drop_draw=drop_draw, drop_path=drop_path)
-    g, _ = down_conv_forward(
-        x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
-        frames_per_prog=frames_per_prog, act1=act_code(act_after_fc1), act2=act_code(act_after_conv),
-    )
+                                 frames_per_prog=frames_per_prog, act1=acts["act1"])
+        g = adapter_stencil.stencil_forward(a, num_frames, grid, conv_taps, conv_bias, act2=acts["act2"])
+    elif prefix_mlp and num_prefix_tokens > 0:
+        g, _, _ = mlp_down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps,
+                                        conv_bias, frames_per_prog=frames_per_prog, **acts)
+        num_prefix_tokens = 0  # every row of g is a branch row now
+    else:
+        g, _ = down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
+                                 frames_per_prog=frames_per_prog, **acts)
     return up_residual_forward(x, g, fc2_weight, fc2_bias, num_prefix_tokens, num_frames=num_frames,
                                scale=scale, drop_draw=drop_draw, drop_path=drop_path)
 
 
-def unfused_switches(conv_taps: torch.Tensor, norm: Optional[tuple], prefix_mlp: bool) -> None:
+def mlp_down_conv_forward(
+    x: torch.Tensor,
+    num_frames: int,
+    num_prefix_tokens: int,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    conv_taps: torch.Tensor,
+    conv_bias: Optional[torch.Tensor],
+    *,
+    store_h: bool = False,
+    with_g_pre: bool = False,
+    frames_per_prog: Optional[int] = None,
+    act1: int = 0,
+    act2: int = 0,
+    g_drop: Optional[tuple] = None,
+) -> tuple:
+    """prefix_mode="mlp" (docs/design.md §9): (g, h or None, g_pre or None) as (B*T*L, Ca)
+    buffers in x's row order, so the up-projection, dgrad and wgrad see every row as a branch
+    row (P = 0) and need no prefix case. Two launches of the down-conv kernel: the spatial rows
+    with the conv (rows f*L + P + s), the prefix rows with KT = 0 -- fc1 -> act1 -> act2, no
+    conv, no conv bias (rows f*L + l, l < P). The prefix rows are B*T*P of B*T*L (0.5% on shape
+    A): their own launch costs a launch, not bandwidth -- and runs them as 1-frame clips (KT = 0
+    needs no frame order): B*T*P rows, 6 programs of one frame each on A instead of 24 walking 8
+    frames, which the work model put at ~30% of the spatial launch's time. Switches as
+    down_conv_forward's."""
+    bt, seq_len, _ = x.shape
+    shape = (bt * seq_len, fc1_weight.shape[0])
+    new = lambda: torch.empty(shape, device=x.device, dtype=fc1_weight.dtype)  # noqa: E731
+    g, h, g_pre = new(), new() if store_h else None, new() if with_g_pre else None
+    common = dict(store_h=store_h, frames_per_prog=frames_per_prog, act1=act1, act2=act2, g_pre=g_pre,
+                  g_drop=g_drop, out=(g, h))
+    down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
+                      layout=(seq_len, num_prefix_tokens), **common)
+    down_conv_forward(x[:, :num_prefix_tokens], 1, 0, fc1_weight, fc1_bias, None, None,
+                      layout=(seq_len, 0), clip_rows=num_prefix_tokens * num_frames, **common)
+    return g, h, g_pre
+
+
+def unfused_switches(conv_taps: torch.Tensor, norm: Optional[tuple], prefix_mlp: bool = False) -> None:
     """Raise NotImplementedError naming the docs/design.md §9 switches these kernels do not run
-    yet (backends/triton.py refuses the same ones before dispatch)."""
+    yet (backends/triton.py refuses the same ones before dispatch). prefix_mlp: prefix_mode="mlp"
+    with P > 0 (fused with temporal kernels, not yet with spatial ones)."""
     missing = [name for name, on in (("norm='layernorm'", norm is not None),
-                                      ("prefix_mode='mlp'", prefix_mlp)) if on]
+                                      ("prefix_mode='mlp' with a spatial kernel", prefix_mlp and conv_taps.dim() == 4))
+               if on]
     if missing:
         raise NotImplementedError(f"the Triton kernels do not fuse {', '.join(missing)} yet")

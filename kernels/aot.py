@@ -66,7 +66,7 @@ class Variant:
     maxnreg: Optional[int] = None
 
     def label(self) -> str:
-        keys = ("KT", "KH", "KW", "IDENTITY_CONV", "STORE_H", "STORE_GPRE", "G_DROP", "HAS_BIAS", "INPUT_PRECISION", "USE_TMA", "ACT1", "ACT2", "HAS_SCALE", "HAS_DROP",
+        keys = ("KT", "KH", "KW", "STORE_H", "STORE_GPRE", "G_DROP", "HAS_BIAS", "INPUT_PRECISION", "USE_TMA", "ACT1", "ACT2", "HAS_SCALE", "HAS_DROP",
                 "A0_DROP", "SCALED", "BLOCK_M", "BLOCK_N", "BLOCK_K")
         consts = dict(self.constexprs)
         dtypes = sorted({t for _, t in self.signature if t.startswith("*")})
@@ -190,7 +190,11 @@ def _dispatch_variants(arch, kts, dtypes, shapes, switches: bool = False) -> Lis
                             _record_backward(x, t, wd, bd, taps, bc, wu, bu)
                             if kt == kts[0]:  # the pair has no KT of its own: one kt records it
                                 _record_layernorm_pair(x, t, wd, bd, taps, bc, wu, bu)
-                            if switches and kt == switch_kt and dtype == torch.bfloat16:
+                            # bf16 stands for fp16 (same tiles); fp32 (IEEE dots, half-width
+                            # tiles) on the unaligned odd shape only, the register-hungriest path
+                            if switches and kt == switch_kt and (
+                                    dtype == torch.bfloat16 or (dtype == torch.float32 and not allow_tf32
+                                                                and (b, t, seq, c, ca) == TARGET_SHAPES["odd"])):
                                 _record_switches(x, t, wd, bd, taps, bc, wu, bu)
                             if kt == switch_kt:
                                 # spatial (kt, 3, 3): the stencils' registers do not grow with the
@@ -209,11 +213,13 @@ def _record_backward(x, t, wd, bd, taps, bc, wu, bu):
 
 def _record_switches(x, t, wd, bd, taps, bc, wu, bu):
     """The §9 switches the Triton kernels fuse, all at once (every new constexpr on): GELU after
-    fc1, ReLU after the conv, a scale, DropPath -- forward and backward."""
+    fc1, ReLU after the conv, a scale, DropPath -- forward and backward; then once more with
+    prefix_mode="mlp" (its KT = 0 prefix launches and the (B*T*L, Ca) buffer layout)."""
     switches = dict(act_after_fc1="gelu", act_after_conv="relu", scale=torch.empty((), device="meta", dtype=x.dtype),
                     drop_draw=torch.empty(x.shape[0] // t, device="meta", dtype=torch.float32), drop_path=0.1)
-    adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu, **switches)
-    adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu, **switches)
+    for prefix_mlp in (False, True):
+        adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu, prefix_mlp=prefix_mlp, **switches)
+        adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu, prefix_mlp=prefix_mlp, **switches)
 
 
 def _record_spatial(x, t, wd, bd, taps, bc, wu, bu, switches: bool):
@@ -367,9 +373,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--json", help="write the reports here")
     parser.add_argument("--model", action="store_true",
                         help="the work model (docs/design.md §10): one row per launch of fwd and bwd")
-    parser.add_argument("--kernel", help="with --model: a full kernel kt,kh,kw (e.g. 3,3,3: the spatial path)")
     parser.add_argument("--layernorm", action="store_true",
                         help="with --model: also the adapter + LayerNorm pair's launches (shapes '<name>+LN')")
+    parser.add_argument("--variants", help="with --model: comma-separated docs/design.md §9 variants of "
+                        "work_model.VARIANTS (shapes '<name>+<tag>'), or 'all'")
     args = parser.parse_args(argv)
     if _common.INTERPRET:
         print("unset TRITON_INTERPRET: AOT compilation needs the real JIT", file=sys.stderr)
@@ -404,14 +411,12 @@ def _main_model(args, kwargs) -> int:
         print("--model takes one --arch, one --dtype and at most one --kt", file=sys.stderr)
         return 2
     shapes = kwargs.get("shapes") or {k: TARGET_SHAPES[k] for k in ("A", "B", "C")}
-    kernel = tuple(int(k) for k in args.kernel.split(",")) if args.kernel else None
-    spatial = kernel is not None and kernel[1:] != (1, 1)
-    kt = kernel[0] if kernel else kwargs.get("kts", (3,))[0]
+    variants = tuple(work_model.VARIANTS) if args.variants == "all" else tuple(filter(None, (args.variants or "").split(",")))
     rows = work_model.model_rows(shapes, kwargs.get("dtypes", (torch.bfloat16,))[0], (args.arch or [90])[0],
-                                 kt, layernorm=args.layernorm, kernel=kernel)
-    if not spatial:  # the CUDA backend's launches too (backend "cuda"; registers need nvcc); no spatial kernels
-        rows += work_model.cuda_model_rows(shapes, kwargs.get("dtypes", (torch.bfloat16,))[0], (args.arch or [90])[0],
-                                           kt)
+                                 kwargs.get("kts", (3,))[0], layernorm=args.layernorm, variants=variants)
+    # the CUDA backend's launches too (backend "cuda"; registers need nvcc)
+    rows += work_model.cuda_model_rows(shapes, kwargs.get("dtypes", (torch.bfloat16,))[0], (args.arch or [90])[0],
+                                       kwargs.get("kts", (3,))[0])
     print(work_model.format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

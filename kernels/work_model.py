@@ -95,14 +95,11 @@ class _OpCapture(TorchDispatchMode):
         return out
 
 
-def _meta_params(b, t, seq, c, ca, kt, dtype, kernel=None):
-    """kernel (kt, kh, kw) with kh or kw > 1: spatial taps (Ca, kt, kh, kw), else (Ca, kt)."""
+def _meta_params(b, t, seq, c, ca, kt, dtype):
     meta = dict(device="meta", dtype=dtype)
     x = torch.empty(b * t, seq, c, **meta)
     wd, bd = torch.empty(ca, c, **meta), torch.empty(ca, **meta)
-    spatial = kernel is not None and tuple(kernel[1:]) != (1, 1)
-    taps = torch.empty(ca, *kernel, **meta) if spatial else torch.empty(ca, kernel[0] if kernel else kt, **meta)
-    bc = torch.empty(ca, **meta)
+    taps, bc = torch.empty(ca, kt, **meta), torch.empty(ca, **meta)
     wu, bu = torch.empty(c, ca, **meta), torch.empty(c, **meta)
     return x, (wd, bd, taps, bc, wu, bu)
 
@@ -119,21 +116,53 @@ def _ops_epilogue(grads, x, fc1_weight, conv_shape):
     return out
 
 
+# docs/design.md §9 variants the model covers (CLI --variants; shapes "<name>+<tag>"): the
+# switches as adapter_forward's keywords, plus "kernel" (kt, kh, kw), "norm" and "scale" as bools
+VARIANTS: Dict[str, dict] = {
+    # the epilogue switches: activations, the branch scale, DropPath (training)
+    "acts": dict(act_after_fc1="gelu", act_after_conv="relu", scale=True, drop_path=0.1),
+    "mlp": dict(prefix_mlp=True),
+    # a spatial kernel with MMAction2's fused switches (its prefix_mode="mlp" not yet with
+    # spatial kernels): down-projection, stencil, up-projection (kernels/adapter_stencil.py)
+    "k333": dict(kernel=(3, 3, 3), act_after_conv="relu", scale=True, drop_path=0.1),
+}
+
+
+def _variant_kwargs(spec: dict, x: torch.Tensor, t: int, grid: Tuple[int, int]) -> dict:
+    """adapter_forward / adapter_backward keywords of a VARIANTS entry, on meta tensors."""
+    kw = {k: v for k, v in spec.items() if k not in ("kernel", "scale", "norm", "drop_path")}
+    meta = dict(device="meta", dtype=x.dtype)
+    if spec.get("scale"):
+        kw["scale"] = torch.empty((), **meta)
+    if spec.get("drop_path"):
+        kw.update(drop_draw=torch.empty(x.shape[0] // t, device="meta", dtype=torch.float32),
+                  drop_path=spec["drop_path"])
+    if spec.get("norm"):
+        c = x.shape[-1]
+        kw["norm"] = (torch.empty(c, **meta), torch.empty(c, **meta), 1e-5)
+    if tuple(spec.get("kernel", (1, 1, 1)))[1:] != (1, 1):
+        kw["grid_size"] = grid
+    return kw
+
+
 def record_launches(shape: Tuple[int, ...], dtype: torch.dtype, arch: int, kt: int = 3, prefix: int = 1,
-                    sms: Optional[int] = None, layernorm: bool = False, kernel: Optional[Tuple[int, int, int]] = None):
+                    sms: Optional[int] = None, layernorm: bool = False, variant: Optional[dict] = None):
     """{"fwd": [...], "bwd": [...]} of aot.Launch / TorchOp events in launch order; layernorm: of
     the adapter + LayerNorm pair (kernels/adapter_layernorm.py; LayerNorm affine frozen, as in a
-    frozen backbone -- trained, its grads ride in the same finalize launch). kernel: a full
-    (kt, kh, kw) instead of (kt, 1, 1) (spatial ones on the square grid of L - prefix tokens)."""
+    frozen backbone -- trained, its grads ride in the same finalize launch); variant: a VARIANTS
+    entry (its "kernel" replaces (kt, 1, 1); the grid is the square of L - prefix)."""
     from . import adapter_bwd, adapter_fwd, adapter_layernorm
 
     b, t, seq, c, ca = shape
+    kernel = tuple(variant.get("kernel", (kt, 1, 1))) if variant else (kt, 1, 1)
+    side = math.isqrt(seq - prefix)
     passes = {}
     for pass_name in ("fwd", "bwd"):
         events: list = []
         sink: list = []
-        x, (wd, bd, taps, bc, wu, bu) = _meta_params(b, t, seq, c, ca, kt, dtype, kernel)
-        conv_shape = (ca, 1, *kernel) if kernel is not None else (ca, 1, kt, 1, 1)
+        x, (wd, bd, taps, bc, wu, bu) = _meta_params(b, t, seq, c, ca, kernel[0], dtype)
+        if kernel[1:] != (1, 1):
+            taps = torch.empty(ca, *kernel, device="meta", dtype=dtype)
         with aot._recording(arch, sink, events, sms), _OpCapture(events):
             if layernorm:
                 lnw, lnb = torch.empty(c, device="meta", dtype=dtype), torch.empty(c, device="meta", dtype=dtype)
@@ -144,12 +173,14 @@ def record_launches(shape: Tuple[int, ...], dtype: torch.dtype, arch: int, kt: i
                     stats = torch.empty(x.shape[:2], device="meta", dtype=torch.float32)
                     grads = adapter_layernorm.adapter_layernorm_backward(
                         x, x, x, t, prefix, wd, bd, taps, bc, wu, bu, lnw, lnb, stats, stats, affine_grads=False)
-                    _ops_epilogue(grads[:7], x, wd, conv_shape)
-            elif pass_name == "fwd":
-                adapter_fwd.adapter_forward(x, t, prefix, wd, bd, taps, bc, wu, bu)
+                    _ops_epilogue(grads[:7], x, wd, (ca, 1, kt, 1, 1))
             else:
-                grads = adapter_bwd.adapter_backward(x, x, t, prefix, wd, bd, taps, bc, wu, bu)
-                _ops_epilogue(grads, x, wd, conv_shape)
+                kw = _variant_kwargs(variant, x, t, (side, side)) if variant else {}
+                if pass_name == "fwd":
+                    adapter_fwd.adapter_forward(x, t, prefix, wd, bd, taps, bc, wu, bu, **kw)
+                else:
+                    grads = adapter_bwd.adapter_backward(x, x, t, prefix, wd, bd, taps, bc, wu, bu, **kw)
+                    _ops_epilogue(grads[:7], x, wd, (ca, 1, *kernel))
         passes[pass_name] = events
     return passes
 
@@ -197,11 +228,12 @@ def _work_conv_bwd(launch) -> Work:
     he, kt = _elt(a["h_ptr"]), a["KT"]
     g_r = _cdiv(a["n_rows"], a["BLOCK_M"])
     parts = (a["n_whole_rows"] + (g_r - a["n_whole_rows"]) * a["runs"]) * (kt + 1) * a["CA"] * 4
-    h_reads = 0 if a.get("IDENTITY_CONV") else kt  # the spatial path's dg launch reads no h
+    # h read (not with KT = 0 and no act1: the spatial path's dg launch), dh written
+    h_read = 1 if kt or a["ACT1"] else 0
     hbm = n_tok * a["C"] * _elt(a["dout_ptr"]) + a["CA"] * a["C"] * _elt(a["wu_ptr"]) \
-        + (1 + min(h_reads, 1)) * n_tok * a["CA"] * he
+        + (1 + h_read) * n_tok * a["CA"] * he
     # h is loaded KT times per owned frame (once per tap), dh stored once
-    return executed, required, hbm + parts, loads + (h_reads + 1) * out_elems * he + parts
+    return executed, required, hbm + parts, loads + (kt + 1) * out_elems * he + parts
 
 
 def _work_up_residual(launch) -> Work:
@@ -345,17 +377,17 @@ def _row(shape_name: str, pass_name: str, event, arch: int, compile_kernels: boo
 
 def model_rows(shapes: Dict[str, tuple], dtype: torch.dtype = torch.bfloat16, arch: int = 90, kt: int = 3,
                compile_kernels: bool = True, sms: Optional[int] = None, layernorm: bool = False,
-               kernel: Optional[Tuple[int, int, int]] = None) -> List[Row]:
+               variants: Tuple[str, ...] = ()) -> List[Row]:
     """One Row per launch of fwd and bwd for each (B, T, L, C, Ca) shape; `sms` stands in for the
     arch's SM count (tests use a small one to make the launchers split work). layernorm: also the
-    adapter + LayerNorm pair's launches, as shape "<name>+LN". kernel: (kt, kh, kw) (the spatial
-    path for kh or kw > 1; kt is then kernel[0])."""
+    adapter + LayerNorm pair's launches, as shape "<name>+LN"; variants: VARIANTS tags, each as
+    shape "<name>+<tag>"."""
     rows = []
     for name, shape in shapes.items():
-        for ln in (False, True) if layernorm else (False,):
-            label = f"{name}+LN" if ln else name
-            for pass_name, events in record_launches(shape, dtype, arch, kt, sms=sms, layernorm=ln,
-                                                     kernel=kernel).items():
+        cases = [(name, dict())] + ([(f"{name}+LN", dict(layernorm=True))] if layernorm else [])
+        cases += [(f"{name}+{tag}", dict(variant=VARIANTS[tag])) for tag in variants]
+        for label, kw in cases:
+            for pass_name, events in record_launches(shape, dtype, arch, kt, sms=sms, **kw).items():
                 rows += [_row(label, pass_name, ev, arch, compile_kernels) for ev in events]
     return rows
 

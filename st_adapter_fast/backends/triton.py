@@ -88,14 +88,13 @@ def _triton_unavailable(x: torch.Tensor, kernel_size: Sequence[int], dtype: torc
     if kh > max_khw or kw > max_khw:
         return (f"kernel_size {tuple(kernel_size)}: spatial kernels up to kh, kw = {max_khw} are fused "
                 f"(kt up to {common.MAX_FUSED_KT})")
-    if variant is not None:
-        # docs/design.md §9: activations, scale and DropPath are fused (kernel epilogues); these not yet
-        refused = [f"norm={variant.norm!r}"] if variant.norm is not None else []
-        if variant.prefix_mode != "skip":
-            refused.append(f"prefix_mode={variant.prefix_mode!r}")
-        if refused:
-            return (f"{' and '.join(refused)} not fused yet (docs/design.md §9; the activations, scale "
-                    f"and DropPath are)")
+    if variant is not None and variant.norm is not None:
+        # docs/design.md §9: activations, scale, DropPath (epilogues) and prefix_mode="mlp" are fused
+        return (f"norm={variant.norm!r} not fused yet (docs/design.md §9; the activations, scale, DropPath "
+                f"and prefix_mode='mlp' are)")
+    if variant is not None and variant.prefix_mode == "mlp" and (kh != 1 or kw != 1):
+        return (f"prefix_mode='mlp' with kernel_size {tuple(kernel_size)} not fused yet (docs/design.md §9; "
+                f"prefix_mode='mlp' is with temporal kernels (kt, 1, 1), spatial kernels are without it)")
     return None
 
 

@@ -395,8 +395,8 @@ SWITCHES = [
     (dict(drop_path=0.2), "drop_path=0.2"),
 ]
 # what each fused backend still refuses: CUDA every switch, Triton those it does not fuse yet
-# (the activations, scale and DropPath it fuses: test_variants_fused.py)
-TRITON_REFUSES = ("norm='layernorm'", "prefix_mode='mlp'")
+# (the activations, scale, DropPath and prefix_mode="mlp" it fuses: test_variants_fused.py)
+TRITON_REFUSES = ("norm='layernorm'",)
 REFUSALS = [("cuda", kw, named) for kw, named in SWITCHES] + [
     ("triton", kw, named) for kw, named in SWITCHES if named in TRITON_REFUSES]
 
@@ -426,18 +426,19 @@ def test_drop_path_in_eval_mode_runs_fused():
 @fused_ok
 def test_auto_falls_back_once_naming_the_switch(monkeypatch):
     """CPU twin of the GPU behaviour: with x's device offered to the fused backends (as CUDA
-    tensors are), an official call picks Triton, a variant falls back with one warning."""
+    tensors are), an official call picks Triton; a variant beyond every fused backend (kt = 11 is
+    past Triton's window, the switch past CUDA's) falls back with one warning naming the case."""
     monkeypatch.setattr(ops, "AUTO_FUSED_DEVICES", ("cuda", DEVICE))
     monkeypatch.setattr(ops, "_WARNED", set())
     x = torch.randn(4, 5, 8, device=DEVICE)
-    w = [t.to(DEVICE) for t in _weights()]
+    w = [t.to(DEVICE) for t in _weights(kernel=(11, 1, 1))]
     assert ops.resolve_backend("auto", x, (3, 1, 1), torch.float32) == "triton"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = st_adapter(x, 2, *w, prefix_mode="mlp")
         st_adapter(x, 2, *w, prefix_mode="mlp")
     msgs = [str(c.message) for c in caught if "no fused backend" in str(c.message)]
-    assert len(msgs) == 1 and "prefix_mode='mlp'" in msgs[0], msgs
+    assert len(msgs) == 1 and "kernel_size (11, 1, 1)" in msgs[0], msgs
     torch.testing.assert_close(got, reference(x, 2, *w, prefix_mode="mlp"), rtol=0, atol=0)
 
 
@@ -445,13 +446,13 @@ def test_auto_falls_back_once_naming_the_switch(monkeypatch):
 def test_auto_falls_back_once_naming_the_switch_gpu():
     ops._WARNED.clear()
     x = torch.randn(4, 5, 8, device="cuda")
-    w = [t.cuda() for t in _weights()]
+    w = [t.cuda() for t in _weights(kernel=(11, 1, 1))]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         st_adapter(x, 2, *w, prefix_mode="mlp")
         st_adapter(x, 2, *w, prefix_mode="mlp")
     msgs = [str(c.message) for c in caught if "no fused backend" in str(c.message)]
-    assert len(msgs) == 1 and "prefix_mode='mlp'" in msgs[0], msgs
+    assert len(msgs) == 1 and "kernel_size (11, 1, 1)" in msgs[0] and "prefix_mode='mlp'" in msgs[0], msgs
 
 
 def test_backends_without_variant_support_keep_their_interface():
