@@ -46,8 +46,8 @@ from ._common import (
     weight_tma,
 )
 from . import adapter_stencil
-from .adapter_fwd import (down_conv_forward, mlp_down_conv_forward, spatial_grid, unfused_switches, up_residual_forward,
-                          window_grid)
+from .adapter_fwd import (down_conv_forward, mlp_down_conv_forward, spatial_grid, spatial_layout, unfused_switches,
+                          up_residual_forward, window_grid)
 from .wgrad import bu_dot_parts, finalize, weight_grad, weight_grad_config, weight_grad_partials  # noqa: F401
 
 
@@ -302,7 +302,7 @@ def adapter_backward(
     back in that shape) take seven launches: the recompute is the down-projection (a = act1(h),
     h) plus the stencil (g, g_pre; kernels/adapter_stencil.py), the conv backward computes dg
     alone (KT = 0), and the transposed stencil turns dg into dh and the dwc partials."""
-    unfused_switches(conv_taps, norm, prefix_mlp and num_prefix_tokens > 0)
+    unfused_switches(conv_taps, norm)
     sw = Switches.of(act_after_fc1, act_after_conv, scale, drop_draw, drop_path)
     bt, seq_len, _ = x.shape
     prefix_mlp = prefix_mlp and num_prefix_tokens > 0
@@ -317,7 +317,8 @@ def adapter_backward(
                      g_drop=(sw.drop_draw, sw.drop_path) if sw.drop_draw is not None else None)
     if conv_taps.dim() == 4:
         out = _spatial_backward(dout, x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
-                                fc2_weight, fc2_bias, grads, sw, recompute["g_drop"], grid_size, frames_per_prog)
+                                fc2_weight, fc2_bias, grads, sw, recompute["g_drop"], grid_size, frames_per_prog,
+                                prefix_mlp)
         return out + (grads["dscale"],) if scale is not None else out
     if prefix_mlp:
         g, h, g_pre = mlp_down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps,
@@ -333,22 +334,25 @@ def adapter_backward(
 
 
 def _spatial_backward(dout, x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
-                      fc2_weight, fc2_bias, grads, sw, g_drop, grid_size, frames_per_prog) -> tuple:
-    """adapter_backward's seven launches for a spatial kernel (see there)."""
+                      fc2_weight, fc2_bias, grads, sw, g_drop, grid_size, frames_per_prog, prefix_mlp) -> tuple:
+    """adapter_backward's seven launches for a spatial kernel (see there); prefix_mlp (P > 0):
+    a, h, g over every row (B*T*L, Ca), prefix rows through the stencils without a conv, and
+    backward_from_recompute's two KT = 0 conv-backward launches (spatial, prefix rows): eight."""
     grid = spatial_grid(x.shape[1] - num_prefix_tokens, grid_size)
+    layout = spatial_layout(x.shape[1], num_prefix_tokens, prefix_mlp)
     # a = act1(h) is the conv's input (and dwc's operand); h before act1 only for act1'
-    a, h = down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, None, None,
-                             store_h=sw.act1 != 0, frames_per_prog=frames_per_prog, act1=sw.act1)
+    a, h = down_conv_forward(x, num_frames, 0 if prefix_mlp else num_prefix_tokens, fc1_weight, fc1_bias, None,
+                             None, store_h=sw.act1 != 0, frames_per_prog=frames_per_prog, act1=sw.act1)
     g_pre = torch.empty_like(a) if sw.act2 else None
     g = adapter_stencil.stencil_forward(a, num_frames, grid, conv_taps, conv_bias, act2=sw.act2, g_pre=g_pre,
-                                        g_drop=g_drop)
+                                        g_drop=g_drop, **layout)
 
     def stencil(dg):
-        return adapter_stencil.stencil_backward(dg, a, h, num_frames, grid, conv_taps, act1=sw.act1)
+        return adapter_stencil.stencil_backward(dg, a, h, num_frames, grid, conv_taps, act1=sw.act1, **layout)
 
     return backward_from_recompute(dout, x, g, a, num_frames, num_prefix_tokens, fc1_weight, fc2_weight, None,
                                    grads, frames_per_prog=frames_per_prog, switches=sw, g_pre=g_pre,
-                                   fc2_bias=fc2_bias, stencil=stencil)
+                                   fc2_bias=fc2_bias, stencil=stencil, prefix_mlp=prefix_mlp)
 
 
 def parameter_grads(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias, conv_taps: torch.Tensor, conv_bias,

@@ -380,6 +380,12 @@ def up_residual_forward(
     return out
 
 
+def spatial_layout(seq_len: int, num_prefix_tokens: int, prefix_mlp: bool) -> dict:
+    """The stencils' buffer layout keywords: flat spatial rows, or with prefix_mode="mlp" every
+    row of a frame (BUF_L = L, BUF_P = P) with the prefix rows passed through (no conv)."""
+    return dict(buf_l=seq_len, buf_p=num_prefix_tokens, prefix=True) if prefix_mlp else {}
+
+
 def spatial_grid(num_spatial: int, grid_size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
     """(H, W) of the spatial tokens: grid_size, or the square of num_spatial tokens."""
     if grid_size is None:
@@ -421,13 +427,18 @@ def adapter_forward(
     grid_size grid of the L - P spatial tokens (None: square), in three launches: the
     down-projection a = act1(x_s Wd^T + bd), the stencil g = act2(conv3d(a) + bc)
     (kernels/adapter_stencil.py), the same up-projection."""
-    unfused_switches(conv_taps, norm, prefix_mlp and num_prefix_tokens > 0)
+    unfused_switches(conv_taps, norm)
     acts = dict(act1=act_code(act_after_fc1), act2=act_code(act_after_conv))
     if conv_taps.dim() == 4:
         grid = spatial_grid(x.shape[1] - num_prefix_tokens, grid_size)
-        a, _ = down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, None, None,
+        mlp = prefix_mlp and num_prefix_tokens > 0
+        # prefix_mode="mlp": the down-projection over every row (P = 0: a is (B*T*L, Ca)), and the
+        # stencil's prefix rows get act2 alone (no conv); every row is then a branch row
+        a, _ = down_conv_forward(x, num_frames, 0 if mlp else num_prefix_tokens, fc1_weight, fc1_bias, None, None,
                                  frames_per_prog=frames_per_prog, act1=acts["act1"])
-        g = adapter_stencil.stencil_forward(a, num_frames, grid, conv_taps, conv_bias, act2=acts["act2"])
+        g = adapter_stencil.stencil_forward(a, num_frames, grid, conv_taps, conv_bias, act2=acts["act2"],
+                                            **spatial_layout(x.shape[1], num_prefix_tokens, mlp))
+        num_prefix_tokens = 0 if mlp else num_prefix_tokens
     elif prefix_mlp and num_prefix_tokens > 0:
         g, _, _ = mlp_down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps,
                                         conv_bias, frames_per_prog=frames_per_prog, **acts)
@@ -477,12 +488,9 @@ def mlp_down_conv_forward(
     return g, h, g_pre
 
 
-def unfused_switches(conv_taps: torch.Tensor, norm: Optional[tuple], prefix_mlp: bool = False) -> None:
+def unfused_switches(conv_taps: torch.Tensor, norm: Optional[tuple]) -> None:
     """Raise NotImplementedError naming the docs/design.md §9 switches these kernels do not run
-    yet (backends/triton.py refuses the same ones before dispatch). prefix_mlp: prefix_mode="mlp"
-    with P > 0 (fused with temporal kernels, not yet with spatial ones)."""
-    missing = [name for name, on in (("norm='layernorm'", norm is not None),
-                                      ("prefix_mode='mlp' with a spatial kernel", prefix_mlp and conv_taps.dim() == 4))
-               if on]
+    yet (backends/triton.py refuses the same ones before dispatch)."""
+    missing = [name for name, on in (("norm='layernorm'", norm is not None),) if on]
     if missing:
         raise NotImplementedError(f"the Triton kernels do not fuse {', '.join(missing)} yet")

@@ -70,6 +70,19 @@ def _tap_neighbour(tap, valid, t, i, j, row, T, H, W, BUF_L, SIGN: tl.constexpr,
 
 
 @triton.jit
+def _prefix_tile(blk, pid_c, n_pre, T, CA, BUF_L, BUF_P, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(element offsets, mask, clip) of prefix row block blk: prefix row r = f*BUF_P + l of the
+    n_pre = B*T*BUF_P prefix rows lives at buffer row f*BUF_L + l (l < BUF_P)."""
+    r = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = r < n_pre
+    r64 = r.to(tl.int64)
+    f = r64 // BUF_P
+    offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs = (f * BUF_L + (r64 - f * BUF_P))[:, None] * CA + offs_c[None, :]
+    return offs, valid[:, None] & (offs_c < CA)[None, :], (r // BUF_P) // T, valid
+
+
+@triton.jit
 def adapter_stencil_fwd_kernel(
     a_ptr, wc_ptr, bc_ptr, g_ptr, gpre_ptr, mask_ptr,
     n_tok,  # B*T*S tokens
@@ -77,15 +90,31 @@ def adapter_stencil_fwd_kernel(
     T, S, H, W, CA,
     BUF_L, BUF_P,  # buffer rows per frame, first spatial row (see the module docstring)
     drop_keep,  # 1 - p (G_DROP)
+    n_pre, n_sp_blocks,  # PREFIX: B*T*BUF_P prefix rows, in the row blocks after the spatial ones
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     HAS_BC: tl.constexpr,
     ACT2: tl.constexpr = 0, STORE_GPRE: tl.constexpr = False, G_DROP: tl.constexpr = False,
     BLOCK_M: tl.constexpr = 64, BLOCK_N: tl.constexpr = 64,
+    PREFIX: tl.constexpr = False,
 ):
     """g (rows as a's) = act2(sum_tap wc[c, tap] * a[n + offset(tap)] + bc) [* m[clip] with
-    G_DROP]; STORE_GPRE: the value before act2 to gpre too. a, g, gpre: (B*T*BUF_L, Ca)."""
+    G_DROP]; STORE_GPRE: the value before act2 to gpre too. a, g, gpre: (B*T*BUF_L, Ca).
+    PREFIX (prefix_mode="mlp"): the prefix rows [0, BUF_P) of every frame too, with no conv and
+    no conv bias (docs/design.md §9): g = act2(a) [* m], in row blocks n_sp_blocks on."""
     pid_c = tl.program_id(0)  # fastest: programs sharing a row block's neighbours run together
     pid_m = tl.program_id(1)
+    if PREFIX:
+        if pid_m >= n_sp_blocks:
+            offs, mask, clip, valid = _prefix_tile(pid_m - n_sp_blocks, pid_c, n_pre, T, CA, BUF_L, BUF_P,
+                                                   BLOCK_M, BLOCK_N)
+            v = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if STORE_GPRE:
+                tl.store(gpre_ptr + offs, _cast(v, gpre_ptr.dtype.element_ty), mask=mask)
+            v = _act(v, ACT2)
+            if G_DROP:
+                v = v * _drop_factor(mask_ptr, clip, valid, drop_keep, G_DROP)[:, None]
+            tl.store(g_ptr + offs, _cast(v, g_ptr.dtype.element_ty), mask=mask)
+            return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_c = offs_c < CA
@@ -115,16 +144,28 @@ def adapter_stencil_bwd_kernel(
     dg_ptr, a_ptr, h_ptr, wc_ptr, dh_ptr, dwc_part_ptr,
     n_tok, n_taps, T, S, H, W, CA,
     BUF_L, BUF_P,
+    n_pre, n_sp_blocks,  # PREFIX: as the forward's
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     ACT1: tl.constexpr = 0,
     BLOCK_M: tl.constexpr = 64, BLOCK_N: tl.constexpr = 64,
+    PREFIX: tl.constexpr = False,
 ):
     """dh = (sum_tap wc[c, tap] * dg[n - offset(tap)]) * act1'(h[n]) (h before act1, read with
     ACT1 only), and dwc_part[pid_m, tap, c] = sum over the program's tokens of dg[n, c] *
     a[n + offset(tap), c] (a = act1(h), the conv's input) in fp32. dg, a, h, dh: (B*T*BUF_L,
-    Ca); dwc_part: (row blocks, kt*kh*kw, Ca) fp32, one slice per row block, no atomics."""
+    Ca); dwc_part: (row blocks, kt*kh*kw, Ca) fp32, one slice per row block, no atomics.
+    PREFIX: the prefix rows' dh = dg * act1'(h) too (no conv), in row blocks n_sp_blocks on."""
     pid_c = tl.program_id(0)
     pid_m = tl.program_id(1)
+    if PREFIX:
+        if pid_m >= n_sp_blocks:
+            offs, mask, clip, valid = _prefix_tile(pid_m - n_sp_blocks, pid_c, n_pre, T, CA, BUF_L, BUF_P,
+                                                   BLOCK_M, BLOCK_N)
+            d = tl.load(dg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if ACT1 != 0:
+                d = d * _act_grad(tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32), ACT1)
+            tl.store(dh_ptr + offs, _cast(d, dh_ptr.dtype.element_ty), mask=mask)
+            return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_c = offs_c < CA
@@ -190,9 +231,11 @@ def stencil_forward(
     g_drop: Optional[tuple] = None,
     buf_l: Optional[int] = None,
     buf_p: int = 0,
+    prefix: bool = False,
 ) -> torch.Tensor:
     """g = act2(conv3d(a) + bc), a new buffer shaped and laid out as a (rows outside the spatial
-    tokens left unwritten). a: (B*T*BUF_L, Ca) contiguous, BUF_L = buf_l (default H*W) rows per
+    tokens left unwritten, unless prefix: prefix_mode="mlp", the buf_p rows before each frame's
+    spatial ones get g = act2(a) -- no conv -- with g_pre and g_drop as the spatial rows). a: (B*T*BUF_L, Ca) contiguous, BUF_L = buf_l (default H*W) rows per
     frame, spatial rows from buf_p; conv_taps (Ca, kt, kh, kw) contiguous; act2: an ACT_CODES
     code. g_pre: a buffer like a that also receives g before act2; g_drop = (draw (B,) fp32 0/1,
     p): g is stored times DropPath's factor draw[clip] / (1 - p) (the backward's recompute)."""
@@ -206,15 +249,17 @@ def stencil_forward(
     if n_tok == 0:
         return g
     cfg = tuning.config_for("stencil_fwd", kt=kt, compute_dtype=a.dtype, arch=arch_of(a))
-    grid = (triton.cdiv(ca, cfg.BLOCK_N), triton.cdiv(n_tok, cfg.BLOCK_M))
+    n_pre = n_frames * buf_p if prefix else 0
+    n_sp_blocks = triton.cdiv(n_tok, cfg.BLOCK_M)
+    grid = (triton.cdiv(ca, cfg.BLOCK_N), n_sp_blocks + triton.cdiv(n_pre, cfg.BLOCK_M))
     draw, p_drop = g_drop if g_drop is not None else (a, 0.0)
     adapter_stencil_fwd_kernel[grid](
         a, conv_taps, conv_bias if conv_bias is not None else conv_taps, g,
         g_pre if g_pre is not None else g, draw,
-        n_tok, kt * kh * kw, num_frames, s, h, w, ca, buf_l, buf_p, 1.0 - p_drop,
+        n_tok, kt * kh * kw, num_frames, s, h, w, ca, buf_l, buf_p, 1.0 - p_drop, n_pre, n_sp_blocks,
         KT=kt, KH=kh, KW=kw, HAS_BC=conv_bias is not None,
         ACT2=act2, STORE_GPRE=g_pre is not None, G_DROP=g_drop is not None,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **cfg.launch_kwargs(),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREFIX=n_pre > 0, **cfg.launch_kwargs(),
     )
     return g
 
@@ -230,10 +275,12 @@ def stencil_backward(
     act1: int = 0,
     buf_l: Optional[int] = None,
     buf_p: int = 0,
+    prefix: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dh, dwc partials (row blocks, kt*kh*kw, Ca) fp32): dh = conv3d^T(dg) * act1'(h), laid
     out as dg. dg, a (= act1(h), the conv input), h (before act1; needed only with act1): (B*T*
-    BUF_L, Ca) contiguous, as stencil_forward's a. finalize() sums the partials into dwc."""
+    BUF_L, Ca) contiguous, as stencil_forward's a. finalize() sums the partials into dwc. prefix:
+    as stencil_forward's (the prefix rows' dh = dg * act1'(h); no dwc share)."""
     s = grid_size[0] * grid_size[1]
     buf_l = s if buf_l is None else buf_l
     n_tok = (dg.shape[0] // buf_l) * s
@@ -241,15 +288,17 @@ def stencil_backward(
     assert dg.is_contiguous() and a.is_contiguous() and dg.shape == a.shape == (dg.shape[0], ca)
     assert not act1 or (h is not None and h.is_contiguous() and h.shape == dg.shape)
     cfg = tuning.config_for("stencil_bwd", kt=kt, compute_dtype=dg.dtype, arch=arch_of(dg))
-    grid = (triton.cdiv(ca, cfg.BLOCK_N), triton.cdiv(n_tok, cfg.BLOCK_M))
+    n_pre = (dg.shape[0] // buf_l) * buf_p if prefix else 0
+    n_sp_blocks = triton.cdiv(n_tok, cfg.BLOCK_M)
+    grid = (triton.cdiv(ca, cfg.BLOCK_N), n_sp_blocks + triton.cdiv(n_pre, cfg.BLOCK_M))
     dh = torch.empty_like(dg)
-    dwc_part = torch.empty((grid[1], kt * kh * kw, ca), device=dg.device, dtype=torch.float32)
+    dwc_part = torch.empty((n_sp_blocks, kt * kh * kw, ca), device=dg.device, dtype=torch.float32)
     if n_tok == 0:
         return dh, dwc_part
     adapter_stencil_bwd_kernel[grid](
         dg, a, h if act1 else dg, conv_taps, dh, dwc_part,
-        n_tok, kt * kh * kw, num_frames, s, hh, w, ca, buf_l, buf_p,
+        n_tok, kt * kh * kw, num_frames, s, hh, w, ca, buf_l, buf_p, n_pre, n_sp_blocks,
         KT=kt, KH=kh, KW=kw, ACT1=act1,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, **cfg.launch_kwargs(),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, PREFIX=n_pre > 0, **cfg.launch_kwargs(),
     )
     return dh, dwc_part

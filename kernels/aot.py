@@ -224,14 +224,16 @@ def _record_switches(x, t, wd, bd, taps, bc, wu, bu):
 
 def _record_spatial(x, t, wd, bd, taps, bc, wu, bu, switches: bool):
     """A spatial kernel's forward and backward (down-projection, stencils, dg launch), plain and,
-    with switches, with every §9 switch the Triton path fuses (as _record_switches)."""
+    with switches, with every §9 switch the Triton path fuses (as _record_switches), then with
+    prefix_mode="mlp" too (the stencils' PREFIX rows)."""
     adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu)
     adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu)
     if switches:
         kw = dict(act_after_fc1="gelu", act_after_conv="relu", scale=torch.empty((), device="meta", dtype=x.dtype),
                   drop_draw=torch.empty(x.shape[0] // t, device="meta", dtype=torch.float32), drop_path=0.1)
-        adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu, **kw)
-        adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu, **kw)
+        for prefix_mlp in (False, True):
+            adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu, prefix_mlp=prefix_mlp, **kw)
+            adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu, prefix_mlp=prefix_mlp, **kw)
 
 
 def _record_layernorm_pair(x, t, wd, bd, taps, bc, wu, bu):

@@ -122,9 +122,9 @@ VARIANTS: Dict[str, dict] = {
     # the epilogue switches: activations, the branch scale, DropPath (training)
     "acts": dict(act_after_fc1="gelu", act_after_conv="relu", scale=True, drop_path=0.1),
     "mlp": dict(prefix_mlp=True),
-    # a spatial kernel with MMAction2's fused switches (its prefix_mode="mlp" not yet with
-    # spatial kernels): down-projection, stencil, up-projection (kernels/adapter_stencil.py)
-    "k333": dict(kernel=(3, 3, 3), act_after_conv="relu", scale=True, drop_path=0.1),
+    # MMAction2's STAdapter: a spatial kernel (down-projection, stencil, up-projection:
+    # kernels/adapter_stencil.py), ReLU after the conv, prefix MLP, scale, DropPath
+    "k333": dict(kernel=(3, 3, 3), act_after_conv="relu", prefix_mlp=True, scale=True, drop_path=0.1),
 }
 
 
@@ -295,21 +295,24 @@ def _work_stencil(launch, forward: bool) -> Work:
     """The spatial path's depthwise stencils (kernels/adapter_stencil.py): no MMA, so flops 0
     (their 2 * tokens * Ca * taps FMAs run on the CUDA cores). HBM: each buffer once; L2: every
     program's neighbour tile per tap (forward: a; backward: dg and a), its own tiles once, and
-    the backward's fp32 dwc partials (row blocks x taps x Ca)."""
+    the backward's fp32 dwc partials (row blocks x taps x Ca). PREFIX rows (prefix_mode="mlp")
+    pass through once: forward a read, g (and g_pre) written; backward dg (and h) read, dh written."""
     a, (g_c, g_m) = launch.args, launch.grid
     n_tok, CA, taps = a["n_tok"], a["CA"], a["KT"] * a["KH"] * a["KW"]
+    n_pre, sp_blocks = (a["n_pre"], a["n_sp_blocks"]) if a["PREFIX"] else (0, g_m)
     tile = a["BLOCK_M"] * a["BLOCK_N"]
+    pre_tiles = g_c * (g_m - sp_blocks) * tile
     if forward:
         e = _elt(a["a_ptr"])
         outs = 2 if a["STORE_GPRE"] else 1
-        hbm = n_tok * CA * e * (1 + outs)
-        l2 = g_c * g_m * tile * e * (taps + outs)
+        hbm = (n_tok + n_pre) * CA * e * (1 + outs)
+        l2 = g_c * sp_blocks * tile * e * (taps + outs) + pre_tiles * e * (1 + outs)
         return 0, 0, hbm + CA * taps * e, l2
     e = _elt(a["dg_ptr"])
     own = 3 if a["ACT1"] else 2  # dg (+ h) read, dh written
-    parts = g_m * taps * CA * 4
-    hbm = n_tok * CA * e * (own + 1) + parts
-    l2 = g_c * g_m * tile * e * (2 * taps + own) + parts
+    parts = sp_blocks * taps * CA * 4
+    hbm = n_tok * CA * e * (own + 1) + n_pre * CA * e * own + parts
+    l2 = g_c * sp_blocks * tile * e * (2 * taps + own) + pre_tiles * e * own + parts
     return 0, 0, hbm, l2
 
 

@@ -41,8 +41,8 @@ class STAdapter(nn.Module):
     eval). MMAction2's STAdapter is ``STAdapter(C, Ca, (3, 3, 3), act_after_conv="relu",
     prefix_mode="mlp", scale=0.0, drop_path=0.1)`` (models.checkpoint.load_mmaction_checkpoint
     maps its keys). The Triton backend fuses the activations, scale and DropPath with (kt, 1, 1)
-    kernels and spatial ones up to kh, kw = 7; for norm or prefix_mode="mlp" backend="auto" falls
-    back to the reference with a one-time warning naming the switch (README's backend table).
+    kernels and spatial ones up to kh, kw = 7, prefix_mode="mlp" included; for norm backend="auto"
+    falls back to the reference with a one-time warning naming the switch (README's backend table).
     """
 
     def __init__(

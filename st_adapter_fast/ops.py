@@ -451,8 +451,8 @@ def st_adapter(
         drop_path: probability; with training=True one Bernoulli per clip zeroes the branch or
             scales it by 1/(1-p) (torch's RNG: a seeded run repeats). training=False: identity.
     The Triton backend fuses the activations, scale and DropPath for temporal kernels (kt, 1, 1)
-    and spatial ones with kh, kw <= 7 (DropPath: one float32 Bernoulli draw per clip, the op's
-    only extra launch and extra saved tensor); norm and prefix_mode="mlp" it refuses by name, as the CUDA backend
+    and spatial ones with kh, kw <= 7, and prefix_mode="mlp" (DropPath: one float32 Bernoulli draw
+    per clip, the op's only extra launch and extra saved tensor); norm it refuses by name, as the CUDA backend
     refuses every switch: "auto" then falls back to the reference with a one-time warning
     naming the switch, and an explicit backend raises naming it.
 

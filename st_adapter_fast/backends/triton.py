@@ -92,9 +92,6 @@ def _triton_unavailable(x: torch.Tensor, kernel_size: Sequence[int], dtype: torc
         # docs/design.md §9: activations, scale, DropPath (epilogues) and prefix_mode="mlp" are fused
         return (f"norm={variant.norm!r} not fused yet (docs/design.md §9; the activations, scale, DropPath "
                 f"and prefix_mode='mlp' are)")
-    if variant is not None and variant.prefix_mode == "mlp" and (kh != 1 or kw != 1):
-        return (f"prefix_mode='mlp' with kernel_size {tuple(kernel_size)} not fused yet (docs/design.md §9; "
-                f"prefix_mode='mlp' is with temporal kernels (kt, 1, 1), spatial kernels are without it)")
     return None
 
 

@@ -2,6 +2,7 @@
 down-projection, a depthwise 3-D stencil, the up-projection; backward with the transposed
 stencil), forward and backward, under THE parity rule (st_adapter_fast.parity) against float64:
 the output and every gradient, scale's included, with every §9 switch the Triton path fuses.
+prefix_mode="mlp" (MMAction2's module: prefix rows through the stencils without a conv) too.
 Also: a buffer layout with prefix rows (BUF_L, BUF_P) at the kernel level, dispatch runs them
 fused (no fallback) saving only x, the parameters and the draw, kt > 9 / kh, kw > 7 refused by
 name, the launch budget (3 forward, 7 backward).
@@ -32,8 +33,10 @@ DEVICE = fused_device()
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not triton_interpreter_on(),
                                 reason="needs CUDA or TRITON_INTERPRET=1")
 
-# MMAction2's switches as the Triton path fuses them (its prefix_mode="mlp" is not fused yet)
-MMACTION2_FUSED = Variant(act_after_conv="relu", scale=True, drop_path=0.5)
+# MMAction2's switches (parity.MMACTION2, with DropPath 0.5 so the seeded draw drops some clips),
+# and without its prefix_mode="mlp"
+MMACTION2_FUSED = Variant(act_after_conv="relu", prefix_mode="mlp", scale=True, drop_path=0.5)
+SKIP_RELU_SCALE_DP = Variant(act_after_conv="relu", scale=True, drop_path=0.5)
 GELU_MMACTION2 = Variant(act_after_fc1="gelu", act_after_conv="relu", scale=True, drop_path=0.5)
 
 
@@ -49,7 +52,10 @@ CASES = [
     _case(Variant(), (1, 3, 3), frames=1, prefix=0),
     _case(Variant(act_after_fc1="gelu"), (3, 3, 3), frames=2, prefix=1, grid=(4, 3)),
     _case(Variant(act_after_conv="quick_gelu"), (5, 3, 3), batch=1, frames=8, prefix=2, grid=(2, 3), bias=False),
-    _case(MMACTION2_FUSED, (3, 5, 7), batch=3, frames=2, prefix=1, grid=(4, 3), noncontiguous=True),
+    _case(SKIP_RELU_SCALE_DP, (3, 5, 7), batch=3, frames=2, prefix=1, grid=(4, 3), noncontiguous=True),
+    _case(MMACTION2_FUSED, (3, 3, 3), batch=3, frames=2, prefix=1, grid=(3, 3)),
+    _case(Variant(act_after_fc1="gelu", act_after_conv="quick_gelu", prefix_mode="mlp", scale=True, drop_path=0.5),
+          (1, 3, 3), batch=2, frames=2, prefix=2, grid=(4, 3), noncontiguous=True),
     _case(GELU_MMACTION2, (3, 3, 3), batch=4, frames=2, prefix=0, grid=(3, 5)),
     _case(Variant(act_after_fc1="quick_gelu", scale=True), (1, 1, 3), batch=1, frames=8, prefix=2, grid=(3, 2)),
 ]
@@ -58,7 +64,7 @@ FULL_CASES = [
     for i, (v, k, t) in enumerate(
         (v, k, t)
         for v in (Variant(), Variant(act_after_fc1="gelu"), Variant(act_after_conv="gelu"), MMACTION2_FUSED,
-                  GELU_MMACTION2)
+                  SKIP_RELU_SCALE_DP, GELU_MMACTION2)
         for k in ((1, 3, 3), (3, 3, 3), (5, 3, 3), (3, 5, 7)) for t in (1, 2, 8))
 ] if FULL else []
 MODES = ["fp32", "bf16"]
@@ -66,7 +72,8 @@ MODES = ["fp32", "bf16"]
 
 def _clear_relu_gates(case, inputs):
     """As tests/ops/test_variants_fused.py's, for a spatial conv: ReLU pre-activations that
-    clear zero by >= 0.5 in float64 (asserted), so no 16-bit rounding flips a gate."""
+    clear zero by >= 0.5 in float64 (asserted; prefix_mode="mlp"'s prefix rows too), so no
+    16-bit rounding flips a gate."""
     v = case.variant
     ca = case.adapter_channels
     signs = torch.tensor([1.0 if c % 2 == 0 else -1.0 for c in range(ca)], dtype=torch.float64)
@@ -74,6 +81,11 @@ def _clear_relu_gates(case, inputs):
         inputs["fc1_weight"] = inputs["fc1_weight"] * 0.25
         inputs["conv_weight"] = inputs["conv_weight"] * 0.25
         inputs["conv_bias"] = signs.roll(1) * (2.0 + inputs["conv_bias"].abs())
+        if v.prefix_mode == "mlp" and v.act_after_fc1 is None:
+            # prefix rows meet the ReLU right after fc1 (no conv, no conv bias): clear them there
+            inputs["fc1_bias"] = signs * (1.5 + inputs["fc1_bias"].abs())
+            h_prefix = inputs["x"][:, :case.prefix] @ inputs["fc1_weight"].t() + inputs["fc1_bias"]
+            assert h_prefix.abs().min() >= 0.5, h_prefix.abs().min()
         b, t, (hh, ww) = case.batch, case.frames, case.grid
         h = activation(v.act_after_fc1, inputs["x"][:, case.prefix:] @ inputs["fc1_weight"].t() + inputs["fc1_bias"])
         h = h.reshape(b, t, hh, ww, ca).permute(0, 4, 1, 2, 3)
@@ -114,7 +126,9 @@ def test_cases_cover_the_brief():
     assert kernels >= {(1, 3, 3), (3, 3, 3), (5, 3, 3), (3, 5, 7), (1, 1, 3)}
     assert {c.frames for c in CASES} == {1, 2, 8} and {c.prefix for c in CASES} == {0, 1, 2}
     assert any(c.grid[0] != c.grid[1] for c in CASES) and any(c.noncontiguous for c in CASES)
-    assert MMACTION2_FUSED in {c.variant for c in CASES} and GELU_MMACTION2 in {c.variant for c in CASES}
+    variants = {c.variant for c in CASES}
+    assert {MMACTION2_FUSED, SKIP_RELU_SCALE_DP, GELU_MMACTION2} <= variants
+    assert {c.prefix for c in CASES if c.variant.prefix_mode == "mlp"} == {1, 2}
 
 
 def _stencil_operands(layout_rows, prefix, frames=2, clips=2, grid=(3, 4), ca=20, kernel=(3, 3, 3), seed=0):
@@ -166,6 +180,41 @@ def test_stencil_buffer_layout_with_prefix_rows():
     assert torch.equal(spatial(dh_wide), dh_flat) and torch.equal(part_wide, part_flat)
 
 
+def test_stencil_prefix_rows_pass_through():
+    """prefix=True (prefix_mode="mlp"): the buf_p rows before each frame's spatial ones get
+    g = act2(a) * m[clip] and g_pre = a forward, dh = dg * act1'(h) backward -- no conv, no conv
+    bias, no dwc share; the spatial rows as without them. 2 clips x 2 frames x 3 prefix rows:
+    one 64-row prefix block, ragged."""
+    from st_adapter_fast.kernels import adapter_stencil
+    from st_adapter_fast.kernels._common import act_code
+
+    grid, frames, prefix, seq = (3, 4), 2, 3, 3 + 12
+    a, dg, h, taps, bc = _stencil_operands(seq, prefix, frames=frames, grid=grid)
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.arange(a.shape[0]).reshape(-1, seq)[:, :prefix].flatten()
+    for t in (a, dg, h):
+        t[rows] = torch.randn(len(rows), t.shape[1], generator=gen)
+    draw = torch.tensor([1.0, 0.0])
+    layout = dict(buf_l=seq, buf_p=prefix)
+    pre = torch.zeros_like(a)
+    g = adapter_stencil.stencil_forward(a, frames, grid, taps, bc, act2=act_code("gelu"), g_pre=pre,
+                                        g_drop=(draw, 0.5), prefix=True, **layout)
+    g_skip = adapter_stencil.stencil_forward(a, frames, grid, taps, bc, act2=act_code("gelu"), g_drop=(draw, 0.5),
+                                             **layout)
+    factor = (draw / 0.5).repeat_interleave(frames * prefix)[:, None]
+    torch.testing.assert_close(g[rows], F.gelu(a[rows]) * factor, rtol=1e-6, atol=1e-6)
+    assert torch.equal(pre[rows], a[rows]) and (g[rows[len(rows) // 2:]] == 0).all()
+    spatial = torch.ones(a.shape[0], dtype=torch.bool)
+    spatial[rows] = False
+    assert torch.equal(g[spatial], g_skip[spatial])
+    act1 = act_code("quick_gelu")
+    dh, part = adapter_stencil.stencil_backward(dg, a, h, frames, grid, taps, act1=act1, prefix=True, **layout)
+    dh_skip, part_skip = adapter_stencil.stencil_backward(dg, a, h, frames, grid, taps, act1=act1, **layout)
+    quick_grad = torch.func.grad(lambda t: (t * torch.sigmoid(1.702 * t)).sum())(h[rows])
+    torch.testing.assert_close(dh[rows], dg[rows] * quick_grad, rtol=1e-6, atol=1e-6)
+    assert torch.equal(dh[spatial], dh_skip[spatial]) and torch.equal(part, part_skip)
+
+
 def test_stencil_against_conv3d():
     """The two stencils alone against torch's conv3d and its autograd in float64 (fp32 kernels):
     g = conv3d(a) + bc, dh = conv3d^T(dg) * act1'(h), dwc = sum of the partials; a (3, 3, 5)
@@ -194,13 +243,13 @@ def test_stencil_against_conv3d():
 
 
 def test_runs_fused_without_fallback_and_saves_only_inputs(monkeypatch):
-    """"auto" runs a (3, 3, 3) kernel with the fused switches on Triton -- no fallback warning,
-    the explicit backend's result bitwise -- and only x, the parameters (scale included) and
-    the (B,) DropPath draw are saved for backward."""
+    """"auto" runs a (3, 3, 3) kernel with the fused switches (MMAction2's prefix MLP among them)
+    on Triton -- no fallback warning, the explicit backend's result bitwise -- and only x, the
+    parameters (scale included) and the (B,) DropPath draw are saved for backward."""
     monkeypatch.setattr(ops, "AUTO_FUSED_DEVICES", ("cuda", DEVICE))
     monkeypatch.setattr(ops, "_WARNED", set())
     m = STAdapter(16, 8, (3, 3, 3), grid_size=(3, 4), act_after_fc1="gelu", act_after_conv="relu", scale=0.5,
-                  drop_path=0.3).to(DEVICE).train()
+                  drop_path=0.3, prefix_mode="mlp").to(DEVICE).train()
     for q in m.parameters():
         torch.nn.init.normal_(q, std=0.3)
     x = torch.randn(4 * 2, 1 + 12, 16, device=DEVICE, requires_grad=True)
@@ -233,10 +282,12 @@ def test_triton_refuses_beyond_the_fused_extents_by_name(kernel, named):
         m(torch.randn(4, 1 + 16, 8, device=DEVICE), 2)
 
 
-def test_launch_budget_of_the_spatial_path():
+@pytest.mark.parametrize("prefix_mlp", [False, True], ids=["skip", "mlp"])
+def test_launch_budget_of_the_spatial_path(prefix_mlp):
     """Forward: down-projection, stencil, up-projection (+ DropPath's bernoulli_); backward:
     seven launches (recompute down-projection + stencil, dg, transposed stencil, dgrad, wgrad,
-    finalize), no torch op between -- counted as the work model counts (meta tensors)."""
+    finalize), eight with prefix_mode="mlp" (the prefix rows' dg launch), no torch op between --
+    counted as the work model counts (meta tensors)."""
     from st_adapter_fast.kernels import adapter_bwd, adapter_fwd, aot, work_model
 
     b, t, seq, c, ca = 2, 8, 197, 768, 384  # shape A's per-clip sizes, two clips
@@ -251,7 +302,7 @@ def test_launch_budget_of_the_spatial_path():
         with aot._recording(90, sink, events), work_model._OpCapture(events):
             draw = ops.drop_path_draw(b, 0.1, "meta") if pass_name == "fwd" else saved_draw
             switches = dict(act_after_fc1="gelu", act_after_conv="relu", scale=torch.empty((), **meta),
-                            drop_draw=draw, drop_path=0.1, grid_size=(14, 14))
+                            drop_draw=draw, drop_path=0.1, grid_size=(14, 14), prefix_mlp=prefix_mlp)
             if pass_name == "fwd":
                 adapter_fwd.adapter_forward(x, t, 1, *params, **switches)
             else:
@@ -260,33 +311,35 @@ def test_launch_budget_of_the_spatial_path():
         counts[pass_name] = [getattr(e, "name", None) or e.variant.kernel for e in events]
     assert counts["fwd"] == ["aten.bernoulli_", "adapter_down_conv_fwd_kernel", "adapter_stencil_fwd_kernel",
                              "adapter_up_residual_fwd_kernel"], counts["fwd"]
-    assert counts["bwd"] == ["adapter_down_conv_fwd_kernel", "adapter_stencil_fwd_kernel", "adapter_conv_bwd_kernel",
+    dg = ["adapter_conv_bwd_kernel"] * (2 if prefix_mlp else 1)
+    assert counts["bwd"] == ["adapter_down_conv_fwd_kernel", "adapter_stencil_fwd_kernel", *dg,
                              "adapter_stencil_bwd_kernel", "adapter_up_residual_fwd_kernel", "adapter_wgrad_kernel",
                              "adapter_grad_finalize_kernel"], counts["bwd"]
 
 
 def test_work_model_of_the_spatial_path():
     """kernels/work_model.py on shape A (B8 T8 L197 C768 Ca384, bf16, sm_90), variant "k333"
-    ((3, 3, 3), ReLU after the conv, scale, DropPath): the same GEMM work as the temporal path
-    (the conv moves out of the window kernels into the stencils, which issue no MMA), 3 + 7
-    launches, and the stencils' bytes: a read and g written once forward (the recompute also
-    writes g before the ReLU); backward dg and a read, dh written, plus the fp32 dwc partials of
-    98 row blocks x 27 taps x 384 channels (4 MB)."""
+    (MMAction2's: (3, 3, 3), ReLU after the conv, prefix MLP, scale, DropPath) against "mlp"
+    (the same switches' GEMMs with (3, 1, 1)): the same GEMM work (the conv moves out of the
+    window kernels into the stencils, which issue no MMA), 3 + 8 launches, and the stencils'
+    bytes: a read and g written once forward (the recompute also writes g before the ReLU);
+    backward dg and a read, dh written, plus the fp32 dwc partials of 98 row blocks x 27 taps x
+    384 channels (4 MB); the 64 prefix rows pass through without the taps."""
     from st_adapter_fast.kernels import work_model
 
     rows = work_model.model_rows({"A": (8, 8, 197, 768, 384)}, torch.bfloat16, 90, compile_kernels=False,
-                                 variants=("k333",))
+                                 variants=("mlp", "k333"))
     summary = work_model.summary(rows)
-    spatial, temporal = summary["A+k333"], summary["A"]
-    assert (spatial["launches_fwd"], spatial["launches_bwd"]) == (3, 7)
+    spatial, temporal = summary["A+k333"], summary["A+mlp"]
+    assert (spatial["launches_fwd"], spatial["launches_bwd"]) == (3, 8)
     assert spatial["flops_required"] == temporal["flops_required"]
     assert spatial["flops_executed"] < temporal["flops_executed"]  # KT = 0 windows: no halo frames
-    n_tok, ca, taps = 8 * 8 * 196, 384, 27
+    n_tok, n_pre, ca, taps = 8 * 8 * 196, 8 * 8, 384, 27
     stencils = [(r.pass_, r.kernel, r.hbm_bytes_min) for r in rows if r.shape == "A+k333" and "stencil" in r.kernel]
     assert stencils == [
-        ("fwd", "adapter_stencil_fwd_kernel", 2 * n_tok * ca * 2 + ca * taps * 2),
-        ("bwd", "adapter_stencil_fwd_kernel", 3 * n_tok * ca * 2 + ca * taps * 2),
-        ("bwd", "adapter_stencil_bwd_kernel", 3 * n_tok * ca * 2 + 98 * taps * ca * 4),
+        ("fwd", "adapter_stencil_fwd_kernel", (n_tok + n_pre) * ca * 2 * 2 + ca * taps * 2),
+        ("bwd", "adapter_stencil_fwd_kernel", (n_tok + n_pre) * ca * 2 * 3 + ca * taps * 2),
+        ("bwd", "adapter_stencil_bwd_kernel", n_tok * ca * 2 * 3 + n_pre * ca * 2 * 2 + 98 * taps * ca * 4),
     ], stencils
     assert all(r.flops_executed == 0 for r in rows if "stencil" in r.kernel)
 
