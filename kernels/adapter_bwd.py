@@ -42,6 +42,7 @@ from ._common import (
     weight_tma,
 )
 from .adapter_fwd import down_conv_forward, up_residual_forward, window_grid
+from .adapter_prenorm import prenorm_dgrad
 from .wgrad import bu_dot_parts, finalize, weight_grad, weight_grad_config, weight_grad_partials  # noqa: F401
 
 
@@ -266,6 +267,7 @@ def adapter_backward(
     scale: Optional[torch.Tensor] = None,
     drop_draw: Optional[torch.Tensor] = None,
     drop_path: float = 0.0,
+    norm: Optional[tuple] = None,
 ) -> tuple:
     """Gradients (dx, dWd, dbd, dwc (Ca, KT), dbc, dWu, dbu) in five launches: recompute, conv
     backward, dgrad, both weight GEMMs, one fixed-order reduce-and-cast. Parameter grads come in
@@ -277,25 +279,45 @@ def adapter_backward(
     DropPath's per-clip factor m (so dWu = dO^T (m g)); the conv backward applies s * m to dO Wu
     and the activations' derivatives, and writes d(scale) partials; the wgrad launch weights
     dbu's column sums by m and adds the fc2 bias's share of d(scale); finalize multiplies dWu,
-    dbu by s and sums d(scale) with the rest."""
+    dbu by s and sums d(scale) with the rest.
+
+    norm = (norm_weight or None, norm_bias or None, eps) (kernels/adapter_prenorm.py): six
+    launches -- the parameter fold, the recompute (also storing each row's mean and rstd), the
+    conv backward, the dgrad with the LayerNorm backward folded in, the wgrad (LayerNorm in
+    dWd's load prologue), the finalize (dgamma, dbeta too) -- and (dnorm_weight, dnorm_bias)
+    follow the rest, in their own dtype (None where that affine tensor is None)."""
     sw = Switches.of(act_after_fc1, act_after_conv, scale, drop_draw, drop_path)
     bt, seq_len, _ = x.shape
     n_tokens = bt * (seq_len - num_prefix_tokens)
     if dout.dtype != x.dtype:  # one wgrad launch reads dO and x through one pointer type
         dout = dout.to(x.dtype)
     grads = parameter_grads(x, fc1_weight, fc1_bias, conv_taps, conv_bias, fc2_weight, fc2_bias, scale=scale)
+    norm_args, affine, norm_out = None, None, ()
+    if norm is not None:
+        lnw, lnb, eps = norm
+        live = [t for t in (lnw, lnb) if t is not None]
+        # both affine grads in one buffer (one finalize segment): rows [dgamma; dbeta]
+        affine = torch.empty((2, x.shape[-1]), device=x.device, dtype=live[0].dtype) if live else None
+        stats = torch.empty((2, n_tokens), device=x.device, dtype=torch.float32)
+        norm_args = (lnw, lnb, stats[0], stats[1], affine)
+        norm_out = (affine[0] if lnw is not None else None, affine[1] if lnb is not None else None)
     if n_tokens == 0:
         dx = torch.empty(dout.shape, device=dout.device, dtype=dout.dtype).copy_(dout)
-        return (dx, *[None if g is None else g.zero_() for g in grads.values()])
+        if affine is not None:
+            affine.zero_()
+        return (dx, *[None if g is None else g.zero_() for g in grads.values()], *norm_out)
     g_pre = torch.empty((n_tokens, conv_taps.shape[0]), device=x.device, dtype=fc1_weight.dtype) if sw.act2 else None
     g, h = down_conv_forward(
         x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
         store_h=True, frames_per_prog=frames_per_prog, act1=sw.act1, act2=sw.act2, g_pre=g_pre,
         g_drop=(sw.drop_draw, sw.drop_path) if sw.drop_draw is not None else None,
+        norm=(norm[0], norm[1], norm[2]) if norm is not None else None,
+        norm_stats=(norm_args[2], norm_args[3]) if norm is not None else None,
     )
     out = backward_from_recompute(dout, x, g, h, num_frames, num_prefix_tokens, fc1_weight, fc2_weight, conv_taps,
-                                  grads, frames_per_prog=frames_per_prog, switches=sw, g_pre=g_pre, fc2_bias=fc2_bias)
-    return out + (grads["dscale"],) if scale is not None else out
+                                  grads, frames_per_prog=frames_per_prog, switches=sw, g_pre=g_pre, fc2_bias=fc2_bias,
+                                  norm=norm_args)
+    return out + ((grads["dscale"],) if scale is not None else ()) + norm_out
 
 
 def parameter_grads(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias, conv_taps: torch.Tensor, conv_bias,
@@ -334,6 +356,7 @@ def backward_from_recompute(
     switches: Optional[Switches] = None,
     g_pre: Optional[torch.Tensor] = None,
     fc2_bias: Optional[torch.Tensor] = None,
+    norm: Optional[tuple] = None,
 ) -> tuple:
     """Launches 2-5 of the backward, given the recomputed g, h (B*T*S, Ca): conv backward,
     dgrad, both weight GEMMs, and one fixed-order finalize that fills ``grads``
@@ -342,7 +365,10 @@ def backward_from_recompute(
 
     switches (docs/design.md §9, see adapter_backward): h is then before act1, g after act2 (and
     times DropPath's factor m with DropPath), g_pre (with act2) before act2; with a scale,
-    grads["dscale"] is filled too (fc2_bias: its share)."""
+    grads["dscale"] is filled too (fc2_bias: its share). norm = (norm_weight, norm_bias, mean,
+    rstd, affine out (2, C) or None) for norm="layernorm" (kernels/adapter_prenorm.py): the dgrad
+    launch folds in the LayerNorm backward, the wgrad takes dWd = dh^T LN(x), and the finalize
+    fills affine with (dgamma; dbeta)."""
     sw = switches or Switches()
     assert extra_segment is None or sw.scale is None, "d(scale) takes the finalize launch's last segment"
     bt, seq_len, _ = x.shape
@@ -364,11 +390,18 @@ def backward_from_recompute(
         switches=sw, g=g_pre if sw.act2 else g, dscale_part=dscale_part,
     )
     del h, g_pre
-    dx = up_residual_forward(dout, dh, fc1_weight.t(), None, num_prefix_tokens)
+    affine_segment, a1_norm = None, None
+    if norm is None:
+        dx = up_residual_forward(dout, dh, fc1_weight.t(), None, num_prefix_tokens)
+    else:
+        lnw, lnb, mean, rstd, affine = norm
+        dx, affine_part = prenorm_dgrad(dout, x, dh, fc1_weight, lnw, mean, rstd, num_prefix_tokens)
+        affine_segment = (affine_part, affine) if affine is not None else None
+        a1_norm = (mean, rstd, lnw, lnb)
     problems[1] = (x, dh, problems[1][2])
     a0_drop = (sw.drop_draw, 1.0 - sw.drop_path, num_frames) if sw.drop_draw is not None else None
     dw_part, dbu_part, dbd_part, splits = weight_grad_partials(
-        problems, fc1_weight.dtype, bt * s, s, num_prefix_tokens, a0_drop=a0_drop, bu_dot=bu_dot,
+        problems, fc1_weight.dtype, bt * s, s, num_prefix_tokens, a0_drop=a0_drop, bu_dot=bu_dot, a1_norm=a1_norm,
     )
     scaled = sw.scale is not None  # dy = s * m * dO: m rode on g (and dbu's sums), s comes in here
     finalize([
@@ -379,5 +412,6 @@ def backward_from_recompute(
         (dwc_part, grads["dwc"].t()),
         (dbc_part, grads["dbc"]) if grads["dbc"] is not None else None,
         extra_segment if dscale_part is None else (dscale_part, grads["dscale"]),
+        affine_segment,
     ], multiplier=sw.scale)
     return dx, grads["dwd"], grads["dbd"], grads["dwc"], grads["dbc"], grads["dwu"], grads["dbu"]

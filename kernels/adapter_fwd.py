@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
+from .adapter_prenorm import _ln_gemm_rows_tile, fold_norm
 from ._common import (
     TileConfig,
     _act,
@@ -49,12 +50,14 @@ from ._common import (
 @triton.jit
 def adapter_down_conv_fwd_kernel(
     x_ptr, wd_ptr, bd_ptr, wc_ptr, bc_ptr, g_ptr, h_ptr, gpre_ptr, mask_ptr,
+    u_ptr, mean_ptr, rstd_ptr,  # NORM: u (Ca,) fp32; the recompute's (N,) fp32 row statistics
     T, S, P, C, CA,
     n_rows,  # B*S: the flattened (clip, spatial position) rows a tile covers
     G_CA, n_whole_rows, runs, frames_per_prog,  # 1-D grid: whole-clip rows, then split rows
     stride_xf, stride_xl, stride_xc,  # x viewed as (B*T, L, C)
     stride_wd_o, stride_wd_i,  # fc1.weight (Ca, C)
     drop_keep,  # 1 - p (G_DROP)
+    eps,  # NORM: the LayerNorm's epsilon
     KT: tl.constexpr,
     HAS_BD: tl.constexpr, HAS_BC: tl.constexpr,
     STORE_H: tl.constexpr,  # backward recompute also wants h (for the conv-weight gradient)
@@ -70,6 +73,10 @@ def adapter_down_conv_fwd_kernel(
     # recompute with DropPath: g is stored times the per-clip factor m, the backward's dWu = dO^T (m g)
     # (the factor on the wgrad's dO operand instead serialised its wgmma on sm_90)
     G_DROP: tl.constexpr = False,
+    # norm="layernorm" folded into the K loop (kernels/adapter_prenorm.py): wd_ptr holds
+    # Wd diag(gamma), bd_ptr b' = Wd beta + bd (fp32), u_ptr the row sums of the folded weight;
+    # with STORE_H the programs of the first Ca block store each owned row's mean and rstd
+    NORM: tl.constexpr = False,
 ):
     PAD: tl.constexpr = KT // 2
     pid_ca, pid_r, t0, t1, part = _window_program(G_CA, n_whole_rows, runs, frames_per_prog, T)
@@ -91,6 +98,8 @@ def adapter_down_conv_fwd_kernel(
         bd = tl.load(bd_ptr + offs_ca, mask=mask_ca, other=0.0).to(tl.float32)
     if HAS_BC:
         bc = tl.load(bc_ptr + offs_ca, mask=mask_ca, other=0.0).to(tl.float32)
+    if NORM:
+        u = tl.load(u_ptr + offs_ca, mask=mask_ca, other=0.0)
 
     q0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     q1 = q0
@@ -106,11 +115,23 @@ def adapter_down_conv_fwd_kernel(
         h = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         # frames outside the clip are the conv's zero padding: h = 0 there, bias included
         if (t_in >= 0) & (t_in < T):
-            h = _gemm_rows_tile(
-                x_ptr, x_rows + t_in * stride_xf, mask_r, stride_xc, wd_ptr, stride_wd_o, stride_wd_i,
-                offs_ca, mask_ca, C, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION,
-                wd_desc, pid_ca * BLOCK_N, USE_TMA, W_KMAJOR,
-            )
+            if NORM:
+                h, dmu, mu, rstd = _ln_gemm_rows_tile(
+                    x_ptr, x_rows + t_in * stride_xf, mask_r, stride_xc, wd_ptr, stride_wd_o, stride_wd_i,
+                    offs_ca, mask_ca, C, eps, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION,
+                    wd_desc, pid_ca * BLOCK_N, USE_TMA, W_KMAJOR,
+                )
+                h = rstd[:, None] * (h - dmu[:, None] * u[None, :])
+                if STORE_H:
+                    if (pid_ca == 0) & (t_in >= t0) & (t_in < t1):
+                        tl.store(mean_ptr + t_in * S + tok, mu, mask=mask_r)
+                        tl.store(rstd_ptr + t_in * S + tok, rstd, mask=mask_r)
+            else:
+                h = _gemm_rows_tile(
+                    x_ptr, x_rows + t_in * stride_xf, mask_r, stride_xc, wd_ptr, stride_wd_o, stride_wd_i,
+                    offs_ca, mask_ca, C, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION,
+                    wd_desc, pid_ca * BLOCK_N, USE_TMA, W_KMAJOR,
+                )
             if HAS_BD:
                 h += bd[None, :]
             if STORE_H:
@@ -258,6 +279,8 @@ def down_conv_forward(
     act2: int = 0,
     g_pre: Optional[torch.Tensor] = None,
     g_drop: Optional[tuple] = None,
+    norm: Optional[tuple] = None,
+    norm_stats: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """g (and h if store_h) as (B*T*S, Ca) buffers in the weights' dtype.
 
@@ -266,6 +289,9 @@ def down_conv_forward(
     h is stored before act1 (the backward's pre-activation), g after act2. g_pre: a (B*T*S, Ca)
     buffer that also receives g before act2 (the recompute with act2). g_drop = (draw (B,) fp32
     0/1, p): g is stored times DropPath's per-clip factor draw / (1 - p) (the recompute).
+    norm = (norm_weight or None, norm_bias or None, eps): z = LayerNorm(x) feeds fc1, folded into
+    the K loop (kernels/adapter_prenorm.py; one more launch: the parameter fold); h is then fc1's
+    output on z. norm_stats = (mean, rstd), (B*T*S,) fp32 buffers the recompute (store_h) fills.
     """
     bt, seq_len, c = x.shape
     ca = fc1_weight.shape[0]
@@ -277,6 +303,13 @@ def down_conv_forward(
     h = torch.empty((bt * s, ca), device=x.device, dtype=dtype) if store_h else None
     if g.numel() == 0:
         return g, h
+    assert norm_stats is None or (norm is not None and store_h)
+    eps = 0.0
+    if norm is not None:
+        norm_weight, norm_bias, eps = norm
+        has_bias = fc1_bias is not None or norm_bias is not None
+        fc1_weight, u, fc1_bias = fold_norm(fc1_weight, fc1_bias, norm_weight, norm_bias)
+        fc1_bias = fc1_bias if has_bias else None
     cfg = tuning.config_for("down_conv", kt=kt, compute_dtype=dtype, arch=arch_of(x))
     is_aligned = aligned(c, ca, *x.stride(), *fc1_weight.stride())
     if store_h and (act1 or act2 or g_drop is not None):
@@ -295,13 +328,14 @@ def down_conv_forward(
         x, fc1_weight, fc1_bias if fc1_bias is not None else fc1_weight,
         conv_taps, conv_bias if conv_bias is not None else conv_taps,
         g, h if h is not None else g, g_pre if g_pre is not None else g, draw,
+        u if norm is not None else g, *(norm_stats if norm_stats is not None else (g, g)),
         num_frames, s, num_prefix_tokens, c, ca, b * s, *plan,
         x.stride(0), x.stride(1), x.stride(2),
-        fc1_weight.stride(0), fc1_weight.stride(1), 1.0 - p_drop,
+        fc1_weight.stride(0), fc1_weight.stride(1), 1.0 - p_drop, float(eps),
         KT=kt, HAS_BD=fc1_bias is not None, HAS_BC=conv_bias is not None, STORE_H=store_h,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KMAJOR=kmajor,
-        ACT1=act1, ACT2=act2, STORE_GPRE=g_pre is not None, G_DROP=g_drop is not None,
+        ACT1=act1, ACT2=act2, STORE_GPRE=g_pre is not None, G_DROP=g_drop is not None, NORM=norm is not None,
         **cfg.launch_kwargs(),
     )
     return g, h
@@ -373,14 +407,17 @@ def adapter_forward(
     scale: Optional[torch.Tensor] = None,
     drop_draw: Optional[torch.Tensor] = None,
     drop_path: float = 0.0,
+    norm: Optional[tuple] = None,
 ) -> torch.Tensor:
     """Fused forward: (B*T, L, C) -> new (B*T, L, C) tensor of x's dtype. Two launches for every
     docs/design.md §9 switch taken here: activations are epilogues of the down-conv kernel, the
     scale s (0-dim) and DropPath (drop_draw: the (B,) 0/1 per-clip draw, drop_path: p) one of
-    the up-projection: out = x + s * draw[clip] / (1 - p) * (g Wu^T + bu) on spatial rows."""
+    the up-projection: out = x + s * draw[clip] / (1 - p) * (g Wu^T + bu) on spatial rows.
+    norm = (norm_weight or None, norm_bias or None, eps): a LayerNorm over C before fc1, folded
+    into the down-conv kernel; three launches (the parameter fold first, kernels/adapter_prenorm.py)."""
     g, _ = down_conv_forward(
         x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
-        frames_per_prog=frames_per_prog, act1=act_code(act_after_fc1), act2=act_code(act_after_conv),
+        frames_per_prog=frames_per_prog, act1=act_code(act_after_fc1), act2=act_code(act_after_conv), norm=norm,
     )
     return up_residual_forward(x, g, fc2_weight, fc2_bias, num_prefix_tokens, num_frames=num_frames,
                                scale=scale, drop_draw=drop_draw, drop_path=drop_path)
