@@ -41,7 +41,7 @@ from ._common import (
     dot_flags,
     weight_tma,
 )
-from .adapter_fwd import down_conv_forward, up_residual_forward, window_grid
+from .adapter_fwd import down_conv_forward, unfused_switches, up_residual_forward, window_grid
 from .adapter_prenorm import prenorm_dgrad
 from .wgrad import bu_dot_parts, finalize, weight_grad, weight_grad_config, weight_grad_partials  # noqa: F401
 
@@ -267,7 +267,9 @@ def adapter_backward(
     scale: Optional[torch.Tensor] = None,
     drop_draw: Optional[torch.Tensor] = None,
     drop_path: float = 0.0,
+    grid_size: Optional[tuple] = None,
     norm: Optional[tuple] = None,
+    prefix_mlp: bool = False,
 ) -> tuple:
     """Gradients (dx, dWd, dbd, dwc (Ca, KT), dbc, dWu, dbu) in five launches: recompute, conv
     backward, dgrad, both weight GEMMs, one fixed-order reduce-and-cast. Parameter grads come in
@@ -286,6 +288,7 @@ def adapter_backward(
     conv backward, the dgrad with the LayerNorm backward folded in, the wgrad (LayerNorm in
     dWd's load prologue), the finalize (dgamma, dbeta too) -- and (dnorm_weight, dnorm_bias)
     follow the rest, in their own dtype (None where that affine tensor is None)."""
+    unfused_switches(conv_taps, norm, prefix_mlp)
     sw = Switches.of(act_after_fc1, act_after_conv, scale, drop_draw, drop_path)
     bt, seq_len, _ = x.shape
     n_tokens = bt * (seq_len - num_prefix_tokens)

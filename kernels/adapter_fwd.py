@@ -407,7 +407,9 @@ def adapter_forward(
     scale: Optional[torch.Tensor] = None,
     drop_draw: Optional[torch.Tensor] = None,
     drop_path: float = 0.0,
+    grid_size: Optional[tuple] = None,
     norm: Optional[tuple] = None,
+    prefix_mlp: bool = False,
 ) -> torch.Tensor:
     """Fused forward: (B*T, L, C) -> new (B*T, L, C) tensor of x's dtype. Two launches for every
     docs/design.md §9 switch taken here: activations are epilogues of the down-conv kernel, the
@@ -415,9 +417,20 @@ def adapter_forward(
     the up-projection: out = x + s * draw[clip] / (1 - p) * (g Wu^T + bu) on spatial rows.
     norm = (norm_weight or None, norm_bias or None, eps): a LayerNorm over C before fc1, folded
     into the down-conv kernel; three launches (the parameter fold first, kernels/adapter_prenorm.py)."""
+    unfused_switches(conv_taps, norm, prefix_mlp)
     g, _ = down_conv_forward(
         x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
         frames_per_prog=frames_per_prog, act1=act_code(act_after_fc1), act2=act_code(act_after_conv), norm=norm,
     )
     return up_residual_forward(x, g, fc2_weight, fc2_bias, num_prefix_tokens, num_frames=num_frames,
                                scale=scale, drop_draw=drop_draw, drop_path=drop_path)
+
+
+def unfused_switches(conv_taps: torch.Tensor, norm: Optional[tuple], prefix_mlp: bool) -> None:
+    """Raise NotImplementedError naming the docs/design.md §9 switches these kernels do not run
+    yet (backends/triton.py refuses the same ones before dispatch). norm is fused
+    (kernels/adapter_prenorm.py): the argument stays for the callers' one signature."""
+    missing = [name for name, on in (("spatial kernels (Ca, kt, kh, kw) taps", conv_taps.dim() == 4),
+                                      ("prefix_mode='mlp'", prefix_mlp)) if on]
+    if missing:
+        raise NotImplementedError(f"the Triton kernels do not fuse {', '.join(missing)} yet")

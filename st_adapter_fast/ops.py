@@ -215,8 +215,12 @@ def resolve_backend(
 
 # ------------------------------------------------------------------- registered fused op
 def _taps(conv_weight: Tensor) -> Tensor:
-    """(Ca, 1, kt, 1, 1) depthwise temporal kernel -> contiguous (Ca, kt)."""
-    return conv_weight.reshape(conv_weight.shape[0], conv_weight.shape[2]).contiguous()
+    """(Ca, 1, kt, kh, kw) depthwise kernel -> contiguous (Ca, kt) for a temporal kernel
+    (kh = kw = 1), else contiguous (Ca, kt, kh, kw): the backends' taps layout."""
+    ca, _, kt, kh, kw = conv_weight.shape
+    if kh == 1 and kw == 1:
+        return conv_weight.reshape(ca, kt).contiguous()
+    return conv_weight.reshape(ca, kt, kh, kw).contiguous()
 
 
 @torch.library.custom_op("st_adapter_fast::fused_adapter", mutates_args=())
@@ -236,24 +240,45 @@ def fused_adapter(
     drop_path: float = 0.0,
     act_after_fc1: Optional[str] = None,
     act_after_conv: Optional[str] = None,
+    grid_h: int = 0,
+    grid_w: int = 0,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    norm_eps: float = 1e-5,
+    has_norm: bool = False,
+    prefix_mlp: bool = False,
 ) -> Tensor:
     """Fused forward with a named backend. x: (B*T, L, C) -> new (B*T, L, C), x's dtype.
 
     docs/design.md §9 switches the fused op takes: scale (0-dim), DropPath (drop_draw: the (B,)
-    float32 0/1 per-clip draw of drop_path_draw, drop_path: p) and the activations."""
+    float32 0/1 per-clip draw of drop_path_draw, drop_path: p), the activations, the (H, W) grid
+    of a spatial kernel (grid_h, grid_w; read only when kh or kw > 1), the LayerNorm before fc1
+    (has_norm, with norm_weight / norm_bias (C,) or None and norm_eps) and prefix_mode="mlp"
+    (prefix_mlp)."""
     impl = _backends.get_backend(backend)
     return impl.forward(
         x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, _taps(conv_weight), conv_bias,
-        fc2_weight, fc2_bias, **_switch_kwargs(scale, drop_draw, drop_path, act_after_fc1, act_after_conv),
+        fc2_weight, fc2_bias, **_switch_kwargs(scale, drop_draw, drop_path, act_after_fc1, act_after_conv,
+                                               conv_weight, grid_h, grid_w, norm_weight, norm_bias, norm_eps,
+                                               has_norm, prefix_mlp),
     )
 
 
-def _switch_kwargs(scale, drop_draw, drop_path, act_after_fc1, act_after_conv) -> dict:
+def _switch_kwargs(scale, drop_draw, drop_path, act_after_fc1, act_after_conv, conv_weight=None,
+                   grid_h=0, grid_w=0, norm_weight=None, norm_bias=None, norm_eps=1e-5, has_norm=False,
+                   prefix_mlp=False) -> dict:
     """The §9 keyword arguments of a backend's forward / backward; none for the official switches
-    (so a backend fusing only those keeps its plain signature)."""
+    (so a backend fusing only those keeps its plain signature): grid_size=(H, W) only for a
+    spatial kernel, norm=(weight, bias, eps) only with the LayerNorm, prefix_mlp only when set."""
     kwargs = dict(scale=scale, act_after_fc1=act_after_fc1, act_after_conv=act_after_conv)
     if drop_path > 0:
         kwargs.update(drop_draw=drop_draw, drop_path=drop_path)
+    if conv_weight is not None and tuple(conv_weight.shape[3:]) != (1, 1):
+        kwargs["grid_size"] = (grid_h, grid_w)
+    if has_norm:
+        kwargs["norm"] = (norm_weight, norm_bias, float(norm_eps))
+    if prefix_mlp:
+        kwargs["prefix_mlp"] = True
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
@@ -265,9 +290,7 @@ def drop_path_draw(num_clips: int, p: float, device) -> Tensor:
 
 
 @fused_adapter.register_fake
-def _fused_adapter_fake(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias,
-                        num_frames, num_prefix_tokens, backend, scale=None, drop_draw=None, drop_path=0.0,
-                        act_after_fc1=None, act_after_conv=None):
+def _fused_adapter_fake(x, *args, **kwargs):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -289,17 +312,29 @@ def fused_adapter_backward(
     drop_path: float = 0.0,
     act_after_fc1: Optional[str] = None,
     act_after_conv: Optional[str] = None,
+    grid_h: int = 0,
+    grid_w: int = 0,
+    norm_weight: Optional[Tensor] = None,
+    norm_bias: Optional[Tensor] = None,
+    norm_eps: float = 1e-5,
+    has_norm: bool = False,
+    prefix_mlp: bool = False,
 ) -> List[Tensor]:
-    """[dx, dfc1_w, dfc1_b, dconv_w, dconv_b, dfc2_w, dfc2_b, dscale] in the inputs' dtypes; the
-    grad of an absent bias or scale is an empty tensor (the autograd formula turns it into None).
-    The switches as fused_adapter's."""
+    """[dx, dfc1_w, dfc1_b, dconv_w, dconv_b, dfc2_w, dfc2_b, dscale, dnorm_w, dnorm_b] in the
+    inputs' dtypes; the grad of an absent bias, scale or norm affine is an empty tensor (the
+    autograd formula turns it into None). The switches as fused_adapter's."""
     impl = _backends.get_backend(backend)
     grads = impl.backward(
         grad_out, x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, _taps(conv_weight),
-        conv_bias, fc2_weight, fc2_bias, **_switch_kwargs(scale, drop_draw, drop_path, act_after_fc1, act_after_conv),
+        conv_bias, fc2_weight, fc2_bias,
+        **_switch_kwargs(scale, drop_draw, drop_path, act_after_fc1, act_after_conv, conv_weight, grid_h, grid_w,
+                         norm_weight, norm_bias, norm_eps, has_norm, prefix_mlp),
     )
     dx, dwd, dbd, dtaps, dbc, dwu, dbu = grads[:7]
-    dscale = grads[7] if scale is not None else None  # backends return it as an 8th entry
+    # backends append d(scale) when scale= is passed, then (d norm weight, d norm bias) with norm=
+    extra = list(grads[7:])
+    dscale = extra.pop(0) if scale is not None else None
+    dnw, dnb = (extra[0], extra[1]) if has_norm else (None, None)
     pdtype = fc1_weight.dtype
 
     def cast(t: Optional[Tensor], dtype=pdtype) -> Tensor:
@@ -309,43 +344,56 @@ def fused_adapter_backward(
     return [
         dx.to(x.dtype), cast(dwd), cast(dbd), cast(dtaps).contiguous().reshape(conv_weight.shape), cast(dbc),
         cast(dwu), cast(dbu), cast(dscale, scale.dtype if scale is not None else pdtype),
+        cast(dnw, norm_weight.dtype if norm_weight is not None else pdtype),
+        cast(dnb, norm_bias.dtype if norm_bias is not None else pdtype),
     ]
 
 
 @fused_adapter_backward.register_fake
 def _fused_adapter_backward_fake(grad_out, x, fc1_weight, fc1_bias, conv_weight, conv_bias,
                                  fc2_weight, fc2_bias, num_frames, num_prefix_tokens, backend, scale=None,
-                                 drop_draw=None, drop_path=0.0, act_after_fc1=None, act_after_conv=None):
+                                 drop_draw=None, drop_path=0.0, act_after_fc1=None, act_after_conv=None,
+                                 grid_h=0, grid_w=0, norm_weight=None, norm_bias=None, norm_eps=1e-5,
+                                 has_norm=False, prefix_mlp=False):
     def like(t):
         return fc1_weight.new_empty((0,)) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
 
     return [
         torch.empty(x.shape, dtype=x.dtype, device=x.device), like(fc1_weight), like(fc1_bias),
         like(conv_weight), like(conv_bias), like(fc2_weight), like(fc2_bias), like(scale),
+        like(norm_weight if has_norm else None), like(norm_bias if has_norm else None),
     ]
 
 
 def _setup_context(ctx, inputs, output):
     (x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, t, p, backend,
-     scale, drop_draw, drop_path, act1, act2) = inputs
-    # Only x and the parameters (scale among them), plus DropPath's (B,) per-clip draw: h, g and
-    # the conv input are recomputed in backward.
-    ctx.save_for_backward(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, scale, drop_draw)
+     scale, drop_draw, drop_path, act1, act2, grid_h, grid_w, norm_weight, norm_bias, norm_eps, has_norm,
+     prefix_mlp) = inputs
+    # Only x and the parameters (scale and the norm affine among them), plus DropPath's (B,)
+    # per-clip draw: the LayerNorm statistics, h, g and the conv input are recomputed in backward.
+    ctx.save_for_backward(x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, scale, drop_draw,
+                          norm_weight, norm_bias)
     ctx.num_frames, ctx.num_prefix_tokens, ctx.backend = t, p, backend
-    ctx.switches = (drop_path, act1, act2)
+    ctx.switches = (drop_path, act1, act2, grid_h, grid_w)
+    ctx.norm = (norm_eps, has_norm, prefix_mlp)
     ctx.has_bias = (fc1_bias is not None, conv_bias is not None, fc2_bias is not None)
 
 
 def _backward(ctx, grad_out):
-    x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, scale, drop_draw = ctx.saved_tensors
-    dx, dwd, dbd, dwc, dbc, dwu, dbu, dscale = fused_adapter_backward(
+    (x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias, scale, drop_draw, norm_weight,
+     norm_bias) = ctx.saved_tensors
+    norm_eps, has_norm, prefix_mlp = ctx.norm
+    dx, dwd, dbd, dwc, dbc, dwu, dbu, dscale, dnw, dnb = fused_adapter_backward(
         grad_out, x, fc1_weight, fc1_bias, conv_weight, conv_bias, fc2_weight, fc2_bias,
         ctx.num_frames, ctx.num_prefix_tokens, ctx.backend, scale, drop_draw, *ctx.switches,
+        norm_weight, norm_bias, norm_eps, has_norm, prefix_mlp,
     )
     has_bd, has_bc, has_bu = ctx.has_bias
     return (
         dx, dwd, dbd if has_bd else None, dwc, dbc if has_bc else None, dwu,
         dbu if has_bu else None, None, None, None, dscale if scale is not None else None, None, None, None, None,
+        None, None, dnw if norm_weight is not None else None, dnb if norm_bias is not None else None,
+        None, None, None,
     )
 
 
@@ -435,21 +483,19 @@ def st_adapter(
                          norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, norm_eps=norm_eps,
                          act_after_fc1=act_after_fc1, act_after_conv=act_after_conv,
                          prefix_mode=prefix_mode, scale=scale, drop_path=drop_path, training=training)
-    if variant.norm is not None or variant.prefix_mode != "skip":  # docs/design.md §9
-        raise RuntimeError(f"backend {name!r} accepted {variant.describe()}, but the fused op runs only the "
-                           f"official switches plus the activations, scale and DropPath (no norm or prefix_mode "
-                           f"switch yet); its unavailable_reason must refuse them")
     if x.numel() == 0:
         return x if inplace else x.clone()
     p = variant.drop_path  # 0 unless training
     draw = drop_path_draw(x.shape[0] // num_frames, p, x.device) if p > 0 else None
-    switches = (scale, draw, p, act_after_fc1, act_after_conv)
+    grid_h, grid_w = infer_grid(x.shape[1] - num_prefix_tokens, grid_size)
+    switches = (scale, draw, p, act_after_fc1, act_after_conv, grid_h, grid_w, norm_weight, norm_bias,
+                float(norm_eps), norm is not None, prefix_mode == "mlp")
     if not inplace:
         return fused_adapter(x, *params, num_frames, num_prefix_tokens, name, *switches)
     # In place: the op saves its input for backward, so under autograd it gets a copy of x
     # (x itself is overwritten below); without autograd x is read directly.
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, *params, scale)
+        t is not None and t.requires_grad for t in (x, *params, scale, norm_weight, norm_bias)
     )
     out = fused_adapter(x.clone() if needs_grad else x, *params, num_frames, num_prefix_tokens, name, *switches)
     x.copy_(out)

@@ -10,7 +10,8 @@ st_adapter_fast.variants.Variant as a ``variant=`` keyword of its unavailable_re
 the official switches) and decides; any other backend keeps its 3-argument unavailable_reason
 and is refused every non-official switch, by name.
 
-Backend functions take conv taps as a contiguous (Ca, KT) tensor (conv.weight reshaped), x and
+Backend functions take conv taps as a contiguous (Ca, KT) tensor (conv.weight reshaped; a
+spatial kernel, kh or kw > 1, as (Ca, KT, KH, KW)), x and
 dO with any strides, and return (see kernels.adapter_bwd.adapter_backward):
   forward(x, T, P, Wd, bd, taps, bc, Wu, bu) -> out (B*T, L, C), x's dtype, contiguous
   backward(dO, x, T, P, Wd, bd, taps, bc, Wu, bu) -> (dx, dWd, dbd, dtaps (Ca, KT), dbc, dWu, dbu)
@@ -18,8 +19,10 @@ with parameter gradients in fp32 or in the parameters' dtype (ops casts to the l
 backend reduces in fp32 and casts in its last launch), None for absent biases. A backend whose
 unavailable_reason accepts a §9 switch the fused op takes (act_after_fc1, act_after_conv, scale,
 DropPath) gets it as keyword arguments of both (act_after_fc1=, act_after_conv=, scale= a 0-dim
-tensor, drop_draw= the (B,) float32 0/1 per-clip draw with drop_path= p; only those set), and
-its backward returns d(scale) as an 8th entry when scale= is passed.
+tensor, drop_draw= the (B,) float32 0/1 per-clip draw with drop_path= p; grid_size= (H, W) with
+a spatial kernel; norm= (weight or None, bias or None, eps) with the LayerNorm before fc1;
+prefix_mlp=True with prefix_mode="mlp"; only those set). Its backward appends d(scale) when
+scale= is passed, then (d norm weight, d norm bias) (None where absent) when norm= is.
 """
 
 from __future__ import annotations

@@ -87,13 +87,11 @@ def _triton_unavailable(x: torch.Tensor, kernel_size: Sequence[int], dtype: torc
     if kt > common.MAX_FUSED_KT:
         return f"kernel_size {tuple(kernel_size)}: temporal kernels up to {common.MAX_FUSED_KT} are fused"
     if variant is not None:
-        # docs/design.md §9: activations, scale and DropPath are fused (kernel epilogues); these not yet
-        refused = [f"norm={variant.norm!r}"] if variant.norm is not None else []
+        # docs/design.md §9: the LayerNorm before fc1 (kernels/adapter_prenorm.py), activations,
+        # scale and DropPath are fused (K-loop prologue, kernel epilogues); prefix_mode="mlp" not yet
         if variant.prefix_mode != "skip":
-            refused.append(f"prefix_mode={variant.prefix_mode!r}")
-        if refused:
-            return (f"{' and '.join(refused)} not fused yet (docs/design.md §9; the activations, scale "
-                    f"and DropPath are)")
+            return (f"prefix_mode={variant.prefix_mode!r} not fused yet (docs/design.md §9; norm, the "
+                    f"activations, scale and DropPath are)")
     return None
 
 

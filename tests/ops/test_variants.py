@@ -394,8 +394,8 @@ SWITCHES = [
     (dict(drop_path=0.2), "drop_path=0.2"),
 ]
 # what each fused backend still refuses: CUDA every switch, Triton those it does not fuse yet
-# (the activations, scale and DropPath it fuses: test_variants_fused.py)
-TRITON_REFUSES = ("norm='layernorm'", "prefix_mode='mlp'")
+# (the activations, scale and DropPath it fuses: test_variants_fused.py; norm: test_prenorm_fused.py)
+TRITON_REFUSES = ("prefix_mode='mlp'",)
 REFUSALS = [("cuda", kw, named) for kw, named in SWITCHES] + [
     ("triton", kw, named) for kw, named in SWITCHES if named in TRITON_REFUSES]
 
@@ -476,16 +476,20 @@ def test_backends_without_variant_support_keep_their_interface():
     assert get_backend("triton").variant_aware and get_backend("cuda").variant_aware
 
 
-@pytest.mark.parametrize("kwargs,named", [(dict(norm="layernorm"), "norm='layernorm'"),
-                                          (dict(prefix_mode="mlp"), "prefix_mode='mlp'")], ids=["norm", "mlp"])
+@pytest.mark.parametrize("kwargs,named", [(dict(norm="layernorm"), "norm"),
+                                          (dict(prefix_mode="mlp"), "prefix_mlp")], ids=["norm", "mlp"])
 def test_a_backend_claiming_variants_cannot_silently_drop_them(kwargs, named):
-    """The fused op has no norm or prefix_mode argument yet: a backend that accepts one gets an
-    error, never the computation without it. (The switches the op takes reach the backend's
-    forward as keyword arguments, so a forward without them fails too.)"""
-    register_backend(Backend("test_claims_all", lambda x, k, d, variant=None: None, None, None, auto=False,
-                             variant_aware=True), replace=True)
+    """The switches the fused op takes reach the backend's forward as keyword arguments, so a
+    backend that claims a switch (its reason says yes) but whose forward lacks the argument
+    fails naming it, never computes the adapter without it."""
+    def forward_without_norm_or_prefix(x, t, p, wd, bd, taps, bc, wu, bu, *, act_after_fc1=None,
+                                       act_after_conv=None, scale=None):
+        return x.clone()
+
+    register_backend(Backend("test_claims_all", lambda x, k, d, variant=None: None, forward_without_norm_or_prefix,
+                             None, auto=False, variant_aware=True), replace=True)
     try:
-        with pytest.raises(RuntimeError, match=f"{named}.*no norm or prefix_mode switch yet"):
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{named}'"):
             st_adapter(torch.randn(4, 5, 8), 2, *_weights(), backend="test_claims_all", act_after_fc1="relu",
                        **kwargs)
     finally:

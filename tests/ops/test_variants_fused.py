@@ -194,14 +194,16 @@ def test_drop_path_draw_is_the_references_mask():
     assert dropped["triton"] == dropped["reference"] and 0 < sum(dropped["triton"]) < 16
 
 
-def test_runs_fused_without_fallback_and_saves_only_inputs(monkeypatch):
+@pytest.mark.parametrize("norm", [None, "layernorm"], ids=["no-norm", "layernorm"])
+def test_runs_fused_without_fallback_and_saves_only_inputs(monkeypatch, norm):
     """With x's device offered to the fused backends (as CUDA tensors are), "auto" runs these
     switches on Triton -- no fallback warning, the explicit backend's result bitwise -- and only
-    x, the parameters (scale included) and the (B,) DropPath draw are saved for backward."""
+    x, the parameters (scale and the LayerNorm's affine included) and the (B,) DropPath draw are
+    saved for backward (norm: not the row statistics, which the backward recomputes)."""
     monkeypatch.setattr(ops, "AUTO_FUSED_DEVICES", ("cuda", DEVICE))
     monkeypatch.setattr(ops, "_WARNED", set())
     m = STAdapter(16, 8, (3, 1, 1), act_after_fc1="gelu", act_after_conv="quick_gelu", scale=0.5,
-                  drop_path=0.3).to(DEVICE).train()
+                  drop_path=0.3, norm=norm).to(DEVICE).train()
     for q in m.parameters():
         torch.nn.init.normal_(q, std=0.3)
     x = torch.randn(4 * 2, 10, 16, device=DEVICE, requires_grad=True)
@@ -223,10 +225,9 @@ def test_runs_fused_without_fallback_and_saves_only_inputs(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs,named", [
-    (dict(norm="layernorm"), "norm='layernorm'"),
     (dict(prefix_mode="mlp"), "prefix_mode='mlp'"),
     (dict(kernel_size=(3, 3, 3)), r"kernel_size \(3, 3, 3\)"),
-], ids=["norm", "mlp", "spatial"])
+], ids=["mlp", "spatial"])
 def test_triton_still_refuses_the_rest_by_name(kwargs, named):
     m = STAdapter(8, 4, backend="triton", act_after_fc1="gelu", scale=0.5, **kwargs).to(DEVICE)
     with pytest.raises(RuntimeError, match=f"backend='triton' cannot run this call: .*{named}"):
