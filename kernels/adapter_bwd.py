@@ -285,8 +285,8 @@ def adapter_backward(
 
     norm = (norm_weight or None, norm_bias or None, eps) (kernels/adapter_prenorm.py): six
     launches -- the parameter fold, the recompute (also storing each row's mean and rstd), the
-    conv backward, the dgrad with the LayerNorm backward folded in, the wgrad (LayerNorm in
-    dWd's load prologue), the finalize (dgamma, dbeta too) -- and (dnorm_weight, dnorm_bias)
+    conv backward, the dgrad with the LayerNorm backward folded in (it also writes z = LN(x_s)
+    for dWd = dh^T z), the wgrad, the finalize (dgamma, dbeta too) -- and (dnorm_weight, dnorm_bias)
     follow the rest, in their own dtype (None where that affine tensor is None)."""
     unfused_switches(conv_taps, norm, prefix_mlp)
     sw = Switches.of(act_after_fc1, act_after_conv, scale, drop_draw, drop_path)
@@ -295,20 +295,18 @@ def adapter_backward(
     if dout.dtype != x.dtype:  # one wgrad launch reads dO and x through one pointer type
         dout = dout.to(x.dtype)
     grads = parameter_grads(x, fc1_weight, fc1_bias, conv_taps, conv_bias, fc2_weight, fc2_bias, scale=scale)
-    norm_args, affine, norm_out = None, None, ()
+    norm_args, norm_out = None, ()
     if norm is not None:
         lnw, lnb, eps = norm
-        live = [t for t in (lnw, lnb) if t is not None]
-        # both affine grads in one buffer (one finalize segment): rows [dgamma; dbeta]
-        affine = torch.empty((2, x.shape[-1]), device=x.device, dtype=live[0].dtype) if live else None
+        # two tensors, not views of one buffer: the op's outputs may not alias
+        norm_out = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else None
+                         for t in (lnw, lnb))
         stats = torch.empty((2, n_tokens), device=x.device, dtype=torch.float32)
-        norm_args = (lnw, lnb, stats[0], stats[1], affine)
-        norm_out = (affine[0] if lnw is not None else None, affine[1] if lnb is not None else None)
+        norm_args = (lnw, lnb, stats[0], stats[1], norm_out)
     if n_tokens == 0:
         dx = torch.empty(dout.shape, device=dout.device, dtype=dout.dtype).copy_(dout)
-        if affine is not None:
-            affine.zero_()
-        return (dx, *[None if g is None else g.zero_() for g in grads.values()], *norm_out)
+        return (dx, *[None if g is None else g.zero_() for g in grads.values()],
+                *[None if g is None else g.zero_() for g in norm_out])
     g_pre = torch.empty((n_tokens, conv_taps.shape[0]), device=x.device, dtype=fc1_weight.dtype) if sw.act2 else None
     g, h = down_conv_forward(
         x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
@@ -369,22 +367,24 @@ def backward_from_recompute(
     switches (docs/design.md §9, see adapter_backward): h is then before act1, g after act2 (and
     times DropPath's factor m with DropPath), g_pre (with act2) before act2; with a scale,
     grads["dscale"] is filled too (fc2_bias: its share). norm = (norm_weight, norm_bias, mean,
-    rstd, affine out (2, C) or None) for norm="layernorm" (kernels/adapter_prenorm.py): the dgrad
-    launch folds in the LayerNorm backward, the wgrad takes dWd = dh^T LN(x), and the finalize
-    fills affine with (dgamma; dbeta)."""
+    rstd, (dgamma out or None, dbeta out or None)) for norm="layernorm" (kernels/adapter_prenorm.py):
+    the dgrad launch folds in the LayerNorm backward and writes z = LN(x_s), the wgrad takes
+    dWd = dh^T z, and the finalize fills dgamma and dbeta too."""
     sw = switches or Switches()
     assert extra_segment is None or sw.scale is None, "d(scale) takes the finalize launch's last segment"
     bt, seq_len, _ = x.shape
     s = seq_len - num_prefix_tokens
     # problem 0: dWu = dy^T g (+ dbu = sum dy); problem 1: dWd^T = x_s^T dh (+ dbd = sum dh)
     has_bu = grads["dbu"] is not None
-    problems = [(dout, g, 1 if has_bu else 0), (x, None, 2 if grads["dbd"] is not None else 0)]
+    # norm: dWd's A operand is z = LN(x_s) (N, C), written by the LN dgrad launch
+    a1 = x if norm is None else torch.empty((bt * s, x.shape[-1]), device=x.device, dtype=fc1_weight.dtype)
+    problems = [(dout, g, 1 if has_bu else 0), (a1, None, 2 if grads["dbd"] is not None else 0)]
     dscale_part, n_conv, bu_dot = None, 0, None
     if sw.scale is not None:
         # one fp32 partial per conv-backward program, then (bias) one per wgrad (split, C block)
         n_conv = conv_programs(dout, num_frames, num_prefix_tokens, fc2_weight, conv_taps,
                                frames_per_prog=frames_per_prog)
-        shapes = [(dout, g, problems[0][2]), (x, g, problems[1][2])]  # dh is laid out as g
+        shapes = [(dout, g, problems[0][2]), (a1, g, problems[1][2])]  # dh is laid out as g
         n_bu = bu_dot_parts(shapes, fc1_weight.dtype, bt * s) if has_bu else 0
         dscale_part = torch.empty((n_conv + n_bu, 1, 1), device=x.device, dtype=torch.float32)
         bu_dot = (fc2_bias, dscale_part[n_conv:].view(-1)) if has_bu else None
@@ -393,18 +393,18 @@ def backward_from_recompute(
         switches=sw, g=g_pre if sw.act2 else g, dscale_part=dscale_part,
     )
     del h, g_pre
-    affine_segment, a1_norm = None, None
+    affine_segments = [None, None]
     if norm is None:
         dx = up_residual_forward(dout, dh, fc1_weight.t(), None, num_prefix_tokens)
-    else:
-        lnw, lnb, mean, rstd, affine = norm
-        dx, affine_part = prenorm_dgrad(dout, x, dh, fc1_weight, lnw, mean, rstd, num_prefix_tokens)
-        affine_segment = (affine_part, affine) if affine is not None else None
-        a1_norm = (mean, rstd, lnw, lnb)
-    problems[1] = (x, dh, problems[1][2])
+        problems[1] = (x, dh, problems[1][2])
+    else:  # dx with the LayerNorm backward folded in; dWd = dh^T z with z = LN(x_s) from the same launch
+        lnw, lnb, mean, rstd, affine_out = norm
+        dx, affine_part, _ = prenorm_dgrad(dout, x, dh, fc1_weight, lnw, lnb, mean, rstd, num_prefix_tokens, z=a1)
+        affine_segments = [(part, out) if out is not None else None for part, out in zip(affine_part, affine_out)]
+        problems[1] = (a1, dh, problems[1][2])
     a0_drop = (sw.drop_draw, 1.0 - sw.drop_path, num_frames) if sw.drop_draw is not None else None
     dw_part, dbu_part, dbd_part, splits = weight_grad_partials(
-        problems, fc1_weight.dtype, bt * s, s, num_prefix_tokens, a0_drop=a0_drop, bu_dot=bu_dot, a1_norm=a1_norm,
+        problems, fc1_weight.dtype, bt * s, s, num_prefix_tokens, a0_drop=a0_drop, bu_dot=bu_dot,
     )
     scaled = sw.scale is not None  # dy = s * m * dO: m rode on g (and dbu's sums), s comes in here
     finalize([
@@ -415,6 +415,6 @@ def backward_from_recompute(
         (dwc_part, grads["dwc"].t()),
         (dbc_part, grads["dbc"]) if grads["dbc"] is not None else None,
         extra_segment if dscale_part is None else (dscale_part, grads["dscale"]),
-        affine_segment,
+        *affine_segments,
     ], multiplier=sw.scale)
     return dx, grads["dwd"], grads["dbd"], grads["dwc"], grads["dbc"], grads["dwu"], grads["dbu"]

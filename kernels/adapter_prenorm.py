@@ -21,10 +21,13 @@ a program owns BLOCK_M of the B*T*L rows and walks C twice --
           ~19 us at 800 TFLOP/s), the row sums c1 = sum gamma dz, c2 = sum gamma dz xhat and
           this program's fp32 partials of dgamma = sum dz xhat, dbeta = sum dz;
   walk 2: dx = dO + rstd (gamma dz - c1 / C - xhat c2 / C) on spatial rows, dO on prefix rows.
-dWd = dh^T z: the wgrad kernel applies the LayerNorm to its x tiles in the load prologue
-(wgrad.adapter_wgrad_kernel A1_LN): materialising z (N, C) for it instead would write and read
-back 2 N C bytes (77 MB in bf16 on shape A B8) and hold a 38.5 MB buffer. dgamma / dbeta ride
-in the backward's one finalize launch (its eighth segment).
+  walk 2 also writes z = xhat gamma + beta (N, C) in the compute dtype, for dWd = dh^T z in the
+  existing wgrad launch (z in place of x_s: the same bytes read there). The alternative, the
+  LayerNorm applied to the wgrad kernel's x tiles in its load prologue, saves that write (N C
+  bytes: 19.3 MB in bf16 on shape A B8, ~4.5 us at 4.3 TB/s) but ptxas serialised the sm_90
+  wgmma of every such variant (128x128 bf16/fp16: an MMA operand changed in registers, as the
+  DropPath factor on A did before it moved to B).
+dgamma and dbeta ride in the backward's one finalize launch (two more segments).
 
 Shapes: x (B*T, L, C); dh (B*T*S, Ca); mean, rstd (B*T*S,) fp32; Wd (Ca, C); gamma, beta (C,).
 """
@@ -171,19 +174,21 @@ def _xhat_block(x_ptr, x_off, offs_n, stride_xc, smask, mean, rstd):
 
 @triton.jit
 def adapter_prenorm_dgrad_kernel(
-    dout_ptr, x_ptr, dh_ptr, wd_ptr, lnw_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr,
+    dout_ptr, x_ptr, dh_ptr, wd_ptr, lnw_ptr, lnb_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr, z_ptr,
     n_rows, L, P, S, CA, C,
     stride_df, stride_dl, stride_dc,  # dO viewed as (B*T, L, C)
     stride_xf, stride_xl, stride_xc,  # x viewed as (B*T, L, C)
     stride_hn,  # dh (B*T*S, Ca) row stride, unit column stride
     stride_wo, stride_wi,  # the GEMM's W = Wd^T (C, Ca): fc1.weight's strides swapped
-    HAS_LNW: tl.constexpr,
+    HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False, W_KMAJOR: tl.constexpr = False,
 ):
     """dx (B*T*L, C) contiguous in dO's dtype: dO + the LayerNorm backward of dz = dh Wd on the
-    spatial rows; part (programs, 2, C) fp32: this program's (sum dz xhat, sum dz)."""
+    spatial rows; part (2, programs, C) fp32: this program's sum dz xhat (part[0]) and sum dz
+    (part[1]), each a contiguous finalize segment; z (B*T*S, C) contiguous in z's dtype: the
+    LayerNorm's output xhat * gamma + beta on the spatial rows (dWd's operand)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m, f, l_idx, spatial, token = _token_rows(rows, n_rows, L, P, S)
@@ -194,7 +199,8 @@ def adapter_prenorm_dgrad_kernel(
     w_desc = _weight_desc(wd_ptr, C, CA, stride_wo, stride_wi, BLOCK_N, BLOCK_K, USE_TMA, W_KMAJOR)
     c1 = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_c gamma dz
     c2 = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_c gamma dz xhat
-    base = part_ptr + pid.to(tl.int64) * 2 * C
+    base = part_ptr + pid.to(tl.int64) * C
+    beta_base = base + tl.num_programs(0).to(tl.int64) * C
     for n0 in range(0, C, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < C
@@ -215,7 +221,7 @@ def adapter_prenorm_dgrad_kernel(
         c1 += tl.sum(gdz, axis=1)
         c2 += tl.sum(gdz * xhat, axis=1)
         tl.store(base + offs_n, tl.sum(dz * xhat, axis=0), mask=mask_n)
-        tl.store(base + C + offs_n, tl.sum(dz, axis=0), mask=mask_n)
+        tl.store(beta_base + offs_n, tl.sum(dz, axis=0), mask=mask_n)
     c1 = c1 / C
     c2 = c2 / C
     tl.debug_barrier()  # walk 2 reads dz that other threads of this program parked
@@ -227,9 +233,15 @@ def adapter_prenorm_dgrad_kernel(
         smask = spatial[:, None] & mask_n[None, :]
         ptrs = dx_ptr + rows64[:, None] * C + offs_n[None, :]
         gdz = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_LNW:
-            gdz = gdz * tl.load(lnw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         xhat = _xhat_block(x_ptr, x_off, offs_n, stride_xc, smask, mean, rstd)
+        z = xhat
+        if HAS_LNW:
+            gamma = tl.load(lnw_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            gdz = gdz * gamma[None, :]
+            z = z * gamma[None, :]
+        if HAS_LNB:
+            z = z + tl.load(lnb_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(z_ptr + token[:, None] * C + offs_n[None, :], _cast(z, z_ptr.dtype.element_ty), mask=smask)
         d = tl.load(dout_ptr + d_off + offs_n[None, :].to(tl.int64) * stride_dc, mask=mask, other=0.0)
         d = d.to(tl.float32) + tl.where(smask, rstd[:, None] * (gdz - c1[:, None] - xhat * c2[:, None]), 0.0)
         tl.store(ptrs, _cast(d, dx_ptr.dtype.element_ty), mask=mask)
@@ -259,12 +271,15 @@ def prenorm_dgrad(
     dh: torch.Tensor,
     fc1_weight: torch.Tensor,
     norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
     mean: torch.Tensor,
     rstd: torch.Tensor,
     num_prefix_tokens: int,
+    z: Optional[torch.Tensor] = None,
 ) -> tuple:
-    """(dx (B*T, L, C) contiguous in dout's dtype, affine partials (programs, 2, C) fp32): one
-    launch. dout, x (B*T, L, C) any strides; dh (B*T*S, Ca) unit column stride; mean, rstd (N,)."""
+    """(dx (B*T, L, C) contiguous in dout's dtype, affine partials (2, programs, 1, C) fp32: of
+    dgamma, of dbeta, z = LayerNorm(x_s) (B*T*S, C) in fc1_weight's dtype; into ``z`` if given,
+    contiguous): one launch. dout, x (B*T, L, C) any strides; dh (B*T*S, Ca) unit column stride; mean, rstd (N,)."""
     bt, seq_len, c = x.shape
     ca = dh.shape[1]
     n_rows = bt * seq_len
@@ -274,19 +289,23 @@ def prenorm_dgrad(
     cfg = tuning.config_for(tuning.family("prenorm_dgrad", is_aligned), kt=1, compute_dtype=fc1_weight.dtype,
                             arch=arch_of(x))
     programs = triton.cdiv(n_rows, cfg.BLOCK_M)
-    part = torch.empty((programs, 2, c), device=x.device, dtype=torch.float32)
+    part = torch.empty((2, programs, 1, c), device=x.device, dtype=torch.float32)
+    if z is None:
+        z = torch.empty((bt * (seq_len - num_prefix_tokens), c), device=x.device, dtype=fc1_weight.dtype)
+    assert z.is_contiguous() and z.shape == (bt * (seq_len - num_prefix_tokens), c)
     if n_rows == 0:
-        return dx, part
+        return dx, part, z
     dot_fp32, precision = dot_flags(fc1_weight.dtype)
     use_tma, kmajor = weight_tma(cfg, weight, arch_of(x), is_aligned)
     adapter_prenorm_dgrad_kernel[(programs,)](
-        dout, x, dh, weight, norm_weight if norm_weight is not None else mean, mean, rstd, dx, part,
+        dout, x, dh, weight, norm_weight if norm_weight is not None else mean,
+        norm_bias if norm_bias is not None else mean, mean, rstd, dx, part, z,
         n_rows, seq_len, num_prefix_tokens, seq_len - num_prefix_tokens, ca, c,
         dout.stride(0), dout.stride(1), dout.stride(2), x.stride(0), x.stride(1), x.stride(2),
         dh.stride(0), weight.stride(0), weight.stride(1),
-        HAS_LNW=norm_weight is not None,
+        HAS_LNW=norm_weight is not None, HAS_LNB=norm_bias is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KMAJOR=kmajor,
         **cfg.launch_kwargs(),
     )
-    return dx, part
+    return dx, part, z

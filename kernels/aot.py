@@ -67,7 +67,7 @@ class Variant:
 
     def label(self) -> str:
         keys = ("KT", "STORE_H", "HAS_BIAS", "INPUT_PRECISION", "USE_TMA", "ACT1", "ACT2", "HAS_SCALE", "HAS_DROP",
-                "A0_DROP", "SCALED", "NORM", "A1_LN", "HAS_LNW", "HAS_LNB", "BLOCK_M", "BLOCK_N", "BLOCK_K")
+                "A0_DROP", "SCALED", "NORM", "HAS_LNW", "HAS_LNB", "BLOCK_M", "BLOCK_N", "BLOCK_K")
         consts = dict(self.constexprs)
         dtypes = sorted({t for _, t in self.signature if t.startswith("*")})
         parts = [f"{k}={consts[k]}" for k in keys if k in consts]
@@ -214,8 +214,8 @@ def _record_switches(x, t, wd, bd, taps, bc, wu, bu):
 
 
 def _record_norm(x, t, wd, bd, taps, bc, wu, bu, with_switches: bool, without_affine: bool):
-    """norm="layernorm" forward and backward (NORM down-conv, the fold, the LN dgrad, the
-    wgrad's A1_LN prologue); with_switches: also with every §9 switch the kernels fuse;
+    """norm="layernorm" forward and backward (NORM down-conv, the fold, the LN dgrad, the wgrad
+    on z, the nine-segment finalize); with_switches: also with every §9 switch the kernels fuse;
     without_affine: also with norm_weight = norm_bias = None (the HAS_LNW / HAS_LNB = False paths)."""
     c = x.shape[-1]
     affine = (torch.empty(c, device="meta", dtype=x.dtype), torch.empty(c, device="meta", dtype=x.dtype))

@@ -35,17 +35,13 @@ def _wgrad_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     A_DROP: tl.constexpr, BU_DOT: tl.constexpr,
-    mean_ptr=None, rstd_ptr=None, lnw_ptr=None, lnb_ptr=None,
-    A_LN: tl.constexpr = False, HAS_LNW: tl.constexpr = False, HAS_LNB: tl.constexpr = False,
 ):
     """dw_part[part] = sum over the split's tokens of A[n]^T B[n] for one (I, J) tile; BIAS 1
     sums A's columns into dba_part[split] (pid_j == 0 programs), 2 sums B's into dbb_part.
     A_DROP: A's column sums (BIAS 1) weight token n by DropPath's factor mask[clip(n)] / drop_keep
     (clips of T frames); the GEMM does not (the factor in the MMA operand serialised sm_90's
     wgmma: the caller puts it on B instead). BU_DOT (with BIAS 1): those programs also write bu . (their column sums) to
-    dscale_ptr[split * I blocks + pid_i] (the fc2 bias's share of d(scale)).
-    A_LN: A is x and the GEMM takes z = LayerNorm(x) = (x - mean[n]) rstd[n] gamma + beta in its
-    load prologue (norm="layernorm": dWd = dh^T z with no z in memory; mean, rstd (N,) fp32)."""
+    dscale_ptr[split * I blocks + pid_i] (the fc2 bias's share of d(scale))."""
     pid_j = tl.program_id(0)
     pid_i = tl.program_id(1)
     offs_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -63,25 +59,10 @@ def _wgrad_tile(
     s = pos - f * S
     col_a = offs_i[:, None].to(tl.int64) * s_ac
     col_b = offs_j[None, :].to(tl.int64) * s_bc
-    if A_LN:
-        if HAS_LNW:
-            gamma = tl.load(lnw_ptr + offs_i, mask=mask_i, other=0.0).to(tl.float32)
-        if HAS_LNB:
-            beta = tl.load(lnb_ptr + offs_i, mask=mask_i, other=0.0).to(tl.float32)
     for n0 in range(n_start, n_end, BLOCK_K):
         mask_n = (n0 + tl.arange(0, BLOCK_K)) < n_end
         a = tl.load(a_ptr + (f * s_af + (s + P_a) * s_al)[None, :] + col_a,
                     mask=mask_i[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_M, BLOCK_K) = A^T
-        if A_LN:
-            tok = f * S + s
-            mu = tl.load(mean_ptr + tok, mask=mask_n, other=0.0)
-            rs = tl.load(rstd_ptr + tok, mask=mask_n, other=0.0)
-            a = (a.to(tl.float32) - mu[None, :]) * rs[None, :]
-            if HAS_LNW:
-                a = a * gamma[:, None]
-            if HAS_LNB:
-                a = a + beta[:, None]
-            a = tl.where(mask_i[:, None] & mask_n[None, :], a, 0.0)  # beta must not fill the padding
         b = tl.load(b_ptr + (f * s_bf + (s + P_b) * s_bl)[:, None] + col_b,
                     mask=mask_n[:, None] & mask_j[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
         if BIAS == 1:
@@ -121,17 +102,13 @@ def adapter_wgrad_kernel(
     P_a0, s_a0f, s_a0l, s_a0c, P_b0, s_b0f, s_b0l, s_b0c,  # problem 0: A0 (I cols), B0 (J cols)
     P_a1, s_a1f, s_a1l, s_a1c, P_b1, s_b1f, s_b1l, s_b1c,  # problem 1 (grid axis 2 >= n_splits)
     mask_ptr, drop_keep, T, bu_ptr, dscale_ptr,  # problem 0's A_DROP / BU_DOT (see _wgrad_tile)
-    mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr,  # problem 1's A1_LN
     BIAS0: tl.constexpr, BIAS1: tl.constexpr,  # 0: none, 1: also sum A's columns, 2: B's
     COMPUTE_DTYPE: tl.constexpr,  # the weights' dtype: under autocast x / dO may be fp32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     A0_DROP: tl.constexpr = False, BU_DOT0: tl.constexpr = False,
-    A1_LN: tl.constexpr = False, HAS_LNW: tl.constexpr = False, HAS_LNB: tl.constexpr = False,
 ):
-    """Grid (J blocks, I blocks, problems * splits); dw_part (problems * splits, I, J) fp32.
-    A1_LN: problem 1's A operand is LayerNorm(x) (_wgrad_tile's A_LN; mean, rstd (N,) fp32, gamma,
-    beta (I,) -- HAS_LNW / HAS_LNB), norm="layernorm"'s dWd."""
+    """Grid (J blocks, I blocks, problems * splits); dw_part (problems * splits, I, J) fp32."""
     z = tl.program_id(2)
     if z < n_splits:
         _wgrad_tile(a0_ptr, P_a0, s_a0f, s_a0l, s_a0c, b0_ptr, P_b0, s_b0f, s_b0l, s_b0c,
@@ -142,8 +119,7 @@ def adapter_wgrad_kernel(
         _wgrad_tile(a1_ptr, P_a1, s_a1f, s_a1l, s_a1c, b1_ptr, P_b1, s_b1f, s_b1l, s_b1c,
                     dw_part_ptr, dba_part_ptr, dbb_part_ptr, z, z - n_splits,
                     N, S, I, J, tokens_per_split, wrap_f, wrap_s, mask_ptr, drop_keep, T, bu_ptr, dscale_ptr,
-                    BIAS1, COMPUTE_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION, False, False,
-                    mean_ptr, rstd_ptr, lnw_ptr, lnb_ptr, A1_LN, HAS_LNW, HAS_LNB)
+                    BIAS1, COMPUTE_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION, False, False)
 
 
 @triton.jit
@@ -175,11 +151,12 @@ def adapter_grad_finalize_kernel(
     p5, n5, r5, q5, o5, sr5, sq5, e5,
     p6, n6, r6, q6, o6, sr6, sq6, e6,
     p7, n7, r7, q7, o7, sr7, sq7, e7,
+    p8, n8, r8, q8, o8, sr8, sq8, e8,
     mult_ptr,
     BLOCK: tl.constexpr,
     SCALED: tl.constexpr = 0,  # bit k: segment k is multiplied by *mult_ptr (the branch scale)
 ):
-    """Eight (partials (n, R, Q) fp32 -> out) segments; program blocks [e_{k-1}, e_k) do segment k."""
+    """Nine (partials (n, R, Q) fp32 -> out) segments; program blocks [e_{k-1}, e_k) do segment k."""
     pid = tl.program_id(0)
     if pid < e0:
         _reduce_segment(p0, n0, r0, q0, o0, sr0, sq0, pid, BLOCK, mult_ptr, SCALED % 2 == 1)
@@ -197,13 +174,16 @@ def adapter_grad_finalize_kernel(
         _reduce_segment(p6, n6, r6, q6, o6, sr6, sq6, pid - e5, BLOCK, mult_ptr, SCALED // 64 % 2 == 1)
     elif pid < e7:
         _reduce_segment(p7, n7, r7, q7, o7, sr7, sq7, pid - e6, BLOCK, mult_ptr, SCALED // 128 % 2 == 1)
+    elif pid < e8:
+        _reduce_segment(p8, n8, r8, q8, o8, sr8, sq8, pid - e7, BLOCK, mult_ptr, SCALED // 256 % 2 == 1)
 
 
 FINALIZE_BLOCK = 1024
 # the adapter backward uses six (dWu, dWd, dbu, dbd, dwc, dbc); the adapter + LayerNorm pair
 # adds its affine grads as a seventh (kernels/adapter_layernorm.py), d(scale) takes one, and
-# norm="layernorm"'s affine grads one more: with a scale that is eight
-FINALIZE_SEGMENTS = 8
+# norm="layernorm"'s dgamma and dbeta one each (separate tensors: the op's outputs may not
+# alias): with a scale that is nine
+FINALIZE_SEGMENTS = 9
 
 
 def finalize_config(compute_dtype: torch.dtype, arch: int) -> TileConfig:
@@ -241,7 +221,6 @@ def weight_grad_partials(
     splits: Optional[int] = None,
     a0_drop: Optional[Tuple[torch.Tensor, float, int]] = None,
     bu_dot: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-    a1_norm: Optional[tuple] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """One launch for up to two problems (A, B, bias side) with equal (I, J): fp32 partials
     (dw_part (problems * splits, I, J), dba_part (splits, I), dbb_part (splits, J), splits).
@@ -249,8 +228,7 @@ def weight_grad_partials(
     a0_drop = (draw (B,) fp32 0/1, 1 - p, T): problem 0's bias sums weight A's rows by
     DropPath's per-clip factor (its GEMM does not: B must carry the factor). bu_dot = (bias (I,),
     out (bu_dot_parts(...),) fp32): problem 0 (bias side 1) also writes bias . (its column
-    sums) per (split, I block), d(scale)'s bias share. a1_norm = (mean, rstd (N,) fp32, gamma or None,
-    beta or None): problem 1's A is x and the GEMM takes LayerNorm(x) (kernels/adapter_prenorm.py)."""
+    sums) per (split, I block), d(scale)'s bias share."""
     a0 = problems[0][0]
     i_dim, j_dim = a0.shape[-1], problems[0][1].shape[-1]
     cfg, splits, tokens_per_split = wgrad_plan(problems, compute_dtype, num_tokens, splits)
@@ -266,7 +244,6 @@ def weight_grad_partials(
     assert bu_dot is None or (bias0 == 1 and bu_dot[1].numel() == splits * grid[1])
     draw, keep, frames = a0_drop if a0_drop is not None else (dw_part, 1.0, 1)
     bu, dscale = bu_dot if bu_dot is not None else (dw_part, dw_part)
-    ln_mean, ln_rstd, lnw, lnb = a1_norm if a1_norm is not None else (dw_part, dw_part, None, None)
     adapter_wgrad_kernel[grid](
         a0, b0, a1, b1, dw_part, dba_part, dbb_part,
         num_tokens, spatial, i_dim, j_dim, tokens_per_split, splits,
@@ -274,11 +251,9 @@ def weight_grad_partials(
         *_token_view(a0, num_prefix_tokens, spatial), *_token_view(b0, num_prefix_tokens, spatial),
         *_token_view(a1, num_prefix_tokens, spatial), *_token_view(b1, num_prefix_tokens, spatial),
         draw, keep, frames, bu, dscale,
-        ln_mean, ln_rstd, lnw if lnw is not None else dw_part, lnb if lnb is not None else dw_part,
         BIAS0=bias0, BIAS1=bias1, COMPUTE_DTYPE=TL_DTYPE[compute_dtype],
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         DOT_FP32=dot_fp32, INPUT_PRECISION="ieee", A0_DROP=a0_drop is not None, BU_DOT0=bu_dot is not None,
-        A1_LN=a1_norm is not None, HAS_LNW=lnw is not None, HAS_LNB=lnb is not None,
         **cfg.launch_kwargs(),
     )
     return dw_part, dba_part, dbb_part, splits
