@@ -210,10 +210,6 @@ def adapter_prenorm_dgrad_kernel(
             offs_n, mask_n, CA, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION,
             w_desc, n0, USE_TMA, W_KMAJOR,
         )
-        # park dz in dx (walk 2 overwrites it); both walks use the parked, rounded values
-        dz = _cast(dz, dx_ptr.dtype.element_ty)
-        tl.store(dx_ptr + rows64[:, None] * C + offs_n[None, :], dz, mask=mask)
-        dz = dz.to(tl.float32)
         xhat = _xhat_block(x_ptr, x_off, offs_n, stride_xc, spatial[:, None] & mask_n[None, :], mean, rstd)
         gdz = dz
         if HAS_LNW:
@@ -222,6 +218,9 @@ def adapter_prenorm_dgrad_kernel(
         c2 += tl.sum(gdz * xhat, axis=1)
         tl.store(base + offs_n, tl.sum(dz * xhat, axis=0), mask=mask_n)
         tl.store(beta_base + offs_n, tl.sum(dz, axis=0), mask=mask_n)
+        # park dz in dx (walk 2 overwrites it). The sums above take the fp32 dz: rounding it
+        # first (for walk 2's values) made ptxas serialise the fp16 wgmma on sm_90 (C7514)
+        tl.store(dx_ptr + rows64[:, None] * C + offs_n[None, :], _cast(dz, dx_ptr.dtype.element_ty), mask=mask)
     c1 = c1 / C
     c2 = c2 / C
     tl.debug_barrier()  # walk 2 reads dz that other threads of this program parked

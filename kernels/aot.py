@@ -377,6 +377,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="the work model (docs/design.md §10): one row per launch of fwd and bwd")
     parser.add_argument("--layernorm", action="store_true",
                         help="with --model: also the adapter + LayerNorm pair's launches (shapes '<name>+LN')")
+    parser.add_argument("--norm", action="store_true",
+                        help="with --model: also norm='layernorm' adapters' launches (shapes '<name>+norm')")
     args = parser.parse_args(argv)
     if _common.INTERPRET:
         print("unset TRITON_INTERPRET: AOT compilation needs the real JIT", file=sys.stderr)
@@ -412,7 +414,7 @@ def _main_model(args, kwargs) -> int:
         return 2
     shapes = kwargs.get("shapes") or {k: TARGET_SHAPES[k] for k in ("A", "B", "C")}
     rows = work_model.model_rows(shapes, kwargs.get("dtypes", (torch.bfloat16,))[0], (args.arch or [90])[0],
-                                 kwargs.get("kts", (3,))[0], layernorm=args.layernorm)
+                                 kwargs.get("kts", (3,))[0], layernorm=args.layernorm, norm=args.norm)
     # the CUDA backend's launches too (backend "cuda"; registers need nvcc)
     rows += work_model.cuda_model_rows(shapes, kwargs.get("dtypes", (torch.bfloat16,))[0], (args.arch or [90])[0],
                                        kwargs.get("kts", (3,))[0])

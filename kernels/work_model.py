@@ -117,10 +117,11 @@ def _ops_epilogue(grads, x, fc1_weight, conv_shape):
 
 
 def record_launches(shape: Tuple[int, ...], dtype: torch.dtype, arch: int, kt: int = 3, prefix: int = 1,
-                    sms: Optional[int] = None, layernorm: bool = False):
+                    sms: Optional[int] = None, layernorm: bool = False, norm: bool = False):
     """{"fwd": [...], "bwd": [...]} of aot.Launch / TorchOp events in launch order; layernorm: of
     the adapter + LayerNorm pair (kernels/adapter_layernorm.py; LayerNorm affine frozen, as in a
-    frozen backbone -- trained, its grads ride in the same finalize launch)."""
+    frozen backbone -- trained, its grads ride in the same finalize launch); norm: of the adapter
+    with norm="layernorm" (kernels/adapter_prenorm.py; its affine trained, as the adapter's own)."""
     from . import adapter_bwd, adapter_fwd, adapter_layernorm
 
     b, t, seq, c, ca = shape
@@ -140,11 +141,16 @@ def record_launches(shape: Tuple[int, ...], dtype: torch.dtype, arch: int, kt: i
                     grads = adapter_layernorm.adapter_layernorm_backward(
                         x, x, x, t, prefix, wd, bd, taps, bc, wu, bu, lnw, lnb, stats, stats, affine_grads=False)
                     _ops_epilogue(grads[:7], x, wd, (ca, 1, kt, 1, 1))
-            elif pass_name == "fwd":
-                adapter_fwd.adapter_forward(x, t, prefix, wd, bd, taps, bc, wu, bu)
             else:
-                grads = adapter_bwd.adapter_backward(x, x, t, prefix, wd, bd, taps, bc, wu, bu)
-                _ops_epilogue(grads, x, wd, (ca, 1, kt, 1, 1))
+                kw = {}
+                if norm:
+                    kw["norm"] = (torch.empty(c, device="meta", dtype=dtype), torch.empty(c, device="meta", dtype=dtype),
+                                  1e-5)
+                if pass_name == "fwd":
+                    adapter_fwd.adapter_forward(x, t, prefix, wd, bd, taps, bc, wu, bu, **kw)
+                else:
+                    grads = adapter_bwd.adapter_backward(x, x, t, prefix, wd, bd, taps, bc, wu, bu, **kw)
+                    _ops_epilogue(grads[:7], x, wd, (ca, 1, kt, 1, 1))
         passes[pass_name] = events
     return passes
 
@@ -183,7 +189,8 @@ def _work_down_conv(launch) -> Work:
     outs = 2 if a["STORE_H"] else 1
     ge = _elt(a["g_ptr"])
     hbm = n_tok * a["C"] * _elt(a["x_ptr"]) + a["CA"] * a["C"] * _elt(a["wd_ptr"]) + outs * n_tok * a["CA"] * ge
-    return executed, required, hbm, loads + outs * out_elems * ge
+    stats = 8 * n_tok if a.get("NORM") and a["STORE_H"] else 0  # norm: the recompute's mean, rstd (fp32)
+    return executed, required, hbm + stats, loads + outs * out_elems * ge + stats
 
 
 def _work_conv_bwd(launch) -> Work:
@@ -236,6 +243,33 @@ def _work_up_ln(launch, forward: bool) -> Work:
     return executed, 2 * n_tok * CA * C, hbm, l2
 
 
+def _work_norm_fold(launch) -> Work:
+    """norm="layernorm"'s parameter fold: read Wd (and gamma, beta), write Wd diag(gamma) (with
+    gamma), u and b' (fp32)."""
+    a = launch.args
+    ca, c, we = a["CA"], a["C"], _elt(a["wd_ptr"])
+    moved = ca * c * we * (2 if a["HAS_LNW"] else 1) + 2 * c * 4 + 2 * ca * 4
+    return 0, 0, moved, moved
+
+
+def _work_prenorm_dgrad(launch) -> Work:
+    """The LN dgrad (kernels/adapter_prenorm.py): dz = dh Wd on walk 1 (parked in dx), walk 2
+    reads it back with x and dO and writes dx and z = LN(x_s); x is read on both walks."""
+    a, (progs,) = launch.args, launch.grid
+    n_rows, L, S, CA, C = a["n_rows"], a["L"], a["S"], a["CA"], a["C"]
+    bm, bn, bk = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
+    n_tok = n_rows // L * S
+    he, we, xe, de = _elt(a["dh_ptr"]), _elt(a["wd_ptr"]), _elt(a["x_ptr"]), _elt(a["dout_ptr"])
+    oe, ze = _elt(a["dx_ptr"]), _elt(a["z_ptr"])
+    ksteps, nblocks = _cdiv(CA, bk), _cdiv(C, bn)
+    tiles = progs * nblocks
+    executed = tiles * 2 * bm * bn * bk * ksteps
+    parts = 2 * progs * C * 4
+    hbm = n_tok * CA * he + C * CA * we + n_tok * C * (xe + ze) + n_rows * C * (de + oe) + n_tok * 8 + parts
+    l2 = tiles * ksteps * bk * (bm * he + bn * we) + tiles * bm * bn * (2 * xe + de + 3 * oe + ze) + parts
+    return executed, 2 * n_tok * CA * C, hbm, l2
+
+
 def _work_wgrad(launch) -> Work:
     a, (g_j, g_i, z) = launch.args, launch.grid
     N, I, J, per, splits = a["N"], a["I"], a["J"], a["tokens_per_split"], a["n_splits"]
@@ -274,6 +308,8 @@ WORK: Dict[str, Callable] = {
     "adapter_grad_finalize_kernel": _work_finalize,
     "adapter_up_residual_ln_fwd_kernel": functools.partial(_work_up_ln, forward=True),
     "adapter_up_ln_bwd_kernel": functools.partial(_work_up_ln, forward=False),
+    "adapter_norm_fold_kernel": _work_norm_fold,
+    "adapter_prenorm_dgrad_kernel": _work_prenorm_dgrad,
 }
 
 
@@ -313,15 +349,17 @@ def _row(shape_name: str, pass_name: str, event, arch: int, compile_kernels: boo
 
 
 def model_rows(shapes: Dict[str, tuple], dtype: torch.dtype = torch.bfloat16, arch: int = 90, kt: int = 3,
-               compile_kernels: bool = True, sms: Optional[int] = None, layernorm: bool = False) -> List[Row]:
+               compile_kernels: bool = True, sms: Optional[int] = None, layernorm: bool = False,
+               norm: bool = False) -> List[Row]:
     """One Row per launch of fwd and bwd for each (B, T, L, C, Ca) shape; `sms` stands in for the
     arch's SM count (tests use a small one to make the launchers split work). layernorm: also the
-    adapter + LayerNorm pair's launches, as shape "<name>+LN"."""
+    adapter + LayerNorm pair's launches, as shape "<name>+LN"; norm: also the norm="layernorm"
+    adapter's, as shape "<name>+norm"."""
     rows = []
     for name, shape in shapes.items():
-        for ln in (False, True) if layernorm else (False,):
-            label = f"{name}+LN" if ln else name
-            for pass_name, events in record_launches(shape, dtype, arch, kt, sms=sms, layernorm=ln).items():
+        for ln, nm in [(False, False)] + [(True, False)] * layernorm + [(False, True)] * norm:
+            label = f"{name}+LN" if ln else f"{name}+norm" if nm else name
+            for pass_name, events in record_launches(shape, dtype, arch, kt, sms=sms, layernorm=ln, norm=nm).items():
                 rows += [_row(label, pass_name, ev, arch, compile_kernels) for ev in events]
     return rows
 

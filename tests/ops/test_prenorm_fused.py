@@ -205,3 +205,29 @@ def test_launch_budget_with_norm():
     assert counts["bwd"] == ["adapter_norm_fold_kernel", "adapter_down_conv_fwd_kernel", "adapter_conv_bwd_kernel",
                              "adapter_prenorm_dgrad_kernel", "adapter_wgrad_kernel",
                              "adapter_grad_finalize_kernel"], counts["bwd"]
+
+
+def test_work_model_of_the_norm_path():
+    """Shape A (B8 T8 L197 C768 Ca384, bf16, sm_90): norm adds no GEMM FLOPs (the LayerNorm rides
+    in the K loop and the dgrad's walks), one fold launch per pass, and in backward x's second
+    read and z's write (2 N C bytes, N = B*T*S) beyond the plain adapter's traffic; the forward
+    moves only the fold's ~2 Ca C bytes more."""
+    from st_adapter_fast.kernels import work_model
+
+    b, t, seq, c, ca = 8, 8, 197, 768, 384
+    n_tok = b * t * (seq - 1)
+    rows = work_model.model_rows({"A": (b, t, seq, c, ca)}, torch.bfloat16, 90, 3, compile_kernels=False, norm=True)
+    total = {(r.shape, r.pass_): [0, 0, 0] for r in rows}
+    for r in rows:
+        acc = total[(r.shape, r.pass_)]
+        acc[0] += 1
+        acc[1] += r.flops_required
+        acc[2] += r.hbm_bytes_min
+    for p, extra_launches in (("fwd", 1), ("bwd", 1)):
+        plain, norm = total[("A", p)], total[("A+norm", p)]
+        assert norm[0] == plain[0] + extra_launches and norm[1] == plain[1], (p, plain, norm)
+    fold = 2 * ca * c * 2 + 4 * (c + ca) * 2
+    assert total[("A+norm", "fwd")][2] - total[("A", "fwd")][2] <= fold
+    extra_bwd = total[("A+norm", "bwd")][2] - total[("A", "bwd")][2]
+    # + the stats (8 B per token), the affine partials and their finalize, the fold
+    assert 2 * n_tok * c * 2 <= extra_bwd <= 2 * n_tok * c * 2 + 8 * n_tok + 8 * 1024 * c + fold, extra_bwd
