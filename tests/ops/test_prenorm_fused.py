@@ -231,3 +231,45 @@ def test_work_model_of_the_norm_path():
     extra_bwd = total[("A+norm", "bwd")][2] - total[("A", "bwd")][2]
     # + the stats (8 B per token), the affine partials and their finalize, the fold
     assert 2 * n_tok * c * 2 <= extra_bwd <= 2 * n_tok * c * 2 + 8 * n_tok + 8 * 1024 * c + fold, extra_bwd
+
+
+def test_work_model_flops_match_the_mma_tiles_issued(monkeypatch):
+    """tests/kernels/test_work_model_counts.py for the norm path: counting 2*m*n*k in every
+    _mma the interpreter runs over a forward and a backward gives the model's flops_executed
+    (the LayerNorm K loop of the down-conv and the LN dgrad's walk-1 GEMM included)."""
+    import contextlib
+
+    from st_adapter_fast.kernels import _common, adapter_bwd, adapter_fwd, adapter_prenorm, tuning, wgrad, work_model
+    from st_adapter_fast.kernels._common import TileConfig
+
+    issued = []
+    original = _common._mma
+
+    def counting_mma(a, b, acc, dot_fp32, precision):
+        issued.append(2 * int(a.shape[0]) * int(a.shape[1]) * int(b.shape[1]))
+        return original(a, b, acc, dot_fp32, precision)
+
+    for mod in (_common, wgrad, adapter_prenorm):
+        monkeypatch.setattr(mod, "_mma", counting_mma)
+    for mod in (adapter_fwd, wgrad):
+        monkeypatch.setattr(mod, "sm_count", lambda t: 6)
+    shape = (1, 4, 10, 40, 24)  # C = 40: three K blocks, the last partial; 9 rows per frame
+    small = TileConfig(16, 16, 16, num_warps=4, num_stages=1, runs=2, splits=2)
+    b, t, seq, c, ca = shape
+    with contextlib.ExitStack() as stack:
+        for fam in ("down_conv", "up_residual_unaligned", "conv_bwd_unaligned", "wgrad_unaligned",
+                    "prenorm_dgrad_unaligned"):
+            stack.enter_context(tuning.forced_config(fam, small))
+        rows = work_model.model_rows({"s": shape}, torch.float32, 90, 3, compile_kernels=False, sms=6, norm=True)
+        rows = [r for r in rows if r.shape == "s+norm"]
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(b * t, seq, c, generator=g)
+        params = [torch.randn(ca, c, generator=g), torch.randn(ca, generator=g), torch.randn(ca, 3, generator=g),
+                  torch.randn(ca, generator=g), torch.randn(c, ca, generator=g), torch.randn(c, generator=g)]
+        norm = (torch.randn(c, generator=g), torch.randn(c, generator=g), 1e-5)
+        adapter_fwd.adapter_forward(x, t, 1, *params, norm=norm)
+        fwd_issued = sum(issued)
+        adapter_bwd.adapter_backward(torch.randn(x.shape, generator=g), x, t, 1, *params, norm=norm)
+    assert fwd_issued == sum(r.flops_executed for r in rows if r.pass_ == "fwd")
+    assert sum(issued) - fwd_issued == sum(r.flops_executed for r in rows if r.pass_ == "bwd")
+    assert any(r.kernel == "adapter_prenorm_dgrad_kernel" for r in rows)
