@@ -179,8 +179,15 @@ def _load_taps(wc_ptr, offs_c, mask_c, KT: tl.constexpr, REVERSE: tl.constexpr):
 
 @triton.jit
 def _load_tap(wc_ptr, offs_c, mask_c, j: tl.constexpr, KT: tl.constexpr, REVERSE: tl.constexpr):
-    """Tap j of the depthwise temporal kernel wc (Ca, KT) as a (BLOCK_C,) fp32 vector; 0 past KT."""
-    if j < KT:
+    """Tap j of the depthwise temporal kernel wc (Ca, KT) as a (BLOCK_C,) fp32 vector; 0 past KT.
+    KT = 0 is no conv at all, the identity (tap 0 = 1, wc unread): the window kernels then
+    compute fc1 -> act1 -> act2 alone (prefix rows under prefix_mode="mlp")."""
+    if KT == 0:
+        if j == 0:
+            tap = tl.full(offs_c.shape, 1.0, tl.float32)
+        else:
+            tap = tl.zeros(offs_c.shape, dtype=tl.float32)
+    elif j < KT:
         if REVERSE:
             col = KT - 1 - j
         else:

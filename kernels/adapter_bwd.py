@@ -41,7 +41,7 @@ from ._common import (
     dot_flags,
     weight_tma,
 )
-from .adapter_fwd import down_conv_forward, unfused_switches, up_residual_forward, window_grid
+from .adapter_fwd import down_conv_forward, mlp_down_conv_forward, unfused_switches, up_residual_forward, window_grid
 from .adapter_prenorm import prenorm_dgrad
 from .wgrad import bu_dot_parts, finalize, weight_grad, weight_grad_config, weight_grad_partials  # noqa: F401
 
@@ -74,11 +74,12 @@ def adapter_conv_bwd_kernel(
     dout_ptr, wu_ptr, wc_ptr, h_ptr, dh_ptr, dwc_part_ptr, dbc_part_ptr,
     g_ptr, scale_ptr, mask_ptr, dscale_part_ptr,  # §9 switches: see ACT2 / HAS_SCALE / HAS_DROP
     T, S, P, C, CA,
+    BUF_L, BUF_P,  # h, g, dh viewed as (B*T, BUF_L, Ca): token s of frame f at row f*BUF_L + BUF_P + s
     n_rows,  # B*S flattened rows
     G_CA, n_whole_rows, runs, frames_per_prog,  # 1-D grid: whole-clip rows, then split rows
     stride_df, stride_dl, stride_dc,  # dO viewed as (B*T, L, C)
     stride_wu_o, stride_wu_i,  # fc2.weight (C, Ca)
-    drop_keep,  # 1 - p (HAS_DROP)
+    drop_keep, clip_rows,  # 1 - p and the rows of one clip (row // clip_rows: its clip) (HAS_DROP)
     KT: tl.constexpr, KT_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -105,11 +106,12 @@ def adapter_conv_bwd_kernel(
     mask_r = offs_r < n_rows
     mask_ca = offs_ca < CA
     mask_tile = mask_r[:, None] & mask_ca[None, :]
-    d_rows, tok = _flat_rows(offs_r, S, T, P, stride_df, stride_dl)
-    buf = tok[:, None] * CA + offs_ca[None, :]
-    frame_elems = S.to(tl.int64) * CA
+    d_rows, _ = _flat_rows(offs_r, S, T, P, stride_df, stride_dl)
+    buf_rows, _ = _flat_rows(offs_r, S, T, BUF_P, BUF_L * CA, CA)
+    buf = buf_rows[:, None] + offs_ca[None, :]
+    frame_elems = CA.to(tl.int64) * BUF_L
     # the branch factor s * m of each row's clip (rows are (clip, position) pairs)
-    m_row = _drop_factor(mask_ptr, offs_r // S, mask_r, drop_keep, HAS_DROP)
+    m_row = _drop_factor(mask_ptr, offs_r // clip_rows, mask_r, drop_keep, HAS_DROP)
     fac = m_row
     if HAS_SCALE:
         fac = fac * tl.load(scale_ptr).to(tl.float32)
@@ -197,18 +199,26 @@ def conv_backward(
     switches: Optional["Switches"] = None,
     g: Optional[torch.Tensor] = None,
     dscale_part: Optional[torch.Tensor] = None,
+    dh: Optional[torch.Tensor] = None,
+    layout: Optional[tuple] = None,
+    clip_rows: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh (N, Ca) in the weights' dtype, dwc partials (parts, KT, Ca) fp32, dbc partials
     (parts, 1, Ca) fp32); finalize() sums the partials. With docs/design.md §9 switches: h is
     before act1, g (N, Ca) is before act2 (or the activated g without act2), and with a scale
-    dscale_part[:conv_programs(...)] receives one fp32 partial of d(scale) per program."""
+    dscale_part[:conv_programs(...)] receives one fp32 partial of d(scale) per program.
+    dh (given) and layout = (BUF_L, BUF_P): h, g and dh are (B*T*BUF_L, Ca) buffers with token s
+    of frame f at row f*BUF_L + BUF_P + s (down_conv_forward's layout); default BUF_L = S, 0.
+    clip_rows: as down_conv_forward's (DropPath's clip of a row)."""
     sw = switches or Switches()
     bt, seq_len, c = dout.shape
-    ca, kt = conv_taps.shape
+    ca, kt = conv_taps.shape if conv_taps is not None else (fc2_weight.shape[1], 0)
     s = seq_len - num_prefix_tokens
     b = bt // num_frames
     dtype = fc2_weight.dtype
-    dh = torch.empty((bt * s, ca), device=dout.device, dtype=dtype)
+    buf_l, buf_p = layout if layout is not None else (s, 0)
+    if dh is None:
+        dh = torch.empty((bt * s, ca), device=dout.device, dtype=dtype)
     is_aligned = aligned(c, ca, *dout.stride(), *fc2_weight.stride())
     fam = tuning.family("conv_bwd", is_aligned)
     cfg = tuning.config_for(fam, kt=kt, compute_dtype=dtype, arch=arch_of(dout))
@@ -220,14 +230,14 @@ def conv_backward(
     dot_fp32, precision = dot_flags(dtype)
     use_tma, kmajor = weight_tma(cfg, fc2_weight.t(), arch_of(dout), is_aligned)  # the GEMM's W is Wu^T
     adapter_conv_bwd_kernel[grid](
-        dout, fc2_weight, conv_taps, h, dh, dwc_part, dbc_part,
+        dout, fc2_weight, conv_taps if conv_taps is not None else fc2_weight, h, dh, dwc_part, dbc_part,
         g if g is not None else h, sw.scale if sw.scale is not None else h,
         sw.drop_draw if sw.drop_draw is not None else h, dscale_part if dscale_part is not None else dwc_part,
-        num_frames, s, num_prefix_tokens, c, ca, b * s, *plan,
+        num_frames, s, num_prefix_tokens, c, ca, buf_l, buf_p, b * s, *plan,
         dout.stride(0), dout.stride(1), dout.stride(2),
         fc2_weight.stride(0), fc2_weight.stride(1),
-        1.0 - sw.drop_path,
-        KT=kt, KT_POW2=triton.next_power_of_2(kt),
+        1.0 - sw.drop_path, clip_rows or s,
+        KT=kt, KT_POW2=max(1, triton.next_power_of_2(kt)),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KMAJOR=kmajor,
         ACT1=sw.act1, ACT2=sw.act2, HAS_SCALE=sw.scale is not None, HAS_DROP=sw.drop_draw is not None,
@@ -238,9 +248,9 @@ def conv_backward(
 
 def conv_programs(dout: torch.Tensor, num_frames: int, num_prefix_tokens: int, fc2_weight: torch.Tensor,
                   conv_taps: torch.Tensor, *, frames_per_prog: Optional[int] = None) -> int:
-    """Programs of conv_backward's launch (one d(scale) partial each)."""
+    """Programs of conv_backward's launch (one d(scale) partial each); conv_taps None: KT = 0."""
     bt, seq_len, c = dout.shape
-    ca, kt = conv_taps.shape
+    ca, kt = conv_taps.shape if conv_taps is not None else (fc2_weight.shape[1], 0)
     s = seq_len - num_prefix_tokens
     is_aligned = aligned(c, ca, *dout.stride(), *fc2_weight.stride())
     cfg = tuning.config_for(tuning.family("conv_bwd", is_aligned), kt=kt, compute_dtype=fc2_weight.dtype,
@@ -283,41 +293,45 @@ def adapter_backward(
     dbu's column sums by m and adds the fc2 bias's share of d(scale); finalize multiplies dWu,
     dbu by s and sums d(scale) with the rest.
 
-    norm = (norm_weight or None, norm_bias or None, eps) (kernels/adapter_prenorm.py): six
-    launches -- the parameter fold, the recompute (also storing each row's mean and rstd), the
-    conv backward, the dgrad with the LayerNorm backward folded in (it also writes z = LN(x_s)
-    for dWd = dh^T z), the wgrad, the finalize (dgamma, dbeta too) -- and (dnorm_weight, dnorm_bias)
-    follow the rest, in their own dtype (None where that affine tensor is None)."""
-    unfused_switches(conv_taps, norm, prefix_mlp)
+    norm = (norm_weight or None, norm_bias or None, eps) (kernels/adapter_prenorm.py): one launch
+    more -- the parameter fold, the recompute (also storing each row's mean and rstd), the conv
+    backward, the dgrad with the LayerNorm backward folded in (it also writes z = LN(x) of the
+    branch rows for dWd = dh^T z), the wgrad, the finalize (dgamma, dbeta too) -- and
+    (dnorm_weight, dnorm_bias) follow the rest, in their own dtype (None where that affine tensor
+    is None). With prefix_mlp the prefix rows are normalised too."""
+    unfused_switches(conv_taps, norm)
     sw = Switches.of(act_after_fc1, act_after_conv, scale, drop_draw, drop_path)
     bt, seq_len, _ = x.shape
-    n_tokens = bt * (seq_len - num_prefix_tokens)
+    prefix_mlp = prefix_mlp and num_prefix_tokens > 0
+    n_tokens = bt * (seq_len if prefix_mlp else seq_len - num_prefix_tokens)
     if dout.dtype != x.dtype:  # one wgrad launch reads dO and x through one pointer type
         dout = dout.to(x.dtype)
     grads = parameter_grads(x, fc1_weight, fc1_bias, conv_taps, conv_bias, fc2_weight, fc2_bias, scale=scale)
-    norm_args, norm_out = None, ()
+    norm_args, norm_out, stats = None, (), None
     if norm is not None:
         lnw, lnb, eps = norm
         # two tensors, not views of one buffer: the op's outputs may not alias
         norm_out = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else None
                          for t in (lnw, lnb))
-        stats = torch.empty((2, n_tokens), device=x.device, dtype=torch.float32)
+        stats = torch.empty((2, n_tokens), device=x.device, dtype=torch.float32)  # the branch rows' mean, rstd
         norm_args = (lnw, lnb, stats[0], stats[1], norm_out)
     if n_tokens == 0:
         dx = torch.empty(dout.shape, device=dout.device, dtype=dout.dtype).copy_(dout)
         return (dx, *[None if g is None else g.zero_() for g in grads.values()],
                 *[None if g is None else g.zero_() for g in norm_out])
-    g_pre = torch.empty((n_tokens, conv_taps.shape[0]), device=x.device, dtype=fc1_weight.dtype) if sw.act2 else None
-    g, h = down_conv_forward(
-        x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
-        store_h=True, frames_per_prog=frames_per_prog, act1=sw.act1, act2=sw.act2, g_pre=g_pre,
-        g_drop=(sw.drop_draw, sw.drop_path) if sw.drop_draw is not None else None,
-        norm=(norm[0], norm[1], norm[2]) if norm is not None else None,
-        norm_stats=(norm_args[2], norm_args[3]) if norm is not None else None,
-    )
+    recompute = dict(store_h=True, frames_per_prog=frames_per_prog, act1=sw.act1, act2=sw.act2,
+                     g_drop=(sw.drop_draw, sw.drop_path) if sw.drop_draw is not None else None,
+                     norm=norm, norm_stats=(stats[0], stats[1]) if norm is not None else None)
+    if prefix_mlp:
+        g, h, g_pre = mlp_down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps,
+                                            conv_bias, with_g_pre=sw.act2 != 0, **recompute)
+    else:
+        g_pre = torch.empty((n_tokens, conv_taps.shape[0]), device=x.device, dtype=fc1_weight.dtype) if sw.act2 else None
+        g, h = down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
+                                 g_pre=g_pre, **recompute)
     out = backward_from_recompute(dout, x, g, h, num_frames, num_prefix_tokens, fc1_weight, fc2_weight, conv_taps,
                                   grads, frames_per_prog=frames_per_prog, switches=sw, g_pre=g_pre, fc2_bias=fc2_bias,
-                                  norm=norm_args)
+                                  prefix_mlp=prefix_mlp, norm=norm_args)
     return out + ((grads["dscale"],) if scale is not None else ()) + norm_out
 
 
@@ -357,6 +371,7 @@ def backward_from_recompute(
     switches: Optional[Switches] = None,
     g_pre: Optional[torch.Tensor] = None,
     fc2_bias: Optional[torch.Tensor] = None,
+    prefix_mlp: bool = False,
     norm: Optional[tuple] = None,
 ) -> tuple:
     """Launches 2-5 of the backward, given the recomputed g, h (B*T*S, Ca): conv backward,
@@ -366,45 +381,65 @@ def backward_from_recompute(
 
     switches (docs/design.md §9, see adapter_backward): h is then before act1, g after act2 (and
     times DropPath's factor m with DropPath), g_pre (with act2) before act2; with a scale,
-    grads["dscale"] is filled too (fc2_bias: its share). norm = (norm_weight, norm_bias, mean,
-    rstd, (dgamma out or None, dbeta out or None)) for norm="layernorm" (kernels/adapter_prenorm.py):
-    the dgrad launch folds in the LayerNorm backward and writes z = LN(x_s), the wgrad takes
-    dWd = dh^T z, and the finalize fills dgamma and dbeta too."""
+    grads["dscale"] is filled too (fc2_bias: its share). prefix_mlp (prefix_mode="mlp", P > 0):
+    g, h, g_pre are mlp_down_conv_forward's (B*T*L, Ca) buffers; the conv backward runs twice
+    (spatial rows with the conv, prefix rows with KT = 0) into one (B*T*L, Ca) dh, and dgrad and
+    wgrad take every row as a branch row (P = 0): 6 launches instead of 5. norm = (norm_weight,
+    norm_bias, mean, rstd (branch rows,) fp32, (dgamma out or None, dbeta out or None)) for
+    norm="layernorm" (kernels/adapter_prenorm.py): the dgrad launch folds in the LayerNorm
+    backward and writes z = LN(x) of the branch rows, the wgrad takes dWd = dh^T z, and the
+    finalize fills dgamma and dbeta too."""
     sw = switches or Switches()
     assert extra_segment is None or sw.scale is None, "d(scale) takes the finalize launch's last segment"
     bt, seq_len, _ = x.shape
-    s = seq_len - num_prefix_tokens
+    p = num_prefix_tokens
+    # the branch rows the up-projection, dgrad and wgrad see: S per frame, or all L with prefix_mlp
+    p_branch, s_branch = (0, seq_len) if prefix_mlp else (p, seq_len - p)
     # problem 0: dWu = dy^T g (+ dbu = sum dy); problem 1: dWd^T = x_s^T dh (+ dbd = sum dh)
     has_bu = grads["dbu"] is not None
-    # norm: dWd's A operand is z = LN(x_s) (N, C), written by the LN dgrad launch
-    a1 = x if norm is None else torch.empty((bt * s, x.shape[-1]), device=x.device, dtype=fc1_weight.dtype)
+    # norm: dWd's A operand is z = LN(x) of the branch rows (B*T*s_branch, C), from the LN dgrad launch
+    a1 = x if norm is None else torch.empty((bt * s_branch, x.shape[-1]), device=x.device, dtype=fc1_weight.dtype)
     problems = [(dout, g, 1 if has_bu else 0), (a1, None, 2 if grads["dbd"] is not None else 0)]
-    dscale_part, n_conv, bu_dot = None, 0, None
+    # the conv-backward launches: (dO view, P of the view, taps, buffer layout)
+    # the conv-backward launches: (dO view, frames per clip, P of the view, taps, buffer layout,
+    # DropPath rows per clip); prefix rows as 1-frame clips, as in mlp_down_conv_forward
+    launches = [(dout, num_frames, p, conv_taps, None, None)]
+    if prefix_mlp:
+        launches = [(dout, num_frames, p, conv_taps, (seq_len, p), None),
+                    (dout[:, :p], 1, 0, None, (seq_len, 0), p * num_frames)]
+    dscale_part, conv_parts, bu_dot = None, [], None
     if sw.scale is not None:
         # one fp32 partial per conv-backward program, then (bias) one per wgrad (split, C block)
-        n_conv = conv_programs(dout, num_frames, num_prefix_tokens, fc2_weight, conv_taps,
-                               frames_per_prog=frames_per_prog)
+        conv_parts = [conv_programs(d, nf, lp, fc2_weight, taps, frames_per_prog=frames_per_prog)
+                      for d, nf, lp, taps, _, _ in launches]
+        n_conv = sum(conv_parts)
         shapes = [(dout, g, problems[0][2]), (a1, g, problems[1][2])]  # dh is laid out as g
-        n_bu = bu_dot_parts(shapes, fc1_weight.dtype, bt * s) if has_bu else 0
+        n_bu = bu_dot_parts(shapes, fc1_weight.dtype, bt * s_branch) if has_bu else 0
         dscale_part = torch.empty((n_conv + n_bu, 1, 1), device=x.device, dtype=torch.float32)
         bu_dot = (fc2_bias, dscale_part[n_conv:].view(-1)) if has_bu else None
-    dh, dwc_part, dbc_part = conv_backward(
-        dout, num_frames, num_prefix_tokens, fc2_weight, conv_taps, h, frames_per_prog=frames_per_prog,
-        switches=sw, g=g_pre if sw.act2 else g, dscale_part=dscale_part,
-    )
+    dh = torch.empty(g.shape, device=x.device, dtype=fc2_weight.dtype)
+    start = 0
+    for i, (d, nf, lp, taps, layout, clip_rows) in enumerate(launches):
+        _, dwc_i, dbc_i = conv_backward(
+            d, nf, lp, fc2_weight, taps, h, frames_per_prog=frames_per_prog, switches=sw,
+            g=g_pre if sw.act2 else g, dh=dh, layout=layout, clip_rows=clip_rows,
+            dscale_part=dscale_part[start:start + conv_parts[i]] if dscale_part is not None else None,
+        )
+        start += conv_parts[i] if conv_parts else 0
+        if i == 0:  # the KT = 0 prefix launch has no conv parameters: its partials are empty/unused
+            dwc_part, dbc_part = dwc_i, dbc_i
     del h, g_pre
     affine_segments = [None, None]
     if norm is None:
-        dx = up_residual_forward(dout, dh, fc1_weight.t(), None, num_prefix_tokens)
-        problems[1] = (x, dh, problems[1][2])
-    else:  # dx with the LayerNorm backward folded in; dWd = dh^T z with z = LN(x_s) from the same launch
+        dx = up_residual_forward(dout, dh, fc1_weight.t(), None, p_branch)
+    else:  # dx with the LayerNorm backward folded in; dWd = dh^T z with z = LN(x) from the same launch
         lnw, lnb, mean, rstd, affine_out = norm
-        dx, affine_part, _ = prenorm_dgrad(dout, x, dh, fc1_weight, lnw, lnb, mean, rstd, num_prefix_tokens, z=a1)
+        dx, affine_part, _ = prenorm_dgrad(dout, x, dh, fc1_weight, lnw, lnb, mean, rstd, p_branch, z=a1)
         affine_segments = [(part, out) if out is not None else None for part, out in zip(affine_part, affine_out)]
-        problems[1] = (a1, dh, problems[1][2])
+    problems[1] = (a1, dh, problems[1][2])
     a0_drop = (sw.drop_draw, 1.0 - sw.drop_path, num_frames) if sw.drop_draw is not None else None
     dw_part, dbu_part, dbd_part, splits = weight_grad_partials(
-        problems, fc1_weight.dtype, bt * s, s, num_prefix_tokens, a0_drop=a0_drop, bu_dot=bu_dot,
+        problems, fc1_weight.dtype, bt * s_branch, s_branch, p_branch, a0_drop=a0_drop, bu_dot=bu_dot,
     )
     scaled = sw.scale is not None  # dy = s * m * dO: m rode on g (and dbu's sums), s comes in here
     finalize([

@@ -50,13 +50,14 @@ from ._common import (
 @triton.jit
 def adapter_down_conv_fwd_kernel(
     x_ptr, wd_ptr, bd_ptr, wc_ptr, bc_ptr, g_ptr, h_ptr, gpre_ptr, mask_ptr,
-    u_ptr, mean_ptr, rstd_ptr,  # NORM: u (Ca,) fp32; the recompute's (N,) fp32 row statistics
+    u_ptr, mean_ptr, rstd_ptr,  # NORM: u (Ca,) fp32; the recompute's (B*T*BUF_L,) fp32 row statistics
     T, S, P, C, CA,
+    BUF_L, BUF_P,  # work buffers viewed as (B*T, BUF_L, Ca): token s of frame f at row f*BUF_L + BUF_P + s
     n_rows,  # B*S: the flattened (clip, spatial position) rows a tile covers
     G_CA, n_whole_rows, runs, frames_per_prog,  # 1-D grid: whole-clip rows, then split rows
     stride_xf, stride_xl, stride_xc,  # x viewed as (B*T, L, C)
     stride_wd_o, stride_wd_i,  # fc1.weight (Ca, C)
-    drop_keep,  # 1 - p (G_DROP)
+    drop_keep, clip_rows,  # 1 - p and the rows of one clip (row // clip_rows: its clip) (G_DROP)
     eps,  # NORM: the LayerNorm's epsilon
     KT: tl.constexpr,
     HAS_BD: tl.constexpr, HAS_BC: tl.constexpr,
@@ -76,6 +77,7 @@ def adapter_down_conv_fwd_kernel(
     # norm="layernorm" folded into the K loop (kernels/adapter_prenorm.py): wd_ptr holds
     # Wd diag(gamma), bd_ptr b' = Wd beta + bd (fp32), u_ptr the row sums of the folded weight;
     # with STORE_H the programs of the first Ca block store each owned row's mean and rstd
+    # (laid out as the work buffers' rows)
     NORM: tl.constexpr = False,
 ):
     PAD: tl.constexpr = KT // 2
@@ -87,11 +89,12 @@ def adapter_down_conv_fwd_kernel(
     mask_ca = offs_ca < CA
     mask_out = mask_r[:, None] & mask_ca[None, :]
     # rows span clips: B*S rows tile without per-clip padding (196 -> 256 cost 1.31x the FLOPs)
-    x_rows, tok = _flat_rows(offs_r, S, T, P, stride_xf, stride_xl)
-    buf = tok[:, None] * CA + offs_ca[None, :]  # flat (N, Ca) buffers at frame 0
+    x_rows, _ = _flat_rows(offs_r, S, T, P, stride_xf, stride_xl)
+    buf_rows, _ = _flat_rows(offs_r, S, T, BUF_P, BUF_L * CA, CA)
+    buf = buf_rows[:, None] + offs_ca[None, :]  # the (B*T*BUF_L, Ca) buffers at frame 0
 
     if G_DROP:
-        m_row = _drop_factor(mask_ptr, offs_r // S, mask_r, drop_keep, G_DROP)
+        m_row = _drop_factor(mask_ptr, offs_r // clip_rows, mask_r, drop_keep, G_DROP)
     # forward conv: the window wants taps reversed (see _conv_window_step)
     r0, r1, r2, r3, r4, r5, r6, r7, r8 = _load_taps(wc_ptr, offs_ca, mask_ca, KT, True)
     if HAS_BD:
@@ -100,6 +103,7 @@ def adapter_down_conv_fwd_kernel(
         bc = tl.load(bc_ptr + offs_ca, mask=mask_ca, other=0.0).to(tl.float32)
     if NORM:
         u = tl.load(u_ptr + offs_ca, mask=mask_ca, other=0.0)
+        stat_rows, _ = _flat_rows(offs_r, S, T, BUF_P, BUF_L, 1)
 
     q0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     q1 = q0
@@ -109,7 +113,7 @@ def adapter_down_conv_fwd_kernel(
     q5 = q0
     q6 = q0
     q7 = q0
-    frame_elems = S.to(tl.int64) * CA
+    frame_elems = CA.to(tl.int64) * BUF_L
     wd_desc = _weight_desc(wd_ptr, CA, C, stride_wd_o, stride_wd_i, BLOCK_N, BLOCK_K, USE_TMA, W_KMAJOR)
     for t_in in range(t0 - PAD, t1 + PAD):
         h = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -124,8 +128,8 @@ def adapter_down_conv_fwd_kernel(
                 h = rstd[:, None] * (h - dmu[:, None] * u[None, :])
                 if STORE_H:
                     if (pid_ca == 0) & (t_in >= t0) & (t_in < t1):
-                        tl.store(mean_ptr + t_in * S + tok, mu, mask=mask_r)
-                        tl.store(rstd_ptr + t_in * S + tok, rstd, mask=mask_r)
+                        tl.store(mean_ptr + stat_rows + t_in * BUF_L, mu, mask=mask_r)
+                        tl.store(rstd_ptr + stat_rows + t_in * BUF_L, rstd, mask=mask_r)
             else:
                 h = _gemm_rows_tile(
                     x_ptr, x_rows + t_in * stride_xf, mask_r, stride_xc, wd_ptr, stride_wd_o, stride_wd_i,
@@ -279,36 +283,56 @@ def down_conv_forward(
     act2: int = 0,
     g_pre: Optional[torch.Tensor] = None,
     g_drop: Optional[tuple] = None,
+    out: Optional[tuple] = None,
+    layout: Optional[tuple] = None,
+    clip_rows: Optional[int] = None,
     norm: Optional[tuple] = None,
     norm_stats: Optional[tuple] = None,
+    folded: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """g (and h if store_h) as (B*T*S, Ca) buffers in the weights' dtype.
 
-    x: (B*T, L, C) any strides; fc1_weight (Ca, C); conv_taps (Ca, KT) contiguous.
+    out = (g, h or None), layout = (rows per frame BUF_L, prefix offset BUF_P): write into the
+    caller's (B*T*BUF_L, Ca) buffers instead, token s of frame f at row f*BUF_L + BUF_P + s
+    (prefix_mode="mlp" keeps every row of a frame in one buffer; g_pre alike). Default: new
+    buffers, BUF_L = S, BUF_P = 0. clip_rows: rows of one DropPath clip in the launch's (clip,
+    position) row space (default S; prefix rows launched as 1-frame clips pass P * T).
+
+    x: (B*T, L, C) any strides; fc1_weight (Ca, C); conv_taps (Ca, KT) contiguous, or None: no
+    conv (KT = 0, the identity; conv_bias must be None), g = act2(act1(x_s Wd^T + bd)).
     act1, act2: docs/design.md §9 activations as _common.ACT_CODES (after fc1, after the conv);
     h is stored before act1 (the backward's pre-activation), g after act2. g_pre: a (B*T*S, Ca)
     buffer that also receives g before act2 (the recompute with act2). g_drop = (draw (B,) fp32
     0/1, p): g is stored times DropPath's per-clip factor draw / (1 - p) (the recompute).
     norm = (norm_weight or None, norm_bias or None, eps): z = LayerNorm(x) feeds fc1, folded into
-    the K loop (kernels/adapter_prenorm.py; one more launch: the parameter fold); h is then fc1's
-    output on z. norm_stats = (mean, rstd), (B*T*S,) fp32 buffers the recompute (store_h) fills.
+    the K loop (kernels/adapter_prenorm.py; one more launch, the parameter fold, unless the
+    caller passes its result as folded = adapter_prenorm.fold_norm(...)); h is then fc1's output
+    on z. norm_stats = (mean, rstd): (B*T*BUF_L,) fp32 buffers the recompute (store_h) fills,
+    row for row with h.
     """
     bt, seq_len, c = x.shape
     ca = fc1_weight.shape[0]
-    kt = conv_taps.shape[1]
+    kt = conv_taps.shape[1] if conv_taps is not None else 0
+    assert conv_taps is not None or conv_bias is None
     s = seq_len - num_prefix_tokens
     b = bt // num_frames
     dtype = fc1_weight.dtype
-    g = torch.empty((bt * s, ca), device=x.device, dtype=dtype)
-    h = torch.empty((bt * s, ca), device=x.device, dtype=dtype) if store_h else None
-    if g.numel() == 0:
+    if out is not None:
+        g, h = out
+        buf_l, buf_p = layout
+    else:
+        g = torch.empty((bt * s, ca), device=x.device, dtype=dtype)
+        h = torch.empty((bt * s, ca), device=x.device, dtype=dtype) if store_h else None
+        buf_l, buf_p = s, 0
+    assert not store_h or h is not None
+    if bt * s * ca == 0:
         return g, h
     assert norm_stats is None or (norm is not None and store_h)
     eps = 0.0
     if norm is not None:
         norm_weight, norm_bias, eps = norm
         has_bias = fc1_bias is not None or norm_bias is not None
-        fc1_weight, u, fc1_bias = fold_norm(fc1_weight, fc1_bias, norm_weight, norm_bias)
+        fc1_weight, u, fc1_bias = folded or fold_norm(fc1_weight, fc1_bias, norm_weight, norm_bias)
         fc1_bias = fc1_bias if has_bias else None
     cfg = tuning.config_for("down_conv", kt=kt, compute_dtype=dtype, arch=arch_of(x))
     is_aligned = aligned(c, ca, *x.stride(), *fc1_weight.stride())
@@ -326,12 +350,12 @@ def down_conv_forward(
     draw, p_drop = g_drop if g_drop is not None else (fc1_weight, 0.0)
     adapter_down_conv_fwd_kernel[grid](
         x, fc1_weight, fc1_bias if fc1_bias is not None else fc1_weight,
-        conv_taps, conv_bias if conv_bias is not None else conv_taps,
+        conv_taps if conv_taps is not None else fc1_weight, conv_bias if conv_bias is not None else fc1_weight,
         g, h if h is not None else g, g_pre if g_pre is not None else g, draw,
         u if norm is not None else g, *(norm_stats if norm_stats is not None else (g, g)),
-        num_frames, s, num_prefix_tokens, c, ca, b * s, *plan,
+        num_frames, s, num_prefix_tokens, c, ca, buf_l, buf_p, b * s, *plan,
         x.stride(0), x.stride(1), x.stride(2),
-        fc1_weight.stride(0), fc1_weight.stride(1), 1.0 - p_drop, float(eps),
+        fc1_weight.stride(0), fc1_weight.stride(1), 1.0 - p_drop, clip_rows or s, float(eps),
         KT=kt, HAS_BD=fc1_bias is not None, HAS_BC=conv_bias is not None, STORE_H=store_h,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KMAJOR=kmajor,
@@ -416,21 +440,66 @@ def adapter_forward(
     scale s (0-dim) and DropPath (drop_draw: the (B,) 0/1 per-clip draw, drop_path: p) one of
     the up-projection: out = x + s * draw[clip] / (1 - p) * (g Wu^T + bu) on spatial rows.
     norm = (norm_weight or None, norm_bias or None, eps): a LayerNorm over C before fc1, folded
-    into the down-conv kernel; three launches (the parameter fold first, kernels/adapter_prenorm.py)."""
-    unfused_switches(conv_taps, norm, prefix_mlp)
-    g, _ = down_conv_forward(
-        x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
-        frames_per_prog=frames_per_prog, act1=act_code(act_after_fc1), act2=act_code(act_after_conv), norm=norm,
-    )
+    into the down-conv kernel; one launch more (the parameter fold first, kernels/adapter_prenorm.py)."""
+    unfused_switches(conv_taps, norm)
+    acts = dict(act1=act_code(act_after_fc1), act2=act_code(act_after_conv), norm=norm)
+    if prefix_mlp and num_prefix_tokens > 0:
+        g, _, _ = mlp_down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps,
+                                        conv_bias, frames_per_prog=frames_per_prog, **acts)
+        num_prefix_tokens = 0  # every row of g is a branch row now
+    else:
+        g, _ = down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
+                                 frames_per_prog=frames_per_prog, **acts)
     return up_residual_forward(x, g, fc2_weight, fc2_bias, num_prefix_tokens, num_frames=num_frames,
                                scale=scale, drop_draw=drop_draw, drop_path=drop_path)
 
 
-def unfused_switches(conv_taps: torch.Tensor, norm: Optional[tuple], prefix_mlp: bool) -> None:
+def mlp_down_conv_forward(
+    x: torch.Tensor,
+    num_frames: int,
+    num_prefix_tokens: int,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    conv_taps: torch.Tensor,
+    conv_bias: Optional[torch.Tensor],
+    *,
+    store_h: bool = False,
+    with_g_pre: bool = False,
+    frames_per_prog: Optional[int] = None,
+    act1: int = 0,
+    act2: int = 0,
+    g_drop: Optional[tuple] = None,
+    norm: Optional[tuple] = None,
+    norm_stats: Optional[tuple] = None,
+) -> tuple:
+    """prefix_mode="mlp" (docs/design.md §9): (g, h or None, g_pre or None) as (B*T*L, Ca)
+    buffers in x's row order, so the up-projection, dgrad and wgrad see every row as a branch
+    row (P = 0) and need no prefix case. Two launches of the down-conv kernel: the spatial rows
+    with the conv (rows f*L + P + s), the prefix rows with KT = 0 -- fc1 -> act1 -> act2, no
+    conv, no conv bias (rows f*L + l, l < P). The prefix rows are B*T*P of B*T*L (0.5% on shape
+    A): their own launch costs a launch, not bandwidth -- and runs them as 1-frame clips (KT = 0
+    needs no frame order): B*T*P rows, 6 programs of one frame each on A instead of 24 walking 8
+    frames, which the work model put at ~30% of the spatial launch's time. Switches as
+    down_conv_forward's; with norm the prefix rows are normalised too (one fold for both
+    launches), norm_stats (B*T*L,) in the buffers' row order."""
+    bt, seq_len, _ = x.shape
+    shape = (bt * seq_len, fc1_weight.shape[0])
+    new = lambda: torch.empty(shape, device=x.device, dtype=fc1_weight.dtype)  # noqa: E731
+    g, h, g_pre = new(), new() if store_h else None, new() if with_g_pre else None
+    folded = fold_norm(fc1_weight, fc1_bias, norm[0], norm[1]) if norm is not None else None
+    common = dict(store_h=store_h, frames_per_prog=frames_per_prog, act1=act1, act2=act2, g_pre=g_pre,
+                  g_drop=g_drop, out=(g, h), norm=norm, norm_stats=norm_stats, folded=folded)
+    down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
+                      layout=(seq_len, num_prefix_tokens), **common)
+    down_conv_forward(x[:, :num_prefix_tokens], 1, 0, fc1_weight, fc1_bias, None, None,
+                      layout=(seq_len, 0), clip_rows=num_prefix_tokens * num_frames, **common)
+    return g, h, g_pre
+
+
+def unfused_switches(conv_taps: torch.Tensor, norm: Optional[tuple]) -> None:
     """Raise NotImplementedError naming the docs/design.md §9 switches these kernels do not run
     yet (backends/triton.py refuses the same ones before dispatch). norm is fused
     (kernels/adapter_prenorm.py): the argument stays for the callers' one signature."""
-    missing = [name for name, on in (("spatial kernels (Ca, kt, kh, kw) taps", conv_taps.dim() == 4),
-                                      ("prefix_mode='mlp'", prefix_mlp)) if on]
+    missing = [name for name, on in (("spatial kernels (Ca, kt, kh, kw) taps", conv_taps.dim() == 4),) if on]
     if missing:
         raise NotImplementedError(f"the Triton kernels do not fuse {', '.join(missing)} yet")

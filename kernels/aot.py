@@ -206,17 +206,20 @@ def _record_backward(x, t, wd, bd, taps, bc, wu, bu):
 
 def _record_switches(x, t, wd, bd, taps, bc, wu, bu):
     """The §9 switches the Triton kernels fuse, all at once (every new constexpr on): GELU after
-    fc1, ReLU after the conv, a scale, DropPath -- forward and backward."""
+    fc1, ReLU after the conv, a scale, DropPath -- forward and backward; then once more with
+    prefix_mode="mlp" (its KT = 0 prefix launches and the (B*T*L, Ca) buffer layout)."""
     switches = dict(act_after_fc1="gelu", act_after_conv="relu", scale=torch.empty((), device="meta", dtype=x.dtype),
                     drop_draw=torch.empty(x.shape[0] // t, device="meta", dtype=torch.float32), drop_path=0.1)
-    adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu, **switches)
-    adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu, **switches)
+    for prefix_mlp in (False, True):
+        adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu, prefix_mlp=prefix_mlp, **switches)
+        adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu, prefix_mlp=prefix_mlp, **switches)
 
 
 def _record_norm(x, t, wd, bd, taps, bc, wu, bu, with_switches: bool, without_affine: bool):
     """norm="layernorm" forward and backward (NORM down-conv, the fold, the LN dgrad, the wgrad
-    on z, the nine-segment finalize); with_switches: also with every §9 switch the kernels fuse;
-    without_affine: also with norm_weight = norm_bias = None (the HAS_LNW / HAS_LNB = False paths)."""
+    on z, the nine-segment finalize); with_switches: also with every §9 switch the kernels fuse,
+    prefix_mode="mlp" among them; without_affine: also with norm_weight = norm_bias = None (the
+    HAS_LNW / HAS_LNB = False paths)."""
     c = x.shape[-1]
     affine = (torch.empty(c, device="meta", dtype=x.dtype), torch.empty(c, device="meta", dtype=x.dtype))
     for lnw, lnb in [affine] + ([(None, None)] if without_affine else []):
@@ -228,8 +231,9 @@ def _record_norm(x, t, wd, bd, taps, bc, wu, bu, with_switches: bool, without_af
                         scale=torch.empty((), device="meta", dtype=x.dtype),
                         drop_draw=torch.empty(x.shape[0] // t, device="meta", dtype=torch.float32), drop_path=0.1,
                         norm=(*affine, 1e-5))
-        adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu, **switches)
-        adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu, **switches)
+        for prefix_mlp in (False, True):
+            adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu, prefix_mlp=prefix_mlp, **switches)
+            adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu, prefix_mlp=prefix_mlp, **switches)
 
 
 def _record_layernorm_pair(x, t, wd, bd, taps, bc, wu, bu):
@@ -377,8 +381,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="the work model (docs/design.md §10): one row per launch of fwd and bwd")
     parser.add_argument("--layernorm", action="store_true",
                         help="with --model: also the adapter + LayerNorm pair's launches (shapes '<name>+LN')")
-    parser.add_argument("--norm", action="store_true",
-                        help="with --model: also norm='layernorm' adapters' launches (shapes '<name>+norm')")
+    parser.add_argument("--variants", help="with --model: comma-separated docs/design.md §9 variants of "
+                        "work_model.VARIANTS (shapes '<name>+<tag>'), or 'all'")
     args = parser.parse_args(argv)
     if _common.INTERPRET:
         print("unset TRITON_INTERPRET: AOT compilation needs the real JIT", file=sys.stderr)
@@ -413,8 +417,9 @@ def _main_model(args, kwargs) -> int:
         print("--model takes one --arch, one --dtype and at most one --kt", file=sys.stderr)
         return 2
     shapes = kwargs.get("shapes") or {k: TARGET_SHAPES[k] for k in ("A", "B", "C")}
+    variants = tuple(work_model.VARIANTS) if args.variants == "all" else tuple(filter(None, (args.variants or "").split(",")))
     rows = work_model.model_rows(shapes, kwargs.get("dtypes", (torch.bfloat16,))[0], (args.arch or [90])[0],
-                                 kwargs.get("kts", (3,))[0], layernorm=args.layernorm, norm=args.norm)
+                                 kwargs.get("kts", (3,))[0], layernorm=args.layernorm, variants=variants)
     # the CUDA backend's launches too (backend "cuda"; registers need nvcc)
     rows += work_model.cuda_model_rows(shapes, kwargs.get("dtypes", (torch.bfloat16,))[0], (args.arch or [90])[0],
                                        kwargs.get("kts", (3,))[0])

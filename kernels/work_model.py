@@ -116,20 +116,52 @@ def _ops_epilogue(grads, x, fc1_weight, conv_shape):
     return out
 
 
+# docs/design.md §9 variants the model covers (CLI --variants; shapes "<name>+<tag>"): the
+# switches as adapter_forward's keywords, plus "kernel" (kt, kh, kw), "norm" and "scale" as bools
+VARIANTS: Dict[str, dict] = {
+    # the epilogue switches: activations, the branch scale, DropPath (training)
+    "acts": dict(act_after_fc1="gelu", act_after_conv="relu", scale=True, drop_path=0.1),
+    "mlp": dict(prefix_mlp=True),
+    # the LayerNorm before fc1 (kernels/adapter_prenorm.py), affine trained
+    "norm": dict(norm=True),
+}
+
+
+def _variant_kwargs(spec: dict, x: torch.Tensor, t: int, grid: Tuple[int, int]) -> dict:
+    """adapter_forward / adapter_backward keywords of a VARIANTS entry, on meta tensors."""
+    kw = {k: v for k, v in spec.items() if k not in ("kernel", "scale", "norm", "drop_path")}
+    meta = dict(device="meta", dtype=x.dtype)
+    if spec.get("scale"):
+        kw["scale"] = torch.empty((), **meta)
+    if spec.get("drop_path"):
+        kw.update(drop_draw=torch.empty(x.shape[0] // t, device="meta", dtype=torch.float32),
+                  drop_path=spec["drop_path"])
+    if spec.get("norm"):
+        c = x.shape[-1]
+        kw["norm"] = (torch.empty(c, **meta), torch.empty(c, **meta), 1e-5)
+    if tuple(spec.get("kernel", (1, 1, 1)))[1:] != (1, 1):
+        kw["grid_size"] = grid
+    return kw
+
+
 def record_launches(shape: Tuple[int, ...], dtype: torch.dtype, arch: int, kt: int = 3, prefix: int = 1,
-                    sms: Optional[int] = None, layernorm: bool = False, norm: bool = False):
+                    sms: Optional[int] = None, layernorm: bool = False, variant: Optional[dict] = None):
     """{"fwd": [...], "bwd": [...]} of aot.Launch / TorchOp events in launch order; layernorm: of
     the adapter + LayerNorm pair (kernels/adapter_layernorm.py; LayerNorm affine frozen, as in a
-    frozen backbone -- trained, its grads ride in the same finalize launch); norm: of the adapter
-    with norm="layernorm" (kernels/adapter_prenorm.py; its affine trained, as the adapter's own)."""
+    frozen backbone -- trained, its grads ride in the same finalize launch); variant: a VARIANTS
+    entry (its "kernel" replaces (kt, 1, 1); the grid is the square of L - prefix)."""
     from . import adapter_bwd, adapter_fwd, adapter_layernorm
 
     b, t, seq, c, ca = shape
+    kernel = tuple(variant.get("kernel", (kt, 1, 1))) if variant else (kt, 1, 1)
+    side = math.isqrt(seq - prefix)
     passes = {}
     for pass_name in ("fwd", "bwd"):
         events: list = []
         sink: list = []
-        x, (wd, bd, taps, bc, wu, bu) = _meta_params(b, t, seq, c, ca, kt, dtype)
+        x, (wd, bd, taps, bc, wu, bu) = _meta_params(b, t, seq, c, ca, kernel[0], dtype)
+        if kernel[1:] != (1, 1):
+            taps = torch.empty(ca, *kernel, device="meta", dtype=dtype)
         with aot._recording(arch, sink, events, sms), _OpCapture(events):
             if layernorm:
                 lnw, lnb = torch.empty(c, device="meta", dtype=dtype), torch.empty(c, device="meta", dtype=dtype)
@@ -142,15 +174,12 @@ def record_launches(shape: Tuple[int, ...], dtype: torch.dtype, arch: int, kt: i
                         x, x, x, t, prefix, wd, bd, taps, bc, wu, bu, lnw, lnb, stats, stats, affine_grads=False)
                     _ops_epilogue(grads[:7], x, wd, (ca, 1, kt, 1, 1))
             else:
-                kw = {}
-                if norm:
-                    kw["norm"] = (torch.empty(c, device="meta", dtype=dtype), torch.empty(c, device="meta", dtype=dtype),
-                                  1e-5)
+                kw = _variant_kwargs(variant, x, t, (side, side)) if variant else {}
                 if pass_name == "fwd":
                     adapter_fwd.adapter_forward(x, t, prefix, wd, bd, taps, bc, wu, bu, **kw)
                 else:
                     grads = adapter_bwd.adapter_backward(x, x, t, prefix, wd, bd, taps, bc, wu, bu, **kw)
-                    _ops_epilogue(grads[:7], x, wd, (ca, 1, kt, 1, 1))
+                    _ops_epilogue(grads[:7], x, wd, (ca, 1, *kernel))
         passes[pass_name] = events
     return passes
 
@@ -350,16 +379,17 @@ def _row(shape_name: str, pass_name: str, event, arch: int, compile_kernels: boo
 
 def model_rows(shapes: Dict[str, tuple], dtype: torch.dtype = torch.bfloat16, arch: int = 90, kt: int = 3,
                compile_kernels: bool = True, sms: Optional[int] = None, layernorm: bool = False,
-               norm: bool = False) -> List[Row]:
+               variants: Tuple[str, ...] = ()) -> List[Row]:
     """One Row per launch of fwd and bwd for each (B, T, L, C, Ca) shape; `sms` stands in for the
     arch's SM count (tests use a small one to make the launchers split work). layernorm: also the
-    adapter + LayerNorm pair's launches, as shape "<name>+LN"; norm: also the norm="layernorm"
-    adapter's, as shape "<name>+norm"."""
+    adapter + LayerNorm pair's launches, as shape "<name>+LN"; variants: VARIANTS tags, each as
+    shape "<name>+<tag>"."""
     rows = []
     for name, shape in shapes.items():
-        for ln, nm in [(False, False)] + [(True, False)] * layernorm + [(False, True)] * norm:
-            label = f"{name}+LN" if ln else f"{name}+norm" if nm else name
-            for pass_name, events in record_launches(shape, dtype, arch, kt, sms=sms, layernorm=ln, norm=nm).items():
+        cases = [(name, dict())] + ([(f"{name}+LN", dict(layernorm=True))] if layernorm else [])
+        cases += [(f"{name}+{tag}", dict(variant=VARIANTS[tag])) for tag in variants]
+        for label, kw in cases:
+            for pass_name, events in record_launches(shape, dtype, arch, kt, sms=sms, **kw).items():
                 rows += [_row(label, pass_name, ev, arch, compile_kernels) for ev in events]
     return rows
 

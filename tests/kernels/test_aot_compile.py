@@ -66,7 +66,7 @@ def test_coverage_of_kernels_archs_and_dtypes(reports):
     for dtype in ("*bf16", "*fp16", "*fp32"):
         assert any(dtype in r["variant"] for r in rows), dtype
     assert any("INPUT_PRECISION=tf32" in r["variant"] for r in rows)
-    for kt in (3, 9):
+    for kt in (3, 9, 0):  # 0: no conv, prefix_mode="mlp"'s prefix-row launches (aot._record_switches)
         assert any(f"KT={kt} " in r["variant"] for r in rows), kt
     assert any("USE_TMA=True" in r["variant"] and r["arch"] == 90 for r in rows)
     for arch in (80, 90):  # the LayerNorm folded into the down-conv's K loop, fwd and recompute

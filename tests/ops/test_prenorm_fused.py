@@ -3,7 +3,7 @@ backend (kernels/adapter_prenorm.py): forward and backward under THE parity rule
 -- the output and every gradient, the LayerNorm's affine included -- alone, with GELU after fc1
 (the AIM / Side4Video style), with every switch the kernels fuse, without affine tensors; kt in
 {1, 3, 5}, T in {1, 2, 8}, P in {0, 1, 2}, strided x, rows of mean 50 (the statistics' numerical
-safety). Also: the row statistics of the recompute against float64, dispatch without fallback,
+safety), with prefix_mode="mlp" (prefix rows normalised too). Also: the row statistics of the recompute against float64, dispatch without fallback,
 the launch budget, and that only x and the parameters are saved.
 
 Runs in the Triton interpreter on CPU; ST_ADAPTER_FAST_FULL_GRID=1 adds FULL_CASES.
@@ -34,6 +34,9 @@ AIM = Variant(norm="layernorm", act_after_fc1="gelu")
 # (the ReLU epilogues are the same code with NORM: EVERY_RELU covers them in fp32)
 EVERY = Variant(norm="layernorm", act_after_fc1="gelu", act_after_conv="quick_gelu", scale=True, drop_path=0.5)
 EVERY_RELU = Variant(norm="layernorm", act_after_fc1="relu", act_after_conv="relu", scale=True, drop_path=0.5)
+NORM_MLP = Variant(norm="layernorm", prefix_mode="mlp")
+EVERY_MLP = Variant(norm="layernorm", act_after_fc1="quick_gelu", act_after_conv="gelu", prefix_mode="mlp", scale=True,
+                    drop_path=0.5)
 MODES = ["fp32", "bf16", "autocast-bf16"]
 
 
@@ -56,6 +59,9 @@ CASES = [
     (_case(AIM, batch=1, frames=8, prefix=1, kt=5), "weight", 0.0, ("autocast-bf16",)),
     (_case(EVERY_RELU, batch=4, frames=2, prefix=1, kt=3), "both", 0.0, FP32),
     (_case(NORM, batch=2, frames=8, prefix=1, kt=5, channels=72), "both", 50.0, FP32),
+    # prefix_mode="mlp": the prefix rows normalised too (their own KT = 0 launch, one fold)
+    (_case(NORM_MLP, batch=2, frames=2, prefix=2, kt=3), "both", 0.0, ("fp32", "autocast-bf16")),
+    (_case(EVERY_MLP, batch=4, frames=2, prefix=1, kt=3, noncontiguous=True), "weight", 0.0, ("bf16",)),
 ]
 FULL_CASES = [
     (_case(v, batch=4, frames=t, prefix=i % 3, kt=kt, noncontiguous=i % 2 == 1), ("both", "none")[i % 5 == 4],
@@ -124,7 +130,7 @@ def test_cases_cover_the_grid():
     assert {c.kernel[0] for c in cases} == {1, 3, 5}
     assert {a for _, a, _, _ in CASES} == {"both", "none", "weight", "bias"}
     assert any(m for _, _, m, _ in CASES) and any(c.noncontiguous for c in cases) and any(not c.bias for c in cases)
-    assert {NORM, AIM, EVERY, EVERY_RELU} <= {c.variant for c in cases}
+    assert {NORM, AIM, EVERY, EVERY_RELU, NORM_MLP, EVERY_MLP} <= {c.variant for c in cases}
     for v in (NORM, AIM, EVERY):  # the main variants in every mode, the large-mean rows too
         assert any(c.variant == v and modes == ALL for c, _, _, modes in CASES)
     assert any(m and modes == ALL for _, _, m, modes in CASES)
@@ -216,7 +222,8 @@ def test_work_model_of_the_norm_path():
 
     b, t, seq, c, ca = 8, 8, 197, 768, 384
     n_tok = b * t * (seq - 1)
-    rows = work_model.model_rows({"A": (b, t, seq, c, ca)}, torch.bfloat16, 90, 3, compile_kernels=False, norm=True)
+    rows = work_model.model_rows({"A": (b, t, seq, c, ca)}, torch.bfloat16, 90, 3, compile_kernels=False,
+                               variants=("norm",))
     total = {(r.shape, r.pass_): [0, 0, 0] for r in rows}
     for r in rows:
         acc = total[(r.shape, r.pass_)]
@@ -260,7 +267,8 @@ def test_work_model_flops_match_the_mma_tiles_issued(monkeypatch):
         for fam in ("down_conv", "up_residual_unaligned", "conv_bwd_unaligned", "wgrad_unaligned",
                     "prenorm_dgrad_unaligned"):
             stack.enter_context(tuning.forced_config(fam, small))
-        rows = work_model.model_rows({"s": shape}, torch.float32, 90, 3, compile_kernels=False, sms=6, norm=True)
+        rows = work_model.model_rows({"s": shape}, torch.float32, 90, 3, compile_kernels=False, sms=6,
+                                     variants=("norm",))
         rows = [r for r in rows if r.shape == "s+norm"]
         g = torch.Generator().manual_seed(0)
         x = torch.randn(b * t, seq, c, generator=g)

@@ -393,9 +393,10 @@ SWITCHES = [
     (dict(scale=0.5), "scale"),
     (dict(drop_path=0.2), "drop_path=0.2"),
 ]
-# what each fused backend still refuses: CUDA every switch, Triton those it does not fuse yet
-# (the activations, scale and DropPath it fuses: test_variants_fused.py; norm: test_prenorm_fused.py)
-TRITON_REFUSES = ("prefix_mode='mlp'",)
+# what each fused backend still refuses: CUDA every switch, Triton those it does not fuse yet --
+# none of these (the activations, scale, DropPath, prefix_mode="mlp": test_variants_fused.py;
+# norm: test_prenorm_fused.py; only spatial kernels, refused in test_variants_fused.py)
+TRITON_REFUSES = ()
 REFUSALS = [("cuda", kw, named) for kw, named in SWITCHES] + [
     ("triton", kw, named) for kw, named in SWITCHES if named in TRITON_REFUSES]
 
@@ -425,18 +426,19 @@ def test_drop_path_in_eval_mode_runs_fused():
 @fused_ok
 def test_auto_falls_back_once_naming_the_switch(monkeypatch):
     """CPU twin of the GPU behaviour: with x's device offered to the fused backends (as CUDA
-    tensors are), an official call picks Triton, a variant falls back with one warning."""
+    tensors are), an official call picks Triton; a variant beyond every fused backend (kt = 11 is
+    past Triton's window, the switch past CUDA's) falls back with one warning naming the case."""
     monkeypatch.setattr(ops, "AUTO_FUSED_DEVICES", ("cuda", DEVICE))
     monkeypatch.setattr(ops, "_WARNED", set())
     x = torch.randn(4, 5, 8, device=DEVICE)
-    w = [t.to(DEVICE) for t in _weights()]
+    w = [t.to(DEVICE) for t in _weights(kernel=(11, 1, 1))]
     assert ops.resolve_backend("auto", x, (3, 1, 1), torch.float32) == "triton"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = st_adapter(x, 2, *w, prefix_mode="mlp")
         st_adapter(x, 2, *w, prefix_mode="mlp")
     msgs = [str(c.message) for c in caught if "no fused backend" in str(c.message)]
-    assert len(msgs) == 1 and "prefix_mode='mlp'" in msgs[0], msgs
+    assert len(msgs) == 1 and "kernel_size (11, 1, 1)" in msgs[0], msgs
     torch.testing.assert_close(got, reference(x, 2, *w, prefix_mode="mlp"), rtol=0, atol=0)
 
 
@@ -444,13 +446,13 @@ def test_auto_falls_back_once_naming_the_switch(monkeypatch):
 def test_auto_falls_back_once_naming_the_switch_gpu():
     ops._WARNED.clear()
     x = torch.randn(4, 5, 8, device="cuda")
-    w = [t.cuda() for t in _weights()]
+    w = [t.cuda() for t in _weights(kernel=(11, 1, 1))]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         st_adapter(x, 2, *w, prefix_mode="mlp")
         st_adapter(x, 2, *w, prefix_mode="mlp")
     msgs = [str(c.message) for c in caught if "no fused backend" in str(c.message)]
-    assert len(msgs) == 1 and "prefix_mode='mlp'" in msgs[0], msgs
+    assert len(msgs) == 1 and "kernel_size (11, 1, 1)" in msgs[0] and "prefix_mode='mlp'" in msgs[0], msgs
 
 
 def test_backends_without_variant_support_keep_their_interface():

@@ -30,6 +30,8 @@ pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not triton_interpreter_on(),
                                 reason="needs CUDA or TRITON_INTERPRET=1")
 
 COMBINED = Variant(act_after_fc1="gelu", act_after_conv="relu", scale=True, drop_path=0.5)
+# MMAction2's switches but its (3, 3, 3) kernel: ReLU after the conv, prefix MLP, scale, DropPath
+MLP_COMBINED = Variant(act_after_conv="relu", prefix_mode="mlp", scale=True, drop_path=0.5)
 
 
 def _case(variant, *, batch=2, frames=2, grid=(2, 3), prefix=1, kt=3, **kw):
@@ -57,6 +59,11 @@ CASES = [
           prefix=1, kt=5),
     _case(Variant(act_after_fc1="quick_gelu", act_after_conv="gelu", scale=True, drop_path=0.3), batch=4,
           frames=1, prefix=2, kt=1, bias=False),
+    # prefix_mode="mlp": prefix rows through fc1 -> acts -> fc2 (the KT = 0 launches); P = 0 is skip's
+    _case(Variant(prefix_mode="mlp"), frames=2, prefix=1, kt=3),
+    _case(MLP_COMBINED, batch=4, frames=8, prefix=2, kt=3, noncontiguous=True),
+    _case(Variant(prefix_mode="mlp", act_after_fc1="gelu", scale=True), frames=1, prefix=1, kt=1, bias=False),
+    _case(Variant(prefix_mode="mlp", act_after_conv="gelu"), frames=2, prefix=0, kt=5),
 ]
 FULL_CASES = [
     _case(v, batch=4, frames=t, prefix=i % 3, kt=kt, noncontiguous=i % 2 == 1)
@@ -64,7 +71,9 @@ FULL_CASES = [
         (v, kt, t)
         for v in (Variant(act_after_fc1="gelu"), Variant(act_after_fc1="quick_gelu"), Variant(act_after_fc1="relu"),
                   Variant(act_after_conv="gelu"), Variant(act_after_conv="quick_gelu"),
-                  Variant(act_after_conv="relu"), Variant(scale=True), Variant(drop_path=0.5), COMBINED)
+                  Variant(act_after_conv="relu"), Variant(scale=True), Variant(drop_path=0.5), COMBINED,
+                  Variant(prefix_mode="mlp"), MLP_COMBINED,
+                  Variant(prefix_mode="mlp", act_after_fc1="quick_gelu", act_after_conv="gelu"))
         for kt in (1, 3, 5) for t in (1, 2, 8))
 ] if FULL else []
 MODES = ["fp32", "bf16", "autocast-bf16"]
@@ -88,9 +97,15 @@ def _clear_relu_gates(case, inputs):
         inputs["fc1_weight"] = inputs["fc1_weight"] * 0.25
         inputs["conv_weight"] = inputs["conv_weight"] * 0.25
         inputs["conv_bias"] = signs.roll(1) * (2.0 + inputs["conv_bias"].abs())
+        if v.prefix_mode == "mlp" and v.act_after_fc1 is None:
+            # prefix rows meet the ReLU right after fc1 (no conv, no conv bias): clear them there
+            inputs["fc1_bias"] = signs * (1.5 + inputs["fc1_bias"].abs())
     # the float64 pre-activations, spatial rows of every clip (kt taps along t, zero padded)
     b, t, s = case.batch, case.frames, case.grid[0] * case.grid[1]
     h = inputs["x"][:, case.prefix:] @ inputs["fc1_weight"].t() + inputs["fc1_bias"]
+    if v.prefix_mode == "mlp" and "relu" in (v.act_after_fc1, v.act_after_conv):
+        h_prefix = inputs["x"][:, :case.prefix] @ inputs["fc1_weight"].t() + inputs["fc1_bias"]
+        assert h_prefix.numel() == 0 or h_prefix.abs().min() >= 0.5, h_prefix.abs().min()
     if v.act_after_fc1 == "relu":
         assert h.abs().min() >= 0.5, h.abs().min()
     if v.act_after_conv == "relu":
@@ -158,15 +173,19 @@ def test_cases_cover_the_fused_switches():
     assert any(c.noncontiguous for c in CASES) and any(not c.bias for c in CASES)
 
 
+@pytest.mark.parametrize("variant", [COMBINED, Variant(act_after_fc1="gelu", prefix_mode="mlp", scale=True,
+                                                         drop_path=0.5)], ids=["base", "mlp"])
 @pytest.mark.parametrize("mode_name", ["fp32", "bf16"])
-def test_multi_tile_runs_and_splits(mode_name):
+def test_multi_tile_runs_and_splits(mode_name, variant):
     """Several row and channel tiles, K blocks, frame runs with halos and wgrad token splits: the
     d(scale) partials of every conv-backward program and every (split, C block) of the bias
-    share, and halo frames' pre-activations."""
+    share, and halo frames' pre-activations. With prefix_mode="mlp": 80 prefix rows (two row
+    tiles, clips straddling them) launched as 1-frame clips, DropPath's clip = row // (P*T)."""
     from st_adapter_fast.kernels import tuning
 
-    case = Case(batch=2, frames=8, grid=(7, 5), prefix=1, channels=40, adapter_channels=72, kernel=(3, 1, 1),
-                variant=COMBINED)
+    mlp = variant.prefix_mode == "mlp"
+    case = Case(batch=5 if mlp else 2, frames=8, grid=(7, 5) if not mlp else (3, 5), prefix=2 if mlp else 1,
+                channels=40, adapter_channels=72, kernel=(3, 1, 1), variant=variant)
     with tuning.override(runs=3, splits=3):
         _check(case, mode_name)
 
@@ -194,22 +213,27 @@ def test_drop_path_draw_is_the_references_mask():
     assert dropped["triton"] == dropped["reference"] and 0 < sum(dropped["triton"]) < 16
 
 
-@pytest.mark.parametrize("norm", [None, "layernorm"], ids=["no-norm", "layernorm"])
-def test_runs_fused_without_fallback_and_saves_only_inputs(monkeypatch, norm):
+# the fused switch sets beyond the activations/scale/DropPath base each adds (a module kwarg set)
+FUSED_EXTRAS = {"base": {}, "mlp": dict(prefix_mode="mlp"), "norm": dict(norm="layernorm"),
+                "norm-mlp": dict(norm="layernorm", prefix_mode="mlp")}
+
+
+@pytest.mark.parametrize("extra", list(FUSED_EXTRAS))
+def test_runs_fused_without_fallback_and_saves_only_inputs(monkeypatch, extra):
     """With x's device offered to the fused backends (as CUDA tensors are), "auto" runs these
     switches on Triton -- no fallback warning, the explicit backend's result bitwise -- and only
-    x, the parameters (scale and the LayerNorm's affine included) and the (B,) DropPath draw are
-    saved for backward (norm: not the row statistics, which the backward recomputes)."""
+    x, the parameters (scale included) and the (B,) DropPath draw are saved for backward."""
     monkeypatch.setattr(ops, "AUTO_FUSED_DEVICES", ("cuda", DEVICE))
     monkeypatch.setattr(ops, "_WARNED", set())
-    m = STAdapter(16, 8, (3, 1, 1), act_after_fc1="gelu", act_after_conv="quick_gelu", scale=0.5,
-                  drop_path=0.3, norm=norm).to(DEVICE).train()
+    kwargs = dict(kernel_size=(3, 1, 1), **FUSED_EXTRAS[extra])
+    m = STAdapter(16, 8, act_after_fc1="gelu", act_after_conv="quick_gelu", scale=0.5,
+                  drop_path=0.3, **kwargs).to(DEVICE).train()
     for q in m.parameters():
         torch.nn.init.normal_(q, std=0.3)
     x = torch.randn(4 * 2, 10, 16, device=DEVICE, requires_grad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback warning fails the test
-        assert ops.resolve_backend("auto", x, (3, 1, 1), torch.float32, m.variant) == "triton"
+        assert ops.resolve_backend("auto", x, kwargs["kernel_size"], torch.float32, m.variant) == "triton"
         torch.manual_seed(3)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -225,9 +249,8 @@ def test_runs_fused_without_fallback_and_saves_only_inputs(monkeypatch, norm):
 
 
 @pytest.mark.parametrize("kwargs,named", [
-    (dict(prefix_mode="mlp"), "prefix_mode='mlp'"),
     (dict(kernel_size=(3, 3, 3)), r"kernel_size \(3, 3, 3\)"),
-], ids=["mlp", "spatial"])
+], ids=["spatial"])
 def test_triton_still_refuses_the_rest_by_name(kwargs, named):
     m = STAdapter(8, 4, backend="triton", act_after_fc1="gelu", scale=0.5, **kwargs).to(DEVICE)
     with pytest.raises(RuntimeError, match=f"backend='triton' cannot run this call: .*{named}"):
@@ -287,10 +310,13 @@ def test_meta_tensors_with_fused_switches():
     assert x.grad.shape == x.shape and m.scale.grad.shape == () and m.scale.grad.device.type == "meta"
 
 
-def test_launch_budget_with_every_fused_switch():
+@pytest.mark.parametrize("prefix_mlp", [False, True], ids=["skip", "mlp"])
+def test_launch_budget_with_every_fused_switch(prefix_mlp):
     """Forward: the two kernels plus DropPath's one RNG op (bernoulli_); backward: the official
     five launches (recompute, conv backward, dgrad, wgrad, finalize), no torch op between --
-    counted as the work model counts (kernels recorded on meta tensors, every launching torch op)."""
+    counted as the work model counts (kernels recorded on meta tensors, every launching torch op).
+    prefix_mode="mlp" adds one KT = 0 down-conv launch to the forward and to the recompute, and
+    one KT = 0 conv-backward launch (the prefix rows)."""
     from st_adapter_fast.kernels import adapter_bwd, adapter_fwd, aot, work_model
 
     b, t, seq, c, ca = 2, 8, 197, 768, 384  # shape A's per-clip sizes, two clips
@@ -305,16 +331,17 @@ def test_launch_budget_with_every_fused_switch():
         with aot._recording(90, sink, events), work_model._OpCapture(events):
             draw = ops.drop_path_draw(b, 0.1, "meta") if pass_name == "fwd" else saved_draw
             switches = dict(act_after_fc1="gelu", act_after_conv="relu", scale=torch.empty((), **meta),
-                            drop_draw=draw, drop_path=0.1)
+                            drop_draw=draw, drop_path=0.1, prefix_mlp=prefix_mlp)
             if pass_name == "fwd":
                 adapter_fwd.adapter_forward(x, t, 1, *params, **switches)
             else:
                 grads = adapter_bwd.adapter_backward(x, x, t, 1, *params, **switches)
                 assert len(grads) == 8 and grads[7].shape == ()
         counts[pass_name] = [getattr(e, "name", None) or e.variant.kernel for e in events]
-    assert counts["fwd"] == ["aten.bernoulli_", "adapter_down_conv_fwd_kernel", "adapter_up_residual_fwd_kernel"]
-    assert counts["bwd"] == ["adapter_down_conv_fwd_kernel", "adapter_conv_bwd_kernel",
-                             "adapter_up_residual_fwd_kernel", "adapter_wgrad_kernel",
+    down = ["adapter_down_conv_fwd_kernel"] * (2 if prefix_mlp else 1)
+    conv = ["adapter_conv_bwd_kernel"] * (2 if prefix_mlp else 1)
+    assert counts["fwd"] == ["aten.bernoulli_", *down, "adapter_up_residual_fwd_kernel"], counts["fwd"]
+    assert counts["bwd"] == [*down, *conv, "adapter_up_residual_fwd_kernel", "adapter_wgrad_kernel",
                              "adapter_grad_finalize_kernel"], counts["bwd"]
 
 
