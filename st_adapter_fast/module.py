@@ -41,7 +41,7 @@ class STAdapter(nn.Module):
     eval). MMAction2's STAdapter is ``STAdapter(C, Ca, (3, 3, 3), act_after_conv="relu",
     prefix_mode="mlp", scale=0.0, drop_path=0.1)`` (models.checkpoint.load_mmaction_checkpoint
     maps its keys). The Triton backend fuses norm, the activations, scale and DropPath with (kt, 1, 1)
-    kernels; for prefix_mode="mlp" or a spatial kernel backend="auto" falls back to the
+    kernels (prefix_mode="mlp" too); for a spatial kernel backend="auto" falls back to the
     reference with a one-time warning naming the switch (README's backend table).
     """
 

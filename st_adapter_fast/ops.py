@@ -453,7 +453,7 @@ def st_adapter(
     The Triton backend fuses norm (folded into fc1's K loop; one more launch per pass, the
     parameter fold), the activations, scale and DropPath for temporal kernels (kt, 1, 1)
     (DropPath: one float32 Bernoulli draw per clip, the op's only extra launch and extra saved
-    tensor); prefix_mode="mlp" and spatial kernels it refuses by name, as the CUDA backend
+    tensor), prefix_mode="mlp" too; spatial kernels it refuses by name, as the CUDA backend
     refuses every switch: "auto" then falls back to the reference with a one-time warning
     naming the switch, and an explicit backend raises naming it.
 
