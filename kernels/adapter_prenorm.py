@@ -8,8 +8,9 @@ folds into the down-projection's K loop (adapter_fwd.adapter_down_conv_fwd_kerne
 with sum (x - sh) and sum (x - sh)^2 accumulated in the same loop: one pass over x. sh is a
 per-row shift, the mean of the row's first K block rounded to x's dtype: the statistics are the
 "shifted data" variance (no E[x^2] - E[x]^2 cancellation: a row of mean 50, std 1 keeps fp32's
-precision), and the GEMM's A operand x - sh is exact in 16-bit x (both on one binade) and, for
-fp32 x under autocast, rounds to bf16 relative to |x - sh| ~ std, not to |x| ~ 50.
+precision), and the GEMM's A operand x - sh is exact for 16-bit x within a factor of two of sh
+(Sterbenz: the bulk of a large-mean row) and, for fp32 x under autocast, rounds to bf16 relative
+to |x - sh| ~ std, not to |x| ~ 50.
 The parameter prep (Wd', u, b') is one launch (adapter_norm_fold_kernel), O(Ca*C).
 
 Backward (recompute, saved: x and the parameters): the recompute launch also stores the per-row
@@ -30,6 +31,7 @@ a program owns BLOCK_M of the B*T*L rows and walks C twice --
 dgamma and dbeta ride in the backward's one finalize launch (two more segments).
 
 Shapes: x (B*T, L, C); dh (B*T*S, Ca); mean, rstd (B*T*S,) fp32; Wd (Ca, C); gamma, beta (C,).
+With prefix_mode="mlp" every row is a branch row: the kernels run with P = 0 and S = L.
 """
 
 from __future__ import annotations
