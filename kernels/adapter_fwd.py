@@ -103,7 +103,8 @@ def adapter_down_conv_fwd_kernel(
         bc = tl.load(bc_ptr + offs_ca, mask=mask_ca, other=0.0).to(tl.float32)
     if NORM:
         u = tl.load(u_ptr + offs_ca, mask=mask_ca, other=0.0)
-        stat_rows, _ = _flat_rows(offs_r, S, T, BUF_P, BUF_L, 1)
+        if STORE_H:  # (the forward without these 64-bit row offsets: 24 B fewer spilled on sm_90)
+            stat_rows, _ = _flat_rows(offs_r, S, T, BUF_P, BUF_L, 1)
 
     q0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     q1 = q0
@@ -344,6 +345,10 @@ def down_conv_forward(
             cfg = dataclasses.replace(cfg, BLOCK_N=16)
         elif not is_aligned and cfg.BLOCK_N > 32:
             cfg = dataclasses.replace(cfg, BLOCK_N=32)
+    if norm is not None and not is_aligned and cfg.BLOCK_N > 32:
+        # the LayerNorm K loop (shift, two row sums) on unaligned x: the 16-bit KT=3 64x64 tile
+        # spilled 24 B at 255 registers on sm_90 (odd shape, forward); 64x32 does not
+        cfg = dataclasses.replace(cfg, BLOCK_N=32)
     plan, grid = window_grid(cfg, b, num_frames, kt, s, ca, x, frames_per_prog)
     dot_fp32, precision = dot_flags(dtype)
     use_tma, kmajor = weight_tma(cfg, fc1_weight, arch_of(x), is_aligned)
