@@ -60,3 +60,17 @@ SWEEP_CASES = [(name, shape) for name in ("sweep-T", "sweep-tokens") for shape i
 def test_sweep(benchmark, roofline, machine_info, sweep, shape, provider, mode):
     benchmark.group = f"{sweep} {mode}"
     _bench_op(benchmark, roofline, machine_info, provider, shape, mode)
+
+
+# issue 15's variant rows (docs/design.md §9): shape A with kernel (3, 3, 3), and with the LayerNorm
+# before fc1 + GELU after it, fused against eager with cuDNN on and off
+VARIANT_SHAPES = list((core.TINY_VARIANT_SHAPES if TINY else core.VARIANT_SHAPES).values())
+VARIANT_PROVIDERS = [p for p in ("eager", "eager-nocudnn", "triton") if p in PLAIN_PROVIDERS]
+
+
+@pytest.mark.parametrize("mode", core.MODES)
+@pytest.mark.parametrize("provider", VARIANT_PROVIDERS)
+@pytest.mark.parametrize("shape", VARIANT_SHAPES, ids=lambda s: s.name)
+def test_variant_shape(benchmark, roofline, machine_info, shape, provider, mode):
+    benchmark.group = f"{shape.name} {mode}"
+    _bench_op(benchmark, roofline, machine_info, provider, shape, mode)

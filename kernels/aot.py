@@ -190,7 +190,11 @@ def _dispatch_variants(arch, kts, dtypes, shapes, switches: bool = False) -> Lis
                             _record_backward(x, t, wd, bd, taps, bc, wu, bu)
                             if kt == kts[0]:  # the pair has no KT of its own: one kt records it
                                 _record_layernorm_pair(x, t, wd, bd, taps, bc, wu, bu)
-                            if switches and kt == switch_kt and dtype == torch.bfloat16:
+                            # bf16 stands for fp16 (same tiles); fp32 (IEEE dots, half-width
+                            # tiles) on the unaligned odd shape only, the register-hungriest path
+                            if switches and kt == switch_kt and (
+                                    dtype == torch.bfloat16 or (dtype == torch.float32 and not allow_tf32
+                                                                and (b, t, seq, c, ca) == TARGET_SHAPES["odd"])):
                                 _record_switches(x, t, wd, bd, taps, bc, wu, bu)
                             _record_norm(x, t, wd, bd, taps, bc, wu, bu, switches and kt == switch_kt
                                          and dtype == torch.bfloat16, kt == kts[0])

@@ -122,7 +122,9 @@ def _default_up_residual_unaligned(kt: int, compute_dtype: torch.dtype, arch: in
     # 128x64 spilled 8 B on sm_80 under triton 3.6 (dgrad, odd shape); sm_90 keeps 128x64
     cfg = _default_up_residual(kt, compute_dtype, arch)
     if compute_dtype == torch.float32:
-        return cfg
+        # fp32 IEEE dgrad of the odd shape: 64x64 sat at 245 registers on sm_90 with P = 1 (a
+        # constexpr) and spilled 104 B with P = 0 (prefix_mode="mlp", SigLIP-style backbones)
+        return dataclasses.replace(cfg, BLOCK_N=32)
     return dataclasses.replace(cfg, BLOCK_N=64) if arch >= 90 else dataclasses.replace(cfg, BLOCK_M=64, BLOCK_N=64)
 
 

@@ -55,9 +55,19 @@ INTERPRETER_MAX_TOKENS = 4096
 
 
 # ------------------------------------------------------------------------------------ shapes
+# docs/design.md §9 switch sets a benchmark shape can carry (OpShape.variant): the AIM /
+# Side4Video-style pre-norm + GELU, and MMAction2's switches (its kernel is the shape's kh, kw)
+VARIANT_SWITCHES = {
+    "": {},
+    "ln-gelu": dict(norm="layernorm", act_after_fc1="gelu"),
+    "mmaction2": dict(act_after_conv="relu", prefix_mode="mlp", scale=True),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class OpShape:
-    """One adapter call: x (B*T, L, C) with L = P + H*W, adapter width Ca, kernel (kt, 1, 1)."""
+    """One adapter call: x (B*T, L, C) with L = P + H*W (H = W), adapter width Ca, kernel
+    (kt, kh, kw), and a VARIANT_SWITCHES set ("" = the official switches)."""
 
     name: str
     B: int
@@ -67,6 +77,23 @@ class OpShape:
     Ca: int
     kt: int = 3
     P: int = 1
+    kh: int = 1
+    kw: int = 1
+    variant: str = ""
+
+    @property
+    def kernel(self) -> Tuple[int, int, int]:
+        return (self.kt, self.kh, self.kw)
+
+    @property
+    def switches(self) -> dict:
+        """st_adapter's switch keywords of this shape's variant (scale: True = a scale param)."""
+        return VARIANT_SWITCHES[self.variant]
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        side = math.isqrt(self.spatial)
+        return (side, side) if side * side == self.spatial else (1, self.spatial)
 
     @property
     def spatial(self) -> int:
@@ -92,6 +119,20 @@ TARGET_SHAPES = {
 }
 # Small enough for the CPU reference and the Triton interpreter; C, Ca not powers of two.
 TINY_SHAPES = {"tiny": OpShape("tiny", B=2, T=4, L=17, C=48, Ca=24)}
+
+
+def _variant_shapes(base: OpShape) -> Dict[str, OpShape]:
+    """Issue 15's benchmark rows on a base shape: kernel (3, 3, 3) (MMAction2's), and the
+    LayerNorm before fc1 with GELU after it; each fused against eager with cuDNN on and off."""
+    out = {}
+    for suffix, kw in (("k333", dict(kh=3, kw=3)), ("ln-gelu", dict(variant="ln-gelu"))):
+        name = f"{base.name}-{suffix}"
+        out[name] = dataclasses.replace(base, name=name, **kw)
+    return out
+
+
+VARIANT_SHAPES = _variant_shapes(TARGET_SHAPES["A"])
+TINY_VARIANT_SHAPES = _variant_shapes(TINY_SHAPES["tiny"])
 # Stand-ins for A, B, C where kernels run in the interpreter (the verdict's CPU dry run): the
 # same roles (B wider with a longer sequence, C the longest clip), each a few seconds per pass.
 TINY_TARGETS = {
@@ -102,14 +143,15 @@ TINY_TARGETS = {
 
 
 def parse_shapes(spec: str) -> List[OpShape]:
-    """'A,B,C' | 'tiny' | 'all' -> shapes. Unknown names raise ValueError listing the known ones."""
-    known = {**TARGET_SHAPES, **TINY_SHAPES}
+    """'A,B,C' | 'tiny' | 'A-k333' ... | 'all' -> shapes. Unknown names raise ValueError listing
+    the known ones."""
+    known = {**TARGET_SHAPES, **TINY_SHAPES, **VARIANT_SHAPES, **TINY_VARIANT_SHAPES}
     names = list(TARGET_SHAPES) if spec.strip().lower() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
         raise ValueError(f"--shapes needs at least one of {sorted(known)}, got {spec!r}")
     out = []
     for name in names:
-        key = name if name in known else name.upper()
+        key = name if name in known else name[:1].upper() + name[1:]
         if key not in known:
             raise ValueError(f"unknown shape {name!r}; expected a comma-separated list of {sorted(known)}")
         out.append(known[key])
@@ -136,7 +178,7 @@ def op_flops(shape: OpShape, mode: str) -> int:
     """Minimum FLOPs: fwd = fc1 + conv + fc2 (2*N*C*Ca each GEMM, 2*N*Ca*kt the stencil);
     fwd+bwd adds dg = dy Wu, dWu, dWd, dx (four GEMMs) and the conv's two (docs/design.md §2).
     Recompute of h and g is not counted: the floor is the work no implementation can avoid."""
-    n, c, ca, kt = shape.tokens, shape.C, shape.Ca, shape.kt
+    n, c, ca, kt = shape.tokens, shape.C, shape.Ca, shape.kt * shape.kh * shape.kw
     gemm = 2 * n * c * ca
     conv = 2 * n * ca * kt
     if mode == "fwd":
@@ -148,7 +190,7 @@ def op_min_bytes(shape: OpShape, mode: str, elem_bytes: int = 2) -> int:
     """Unavoidable traffic: fwd reads x and the parameters and writes out; fwd+bwd also reads
     dO and x again and writes dx and fp32 parameter gradients."""
     x = shape.x_numel * elem_bytes
-    c, ca, kt = shape.C, shape.Ca, shape.kt
+    c, ca, kt = shape.C, shape.Ca, shape.kt * shape.kh * shape.kw
     n_params = 2 * c * ca + ca * kt + 2 * ca + c
     if mode == "fwd":
         return 2 * x + n_params * elem_bytes
@@ -224,30 +266,59 @@ def provider_unavailable(provider: str, shape: OpShape, device: str, dtype: torc
     except ValueError as err:
         return str(err)
     probe = torch.empty(0, device=device, dtype=dtype)
-    return backend.reason(probe, (shape.kt, 1, 1), dtype, layernorm=layernorm)
+    variant = _variant_of(shape)
+    return backend.reason(probe, shape.kernel, dtype, None if variant.official else variant, layernorm=layernorm)
+
+
+def _variant_of(shape: OpShape):
+    from ..variants import Variant
+
+    sw = shape.switches
+    return Variant(norm=sw.get("norm"), act_after_fc1=sw.get("act_after_fc1"), act_after_conv=sw.get("act_after_conv"),
+                   prefix_mode=sw.get("prefix_mode", "skip"), scale=bool(sw.get("scale")))
 
 
 def make_op_inputs(shape: OpShape, device: str, dtype: torch.dtype, requires_grad: bool, seed: int = 0) -> dict:
-    """x, dO and random non-zero parameters (a fresh adapter is the identity: zero conv)."""
+    """x, dO and random non-zero parameters (a fresh adapter is the identity: zero conv); a
+    variant's trained extras follow the six official ones: norm weight, bias; scale (0-dim)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    c, ca, kt = shape.C, shape.Ca, shape.kt
+    c, ca, kt, kh, kw = shape.C, shape.Ca, shape.kt, shape.kh, shape.kw
 
     def rnd(*size, scale=1.0):
         return (torch.randn(*size, generator=gen) * scale).to(device=device, dtype=dtype)
 
     x = rnd(shape.B * shape.T, shape.L, c)
     params = [
-        rnd(ca, c, scale=c ** -0.5), rnd(ca, scale=0.1), rnd(ca, 1, kt, 1, 1, scale=kt ** -0.5),
+        rnd(ca, c, scale=c ** -0.5), rnd(ca, scale=0.1), rnd(ca, 1, kt, kh, kw, scale=(kt * kh * kw) ** -0.5),
         rnd(ca, scale=0.1), rnd(c, ca, scale=ca ** -0.5), rnd(c, scale=0.1),
     ]
+    if shape.switches.get("norm"):
+        params += [1 + rnd(c, scale=0.1), rnd(c, scale=0.1)]
+    if shape.switches.get("scale"):
+        params.append(rnd((), scale=0.5))
     for t in [x, *params]:
         t.requires_grad_(requires_grad)
     return {"x": x, "params": params, "grad_out": rnd(*x.shape)}
 
 
+def _switch_kwargs(shape: OpShape, extras: Sequence[torch.Tensor]) -> dict:
+    """st_adapter / reference keywords of the shape's variant, its extra params (make_op_inputs)
+    in place of the True flags."""
+    kw = dict(shape.switches)
+    extras = list(extras)
+    if kw.get("norm"):
+        kw["norm_weight"], kw["norm_bias"] = extras.pop(0), extras.pop(0)
+    if kw.get("scale"):
+        kw["scale"] = extras.pop(0)
+    if shape.kh != 1 or shape.kw != 1:
+        kw["grid_size"] = shape.grid
+    return kw
+
+
 def _reference_fn(shape: OpShape):
-    def adapter(x, w1, b1, wc, bc, w2, b2):
-        return reference(x, shape.T, w1, b1, wc, bc, w2, b2, num_prefix_tokens=shape.P)
+    def adapter(x, w1, b1, wc, bc, w2, b2, *extras):
+        return reference(x, shape.T, w1, b1, wc, bc, w2, b2, num_prefix_tokens=shape.P,
+                         **_switch_kwargs(shape, extras))
 
     return adapter
 
@@ -293,9 +364,9 @@ def make_op_callable(provider: str, shape: OpShape) -> Callable:
         mode = COMPILE_MODES[provider]
         return torch.compile(_reference_fn(shape), mode=mode, dynamic=False, fullgraph=True)
 
-    def fused(x, w1, b1, wc, bc, w2, b2):
+    def fused(x, w1, b1, wc, bc, w2, b2, *extras):
         return st_adapter_fast.st_adapter(x, shape.T, w1, b1, wc, bc, w2, b2, num_prefix_tokens=shape.P,
-                                          backend=provider)
+                                          backend=provider, **_switch_kwargs(shape, extras))
 
     return fused
 

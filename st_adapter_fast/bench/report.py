@@ -175,6 +175,8 @@ def _sweep_title(suite: str, rows: List[dict]) -> str:
     """Section title of an op suite; the sweeps name the values they hold fixed, read from the rows."""
     if suite == "target":
         return "Op level: target shapes (docs/design.md §5)"
+    if suite == "variant":
+        return "Op level: shape A's variants (docs/design.md §9): kernel (3, 3, 3); LayerNorm before fc1 + GELU"
     frames = sorted({r["shape"]["T"] for r in rows})
     tokens = sorted({r["shape"]["B"] * r["shape"]["T"] for r in rows})
     if suite == "sweep-T":

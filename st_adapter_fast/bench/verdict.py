@@ -426,7 +426,8 @@ def stage_headline(ctx: Context) -> None:
 
 # ---------------------------------------------------------------------------------- rest
 def stage_rest(ctx: Context) -> None:
-    """Shapes B and C, torch.compile (default, fwd and fwd+bwd) then max-autotune fwd on A, and
+    """Shapes B and C, shape A's variants (kernel (3, 3, 3); LayerNorm + GELU), torch.compile
+    (default, fwd and fwd+bwd) then max-autotune fwd on A, and
     the end-to-end train step with 12 adapters (then without, for the baseline; then with
     fuse_layernorm, the adapter + LayerNorm pair)."""
     import torch
@@ -440,6 +441,12 @@ def stage_rest(ctx: Context) -> None:
         for provider in ("eager", "triton", "eager-nocudnn", "cuda"):
             for mode in core.MODES:
                 _op_task(ctx, "target", shapes[name], provider, mode, quick=True, cap_s=60)
+    # issue 15: shape A with kernel (3, 3, 3) and with LayerNorm + GELU, fused against eager with
+    # cuDNN on and off (docs/design.md §9)
+    for shape in (core.TINY_VARIANT_SHAPES if ctx.cpu else core.VARIANT_SHAPES).values():
+        for provider in ("eager", "triton", "eager-nocudnn"):
+            for mode in core.MODES:
+                _op_task(ctx, "variant", shape, provider, mode, quick=True, cap_s=60)
     compile_cap = 150.0
     for mode in core.MODES:
         _op_task(ctx, "target", shapes["A"], "compile", mode, quick=ctx.cpu, cap_s=compile_cap, needs_s=20)

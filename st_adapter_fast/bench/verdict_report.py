@@ -97,6 +97,25 @@ def shape_a_name(data: dict) -> str:
     return "tiny" if data.get("device_type") == "cpu" else "A"
 
 
+def variant_lines(data: dict) -> List[str]:
+    """Issue 15's quote: shape A with kernel (3, 3, 3) and with LayerNorm + GELU, Triton against
+    eager with cuDNN on and off, per mode (suite "variant" of stage_rest)."""
+    ops = {(r["shape_name"], r["provider"], r["mode"]): r for r in data.get("op", [])
+           if r.get("suite") == "variant" and r.get("status") == "ok"}
+    out = []
+    for name in sorted({k[0] for k in ops}):
+        parts = []
+        for mode in ("fwd", "fwd+bwd"):
+            fused = ops.get((name, "triton", mode))
+            if fused is None:
+                continue
+            vs = [f"{ops[(name, p, mode)]['time_ms'] / fused['time_ms']:.2f}x vs {p}"
+                  for p in ("eager", "eager-nocudnn") if (name, p, mode) in ops]
+            parts.append(f"{mode} {fused['time_ms']:.4f} ms ({', '.join(vs) or 'no eager row'})")
+        out.append(f"- variant {name}: triton " + ("; ".join(parts) if parts else "not measured"))
+    return (["", "**Variants** (docs/design.md §9):"] + out) if out else []
+
+
 def headline(data: dict) -> List[str]:
     a = shape_a_name(data)
     ops = {(r["provider"], r["mode"]): r for r in data.get("op", [])
@@ -137,6 +156,7 @@ def headline(data: dict) -> List[str]:
         targets.append(f"{p}: " + (", ".join(parts) if parts else "not measured"))
     lines.append(f"**Targets** (fwd <= {TARGETS['fwd_ms']} ms, fwd+bwd <= {TARGETS['fwd_bwd_ms']} ms, "
                  f"saved <= 1 MB beyond x): " + "; ".join(targets) + ".")
+    lines += variant_lines(data)
     pair = [(p, mem[p]) for p in ("eager+ln", "triton+ln") if mem.get(p, {}).get("saved_bytes") is not None]
     if pair:  # the adapter + LayerNorm pair (docs/design.md §7): saved per adapted position, in x
         lines.append("Adapter + LayerNorm per adapted position, saved for backward: " + ", ".join(

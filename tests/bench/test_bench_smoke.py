@@ -64,6 +64,33 @@ def test_parse_shapes_and_providers_reject_unknown_names():
         core.normalize_provider("fast")
 
 
+@pytest.mark.parametrize("name", sorted(core.TINY_VARIANT_SHAPES))
+def test_variant_shapes_run_the_variant(name, one_thread):
+    """Issue 15's benchmark rows: shape A with kernel (3, 3, 3) and with LayerNorm + GELU (and
+    their tiny stand-ins) parse by name, and the eager provider computes that variant -- the
+    reference with the same switches, not the official adapter -- forward and backward."""
+    from st_adapter_fast.reference import reference
+
+    assert {s.name for s in core.parse_shapes("A-k333,A-ln-gelu")} == {"A-k333", "A-ln-gelu"}
+    assert core.parse_shapes("A-k333")[0].kernel == (3, 3, 3)
+    shape = core.TINY_VARIANT_SHAPES[name]
+    inputs = core.make_op_inputs(shape, "cpu", torch.float64, requires_grad=True)
+    x, params = inputs["x"], inputs["params"]
+    out = core.make_op_callable("eager", shape)(x, *params)
+    official = reference(x, shape.T, *params[:6], num_prefix_tokens=shape.P, grid_size=shape.grid)
+    kw = dict(grid_size=shape.grid)
+    if shape.variant:
+        kw.update(norm="layernorm", norm_weight=params[6], norm_bias=params[7], act_after_fc1="gelu")
+        assert len(params) == 8
+    else:
+        assert params[2].shape[2:] == (3, 3, 3) and len(params) == 6
+    torch.testing.assert_close(out, reference(x, shape.T, *params[:6], num_prefix_tokens=shape.P, **kw))
+    if shape.variant:
+        assert not torch.allclose(out, official)
+    core.backward_outputs(out, inputs["grad_out"])
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
 def test_saved_tensor_counter_counts_each_storage_once_and_skips_parameters():
     x = torch.randn(4, 5, requires_grad=True)
     w = torch.randn(5, 3, requires_grad=True)

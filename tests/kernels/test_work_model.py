@@ -158,3 +158,53 @@ def test_cuda_kernels_have_no_spills(model, shape):
     bad = [f"{r['variant']}: {r['spill_bytes']} B spilled or stack" for r in rows if r["spill_bytes"]]
     assert not bad, "\n".join(bad)
     assert all(0 < r["registers"] <= 255 and r["ctas_per_sm"] >= 1 for r in rows)
+
+
+# ----------------------------------------------------- docs/design.md §9 variants (issue 15)
+# Shape A with each work_model.VARIANTS switch set (shapes "A+<tag>"), held to the FLOP budget of
+# shape A; launches (fwd, bwd) per variant: the epilogue switches add none, prefix_mode="mlp" one
+# KT = 0 down-conv launch to the forward and to the recompute and one KT = 0 conv backward.
+VARIANT_LAUNCHES = {"acts": (2, 5), "mlp": (3, 7)}
+
+
+@pytest.fixture(scope="module")
+def variant_model(tmp_path_factory):
+    pytest.importorskip("triton")
+    out = tmp_path_factory.mktemp("work_model_variants") / "model.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "st_adapter_fast.kernels.aot", "--model", "--shapes", "A", "--dtype", "bf16",
+           "--arch", "90", "--kt", "3", "--variants", "all", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    print(proc.stdout[-20000:])
+    assert proc.returncode == 0 and out.exists(), f"the work model failed:\n{proc.stderr[-5000:]}"
+    return json.loads(out.read_text())
+
+
+def test_every_variant_is_modelled(variant_model):
+    from st_adapter_fast.kernels import work_model
+
+    assert set(VARIANT_LAUNCHES) == set(work_model.VARIANTS)
+    assert {f"A+{tag}" for tag in VARIANT_LAUNCHES} | {"A"} == set(variant_model["summary"])
+
+
+@pytest.mark.parametrize("tag", sorted(VARIANT_LAUNCHES))
+def test_variant_within_the_budget(variant_model, tag):
+    s = variant_model["summary"][f"A+{tag}"]
+    ratio = s["flops_executed"] / s["flops_required"]
+    assert ratio <= FLOP_BUDGET["A"], f"A+{tag}: executed/required FLOPs {ratio:.3f} > {FLOP_BUDGET['A']}"
+    fwd, bwd = VARIANT_LAUNCHES[tag]
+    assert (s["launches_fwd"], s["launches_bwd"]) == (fwd, bwd), s
+    gemms = [r for r in _rows(variant_model, f"A+{tag}") if r["flops_required"]]
+    bad = [f"{r['variant']}: {r['spill_bytes']} B spilled, wgmma={r['uses_wgmma']}"
+           for r in gemms if r["spill_bytes"] or not r["uses_wgmma"]]
+    assert gemms and not bad, "\n".join(bad)
+
+
+def test_prefix_mlp_requires_the_prefix_rows_gemms(variant_model):
+    """prefix_mode="mlp": the 7 GEMMs run over all B*T*L rows (the prefix rows through fc1 and
+    fc2 too); the KT = 0 launches run the B*T*P = 128 prefix rows of shape A as 1-frame clips,
+    two full 64-row tiles, so they add no padding (as 8-frame clips: 16 rows per tile, 4x)."""
+    b, t, seq, c, ca = SHAPES["A"]
+    assert variant_model["summary"]["A+mlp"]["flops_required"] == 7 * 2 * b * t * seq * c * ca
+    prefix = [r for r in _rows(variant_model, "A+mlp") if "KT=0 " in r["variant"]]
+    assert len(prefix) == 3 and all(r["flops_executed"] == r["flops_required"] for r in prefix), prefix
