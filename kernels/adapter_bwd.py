@@ -42,6 +42,7 @@ from ._common import (
     weight_tma,
 )
 from .adapter_fwd import down_conv_forward, mlp_down_conv_forward, unfused_switches, up_residual_forward, window_grid
+from .adapter_prenorm import prenorm_dgrad
 from .wgrad import bu_dot_parts, finalize, weight_grad, weight_grad_config, weight_grad_partials  # noqa: F401
 
 
@@ -290,7 +291,14 @@ def adapter_backward(
     DropPath's per-clip factor m (so dWu = dO^T (m g)); the conv backward applies s * m to dO Wu
     and the activations' derivatives, and writes d(scale) partials; the wgrad launch weights
     dbu's column sums by m and adds the fc2 bias's share of d(scale); finalize multiplies dWu,
-    dbu by s and sums d(scale) with the rest."""
+    dbu by s and sums d(scale) with the rest.
+
+    norm = (norm_weight or None, norm_bias or None, eps) (kernels/adapter_prenorm.py): one launch
+    more -- the parameter fold, the recompute (also storing each row's mean and rstd), the conv
+    backward, the dgrad with the LayerNorm backward folded in (it also writes z = LN(x) of the
+    branch rows for dWd = dh^T z), the wgrad, the finalize (dgamma, dbeta too) -- and
+    (dnorm_weight, dnorm_bias) follow the rest, in their own dtype (None where that affine tensor
+    is None). With prefix_mlp the prefix rows are normalised too."""
     unfused_switches(conv_taps, norm)
     sw = Switches.of(act_after_fc1, act_after_conv, scale, drop_draw, drop_path)
     bt, seq_len, _ = x.shape
@@ -299,11 +307,21 @@ def adapter_backward(
     if dout.dtype != x.dtype:  # one wgrad launch reads dO and x through one pointer type
         dout = dout.to(x.dtype)
     grads = parameter_grads(x, fc1_weight, fc1_bias, conv_taps, conv_bias, fc2_weight, fc2_bias, scale=scale)
+    norm_args, norm_out, stats = None, (), None
+    if norm is not None:
+        lnw, lnb, eps = norm
+        # two tensors, not views of one buffer: the op's outputs may not alias
+        norm_out = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else None
+                         for t in (lnw, lnb))
+        stats = torch.empty((2, n_tokens), device=x.device, dtype=torch.float32)  # the branch rows' mean, rstd
+        norm_args = (lnw, lnb, stats[0], stats[1], norm_out)
     if n_tokens == 0:
         dx = torch.empty(dout.shape, device=dout.device, dtype=dout.dtype).copy_(dout)
-        return (dx, *[None if g is None else g.zero_() for g in grads.values()])
+        return (dx, *[None if g is None else g.zero_() for g in grads.values()],
+                *[None if g is None else g.zero_() for g in norm_out])
     recompute = dict(store_h=True, frames_per_prog=frames_per_prog, act1=sw.act1, act2=sw.act2,
-                     g_drop=(sw.drop_draw, sw.drop_path) if sw.drop_draw is not None else None)
+                     g_drop=(sw.drop_draw, sw.drop_path) if sw.drop_draw is not None else None,
+                     norm=norm, norm_stats=(stats[0], stats[1]) if norm is not None else None)
     if prefix_mlp:
         g, h, g_pre = mlp_down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps,
                                             conv_bias, with_g_pre=sw.act2 != 0, **recompute)
@@ -313,8 +331,8 @@ def adapter_backward(
                                  g_pre=g_pre, **recompute)
     out = backward_from_recompute(dout, x, g, h, num_frames, num_prefix_tokens, fc1_weight, fc2_weight, conv_taps,
                                   grads, frames_per_prog=frames_per_prog, switches=sw, g_pre=g_pre, fc2_bias=fc2_bias,
-                                  prefix_mlp=prefix_mlp)
-    return out + (grads["dscale"],) if scale is not None else out
+                                  prefix_mlp=prefix_mlp, norm=norm_args)
+    return out + ((grads["dscale"],) if scale is not None else ()) + norm_out
 
 
 def parameter_grads(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias, conv_taps: torch.Tensor, conv_bias,
@@ -354,6 +372,7 @@ def backward_from_recompute(
     g_pre: Optional[torch.Tensor] = None,
     fc2_bias: Optional[torch.Tensor] = None,
     prefix_mlp: bool = False,
+    norm: Optional[tuple] = None,
 ) -> tuple:
     """Launches 2-5 of the backward, given the recomputed g, h (B*T*S, Ca): conv backward,
     dgrad, both weight GEMMs, and one fixed-order finalize that fills ``grads``
@@ -365,7 +384,11 @@ def backward_from_recompute(
     grads["dscale"] is filled too (fc2_bias: its share). prefix_mlp (prefix_mode="mlp", P > 0):
     g, h, g_pre are mlp_down_conv_forward's (B*T*L, Ca) buffers; the conv backward runs twice
     (spatial rows with the conv, prefix rows with KT = 0) into one (B*T*L, Ca) dh, and dgrad and
-    wgrad take every row as a branch row (P = 0): 6 launches instead of 5."""
+    wgrad take every row as a branch row (P = 0): 6 launches instead of 5. norm = (norm_weight,
+    norm_bias, mean, rstd (branch rows,) fp32, (dgamma out or None, dbeta out or None)) for
+    norm="layernorm" (kernels/adapter_prenorm.py): the dgrad launch folds in the LayerNorm
+    backward and writes z = LN(x) of the branch rows, the wgrad takes dWd = dh^T z, and the
+    finalize fills dgamma and dbeta too."""
     sw = switches or Switches()
     assert extra_segment is None or sw.scale is None, "d(scale) takes the finalize launch's last segment"
     bt, seq_len, _ = x.shape
@@ -374,7 +397,9 @@ def backward_from_recompute(
     p_branch, s_branch = (0, seq_len) if prefix_mlp else (p, seq_len - p)
     # problem 0: dWu = dy^T g (+ dbu = sum dy); problem 1: dWd^T = x_s^T dh (+ dbd = sum dh)
     has_bu = grads["dbu"] is not None
-    problems = [(dout, g, 1 if has_bu else 0), (x, None, 2 if grads["dbd"] is not None else 0)]
+    # norm: dWd's A operand is z = LN(x) of the branch rows (B*T*s_branch, C), from the LN dgrad launch
+    a1 = x if norm is None else torch.empty((bt * s_branch, x.shape[-1]), device=x.device, dtype=fc1_weight.dtype)
+    problems = [(dout, g, 1 if has_bu else 0), (a1, None, 2 if grads["dbd"] is not None else 0)]
     # the conv-backward launches: (dO view, P of the view, taps, buffer layout)
     # the conv-backward launches: (dO view, frames per clip, P of the view, taps, buffer layout,
     # DropPath rows per clip); prefix rows as 1-frame clips, as in mlp_down_conv_forward
@@ -388,7 +413,7 @@ def backward_from_recompute(
         conv_parts = [conv_programs(d, nf, lp, fc2_weight, taps, frames_per_prog=frames_per_prog)
                       for d, nf, lp, taps, _, _ in launches]
         n_conv = sum(conv_parts)
-        shapes = [(dout, g, problems[0][2]), (x, g, problems[1][2])]  # dh is laid out as g
+        shapes = [(dout, g, problems[0][2]), (a1, g, problems[1][2])]  # dh is laid out as g
         n_bu = bu_dot_parts(shapes, fc1_weight.dtype, bt * s_branch) if has_bu else 0
         dscale_part = torch.empty((n_conv + n_bu, 1, 1), device=x.device, dtype=torch.float32)
         bu_dot = (fc2_bias, dscale_part[n_conv:].view(-1)) if has_bu else None
@@ -404,8 +429,14 @@ def backward_from_recompute(
         if i == 0:  # the KT = 0 prefix launch has no conv parameters: its partials are empty/unused
             dwc_part, dbc_part = dwc_i, dbc_i
     del h, g_pre
-    dx = up_residual_forward(dout, dh, fc1_weight.t(), None, p_branch)
-    problems[1] = (x, dh, problems[1][2])
+    affine_segments = [None, None]
+    if norm is None:
+        dx = up_residual_forward(dout, dh, fc1_weight.t(), None, p_branch)
+    else:  # dx with the LayerNorm backward folded in; dWd = dh^T z with z = LN(x) from the same launch
+        lnw, lnb, mean, rstd, affine_out = norm
+        dx, affine_part, _ = prenorm_dgrad(dout, x, dh, fc1_weight, lnw, lnb, mean, rstd, p_branch, z=a1)
+        affine_segments = [(part, out) if out is not None else None for part, out in zip(affine_part, affine_out)]
+    problems[1] = (a1, dh, problems[1][2])
     a0_drop = (sw.drop_draw, 1.0 - sw.drop_path, num_frames) if sw.drop_draw is not None else None
     dw_part, dbu_part, dbd_part, splits = weight_grad_partials(
         problems, fc1_weight.dtype, bt * s_branch, s_branch, p_branch, a0_drop=a0_drop, bu_dot=bu_dot,
@@ -419,5 +450,6 @@ def backward_from_recompute(
         (dwc_part, grads["dwc"].t()),
         (dbc_part, grads["dbc"]) if grads["dbc"] is not None else None,
         extra_segment if dscale_part is None else (dscale_part, grads["dscale"]),
+        *affine_segments,
     ], multiplier=sw.scale)
     return dx, grads["dwd"], grads["dbd"], grads["dwc"], grads["dbc"], grads["dwu"], grads["dbu"]

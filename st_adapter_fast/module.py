@@ -40,8 +40,8 @@ class STAdapter(nn.Module):
     ``drop_path=p`` drops the branch per clip with probability p in training mode (identity in
     eval). MMAction2's STAdapter is ``STAdapter(C, Ca, (3, 3, 3), act_after_conv="relu",
     prefix_mode="mlp", scale=0.0, drop_path=0.1)`` (models.checkpoint.load_mmaction_checkpoint
-    maps its keys). The Triton backend fuses the activations, scale and DropPath with (kt, 1, 1)
-    kernels; for norm, prefix_mode="mlp" or a spatial kernel backend="auto" falls back to the
+    maps its keys). The Triton backend fuses norm, the activations, scale and DropPath with (kt, 1, 1)
+    kernels (prefix_mode="mlp" too); for a spatial kernel backend="auto" falls back to the
     reference with a one-time warning naming the switch (README's backend table).
     """
 

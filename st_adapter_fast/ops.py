@@ -450,9 +450,10 @@ def st_adapter(
         scale: a 0-dim tensor multiplying the branch (None: 1).
         drop_path: probability; with training=True one Bernoulli per clip zeroes the branch or
             scales it by 1/(1-p) (torch's RNG: a seeded run repeats). training=False: identity.
-    The Triton backend fuses the activations, scale and DropPath for temporal kernels (kt, 1, 1)
+    The Triton backend fuses norm (folded into fc1's K loop; one more launch per pass, the
+    parameter fold), the activations, scale and DropPath for temporal kernels (kt, 1, 1)
     (DropPath: one float32 Bernoulli draw per clip, the op's only extra launch and extra saved
-    tensor); norm, prefix_mode="mlp" and spatial kernels it refuses by name, as the CUDA backend
+    tensor), prefix_mode="mlp" too; spatial kernels it refuses by name, as the CUDA backend
     refuses every switch: "auto" then falls back to the reference with a one-time warning
     naming the switch, and an explicit backend raises naming it.
 

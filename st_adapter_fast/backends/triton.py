@@ -86,10 +86,8 @@ def _triton_unavailable(x: torch.Tensor, kernel_size: Sequence[int], dtype: torc
         return f"kernel_size {tuple(kernel_size)}: only temporal kernels (kt, 1, 1) are fused"
     if kt > common.MAX_FUSED_KT:
         return f"kernel_size {tuple(kernel_size)}: temporal kernels up to {common.MAX_FUSED_KT} are fused"
-    if variant is not None and variant.norm is not None:
-        # docs/design.md §9: activations, scale, DropPath (epilogues) and prefix_mode="mlp" are fused
-        return (f"norm={variant.norm!r} not fused yet (docs/design.md §9; the activations, scale, DropPath "
-                f"and prefix_mode='mlp' are)")
+    # docs/design.md §9: norm (the LayerNorm before fc1, kernels/adapter_prenorm.py), activations,
+    # scale, DropPath and prefix_mode="mlp" are fused: every switch for temporal kernels
     return None
 
 

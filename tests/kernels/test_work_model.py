@@ -163,8 +163,9 @@ def test_cuda_kernels_have_no_spills(model, shape):
 # ----------------------------------------------------- docs/design.md §9 variants (issue 15)
 # Shape A with each work_model.VARIANTS switch set (shapes "A+<tag>"), held to the FLOP budget of
 # shape A; launches (fwd, bwd) per variant: the epilogue switches add none, prefix_mode="mlp" one
-# KT = 0 down-conv launch to the forward and to the recompute and one KT = 0 conv backward.
-VARIANT_LAUNCHES = {"acts": (2, 5), "mlp": (3, 7)}
+# KT = 0 down-conv launch to the forward and to the recompute and one KT = 0 conv backward, norm
+# the parameter fold to each pass (the LN dgrad replaces the dgrad: kernels/adapter_prenorm.py).
+VARIANT_LAUNCHES = {"acts": (2, 5), "mlp": (3, 7), "norm": (3, 6)}
 
 
 @pytest.fixture(scope="module")

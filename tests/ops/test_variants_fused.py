@@ -214,7 +214,8 @@ def test_drop_path_draw_is_the_references_mask():
 
 
 # the fused switch sets beyond the activations/scale/DropPath base each adds (a module kwarg set)
-FUSED_EXTRAS = {"base": {}, "mlp": dict(prefix_mode="mlp")}
+FUSED_EXTRAS = {"base": {}, "mlp": dict(prefix_mode="mlp"), "norm": dict(norm="layernorm"),
+                "norm-mlp": dict(norm="layernorm", prefix_mode="mlp")}
 
 
 @pytest.mark.parametrize("extra", list(FUSED_EXTRAS))
@@ -248,9 +249,8 @@ def test_runs_fused_without_fallback_and_saves_only_inputs(monkeypatch, extra):
 
 
 @pytest.mark.parametrize("kwargs,named", [
-    (dict(norm="layernorm"), "norm='layernorm'"),
     (dict(kernel_size=(3, 3, 3)), r"kernel_size \(3, 3, 3\)"),
-], ids=["norm", "spatial"])
+], ids=["spatial"])
 def test_triton_still_refuses_the_rest_by_name(kwargs, named):
     m = STAdapter(8, 4, backend="triton", act_after_fc1="gelu", scale=0.5, **kwargs).to(DEVICE)
     with pytest.raises(RuntimeError, match=f"backend='triton' cannot run this call: .*{named}"):
