@@ -12,11 +12,15 @@ Given dO (B*T, L, C) (docs/design.md §2):
 5. adapter_grad_finalize_kernel: every fp32 partial (dWu, dWd, biases, dwc, dbc) summed in a
    fixed order and cast to the parameters' dtype. Deterministic, no atomics: five launches.
 Rows of the window kernels are the flattened (clip, spatial position) pairs, B*S of them.
+Spatial kernels (kt, kh, kw): seven launches -- the recompute is the down-projection plus the
+stencil (kernels/adapter_stencil.py), step 2 runs without a conv (KT = 0: dg and the dbc /
+d(scale) partials only), and the transposed stencil makes dh and the dwc partials from dg.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -41,7 +45,8 @@ from ._common import (
     dot_flags,
     weight_tma,
 )
-from .adapter_fwd import down_conv_forward, mlp_down_conv_forward, unfused_switches, up_residual_forward, window_grid
+from . import adapter_stencil
+from .adapter_fwd import down_conv_forward, mlp_down_conv_forward, spatial_grid, spatial_layout, up_residual_forward, window_grid
 from .adapter_prenorm import prenorm_dgrad
 from .wgrad import bu_dot_parts, finalize, weight_grad, weight_grad_config, weight_grad_partials  # noqa: F401
 
@@ -298,8 +303,12 @@ def adapter_backward(
     backward, the dgrad with the LayerNorm backward folded in (it also writes z = LN(x) of the
     branch rows for dWd = dh^T z), the wgrad, the finalize (dgamma, dbeta too) -- and
     (dnorm_weight, dnorm_bias) follow the rest, in their own dtype (None where that affine tensor
-    is None). With prefix_mlp the prefix rows are normalised too."""
-    unfused_switches(conv_taps, norm)
+    is None). With prefix_mlp the prefix rows are normalised too.
+
+    Spatial kernels (conv_taps (Ca, kt, kh, kw), grid_size (H, W) or None: square; dwc comes
+    back in that shape) take seven launches: the recompute is the down-projection (a = act1(h),
+    h) plus the stencil (g, g_pre; kernels/adapter_stencil.py), the conv backward computes dg
+    alone (KT = 0), and the transposed stencil turns dg into dh and the dwc partials."""
     sw = Switches.of(act_after_fc1, act_after_conv, scale, drop_draw, drop_path)
     bt, seq_len, _ = x.shape
     prefix_mlp = prefix_mlp and num_prefix_tokens > 0
@@ -322,6 +331,11 @@ def adapter_backward(
     recompute = dict(store_h=True, frames_per_prog=frames_per_prog, act1=sw.act1, act2=sw.act2,
                      g_drop=(sw.drop_draw, sw.drop_path) if sw.drop_draw is not None else None,
                      norm=norm, norm_stats=(stats[0], stats[1]) if norm is not None else None)
+    if conv_taps.dim() == 4:
+        out = _spatial_backward(dout, x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
+                                fc2_weight, fc2_bias, grads, sw, recompute, grid_size, frames_per_prog,
+                                prefix_mlp, norm_args)
+        return out + ((grads["dscale"],) if scale is not None else ()) + norm_out
     if prefix_mlp:
         g, h, g_pre = mlp_down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps,
                                             conv_bias, with_g_pre=sw.act2 != 0, **recompute)
@@ -335,16 +349,42 @@ def adapter_backward(
     return out + ((grads["dscale"],) if scale is not None else ()) + norm_out
 
 
+def _spatial_backward(dout, x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
+                      fc2_weight, fc2_bias, grads, sw, recompute, grid_size, frames_per_prog, prefix_mlp,
+                      norm_args) -> tuple:
+    """adapter_backward's seven launches for a spatial kernel (see there); prefix_mlp (P > 0):
+    a, h, g over every row (B*T*L, Ca), prefix rows through the stencils without a conv, and
+    backward_from_recompute's two KT = 0 conv-backward launches (spatial, prefix rows): eight."""
+    grid = spatial_grid(x.shape[1] - num_prefix_tokens, grid_size)
+    layout = spatial_layout(x.shape[1], num_prefix_tokens, prefix_mlp)
+    # a = act1(h) is the conv's input (and dwc's operand); h before act1 only for act1'
+    # (norm: the same fold, and the recompute's per-row LayerNorm statistics)
+    a, h = down_conv_forward(x, num_frames, 0 if prefix_mlp else num_prefix_tokens, fc1_weight, fc1_bias, None,
+                             None, store_h=sw.act1 != 0, frames_per_prog=frames_per_prog, act1=sw.act1,
+                             norm=recompute["norm"], norm_stats=recompute["norm_stats"])
+    g_pre = torch.empty_like(a) if sw.act2 else None
+    g = adapter_stencil.stencil_forward(a, num_frames, grid, conv_taps, conv_bias, act2=sw.act2, g_pre=g_pre,
+                                        g_drop=recompute["g_drop"], **layout)
+
+    def stencil(dg):
+        return adapter_stencil.stencil_backward(dg, a, h, num_frames, grid, conv_taps, act1=sw.act1, **layout)
+
+    return backward_from_recompute(dout, x, g, a, num_frames, num_prefix_tokens, fc1_weight, fc2_weight, None,
+                                   grads, frames_per_prog=frames_per_prog, switches=sw, g_pre=g_pre,
+                                   fc2_bias=fc2_bias, stencil=stencil, prefix_mlp=prefix_mlp, norm=norm_args)
+
+
 def parameter_grads(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias, conv_taps: torch.Tensor, conv_bias,
                     fc2_weight: torch.Tensor, fc2_bias, *, scale: Optional[torch.Tensor] = None) -> dict:
     """Empty gradient buffers, in the parameters' dtype, that backward_from_recompute fills
-    (plus "dscale", 0-dim in scale's dtype, when a branch scale is given)."""
-    ca, kt = conv_taps.shape
+    (plus "dscale", 0-dim in scale's dtype, when a branch scale is given). dwc is shaped as
+    conv_taps: (Ca, kt) or (Ca, kt, kh, kw)."""
+    ca = conv_taps.shape[0]
     pdtype = fc1_weight.dtype
     grads = dict(
         dwd=torch.empty(fc1_weight.shape, device=x.device, dtype=pdtype),
         dbd=torch.empty((ca,), device=x.device, dtype=pdtype) if fc1_bias is not None else None,
-        dwc=torch.empty((ca, kt), device=x.device, dtype=pdtype),
+        dwc=torch.empty(conv_taps.shape, device=x.device, dtype=pdtype),
         dbc=torch.empty((ca,), device=x.device, dtype=pdtype) if conv_bias is not None else None,
         dwu=torch.empty(fc2_weight.shape, device=x.device, dtype=pdtype),
         dbu=torch.empty(fc2_weight.shape[:1], device=x.device, dtype=pdtype) if fc2_bias is not None else None,
@@ -373,6 +413,7 @@ def backward_from_recompute(
     fc2_bias: Optional[torch.Tensor] = None,
     prefix_mlp: bool = False,
     norm: Optional[tuple] = None,
+    stencil: Optional[Callable[[torch.Tensor], tuple]] = None,
 ) -> tuple:
     """Launches 2-5 of the backward, given the recomputed g, h (B*T*S, Ca): conv backward,
     dgrad, both weight GEMMs, and one fixed-order finalize that fills ``grads``
@@ -388,7 +429,11 @@ def backward_from_recompute(
     norm_bias, mean, rstd (branch rows,) fp32, (dgamma out or None, dbeta out or None)) for
     norm="layernorm" (kernels/adapter_prenorm.py): the dgrad launch folds in the LayerNorm
     backward and writes z = LN(x) of the branch rows, the wgrad takes dWd = dh^T z, and the
-    finalize fills dgamma and dbeta too."""
+    finalize fills dgamma and dbeta too.
+
+    stencil (the spatial path): conv_taps is None, so the conv backward launch computes only dg
+    (KT = 0, with the dbc and d(scale) partials; act1 is left to the stencil), and stencil(dg)
+    returns (dh, dwc partials (parts, kt*kh*kw, Ca) fp32): one more launch. h is then not read."""
     sw = switches or Switches()
     assert extra_segment is None or sw.scale is None, "d(scale) takes the finalize launch's last segment"
     bt, seq_len, _ = x.shape
@@ -421,7 +466,8 @@ def backward_from_recompute(
     start = 0
     for i, (d, nf, lp, taps, layout, clip_rows) in enumerate(launches):
         _, dwc_i, dbc_i = conv_backward(
-            d, nf, lp, fc2_weight, taps, h, frames_per_prog=frames_per_prog, switches=sw,
+            d, nf, lp, fc2_weight, taps, h, frames_per_prog=frames_per_prog,
+            switches=sw if stencil is None else dataclasses.replace(sw, act1=0),
             g=g_pre if sw.act2 else g, dh=dh, layout=layout, clip_rows=clip_rows,
             dscale_part=dscale_part[start:start + conv_parts[i]] if dscale_part is not None else None,
         )
@@ -429,6 +475,8 @@ def backward_from_recompute(
         if i == 0:  # the KT = 0 prefix launch has no conv parameters: its partials are empty/unused
             dwc_part, dbc_part = dwc_i, dbc_i
     del h, g_pre
+    if stencil is not None:
+        dh, dwc_part = stencil(dh)  # conv_backward's dh is dg here
     affine_segments = [None, None]
     if norm is None:
         dx = up_residual_forward(dout, dh, fc1_weight.t(), None, p_branch)
@@ -447,7 +495,7 @@ def backward_from_recompute(
         (dw_part[splits:], grads["dwd"].t()),
         (dbu_part[:, None, :], grads["dbu"], scaled) if has_bu else None,
         (dbd_part[:, None, :], grads["dbd"]) if grads["dbd"] is not None else None,
-        (dwc_part, grads["dwc"].t()),
+        (dwc_part, grads["dwc"].view(grads["dwc"].shape[0], -1).t()),
         (dbc_part, grads["dbc"]) if grads["dbc"] is not None else None,
         extra_segment if dscale_part is None else (dscale_part, grads["dscale"]),
         *affine_segments,

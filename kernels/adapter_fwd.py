@@ -11,20 +11,25 @@
    copied, over all B*T*L rows so prefix passthrough needs no extra launch. Run with
    a = dh and W = Wd^T (strides swapped), no bias, it is also the backward's dgrad: dx = dO + dh Wd.
 
+Spatial kernels (kt, kh, kw) couple grid neighbours in other row tiles: kernel 1 then runs with
+no conv (KT = 0) as the down-projection a = act1(x_s Wd^T + bd), and
+kernels/adapter_stencil.py's stencil makes g from a between kernels 1 and 2 (three launches).
+
 Shapes: x (B*T, L, C); g, h (B*T*S, Ca) with S = L - P spatial tokens per frame.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from . import tuning
+from . import adapter_stencil, tuning
 from .adapter_prenorm import _ln_gemm_rows_tile, fold_norm
 from ._common import (
     TileConfig,
@@ -419,6 +424,23 @@ def up_residual_forward(
     return out
 
 
+def spatial_layout(seq_len: int, num_prefix_tokens: int, prefix_mlp: bool) -> dict:
+    """The stencils' buffer layout keywords: flat spatial rows, or with prefix_mode="mlp" every
+    row of a frame (BUF_L = L, BUF_P = P) with the prefix rows passed through (no conv)."""
+    return dict(buf_l=seq_len, buf_p=num_prefix_tokens, prefix=True) if prefix_mlp else {}
+
+
+def spatial_grid(num_spatial: int, grid_size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+    """(H, W) of the spatial tokens: grid_size, or the square of num_spatial tokens."""
+    if grid_size is None:
+        side = math.isqrt(num_spatial)
+        assert side * side == num_spatial, f"{num_spatial} spatial tokens are no square grid: pass grid_size"
+        return side, side
+    h, w = (int(v) for v in grid_size)
+    assert h * w == num_spatial, (grid_size, num_spatial)
+    return h, w
+
+
 def adapter_forward(
     x: torch.Tensor,
     num_frames: int,
@@ -445,10 +467,24 @@ def adapter_forward(
     scale s (0-dim) and DropPath (drop_draw: the (B,) 0/1 per-clip draw, drop_path: p) one of
     the up-projection: out = x + s * draw[clip] / (1 - p) * (g Wu^T + bu) on spatial rows.
     norm = (norm_weight or None, norm_bias or None, eps): a LayerNorm over C before fc1, folded
-    into the down-conv kernel; one launch more (the parameter fold first, kernels/adapter_prenorm.py)."""
-    unfused_switches(conv_taps, norm)
+    into the down-conv kernel; one launch more (the parameter fold first, kernels/adapter_prenorm.py).
+
+    conv_taps (Ca, kt) is a temporal kernel; (Ca, kt, kh, kw) a spatial one on the (H, W) =
+    grid_size grid of the L - P spatial tokens (None: square), in three launches: the
+    down-projection a = act1(x_s Wd^T + bd), the stencil g = act2(conv3d(a) + bc)
+    (kernels/adapter_stencil.py), the same up-projection."""
     acts = dict(act1=act_code(act_after_fc1), act2=act_code(act_after_conv), norm=norm)
-    if prefix_mlp and num_prefix_tokens > 0:
+    if conv_taps.dim() == 4:
+        grid = spatial_grid(x.shape[1] - num_prefix_tokens, grid_size)
+        mlp = prefix_mlp and num_prefix_tokens > 0
+        # prefix_mode="mlp": the down-projection over every row (P = 0: a is (B*T*L, Ca)), and the
+        # stencil's prefix rows get act2 alone (no conv); every row is then a branch row
+        a, _ = down_conv_forward(x, num_frames, 0 if mlp else num_prefix_tokens, fc1_weight, fc1_bias, None, None,
+                                 frames_per_prog=frames_per_prog, act1=acts["act1"], norm=norm)
+        g = adapter_stencil.stencil_forward(a, num_frames, grid, conv_taps, conv_bias, act2=acts["act2"],
+                                            **spatial_layout(x.shape[1], num_prefix_tokens, mlp))
+        num_prefix_tokens = 0 if mlp else num_prefix_tokens
+    elif prefix_mlp and num_prefix_tokens > 0:
         g, _, _ = mlp_down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps,
                                         conv_bias, frames_per_prog=frames_per_prog, **acts)
         num_prefix_tokens = 0  # every row of g is a branch row now
@@ -500,11 +536,3 @@ def mlp_down_conv_forward(
                       layout=(seq_len, 0), clip_rows=num_prefix_tokens * num_frames, **common)
     return g, h, g_pre
 
-
-def unfused_switches(conv_taps: torch.Tensor, norm: Optional[tuple]) -> None:
-    """Raise NotImplementedError naming the docs/design.md §9 switches these kernels do not run
-    yet (backends/triton.py refuses the same ones before dispatch). norm is fused
-    (kernels/adapter_prenorm.py): the argument stays for the callers' one signature."""
-    missing = [name for name, on in (("spatial kernels (Ca, kt, kh, kw) taps", conv_taps.dim() == 4),) if on]
-    if missing:
-        raise NotImplementedError(f"the Triton kernels do not fuse {', '.join(missing)} yet")

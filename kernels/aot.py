@@ -26,7 +26,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import triton
 
-from . import _common, adapter_bwd, adapter_fwd, adapter_layernorm, adapter_prenorm, wgrad
+from . import _common, adapter_bwd, adapter_fwd, adapter_layernorm, adapter_prenorm, adapter_stencil, wgrad
 
 # Shared memory a block may use (opt-in maximum): A100 163 KB, H100 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -50,6 +50,9 @@ _KERNELS = {
     # norm="layernorm" (kernels/adapter_prenorm.py)
     "adapter_norm_fold_kernel": (adapter_prenorm, adapter_prenorm.adapter_norm_fold_kernel),
     "adapter_prenorm_dgrad_kernel": (adapter_prenorm, adapter_prenorm.adapter_prenorm_dgrad_kernel),
+    # spatial kernels (kt, kh, kw): the conv as a stencil over a in memory
+    "adapter_stencil_fwd_kernel": (adapter_stencil, adapter_stencil.adapter_stencil_fwd_kernel),
+    "adapter_stencil_bwd_kernel": (adapter_stencil, adapter_stencil.adapter_stencil_bwd_kernel),
 }
 
 _TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -66,8 +69,9 @@ class Variant:
     maxnreg: Optional[int] = None
 
     def label(self) -> str:
-        keys = ("KT", "STORE_H", "HAS_BIAS", "INPUT_PRECISION", "USE_TMA", "ACT1", "ACT2", "HAS_SCALE", "HAS_DROP",
-                "A0_DROP", "SCALED", "NORM", "HAS_LNW", "HAS_LNB", "BLOCK_M", "BLOCK_N", "BLOCK_K")
+        keys = ("KT", "KH", "KW", "STORE_H", "STORE_GPRE", "G_DROP", "HAS_BIAS", "INPUT_PRECISION", "USE_TMA", "ACT1",
+                "ACT2", "HAS_SCALE", "HAS_DROP", "A0_DROP", "SCALED", "NORM", "HAS_LNW", "HAS_LNB", "BLOCK_M", "BLOCK_N",
+                "BLOCK_K")
         consts = dict(self.constexprs)
         dtypes = sorted({t for _, t in self.signature if t.startswith("*")})
         parts = [f"{k}={consts[k]}" for k in keys if k in consts]
@@ -136,7 +140,7 @@ def _recording(arch: int, sink: List[Variant], launches: Optional[List[Launch]] 
         setattr(mod, name, _Recorder(name, fn, sink, launches))
     sms = sms or (132 if arch >= 90 else 108)
     patched = {"arch_of": lambda t: arch, "sm_count": lambda t: sms}
-    mods = (_common, adapter_fwd, adapter_bwd, adapter_layernorm, adapter_prenorm, wgrad)
+    mods = (_common, adapter_fwd, adapter_bwd, adapter_layernorm, adapter_prenorm, adapter_stencil, wgrad)
     old = [(m, k, getattr(m, k)) for m in mods for k in patched if hasattr(m, k)]
     for m, k, _ in old:
         setattr(m, k, patched[k])
@@ -198,6 +202,11 @@ def _dispatch_variants(arch, kts, dtypes, shapes, switches: bool = False) -> Lis
                                 _record_switches(x, t, wd, bd, taps, bc, wu, bu)
                             _record_norm(x, t, wd, bd, taps, bc, wu, bu, switches and kt == switch_kt
                                          and dtype == torch.bfloat16, kt == kts[0])
+                            if kt == switch_kt:
+                                # spatial (kt, 3, 3): the stencils' registers do not grow with the
+                                # taps (a runtime loop), so one kernel size stands for all
+                                _record_spatial(x, t, wd, bd, torch.empty(ca, kt, 3, 3, **meta), bc, wu, bu,
+                                                switches and dtype == torch.bfloat16)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
     return list(dict.fromkeys(sink))
@@ -238,6 +247,23 @@ def _record_norm(x, t, wd, bd, taps, bc, wu, bu, with_switches: bool, without_af
         for prefix_mlp in (False, True):
             adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu, prefix_mlp=prefix_mlp, **switches)
             adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu, prefix_mlp=prefix_mlp, **switches)
+
+
+def _record_spatial(x, t, wd, bd, taps, bc, wu, bu, switches: bool):
+    """A spatial kernel's forward and backward (down-projection, stencils, dg launch), plain and,
+    with switches, with every §9 switch the Triton path fuses (as _record_switches), then with
+    prefix_mode="mlp" too (the stencils' PREFIX rows)."""
+    adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu)
+    adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu)
+    if switches:
+        kw = dict(act_after_fc1="gelu", act_after_conv="relu", scale=torch.empty((), device="meta", dtype=x.dtype),
+                  drop_draw=torch.empty(x.shape[0] // t, device="meta", dtype=torch.float32), drop_path=0.1)
+        c = x.shape[-1]
+        affine = (torch.empty(c, device="meta", dtype=x.dtype), torch.empty(c, device="meta", dtype=x.dtype))
+        # then MMAction2's switches with a LayerNorm before fc1 as well: every flag at once
+        for prefix_mlp, norm in ((False, None), (True, None), (True, (*affine, 1e-5))):
+            adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu, prefix_mlp=prefix_mlp, norm=norm, **kw)
+            adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu, prefix_mlp=prefix_mlp, norm=norm, **kw)
 
 
 def _record_layernorm_pair(x, t, wd, bd, taps, bc, wu, bu):

@@ -68,6 +68,18 @@ def _default_finalize(kt: int, compute_dtype: torch.dtype, arch: int) -> TileCon
     return finalize_config(compute_dtype, arch)
 
 
+def _default_stencil_fwd(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    from .adapter_stencil import stencil_fwd_config
+
+    return stencil_fwd_config(compute_dtype, arch)
+
+
+def _default_stencil_bwd(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    from .adapter_stencil import stencil_bwd_config
+
+    return stencil_bwd_config(compute_dtype, arch)
+
+
 def _default_up_residual_ln(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
     from .adapter_layernorm import up_residual_ln_config
 
@@ -146,6 +158,10 @@ KERNELS: Dict[str, Callable[[int, torch.dtype, int], TileConfig]] = {
     "conv_bwd": _default_conv_bwd,
     "wgrad": _default_wgrad,  # dWu and dWd in one launch
     "finalize": _default_finalize,  # BLOCK_M = elements per program of the partials' sum
+    # spatial kernels (kt, kh, kw) (kernels/adapter_stencil.py): the depthwise conv as a stencil
+    # over a in memory, and its transpose with the dwc partials (no MMA: BLOCK_K unused)
+    "stencil_fwd": _default_stencil_fwd,
+    "stencil_bwd": _default_stencil_bwd,
     # the adapter + LayerNorm pair (kernels/adapter_layernorm.py): up-projection with the
     # LayerNorm in its epilogue, and its backward twin (recompute out, fold the LN backward)
     "up_residual_ln": _default_up_residual_ln,

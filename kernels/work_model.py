@@ -124,6 +124,9 @@ VARIANTS: Dict[str, dict] = {
     "mlp": dict(prefix_mlp=True),
     # the LayerNorm before fc1 (kernels/adapter_prenorm.py), affine trained
     "norm": dict(norm=True),
+    # MMAction2's STAdapter: a spatial kernel (down-projection, stencil, up-projection:
+    # kernels/adapter_stencil.py), ReLU after the conv, prefix MLP, scale, DropPath
+    "k333": dict(kernel=(3, 3, 3), act_after_conv="relu", prefix_mlp=True, scale=True, drop_path=0.1),
 }
 
 
@@ -228,7 +231,10 @@ def _work_conv_bwd(launch) -> Work:
     he, kt = _elt(a["h_ptr"]), a["KT"]
     g_r = _cdiv(a["n_rows"], a["BLOCK_M"])
     parts = (a["n_whole_rows"] + (g_r - a["n_whole_rows"]) * a["runs"]) * (kt + 1) * a["CA"] * 4
-    hbm = n_tok * a["C"] * _elt(a["dout_ptr"]) + a["CA"] * a["C"] * _elt(a["wu_ptr"]) + 2 * n_tok * a["CA"] * he
+    # h read (not with KT = 0 and no act1: the spatial path's dg launch), dh written
+    h_read = 1 if kt or a["ACT1"] else 0
+    hbm = n_tok * a["C"] * _elt(a["dout_ptr"]) + a["CA"] * a["C"] * _elt(a["wu_ptr"]) \
+        + (1 + h_read) * n_tok * a["CA"] * he
     # h is loaded KT times per owned frame (once per tap), dh stored once
     return executed, required, hbm + parts, loads + (kt + 1) * out_elems * he + parts
 
@@ -315,6 +321,31 @@ def _work_wgrad(launch) -> Work:
     return executed, problems * 2 * N * I * J, hbm + parts, l2 + parts
 
 
+def _work_stencil(launch, forward: bool) -> Work:
+    """The spatial path's depthwise stencils (kernels/adapter_stencil.py): no MMA, so flops 0
+    (their 2 * tokens * Ca * taps FMAs run on the CUDA cores). HBM: each buffer once; L2: every
+    program's neighbour tile per tap (forward: a; backward: dg and a), its own tiles once, and
+    the backward's fp32 dwc partials (row blocks x taps x Ca). PREFIX rows (prefix_mode="mlp")
+    pass through once: forward a read, g (and g_pre) written; backward dg (and h) read, dh written."""
+    a, (g_c, g_m) = launch.args, launch.grid
+    n_tok, CA, taps = a["n_tok"], a["CA"], a["KT"] * a["KH"] * a["KW"]
+    n_pre, sp_blocks = (a["n_pre"], a["n_sp_blocks"]) if a["PREFIX"] else (0, g_m)
+    tile = a["BLOCK_M"] * a["BLOCK_N"]
+    pre_tiles = g_c * (g_m - sp_blocks) * tile
+    if forward:
+        e = _elt(a["a_ptr"])
+        outs = 2 if a["STORE_GPRE"] else 1
+        hbm = (n_tok + n_pre) * CA * e * (1 + outs)
+        l2 = g_c * sp_blocks * tile * e * (taps + outs) + pre_tiles * e * (1 + outs)
+        return 0, 0, hbm + CA * taps * e, l2
+    e = _elt(a["dg_ptr"])
+    own = 3 if a["ACT1"] else 2  # dg (+ h) read, dh written
+    parts = sp_blocks * taps * CA * 4
+    hbm = n_tok * CA * e * (own + 1) + n_pre * CA * e * own + parts
+    l2 = g_c * sp_blocks * tile * e * (2 * taps + own) + pre_tiles * e * own + parts
+    return 0, 0, hbm, l2
+
+
 def _work_finalize(launch) -> Work:
     """A fixed-order sum of fp32 partials into each output, cast: reads every partial once."""
     a = launch.args
@@ -339,6 +370,8 @@ WORK: Dict[str, Callable] = {
     "adapter_up_ln_bwd_kernel": functools.partial(_work_up_ln, forward=False),
     "adapter_norm_fold_kernel": _work_norm_fold,
     "adapter_prenorm_dgrad_kernel": _work_prenorm_dgrad,
+    "adapter_stencil_fwd_kernel": functools.partial(_work_stencil, forward=True),
+    "adapter_stencil_bwd_kernel": functools.partial(_work_stencil, forward=False),
 }
 
 

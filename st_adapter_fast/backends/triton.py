@@ -82,12 +82,14 @@ def _triton_unavailable(x: torch.Tensor, kernel_size: Sequence[int], dtype: torc
     if dtype not in FUSED_DTYPES or x.dtype not in FUSED_DTYPES:
         return f"the Triton backend supports float32/float16/bfloat16, got {x.dtype} activations and {dtype} weights"
     kt, kh, kw = kernel_size
-    if kh != 1 or kw != 1:
-        return f"kernel_size {tuple(kernel_size)}: only temporal kernels (kt, 1, 1) are fused"
     if kt > common.MAX_FUSED_KT:
         return f"kernel_size {tuple(kernel_size)}: temporal kernels up to {common.MAX_FUSED_KT} are fused"
+    max_khw = mods[0].adapter_stencil.MAX_FUSED_KHW  # spatial kernels: kernels/adapter_stencil.py
+    if kh > max_khw or kw > max_khw:
+        return (f"kernel_size {tuple(kernel_size)}: spatial kernels up to kh, kw = {max_khw} are fused "
+                f"(kt up to {common.MAX_FUSED_KT})")
     # docs/design.md §9: norm (the LayerNorm before fc1, kernels/adapter_prenorm.py), activations,
-    # scale, DropPath and prefix_mode="mlp" are fused: every switch for temporal kernels
+    # scale, DropPath and prefix_mode="mlp" are fused, with temporal and spatial kernels alike
     return None
 
 

@@ -32,8 +32,12 @@ KERNELS = {
     "adapter_up_ln_bwd_kernel",
     "adapter_norm_fold_kernel",  # norm="layernorm" (kernels/adapter_prenorm.py): the parameter fold
     "adapter_prenorm_dgrad_kernel",  # and the dgrad with the LayerNorm backward folded in
+    # spatial kernels (kt, kh, kw) (kernels/adapter_stencil.py): elementwise stencils, no MMA
+    "adapter_stencil_fwd_kernel",
+    "adapter_stencil_bwd_kernel",
 }
-GEMM_KERNELS = KERNELS - {"adapter_grad_finalize_kernel", "adapter_norm_fold_kernel"}
+GEMM_KERNELS = KERNELS - {"adapter_grad_finalize_kernel", "adapter_norm_fold_kernel", "adapter_stencil_fwd_kernel",
+                          "adapter_stencil_bwd_kernel"}
 
 
 @pytest.fixture(scope="module")

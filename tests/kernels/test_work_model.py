@@ -164,8 +164,11 @@ def test_cuda_kernels_have_no_spills(model, shape):
 # Shape A with each work_model.VARIANTS switch set (shapes "A+<tag>"), held to the FLOP budget of
 # shape A; launches (fwd, bwd) per variant: the epilogue switches add none, prefix_mode="mlp" one
 # KT = 0 down-conv launch to the forward and to the recompute and one KT = 0 conv backward, norm
-# the parameter fold to each pass (the LN dgrad replaces the dgrad: kernels/adapter_prenorm.py).
-VARIANT_LAUNCHES = {"acts": (2, 5), "mlp": (3, 7), "norm": (3, 6)}
+# the parameter fold to each pass (the LN dgrad replaces the dgrad: kernels/adapter_prenorm.py);
+# MMAction2's (3, 3, 3) with prefix MLP: the stencil in the forward and the recompute (a KT = 0
+# down-projection over every row instead of the conv window), the transposed stencil, and the
+# prefix rows' KT = 0 conv backward.
+VARIANT_LAUNCHES = {"acts": (2, 5), "mlp": (3, 7), "norm": (3, 6), "k333": (3, 8)}
 
 
 @pytest.fixture(scope="module")

@@ -242,8 +242,9 @@ def test_backend_errors_say_why():
 @fused_ok
 def test_spatial_kernels_not_pretended_fused():
     x = torch.randn(4, 5, 8, device=DEVICE)
-    params = [p.detach().normal_() for p in _params(kernel=(3, 3, 3), device=DEVICE)]
-    with pytest.raises(RuntimeError, match=r"only temporal kernels \(kt, 1, 1\) are fused"):
+    # (3, 3, 3) is fused (tests/ops/test_spatial_fused.py); kh, kw beyond 7 are not
+    params = [p.detach().normal_() for p in _params(kernel=(3, 9, 9), device=DEVICE)]
+    with pytest.raises(RuntimeError, match=r"spatial kernels up to kh, kw = 7 are fused"):
         st_adapter(x, 2, *params, backend="triton")
     # ... while the reference (and 'auto', which picks it for this case) computes it correctly
     got = st_adapter(x, 2, *params, backend="auto")
@@ -254,13 +255,13 @@ def test_spatial_kernels_not_pretended_fused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="auto picks a fused backend only for CUDA tensors")
 def test_auto_falls_back_with_one_warning_gpu():
     x = torch.randn(4, 5, 8, device="cuda")
-    params = [p.detach().normal_() for p in _params(kernel=(3, 3, 3), device="cuda")]
+    params = [p.detach().normal_() for p in _params(kernel=(3, 9, 9), device="cuda")]  # beyond Triton's kh, kw <= 7
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         st_adapter(x, 2, *params)
         st_adapter(x, 2, *params)
     msgs = [str(w.message) for w in caught if "no fused backend" in str(w.message)]
-    assert len(msgs) == 1 and "(3, 3, 3)" in msgs[0]
+    assert len(msgs) == 1 and "(3, 9, 9)" in msgs[0]
 
 
 def test_auto_on_cpu_is_reference():

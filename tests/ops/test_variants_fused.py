@@ -249,7 +249,7 @@ def test_runs_fused_without_fallback_and_saves_only_inputs(monkeypatch, extra):
 
 
 @pytest.mark.parametrize("kwargs,named", [
-    (dict(kernel_size=(3, 3, 3)), r"kernel_size \(3, 3, 3\)"),
+    (dict(kernel_size=(3, 9, 3)), r"kernel_size \(3, 9, 3\): spatial kernels up to kh, kw = 7"),
 ], ids=["spatial"])
 def test_triton_still_refuses_the_rest_by_name(kwargs, named):
     m = STAdapter(8, 4, backend="triton", act_after_fc1="gelu", scale=0.5, **kwargs).to(DEVICE)
