@@ -358,9 +358,11 @@ def _spatial_backward(dout, x, num_frames, num_prefix_tokens, fc1_weight, fc1_bi
     grid = spatial_grid(x.shape[1] - num_prefix_tokens, grid_size)
     layout = spatial_layout(x.shape[1], num_prefix_tokens, prefix_mlp)
     # a = act1(h) is the conv's input (and dwc's operand); h before act1 only for act1'
-    # (norm: the same fold, and the recompute's per-row LayerNorm statistics)
+    # (norm: the same fold, and the recompute's per-row LayerNorm statistics, which the kernel
+    # writes only with STORE_H: h then goes to memory unread without act1, N*Ca more bytes)
     a, h = down_conv_forward(x, num_frames, 0 if prefix_mlp else num_prefix_tokens, fc1_weight, fc1_bias, None,
-                             None, store_h=sw.act1 != 0, frames_per_prog=frames_per_prog, act1=sw.act1,
+                             None, store_h=sw.act1 != 0 or recompute["norm"] is not None,
+                             frames_per_prog=frames_per_prog, act1=sw.act1,
                              norm=recompute["norm"], norm_stats=recompute["norm_stats"])
     g_pre = torch.empty_like(a) if sw.act2 else None
     g = adapter_stencil.stencil_forward(a, num_frames, grid, conv_taps, conv_bias, act2=sw.act2, g_pre=g_pre,

@@ -310,6 +310,18 @@ def test_meta_tensors_with_fused_switches():
     assert x.grad.shape == x.shape and m.scale.grad.shape == () and m.scale.grad.device.type == "meta"
 
 
+def test_meta_tensors_with_every_switch_at_once():
+    """MMAction2's module plus a pre-norm, on Triton: meta in, meta out (the registered fake),
+    backward too -- the norm affine's and scale's grads included."""
+    m = STAdapter(16, 8, (3, 3, 3), backend="triton", norm="layernorm", act_after_fc1="gelu",
+                  act_after_conv="relu", prefix_mode="mlp", scale=0.0, drop_path=0.1).to("meta").train()
+    x = torch.empty(6, 1 + 9, 16, device="meta", requires_grad=True)
+    out = m(x, 3)
+    assert out.device.type == "meta" and out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape and m.norm.weight.grad.shape == (16,) and m.scale.grad.device.type == "meta"
+
+
 @pytest.mark.parametrize("prefix_mlp", [False, True], ids=["skip", "mlp"])
 def test_launch_budget_with_every_fused_switch(prefix_mlp):
     """Forward: the two kernels plus DropPath's one RNG op (bernoulli_); backward: the official
