@@ -46,8 +46,8 @@ from ._common import (
     weight_tma,
 )
 from . import adapter_stencil
-from .adapter_fwd import (down_conv_forward, mlp_down_conv_forward, spatial_grid, spatial_layout, unfused_switches,
-                          up_residual_forward, window_grid)
+from .adapter_fwd import down_conv_forward, mlp_down_conv_forward, spatial_grid, spatial_layout, up_residual_forward, window_grid
+from .adapter_prenorm import prenorm_dgrad
 from .wgrad import bu_dot_parts, finalize, weight_grad, weight_grad_config, weight_grad_partials  # noqa: F401
 
 
@@ -298,11 +298,17 @@ def adapter_backward(
     dbu's column sums by m and adds the fc2 bias's share of d(scale); finalize multiplies dWu,
     dbu by s and sums d(scale) with the rest.
 
+    norm = (norm_weight or None, norm_bias or None, eps) (kernels/adapter_prenorm.py): one launch
+    more -- the parameter fold, the recompute (also storing each row's mean and rstd), the conv
+    backward, the dgrad with the LayerNorm backward folded in (it also writes z = LN(x) of the
+    branch rows for dWd = dh^T z), the wgrad, the finalize (dgamma, dbeta too) -- and
+    (dnorm_weight, dnorm_bias) follow the rest, in their own dtype (None where that affine tensor
+    is None). With prefix_mlp the prefix rows are normalised too.
+
     Spatial kernels (conv_taps (Ca, kt, kh, kw), grid_size (H, W) or None: square; dwc comes
     back in that shape) take seven launches: the recompute is the down-projection (a = act1(h),
     h) plus the stencil (g, g_pre; kernels/adapter_stencil.py), the conv backward computes dg
     alone (KT = 0), and the transposed stencil turns dg into dh and the dwc partials."""
-    unfused_switches(conv_taps, norm)
     sw = Switches.of(act_after_fc1, act_after_conv, scale, drop_draw, drop_path)
     bt, seq_len, _ = x.shape
     prefix_mlp = prefix_mlp and num_prefix_tokens > 0
@@ -310,16 +316,26 @@ def adapter_backward(
     if dout.dtype != x.dtype:  # one wgrad launch reads dO and x through one pointer type
         dout = dout.to(x.dtype)
     grads = parameter_grads(x, fc1_weight, fc1_bias, conv_taps, conv_bias, fc2_weight, fc2_bias, scale=scale)
+    norm_args, norm_out, stats = None, (), None
+    if norm is not None:
+        lnw, lnb, eps = norm
+        # two tensors, not views of one buffer: the op's outputs may not alias
+        norm_out = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else None
+                         for t in (lnw, lnb))
+        stats = torch.empty((2, n_tokens), device=x.device, dtype=torch.float32)  # the branch rows' mean, rstd
+        norm_args = (lnw, lnb, stats[0], stats[1], norm_out)
     if n_tokens == 0:
         dx = torch.empty(dout.shape, device=dout.device, dtype=dout.dtype).copy_(dout)
-        return (dx, *[None if g is None else g.zero_() for g in grads.values()])
+        return (dx, *[None if g is None else g.zero_() for g in grads.values()],
+                *[None if g is None else g.zero_() for g in norm_out])
     recompute = dict(store_h=True, frames_per_prog=frames_per_prog, act1=sw.act1, act2=sw.act2,
-                     g_drop=(sw.drop_draw, sw.drop_path) if sw.drop_draw is not None else None)
+                     g_drop=(sw.drop_draw, sw.drop_path) if sw.drop_draw is not None else None,
+                     norm=norm, norm_stats=(stats[0], stats[1]) if norm is not None else None)
     if conv_taps.dim() == 4:
         out = _spatial_backward(dout, x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
-                                fc2_weight, fc2_bias, grads, sw, recompute["g_drop"], grid_size, frames_per_prog,
-                                prefix_mlp)
-        return out + (grads["dscale"],) if scale is not None else out
+                                fc2_weight, fc2_bias, grads, sw, recompute, grid_size, frames_per_prog,
+                                prefix_mlp, norm_args)
+        return out + ((grads["dscale"],) if scale is not None else ()) + norm_out
     if prefix_mlp:
         g, h, g_pre = mlp_down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps,
                                             conv_bias, with_g_pre=sw.act2 != 0, **recompute)
@@ -329,30 +345,35 @@ def adapter_backward(
                                  g_pre=g_pre, **recompute)
     out = backward_from_recompute(dout, x, g, h, num_frames, num_prefix_tokens, fc1_weight, fc2_weight, conv_taps,
                                   grads, frames_per_prog=frames_per_prog, switches=sw, g_pre=g_pre, fc2_bias=fc2_bias,
-                                  prefix_mlp=prefix_mlp)
-    return out + (grads["dscale"],) if scale is not None else out
+                                  prefix_mlp=prefix_mlp, norm=norm_args)
+    return out + ((grads["dscale"],) if scale is not None else ()) + norm_out
 
 
 def _spatial_backward(dout, x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
-                      fc2_weight, fc2_bias, grads, sw, g_drop, grid_size, frames_per_prog, prefix_mlp) -> tuple:
+                      fc2_weight, fc2_bias, grads, sw, recompute, grid_size, frames_per_prog, prefix_mlp,
+                      norm_args) -> tuple:
     """adapter_backward's seven launches for a spatial kernel (see there); prefix_mlp (P > 0):
     a, h, g over every row (B*T*L, Ca), prefix rows through the stencils without a conv, and
     backward_from_recompute's two KT = 0 conv-backward launches (spatial, prefix rows): eight."""
     grid = spatial_grid(x.shape[1] - num_prefix_tokens, grid_size)
     layout = spatial_layout(x.shape[1], num_prefix_tokens, prefix_mlp)
     # a = act1(h) is the conv's input (and dwc's operand); h before act1 only for act1'
+    # (norm: the same fold, and the recompute's per-row LayerNorm statistics, which the kernel
+    # writes only with STORE_H: h then goes to memory unread without act1, N*Ca more bytes)
     a, h = down_conv_forward(x, num_frames, 0 if prefix_mlp else num_prefix_tokens, fc1_weight, fc1_bias, None,
-                             None, store_h=sw.act1 != 0, frames_per_prog=frames_per_prog, act1=sw.act1)
+                             None, store_h=sw.act1 != 0 or recompute["norm"] is not None,
+                             frames_per_prog=frames_per_prog, act1=sw.act1,
+                             norm=recompute["norm"], norm_stats=recompute["norm_stats"])
     g_pre = torch.empty_like(a) if sw.act2 else None
     g = adapter_stencil.stencil_forward(a, num_frames, grid, conv_taps, conv_bias, act2=sw.act2, g_pre=g_pre,
-                                        g_drop=g_drop, **layout)
+                                        g_drop=recompute["g_drop"], **layout)
 
     def stencil(dg):
         return adapter_stencil.stencil_backward(dg, a, h, num_frames, grid, conv_taps, act1=sw.act1, **layout)
 
     return backward_from_recompute(dout, x, g, a, num_frames, num_prefix_tokens, fc1_weight, fc2_weight, None,
                                    grads, frames_per_prog=frames_per_prog, switches=sw, g_pre=g_pre,
-                                   fc2_bias=fc2_bias, stencil=stencil, prefix_mlp=prefix_mlp)
+                                   fc2_bias=fc2_bias, stencil=stencil, prefix_mlp=prefix_mlp, norm=norm_args)
 
 
 def parameter_grads(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias, conv_taps: torch.Tensor, conv_bias,
@@ -393,6 +414,7 @@ def backward_from_recompute(
     g_pre: Optional[torch.Tensor] = None,
     fc2_bias: Optional[torch.Tensor] = None,
     prefix_mlp: bool = False,
+    norm: Optional[tuple] = None,
     stencil: Optional[Callable[[torch.Tensor], tuple]] = None,
 ) -> tuple:
     """Launches 2-5 of the backward, given the recomputed g, h (B*T*S, Ca): conv backward,
@@ -405,7 +427,11 @@ def backward_from_recompute(
     grads["dscale"] is filled too (fc2_bias: its share). prefix_mlp (prefix_mode="mlp", P > 0):
     g, h, g_pre are mlp_down_conv_forward's (B*T*L, Ca) buffers; the conv backward runs twice
     (spatial rows with the conv, prefix rows with KT = 0) into one (B*T*L, Ca) dh, and dgrad and
-    wgrad take every row as a branch row (P = 0): 6 launches instead of 5.
+    wgrad take every row as a branch row (P = 0): 6 launches instead of 5. norm = (norm_weight,
+    norm_bias, mean, rstd (branch rows,) fp32, (dgamma out or None, dbeta out or None)) for
+    norm="layernorm" (kernels/adapter_prenorm.py): the dgrad launch folds in the LayerNorm
+    backward and writes z = LN(x) of the branch rows, the wgrad takes dWd = dh^T z, and the
+    finalize fills dgamma and dbeta too.
 
     stencil (the spatial path): conv_taps is None, so the conv backward launch computes only dg
     (KT = 0, with the dbc and d(scale) partials; act1 is left to the stencil), and stencil(dg)
@@ -418,7 +444,9 @@ def backward_from_recompute(
     p_branch, s_branch = (0, seq_len) if prefix_mlp else (p, seq_len - p)
     # problem 0: dWu = dy^T g (+ dbu = sum dy); problem 1: dWd^T = x_s^T dh (+ dbd = sum dh)
     has_bu = grads["dbu"] is not None
-    problems = [(dout, g, 1 if has_bu else 0), (x, None, 2 if grads["dbd"] is not None else 0)]
+    # norm: dWd's A operand is z = LN(x) of the branch rows (B*T*s_branch, C), from the LN dgrad launch
+    a1 = x if norm is None else torch.empty((bt * s_branch, x.shape[-1]), device=x.device, dtype=fc1_weight.dtype)
+    problems = [(dout, g, 1 if has_bu else 0), (a1, None, 2 if grads["dbd"] is not None else 0)]
     # the conv-backward launches: (dO view, P of the view, taps, buffer layout)
     # the conv-backward launches: (dO view, frames per clip, P of the view, taps, buffer layout,
     # DropPath rows per clip); prefix rows as 1-frame clips, as in mlp_down_conv_forward
@@ -432,7 +460,7 @@ def backward_from_recompute(
         conv_parts = [conv_programs(d, nf, lp, fc2_weight, taps, frames_per_prog=frames_per_prog)
                       for d, nf, lp, taps, _, _ in launches]
         n_conv = sum(conv_parts)
-        shapes = [(dout, g, problems[0][2]), (x, g, problems[1][2])]  # dh is laid out as g
+        shapes = [(dout, g, problems[0][2]), (a1, g, problems[1][2])]  # dh is laid out as g
         n_bu = bu_dot_parts(shapes, fc1_weight.dtype, bt * s_branch) if has_bu else 0
         dscale_part = torch.empty((n_conv + n_bu, 1, 1), device=x.device, dtype=torch.float32)
         bu_dot = (fc2_bias, dscale_part[n_conv:].view(-1)) if has_bu else None
@@ -451,8 +479,14 @@ def backward_from_recompute(
     del h, g_pre
     if stencil is not None:
         dh, dwc_part = stencil(dh)  # conv_backward's dh is dg here
-    dx = up_residual_forward(dout, dh, fc1_weight.t(), None, p_branch)
-    problems[1] = (x, dh, problems[1][2])
+    affine_segments = [None, None]
+    if norm is None:
+        dx = up_residual_forward(dout, dh, fc1_weight.t(), None, p_branch)
+    else:  # dx with the LayerNorm backward folded in; dWd = dh^T z with z = LN(x) from the same launch
+        lnw, lnb, mean, rstd, affine_out = norm
+        dx, affine_part, _ = prenorm_dgrad(dout, x, dh, fc1_weight, lnw, lnb, mean, rstd, p_branch, z=a1)
+        affine_segments = [(part, out) if out is not None else None for part, out in zip(affine_part, affine_out)]
+    problems[1] = (a1, dh, problems[1][2])
     a0_drop = (sw.drop_draw, 1.0 - sw.drop_path, num_frames) if sw.drop_draw is not None else None
     dw_part, dbu_part, dbd_part, splits = weight_grad_partials(
         problems, fc1_weight.dtype, bt * s_branch, s_branch, p_branch, a0_drop=a0_drop, bu_dot=bu_dot,
@@ -466,5 +500,6 @@ def backward_from_recompute(
         (dwc_part, grads["dwc"].view(grads["dwc"].shape[0], -1).t()),
         (dbc_part, grads["dbc"]) if grads["dbc"] is not None else None,
         extra_segment if dscale_part is None else (dscale_part, grads["dscale"]),
+        *affine_segments,
     ], multiplier=sw.scale)
     return dx, grads["dwd"], grads["dbd"], grads["dwc"], grads["dbc"], grads["dwu"], grads["dbu"]

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import adapter_stencil, tuning
+from .adapter_prenorm import _ln_gemm_rows_tile, fold_norm
 from ._common import (
     TileConfig,
     _act,
@@ -54,6 +55,7 @@ from ._common import (
 @triton.jit
 def adapter_down_conv_fwd_kernel(
     x_ptr, wd_ptr, bd_ptr, wc_ptr, bc_ptr, g_ptr, h_ptr, gpre_ptr, mask_ptr,
+    u_ptr, mean_ptr, rstd_ptr,  # NORM: u (Ca,) fp32; the recompute's (B*T*BUF_L,) fp32 row statistics
     T, S, P, C, CA,
     BUF_L, BUF_P,  # work buffers viewed as (B*T, BUF_L, Ca): token s of frame f at row f*BUF_L + BUF_P + s
     n_rows,  # B*S: the flattened (clip, spatial position) rows a tile covers
@@ -61,6 +63,7 @@ def adapter_down_conv_fwd_kernel(
     stride_xf, stride_xl, stride_xc,  # x viewed as (B*T, L, C)
     stride_wd_o, stride_wd_i,  # fc1.weight (Ca, C)
     drop_keep, clip_rows,  # 1 - p and the rows of one clip (row // clip_rows: its clip) (G_DROP)
+    eps,  # NORM: the LayerNorm's epsilon
     KT: tl.constexpr,
     HAS_BD: tl.constexpr, HAS_BC: tl.constexpr,
     STORE_H: tl.constexpr,  # backward recompute also wants h (for the conv-weight gradient)
@@ -76,6 +79,11 @@ def adapter_down_conv_fwd_kernel(
     # recompute with DropPath: g is stored times the per-clip factor m, the backward's dWu = dO^T (m g)
     # (the factor on the wgrad's dO operand instead serialised its wgmma on sm_90)
     G_DROP: tl.constexpr = False,
+    # norm="layernorm" folded into the K loop (kernels/adapter_prenorm.py): wd_ptr holds
+    # Wd diag(gamma), bd_ptr b' = Wd beta + bd (fp32), u_ptr the row sums of the folded weight;
+    # with STORE_H the programs of the first Ca block store each owned row's mean and rstd
+    # (laid out as the work buffers' rows)
+    NORM: tl.constexpr = False,
 ):
     PAD: tl.constexpr = KT // 2
     pid_ca, pid_r, t0, t1, part = _window_program(G_CA, n_whole_rows, runs, frames_per_prog, T)
@@ -98,6 +106,10 @@ def adapter_down_conv_fwd_kernel(
         bd = tl.load(bd_ptr + offs_ca, mask=mask_ca, other=0.0).to(tl.float32)
     if HAS_BC:
         bc = tl.load(bc_ptr + offs_ca, mask=mask_ca, other=0.0).to(tl.float32)
+    if NORM:
+        u = tl.load(u_ptr + offs_ca, mask=mask_ca, other=0.0)
+        if STORE_H:  # (the forward without these 64-bit row offsets: 24 B fewer spilled on sm_90)
+            stat_rows, _ = _flat_rows(offs_r, S, T, BUF_P, BUF_L, 1)
 
     q0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     q1 = q0
@@ -113,11 +125,23 @@ def adapter_down_conv_fwd_kernel(
         h = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         # frames outside the clip are the conv's zero padding: h = 0 there, bias included
         if (t_in >= 0) & (t_in < T):
-            h = _gemm_rows_tile(
-                x_ptr, x_rows + t_in * stride_xf, mask_r, stride_xc, wd_ptr, stride_wd_o, stride_wd_i,
-                offs_ca, mask_ca, C, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION,
-                wd_desc, pid_ca * BLOCK_N, USE_TMA, W_KMAJOR,
-            )
+            if NORM:
+                h, dmu, mu, rstd = _ln_gemm_rows_tile(
+                    x_ptr, x_rows + t_in * stride_xf, mask_r, stride_xc, wd_ptr, stride_wd_o, stride_wd_i,
+                    offs_ca, mask_ca, C, eps, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION,
+                    wd_desc, pid_ca * BLOCK_N, USE_TMA, W_KMAJOR,
+                )
+                h = rstd[:, None] * (h - dmu[:, None] * u[None, :])
+                if STORE_H:
+                    if (pid_ca == 0) & (t_in >= t0) & (t_in < t1):
+                        tl.store(mean_ptr + stat_rows + t_in * BUF_L, mu, mask=mask_r)
+                        tl.store(rstd_ptr + stat_rows + t_in * BUF_L, rstd, mask=mask_r)
+            else:
+                h = _gemm_rows_tile(
+                    x_ptr, x_rows + t_in * stride_xf, mask_r, stride_xc, wd_ptr, stride_wd_o, stride_wd_i,
+                    offs_ca, mask_ca, C, BLOCK_M, BLOCK_N, BLOCK_K, DOT_FP32, INPUT_PRECISION,
+                    wd_desc, pid_ca * BLOCK_N, USE_TMA, W_KMAJOR,
+                )
             if HAS_BD:
                 h += bd[None, :]
             if STORE_H:
@@ -268,6 +292,9 @@ def down_conv_forward(
     out: Optional[tuple] = None,
     layout: Optional[tuple] = None,
     clip_rows: Optional[int] = None,
+    norm: Optional[tuple] = None,
+    norm_stats: Optional[tuple] = None,
+    folded: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """g (and h if store_h) as (B*T*S, Ca) buffers in the weights' dtype.
 
@@ -283,6 +310,11 @@ def down_conv_forward(
     h is stored before act1 (the backward's pre-activation), g after act2. g_pre: a (B*T*S, Ca)
     buffer that also receives g before act2 (the recompute with act2). g_drop = (draw (B,) fp32
     0/1, p): g is stored times DropPath's per-clip factor draw / (1 - p) (the recompute).
+    norm = (norm_weight or None, norm_bias or None, eps): z = LayerNorm(x) feeds fc1, folded into
+    the K loop (kernels/adapter_prenorm.py; one more launch, the parameter fold, unless the
+    caller passes its result as folded = adapter_prenorm.fold_norm(...)); h is then fc1's output
+    on z. norm_stats = (mean, rstd): (B*T*BUF_L,) fp32 buffers the recompute (store_h) fills,
+    row for row with h.
     """
     bt, seq_len, c = x.shape
     ca = fc1_weight.shape[0]
@@ -301,6 +333,13 @@ def down_conv_forward(
     assert not store_h or h is not None
     if bt * s * ca == 0:
         return g, h
+    assert norm_stats is None or (norm is not None and store_h)
+    eps = 0.0
+    if norm is not None:
+        norm_weight, norm_bias, eps = norm
+        has_bias = fc1_bias is not None or norm_bias is not None
+        fc1_weight, u, fc1_bias = folded or fold_norm(fc1_weight, fc1_bias, norm_weight, norm_bias)
+        fc1_bias = fc1_bias if has_bias else None
     cfg = tuning.config_for("down_conv", kt=kt, compute_dtype=dtype, arch=arch_of(x))
     is_aligned = aligned(c, ca, *x.stride(), *fc1_weight.stride())
     if store_h and (act1 or act2 or g_drop is not None):
@@ -311,6 +350,10 @@ def down_conv_forward(
             cfg = dataclasses.replace(cfg, BLOCK_N=16)
         elif not is_aligned and cfg.BLOCK_N > 32:
             cfg = dataclasses.replace(cfg, BLOCK_N=32)
+    if norm is not None and not is_aligned and cfg.BLOCK_N > 32:
+        # the LayerNorm K loop (shift, two row sums) on unaligned x: the 16-bit KT=3 64x64 tile
+        # spilled 24 B at 255 registers on sm_90 (odd shape, forward); 64x32 does not
+        cfg = dataclasses.replace(cfg, BLOCK_N=32)
     plan, grid = window_grid(cfg, b, num_frames, kt, s, ca, x, frames_per_prog)
     dot_fp32, precision = dot_flags(dtype)
     use_tma, kmajor = weight_tma(cfg, fc1_weight, arch_of(x), is_aligned)
@@ -319,13 +362,14 @@ def down_conv_forward(
         x, fc1_weight, fc1_bias if fc1_bias is not None else fc1_weight,
         conv_taps if conv_taps is not None else fc1_weight, conv_bias if conv_bias is not None else fc1_weight,
         g, h if h is not None else g, g_pre if g_pre is not None else g, draw,
+        u if norm is not None else g, *(norm_stats if norm_stats is not None else (g, g)),
         num_frames, s, num_prefix_tokens, c, ca, buf_l, buf_p, b * s, *plan,
         x.stride(0), x.stride(1), x.stride(2),
-        fc1_weight.stride(0), fc1_weight.stride(1), 1.0 - p_drop, clip_rows or s,
+        fc1_weight.stride(0), fc1_weight.stride(1), 1.0 - p_drop, clip_rows or s, float(eps),
         KT=kt, HAS_BD=fc1_bias is not None, HAS_BC=conv_bias is not None, STORE_H=store_h,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KMAJOR=kmajor,
-        ACT1=act1, ACT2=act2, STORE_GPRE=g_pre is not None, G_DROP=g_drop is not None,
+        ACT1=act1, ACT2=act2, STORE_GPRE=g_pre is not None, G_DROP=g_drop is not None, NORM=norm is not None,
         **cfg.launch_kwargs(),
     )
     return g, h
@@ -422,20 +466,21 @@ def adapter_forward(
     docs/design.md §9 switch taken here: activations are epilogues of the down-conv kernel, the
     scale s (0-dim) and DropPath (drop_draw: the (B,) 0/1 per-clip draw, drop_path: p) one of
     the up-projection: out = x + s * draw[clip] / (1 - p) * (g Wu^T + bu) on spatial rows.
+    norm = (norm_weight or None, norm_bias or None, eps): a LayerNorm over C before fc1, folded
+    into the down-conv kernel; one launch more (the parameter fold first, kernels/adapter_prenorm.py).
 
     conv_taps (Ca, kt) is a temporal kernel; (Ca, kt, kh, kw) a spatial one on the (H, W) =
     grid_size grid of the L - P spatial tokens (None: square), in three launches: the
     down-projection a = act1(x_s Wd^T + bd), the stencil g = act2(conv3d(a) + bc)
     (kernels/adapter_stencil.py), the same up-projection."""
-    unfused_switches(conv_taps, norm)
-    acts = dict(act1=act_code(act_after_fc1), act2=act_code(act_after_conv))
+    acts = dict(act1=act_code(act_after_fc1), act2=act_code(act_after_conv), norm=norm)
     if conv_taps.dim() == 4:
         grid = spatial_grid(x.shape[1] - num_prefix_tokens, grid_size)
         mlp = prefix_mlp and num_prefix_tokens > 0
         # prefix_mode="mlp": the down-projection over every row (P = 0: a is (B*T*L, Ca)), and the
         # stencil's prefix rows get act2 alone (no conv); every row is then a branch row
         a, _ = down_conv_forward(x, num_frames, 0 if mlp else num_prefix_tokens, fc1_weight, fc1_bias, None, None,
-                                 frames_per_prog=frames_per_prog, act1=acts["act1"])
+                                 frames_per_prog=frames_per_prog, act1=acts["act1"], norm=norm)
         g = adapter_stencil.stencil_forward(a, num_frames, grid, conv_taps, conv_bias, act2=acts["act2"],
                                             **spatial_layout(x.shape[1], num_prefix_tokens, mlp))
         num_prefix_tokens = 0 if mlp else num_prefix_tokens
@@ -465,6 +510,8 @@ def mlp_down_conv_forward(
     act1: int = 0,
     act2: int = 0,
     g_drop: Optional[tuple] = None,
+    norm: Optional[tuple] = None,
+    norm_stats: Optional[tuple] = None,
 ) -> tuple:
     """prefix_mode="mlp" (docs/design.md §9): (g, h or None, g_pre or None) as (B*T*L, Ca)
     buffers in x's row order, so the up-projection, dgrad and wgrad see every row as a branch
@@ -474,23 +521,18 @@ def mlp_down_conv_forward(
     A): their own launch costs a launch, not bandwidth -- and runs them as 1-frame clips (KT = 0
     needs no frame order): B*T*P rows, 6 programs of one frame each on A instead of 24 walking 8
     frames, which the work model put at ~30% of the spatial launch's time. Switches as
-    down_conv_forward's."""
+    down_conv_forward's; with norm the prefix rows are normalised too (one fold for both
+    launches), norm_stats (B*T*L,) in the buffers' row order."""
     bt, seq_len, _ = x.shape
     shape = (bt * seq_len, fc1_weight.shape[0])
     new = lambda: torch.empty(shape, device=x.device, dtype=fc1_weight.dtype)  # noqa: E731
     g, h, g_pre = new(), new() if store_h else None, new() if with_g_pre else None
+    folded = fold_norm(fc1_weight, fc1_bias, norm[0], norm[1]) if norm is not None else None
     common = dict(store_h=store_h, frames_per_prog=frames_per_prog, act1=act1, act2=act2, g_pre=g_pre,
-                  g_drop=g_drop, out=(g, h))
+                  g_drop=g_drop, out=(g, h), norm=norm, norm_stats=norm_stats, folded=folded)
     down_conv_forward(x, num_frames, num_prefix_tokens, fc1_weight, fc1_bias, conv_taps, conv_bias,
                       layout=(seq_len, num_prefix_tokens), **common)
     down_conv_forward(x[:, :num_prefix_tokens], 1, 0, fc1_weight, fc1_bias, None, None,
                       layout=(seq_len, 0), clip_rows=num_prefix_tokens * num_frames, **common)
     return g, h, g_pre
 
-
-def unfused_switches(conv_taps: torch.Tensor, norm: Optional[tuple]) -> None:
-    """Raise NotImplementedError naming the docs/design.md §9 switches these kernels do not run
-    yet (backends/triton.py refuses the same ones before dispatch)."""
-    missing = [name for name, on in (("norm='layernorm'", norm is not None),) if on]
-    if missing:
-        raise NotImplementedError(f"the Triton kernels do not fuse {', '.join(missing)} yet")

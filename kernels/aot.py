@@ -26,7 +26,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import triton
 
-from . import _common, adapter_bwd, adapter_fwd, adapter_layernorm, adapter_stencil, wgrad
+from . import _common, adapter_bwd, adapter_fwd, adapter_layernorm, adapter_prenorm, adapter_stencil, wgrad
 
 # Shared memory a block may use (opt-in maximum): A100 163 KB, H100 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -47,6 +47,9 @@ _KERNELS = {
     "adapter_grad_finalize_kernel": (wgrad, wgrad.adapter_grad_finalize_kernel),
     "adapter_up_residual_ln_fwd_kernel": (adapter_layernorm, adapter_layernorm.adapter_up_residual_ln_fwd_kernel),
     "adapter_up_ln_bwd_kernel": (adapter_layernorm, adapter_layernorm.adapter_up_ln_bwd_kernel),
+    # norm="layernorm" (kernels/adapter_prenorm.py)
+    "adapter_norm_fold_kernel": (adapter_prenorm, adapter_prenorm.adapter_norm_fold_kernel),
+    "adapter_prenorm_dgrad_kernel": (adapter_prenorm, adapter_prenorm.adapter_prenorm_dgrad_kernel),
     # spatial kernels (kt, kh, kw): the conv as a stencil over a in memory
     "adapter_stencil_fwd_kernel": (adapter_stencil, adapter_stencil.adapter_stencil_fwd_kernel),
     "adapter_stencil_bwd_kernel": (adapter_stencil, adapter_stencil.adapter_stencil_bwd_kernel),
@@ -66,8 +69,9 @@ class Variant:
     maxnreg: Optional[int] = None
 
     def label(self) -> str:
-        keys = ("KT", "KH", "KW", "PREFIX", "STORE_H", "STORE_GPRE", "G_DROP", "HAS_BIAS", "INPUT_PRECISION", "USE_TMA", "ACT1", "ACT2", "HAS_SCALE", "HAS_DROP",
-                "A0_DROP", "SCALED", "BLOCK_M", "BLOCK_N", "BLOCK_K")
+        keys = ("KT", "KH", "KW", "PREFIX", "STORE_H", "STORE_GPRE", "G_DROP", "HAS_BIAS", "INPUT_PRECISION", "USE_TMA",
+                "ACT1", "ACT2", "HAS_SCALE", "HAS_DROP", "A0_DROP", "SCALED", "NORM", "HAS_LNW", "HAS_LNB", "BLOCK_M",
+                "BLOCK_N", "BLOCK_K")
         consts = dict(self.constexprs)
         dtypes = sorted({t for _, t in self.signature if t.startswith("*")})
         parts = [f"{k}={consts[k]}" for k in keys if k in consts]
@@ -136,7 +140,7 @@ def _recording(arch: int, sink: List[Variant], launches: Optional[List[Launch]] 
         setattr(mod, name, _Recorder(name, fn, sink, launches))
     sms = sms or (132 if arch >= 90 else 108)
     patched = {"arch_of": lambda t: arch, "sm_count": lambda t: sms}
-    mods = (_common, adapter_fwd, adapter_bwd, adapter_layernorm, adapter_stencil, wgrad)
+    mods = (_common, adapter_fwd, adapter_bwd, adapter_layernorm, adapter_prenorm, adapter_stencil, wgrad)
     old = [(m, k, getattr(m, k)) for m in mods for k in patched if hasattr(m, k)]
     for m, k, _ in old:
         setattr(m, k, patched[k])
@@ -196,6 +200,8 @@ def _dispatch_variants(arch, kts, dtypes, shapes, switches: bool = False) -> Lis
                                     dtype == torch.bfloat16 or (dtype == torch.float32 and not allow_tf32
                                                                 and (b, t, seq, c, ca) == TARGET_SHAPES["odd"])):
                                 _record_switches(x, t, wd, bd, taps, bc, wu, bu)
+                            _record_norm(x, t, wd, bd, taps, bc, wu, bu, switches and kt == switch_kt
+                                         and dtype == torch.bfloat16, kt == kts[0])
                             if kt == switch_kt:
                                 # spatial (kt, 3, 3): the stencils' registers do not grow with the
                                 # taps (a runtime loop), so one kernel size stands for all
@@ -222,6 +228,27 @@ def _record_switches(x, t, wd, bd, taps, bc, wu, bu):
         adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu, prefix_mlp=prefix_mlp, **switches)
 
 
+def _record_norm(x, t, wd, bd, taps, bc, wu, bu, with_switches: bool, without_affine: bool):
+    """norm="layernorm" forward and backward (NORM down-conv, the fold, the LN dgrad, the wgrad
+    on z, the nine-segment finalize); with_switches: also with every §9 switch the kernels fuse,
+    prefix_mode="mlp" among them; without_affine: also with norm_weight = norm_bias = None (the
+    HAS_LNW / HAS_LNB = False paths)."""
+    c = x.shape[-1]
+    affine = (torch.empty(c, device="meta", dtype=x.dtype), torch.empty(c, device="meta", dtype=x.dtype))
+    for lnw, lnb in [affine] + ([(None, None)] if without_affine else []):
+        norm = dict(norm=(lnw, lnb, 1e-5))
+        adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu, **norm)
+        adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu, **norm)
+    if with_switches:
+        switches = dict(act_after_fc1="gelu", act_after_conv="relu",
+                        scale=torch.empty((), device="meta", dtype=x.dtype),
+                        drop_draw=torch.empty(x.shape[0] // t, device="meta", dtype=torch.float32), drop_path=0.1,
+                        norm=(*affine, 1e-5))
+        for prefix_mlp in (False, True):
+            adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu, prefix_mlp=prefix_mlp, **switches)
+            adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu, prefix_mlp=prefix_mlp, **switches)
+
+
 def _record_spatial(x, t, wd, bd, taps, bc, wu, bu, switches: bool):
     """A spatial kernel's forward and backward (down-projection, stencils, dg launch), plain and,
     with switches, with every §9 switch the Triton path fuses (as _record_switches), then with
@@ -231,9 +258,12 @@ def _record_spatial(x, t, wd, bd, taps, bc, wu, bu, switches: bool):
     if switches:
         kw = dict(act_after_fc1="gelu", act_after_conv="relu", scale=torch.empty((), device="meta", dtype=x.dtype),
                   drop_draw=torch.empty(x.shape[0] // t, device="meta", dtype=torch.float32), drop_path=0.1)
-        for prefix_mlp in (False, True):
-            adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu, prefix_mlp=prefix_mlp, **kw)
-            adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu, prefix_mlp=prefix_mlp, **kw)
+        c = x.shape[-1]
+        affine = (torch.empty(c, device="meta", dtype=x.dtype), torch.empty(c, device="meta", dtype=x.dtype))
+        # then MMAction2's switches with a LayerNorm before fc1 as well: every flag at once
+        for prefix_mlp, norm in ((False, None), (True, None), (True, (*affine, 1e-5))):
+            adapter_fwd.adapter_forward(x, t, 1, wd, bd, taps, bc, wu, bu, prefix_mlp=prefix_mlp, norm=norm, **kw)
+            adapter_bwd.adapter_backward(x, x, t, 1, wd, bd, taps, bc, wu, bu, prefix_mlp=prefix_mlp, norm=norm, **kw)
 
 
 def _record_layernorm_pair(x, t, wd, bd, taps, bc, wu, bu):
@@ -351,9 +381,11 @@ def _compile_job(job):
     return compile_variant(variant, arch)
 
 
-def check_all(archs=(80, 90), jobs: int = 1, **kwargs) -> List[CompileReport]:
-    """Compile every dispatch variant for every arch; `jobs` processes in parallel."""
-    work = [(variant, arch) for arch in archs for variant in dispatch_variants(arch, **kwargs)]
+def check_all(archs=(80, 90), jobs: int = 1, only: Optional[List[str]] = None, **kwargs) -> List[CompileReport]:
+    """Compile every dispatch variant for every arch; `jobs` processes in parallel. only: just the
+    variants whose label contains one of these strings (e.g. "NORM=True", a kernel's name)."""
+    work = [(variant, arch) for arch in archs for variant in dispatch_variants(arch, **kwargs)
+            if not only or any(o in variant.label() for o in only)]
     if jobs <= 1:
         return [_compile_job(w) for w in work]
     import multiprocessing
@@ -373,6 +405,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--shapes", help="comma-separated names from TARGET_SHAPES (default all)")
     parser.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
     parser.add_argument("--json", help="write the reports here")
+    parser.add_argument("--only", action="append",
+                        help="compile only variants whose label contains this (repeatable), e.g. NORM=True")
     parser.add_argument("--model", action="store_true",
                         help="the work model (docs/design.md §10): one row per launch of fwd and bwd")
     parser.add_argument("--layernorm", action="store_true",
@@ -395,7 +429,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         kwargs["shapes"] = {name: TARGET_SHAPES[name] for name in args.shapes.split(",")}
     if args.model:
         return _main_model(args, kwargs)
-    reports = check_all(tuple(args.arch or (80, 90)), jobs=args.jobs, **kwargs)
+    reports = check_all(tuple(args.arch or (80, 90)), jobs=args.jobs, only=args.only, **kwargs)
     for r in reports:
         flag = "ok  " if r.ok else "FAIL"
         print(f"{flag} sm_{r.arch} regs={r.registers:3d} spill={r.spill_bytes:5d}B smem={r.shared_bytes // 1024:3d}KB "

@@ -98,6 +98,24 @@ def _default_up_ln_unaligned(kt: int, compute_dtype: torch.dtype, arch: int) -> 
     return up_ln_unaligned_config(compute_dtype, arch)
 
 
+def _default_norm_fold(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    from .adapter_prenorm import fold_config
+
+    return fold_config(compute_dtype, arch)
+
+
+def _default_prenorm_dgrad(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    from .adapter_prenorm import prenorm_dgrad_config
+
+    return prenorm_dgrad_config(compute_dtype, arch)
+
+
+def _default_prenorm_dgrad_unaligned(kt: int, compute_dtype: torch.dtype, arch: int) -> TileConfig:
+    from .adapter_prenorm import prenorm_dgrad_unaligned_config
+
+    return prenorm_dgrad_unaligned_config(compute_dtype, arch)
+
+
 def _unaligned(default: Callable[[int, torch.dtype, int], TileConfig], **shrink) -> Callable:
     """The family's config for unaligned operands (a size or stride not a multiple of 16): no
     cp.async / vectorised loads, 64-bit addresses per element, so the register-hungriest case.
@@ -156,6 +174,11 @@ KERNELS: Dict[str, Callable[[int, torch.dtype, int], TileConfig]] = {
     "wgrad_unaligned": _unaligned(_default_wgrad, BLOCK_M=64, BLOCK_N=64, ctas_per_sm=3),
     "up_residual_ln_unaligned": _default_up_ln_unaligned,
     "up_ln_bwd_unaligned": _default_up_ln_unaligned,
+    # norm="layernorm" (kernels/adapter_prenorm.py): the parameter fold (BLOCK_M x BLOCK_N of Wd
+    # per step) and the dgrad with the LayerNorm backward folded in
+    "norm_fold": _default_norm_fold,
+    "prenorm_dgrad": _default_prenorm_dgrad,
+    "prenorm_dgrad_unaligned": _default_prenorm_dgrad_unaligned,
 }
 
 

@@ -150,11 +150,13 @@ def adapter_grad_finalize_kernel(
     p4, n4, r4, q4, o4, sr4, sq4, e4,
     p5, n5, r5, q5, o5, sr5, sq5, e5,
     p6, n6, r6, q6, o6, sr6, sq6, e6,
+    p7, n7, r7, q7, o7, sr7, sq7, e7,
+    p8, n8, r8, q8, o8, sr8, sq8, e8,
     mult_ptr,
     BLOCK: tl.constexpr,
     SCALED: tl.constexpr = 0,  # bit k: segment k is multiplied by *mult_ptr (the branch scale)
 ):
-    """Seven (partials (n, R, Q) fp32 -> out) segments; program blocks [e_{k-1}, e_k) do segment k."""
+    """Nine (partials (n, R, Q) fp32 -> out) segments; program blocks [e_{k-1}, e_k) do segment k."""
     pid = tl.program_id(0)
     if pid < e0:
         _reduce_segment(p0, n0, r0, q0, o0, sr0, sq0, pid, BLOCK, mult_ptr, SCALED % 2 == 1)
@@ -170,12 +172,18 @@ def adapter_grad_finalize_kernel(
         _reduce_segment(p5, n5, r5, q5, o5, sr5, sq5, pid - e4, BLOCK, mult_ptr, SCALED // 32 % 2 == 1)
     elif pid < e6:
         _reduce_segment(p6, n6, r6, q6, o6, sr6, sq6, pid - e5, BLOCK, mult_ptr, SCALED // 64 % 2 == 1)
+    elif pid < e7:
+        _reduce_segment(p7, n7, r7, q7, o7, sr7, sq7, pid - e6, BLOCK, mult_ptr, SCALED // 128 % 2 == 1)
+    elif pid < e8:
+        _reduce_segment(p8, n8, r8, q8, o8, sr8, sq8, pid - e7, BLOCK, mult_ptr, SCALED // 256 % 2 == 1)
 
 
 FINALIZE_BLOCK = 1024
 # the adapter backward uses six (dWu, dWd, dbu, dbd, dwc, dbc); the adapter + LayerNorm pair
-# adds its affine grads as a seventh (kernels/adapter_layernorm.py)
-FINALIZE_SEGMENTS = 7
+# adds its affine grads as a seventh (kernels/adapter_layernorm.py), d(scale) takes one, and
+# norm="layernorm"'s dgamma and dbeta one each (separate tensors: the op's outputs may not
+# alias): with a scale that is nine
+FINALIZE_SEGMENTS = 9
 
 
 def finalize_config(compute_dtype: torch.dtype, arch: int) -> TileConfig:

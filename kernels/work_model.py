@@ -122,6 +122,8 @@ VARIANTS: Dict[str, dict] = {
     # the epilogue switches: activations, the branch scale, DropPath (training)
     "acts": dict(act_after_fc1="gelu", act_after_conv="relu", scale=True, drop_path=0.1),
     "mlp": dict(prefix_mlp=True),
+    # the LayerNorm before fc1 (kernels/adapter_prenorm.py), affine trained
+    "norm": dict(norm=True),
     # MMAction2's STAdapter: a spatial kernel (down-projection, stencil, up-projection:
     # kernels/adapter_stencil.py), ReLU after the conv, prefix MLP, scale, DropPath
     "k333": dict(kernel=(3, 3, 3), act_after_conv="relu", prefix_mlp=True, scale=True, drop_path=0.1),
@@ -219,7 +221,8 @@ def _work_down_conv(launch) -> Work:
     outs = 2 if a["STORE_H"] else 1
     ge = _elt(a["g_ptr"])
     hbm = n_tok * a["C"] * _elt(a["x_ptr"]) + a["CA"] * a["C"] * _elt(a["wd_ptr"]) + outs * n_tok * a["CA"] * ge
-    return executed, required, hbm, loads + outs * out_elems * ge
+    stats = 8 * n_tok if a.get("NORM") and a["STORE_H"] else 0  # norm: the recompute's mean, rstd (fp32)
+    return executed, required, hbm + stats, loads + outs * out_elems * ge + stats
 
 
 def _work_conv_bwd(launch) -> Work:
@@ -272,6 +275,33 @@ def _work_up_ln(launch, forward: bool) -> Work:
         parts = progs * 2 * C * 4 if a["AFFINE_GRADS"] else 0
         hbm = n_rows * C * (xe + de + dne + re) + weights + parts
         l2 = gemm_l2 + tiles * bm * bn * (xe + 2 * dne + de + 3 * re) + parts
+    return executed, 2 * n_tok * CA * C, hbm, l2
+
+
+def _work_norm_fold(launch) -> Work:
+    """norm="layernorm"'s parameter fold: read Wd (and gamma, beta), write Wd diag(gamma) (with
+    gamma), u and b' (fp32)."""
+    a = launch.args
+    ca, c, we = a["CA"], a["C"], _elt(a["wd_ptr"])
+    moved = ca * c * we * (2 if a["HAS_LNW"] else 1) + 2 * c * 4 + 2 * ca * 4
+    return 0, 0, moved, moved
+
+
+def _work_prenorm_dgrad(launch) -> Work:
+    """The LN dgrad (kernels/adapter_prenorm.py): dz = dh Wd on walk 1 (parked in dx), walk 2
+    reads it back with x and dO and writes dx and z = LN(x_s); x is read on both walks."""
+    a, (progs,) = launch.args, launch.grid
+    n_rows, L, S, CA, C = a["n_rows"], a["L"], a["S"], a["CA"], a["C"]
+    bm, bn, bk = a["BLOCK_M"], a["BLOCK_N"], a["BLOCK_K"]
+    n_tok = n_rows // L * S
+    he, we, xe, de = _elt(a["dh_ptr"]), _elt(a["wd_ptr"]), _elt(a["x_ptr"]), _elt(a["dout_ptr"])
+    oe, ze = _elt(a["dx_ptr"]), _elt(a["z_ptr"])
+    ksteps, nblocks = _cdiv(CA, bk), _cdiv(C, bn)
+    tiles = progs * nblocks
+    executed = tiles * 2 * bm * bn * bk * ksteps
+    parts = 2 * progs * C * 4
+    hbm = n_tok * CA * he + C * CA * we + n_tok * C * (xe + ze) + n_rows * C * (de + oe) + n_tok * 8 + parts
+    l2 = tiles * ksteps * bk * (bm * he + bn * we) + tiles * bm * bn * (2 * xe + de + 3 * oe + ze) + parts
     return executed, 2 * n_tok * CA * C, hbm, l2
 
 
@@ -338,6 +368,8 @@ WORK: Dict[str, Callable] = {
     "adapter_grad_finalize_kernel": _work_finalize,
     "adapter_up_residual_ln_fwd_kernel": functools.partial(_work_up_ln, forward=True),
     "adapter_up_ln_bwd_kernel": functools.partial(_work_up_ln, forward=False),
+    "adapter_norm_fold_kernel": _work_norm_fold,
+    "adapter_prenorm_dgrad_kernel": _work_prenorm_dgrad,
     "adapter_stencil_fwd_kernel": functools.partial(_work_stencil, forward=True),
     "adapter_stencil_bwd_kernel": functools.partial(_work_stencil, forward=False),
 }

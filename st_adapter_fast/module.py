@@ -40,9 +40,10 @@ class STAdapter(nn.Module):
     ``drop_path=p`` drops the branch per clip with probability p in training mode (identity in
     eval). MMAction2's STAdapter is ``STAdapter(C, Ca, (3, 3, 3), act_after_conv="relu",
     prefix_mode="mlp", scale=0.0, drop_path=0.1)`` (models.checkpoint.load_mmaction_checkpoint
-    maps its keys). The Triton backend fuses the activations, scale and DropPath with (kt, 1, 1)
-    kernels and spatial ones up to kh, kw = 7, prefix_mode="mlp" included; for norm backend="auto"
-    falls back to the reference with a one-time warning naming the switch (README's backend table).
+    maps its keys). The Triton backend fuses every switch: norm, the activations, scale, DropPath
+    and prefix_mode="mlp", with temporal kernels (kt, 1, 1), kt <= 9, and spatial ones up to
+    kh, kw = 7; beyond those backend="auto" falls back to the reference with a one-time warning
+    naming the case (README's backend table).
     """
 
     def __init__(

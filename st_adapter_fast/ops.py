@@ -450,11 +450,12 @@ def st_adapter(
         scale: a 0-dim tensor multiplying the branch (None: 1).
         drop_path: probability; with training=True one Bernoulli per clip zeroes the branch or
             scales it by 1/(1-p) (torch's RNG: a seeded run repeats). training=False: identity.
-    The Triton backend fuses the activations, scale and DropPath for temporal kernels (kt, 1, 1)
-    and spatial ones with kh, kw <= 7, and prefix_mode="mlp" (DropPath: one float32 Bernoulli draw
-    per clip, the op's only extra launch and extra saved tensor); norm it refuses by name, as the CUDA backend
-    refuses every switch: "auto" then falls back to the reference with a one-time warning
-    naming the switch, and an explicit backend raises naming it.
+    The Triton backend fuses every switch: norm (folded into fc1's K loop; one more launch per
+    pass, the parameter fold), the activations, scale, DropPath (one float32 Bernoulli draw per
+    clip, the op's only extra saved tensor) and prefix_mode="mlp", for temporal kernels (kt, 1, 1)
+    with kt <= 9 and spatial ones with kh, kw <= 7 (kernels/adapter_stencil.py). The CUDA backend
+    fuses the official switches only. Beyond what a backend fuses, "auto" falls back to the
+    reference with a one-time warning naming the case, and an explicit backend raises naming it.
 
     Under torch.autocast the parameters (and scale) are cast to the autocast dtype (their grads
     stay in their own dtype; the LayerNorm runs as autocast runs F.layer_norm) and the result

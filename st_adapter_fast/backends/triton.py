@@ -88,10 +88,8 @@ def _triton_unavailable(x: torch.Tensor, kernel_size: Sequence[int], dtype: torc
     if kh > max_khw or kw > max_khw:
         return (f"kernel_size {tuple(kernel_size)}: spatial kernels up to kh, kw = {max_khw} are fused "
                 f"(kt up to {common.MAX_FUSED_KT})")
-    if variant is not None and variant.norm is not None:
-        # docs/design.md §9: activations, scale, DropPath (epilogues) and prefix_mode="mlp" are fused
-        return (f"norm={variant.norm!r} not fused yet (docs/design.md §9; the activations, scale, DropPath "
-                f"and prefix_mode='mlp' are)")
+    # docs/design.md §9: norm (the LayerNorm before fc1, kernels/adapter_prenorm.py), activations,
+    # scale, DropPath and prefix_mode="mlp" are fused, with temporal and spatial kernels alike
     return None
 
 

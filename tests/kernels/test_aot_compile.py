@@ -30,11 +30,14 @@ KERNELS = {
     "adapter_grad_finalize_kernel",
     "adapter_up_residual_ln_fwd_kernel",  # the adapter + LayerNorm pair (kernels/adapter_layernorm.py)
     "adapter_up_ln_bwd_kernel",
+    "adapter_norm_fold_kernel",  # norm="layernorm" (kernels/adapter_prenorm.py): the parameter fold
+    "adapter_prenorm_dgrad_kernel",  # and the dgrad with the LayerNorm backward folded in
     # spatial kernels (kt, kh, kw) (kernels/adapter_stencil.py): elementwise stencils, no MMA
     "adapter_stencil_fwd_kernel",
     "adapter_stencil_bwd_kernel",
 }
-GEMM_KERNELS = KERNELS - {"adapter_grad_finalize_kernel", "adapter_stencil_fwd_kernel", "adapter_stencil_bwd_kernel"}
+GEMM_KERNELS = KERNELS - {"adapter_grad_finalize_kernel", "adapter_norm_fold_kernel", "adapter_stencil_fwd_kernel",
+                          "adapter_stencil_bwd_kernel"}
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +73,10 @@ def test_coverage_of_kernels_archs_and_dtypes(reports):
     for kt in (3, 9, 0):  # 0: no conv, prefix_mode="mlp"'s prefix-row launches (aot._record_switches)
         assert any(f"KT={kt} " in r["variant"] for r in rows), kt
     assert any("USE_TMA=True" in r["variant"] and r["arch"] == 90 for r in rows)
+    for arch in (80, 90):  # the LayerNorm folded into the down-conv's K loop, fwd and recompute
+        for store_h in (False, True):
+            assert any(f"STORE_H={store_h}" in r["variant"] and "NORM=True" in r["variant"] and r["arch"] == arch
+                       for r in rows), (arch, store_h)
     assert all(r["registers"] > 0 for r in rows), "ptxas -v output was not parsed"
 
 

@@ -38,6 +38,8 @@ pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not triton_interpreter_on(),
 MMACTION2_FUSED = Variant(act_after_conv="relu", prefix_mode="mlp", scale=True, drop_path=0.5)
 SKIP_RELU_SCALE_DP = Variant(act_after_conv="relu", scale=True, drop_path=0.5)
 GELU_MMACTION2 = Variant(act_after_fc1="gelu", act_after_conv="relu", scale=True, drop_path=0.5)
+LN_GELU_SCALE = Variant(norm="layernorm", act_after_fc1="gelu", scale=True)
+LN_MMACTION2_GELU = Variant(norm="layernorm", act_after_conv="gelu", prefix_mode="mlp", scale=True, drop_path=0.5)
 
 
 def _case(variant, kernel, *, batch=2, frames=2, grid=(3, 5), prefix=1, **kw):
@@ -58,6 +60,10 @@ CASES = [
           (1, 3, 3), batch=2, frames=2, prefix=2, grid=(4, 3), noncontiguous=True),
     _case(GELU_MMACTION2, (3, 3, 3), batch=4, frames=2, prefix=0, grid=(3, 5)),
     _case(Variant(act_after_fc1="quick_gelu", scale=True), (1, 1, 3), batch=1, frames=8, prefix=2, grid=(3, 2)),
+    # with the LayerNorm before fc1 (kernels/adapter_prenorm.py): AIM-style pre-norm + GELU, and
+    # MMAction2's module with a pre-norm (GELU after the conv: its ReLU + norm runs fp32 below)
+    _case(LN_GELU_SCALE, (3, 3, 3), batch=2, frames=2, prefix=2, grid=(3, 4)),
+    _case(LN_MMACTION2_GELU, (3, 3, 3), batch=4, frames=8, prefix=1, grid=(2, 3)),
 ]
 FULL_CASES = [
     _case(v, k, batch=4, frames=t, prefix=i % 3, grid=((3, 5), (4, 3), (2, 7))[i % 3], noncontiguous=i % 2 == 1)
@@ -119,6 +125,16 @@ def _check(case, mode_name, seed=5):
 @pytest.mark.parametrize("case", CASES + FULL_CASES, ids=[c.label() for c in CASES + FULL_CASES])
 def test_spatial_parity(case, mode_name):
     _check(case, mode_name)
+
+
+def test_every_switch_at_once_fp32():
+    """MMAction2's module (kernel (3, 3, 3), ReLU after the conv, prefix MLP, scale, DropPath)
+    with a LayerNorm before fc1 and GELU after it: every docs/design.md §9 switch in one call.
+    fp32 only: _clear_relu_gates sets its gates from x, not LN(x) (16-bit runs of the ReLU
+    switches are covered above without the norm)."""
+    v = Variant(norm="layernorm", act_after_fc1="gelu", act_after_conv="relu", prefix_mode="mlp", scale=True,
+                drop_path=0.5)
+    _check(_case(v, (3, 3, 3), batch=4, frames=2, prefix=2, grid=(3, 3), noncontiguous=True), "fp32")
 
 
 def test_cases_cover_the_brief():

@@ -394,9 +394,10 @@ SWITCHES = [
     (dict(scale=0.5), "scale"),
     (dict(drop_path=0.2), "drop_path=0.2"),
 ]
-# what each fused backend still refuses: CUDA every switch, Triton those it does not fuse yet
-# (the activations, scale, DropPath and prefix_mode="mlp" it fuses: test_variants_fused.py)
-TRITON_REFUSES = ("norm='layernorm'",)
+# what each fused backend still refuses: CUDA every switch, Triton those it does not fuse yet --
+# none of these (the activations, scale, DropPath, prefix_mode="mlp": test_variants_fused.py;
+# norm: test_prenorm_fused.py; only spatial kernels, refused in test_variants_fused.py)
+TRITON_REFUSES = ()
 REFUSALS = [("cuda", kw, named) for kw, named in SWITCHES] + [
     ("triton", kw, named) for kw, named in SWITCHES if named in TRITON_REFUSES]
 

@@ -214,7 +214,8 @@ def test_drop_path_draw_is_the_references_mask():
 
 
 # the fused switch sets beyond the activations/scale/DropPath base each adds (a module kwarg set)
-FUSED_EXTRAS = {"base": {}, "mlp": dict(prefix_mode="mlp")}
+FUSED_EXTRAS = {"base": {}, "mlp": dict(prefix_mode="mlp"), "norm": dict(norm="layernorm"),
+                "norm-mlp": dict(norm="layernorm", prefix_mode="mlp")}
 
 
 @pytest.mark.parametrize("extra", list(FUSED_EXTRAS))
@@ -248,9 +249,8 @@ def test_runs_fused_without_fallback_and_saves_only_inputs(monkeypatch, extra):
 
 
 @pytest.mark.parametrize("kwargs,named", [
-    (dict(norm="layernorm"), "norm='layernorm'"),
     (dict(kernel_size=(3, 9, 3)), r"kernel_size \(3, 9, 3\): spatial kernels up to kh, kw = 7"),
-], ids=["norm", "spatial"])
+], ids=["spatial"])
 def test_triton_still_refuses_the_rest_by_name(kwargs, named):
     m = STAdapter(8, 4, backend="triton", act_after_fc1="gelu", scale=0.5, **kwargs).to(DEVICE)
     with pytest.raises(RuntimeError, match=f"backend='triton' cannot run this call: .*{named}"):
@@ -308,6 +308,18 @@ def test_meta_tensors_with_fused_switches():
     assert out.device.type == "meta" and out.shape == x.shape
     out.sum().backward()
     assert x.grad.shape == x.shape and m.scale.grad.shape == () and m.scale.grad.device.type == "meta"
+
+
+def test_meta_tensors_with_every_switch_at_once():
+    """MMAction2's module plus a pre-norm, on Triton: meta in, meta out (the registered fake),
+    backward too -- the norm affine's and scale's grads included."""
+    m = STAdapter(16, 8, (3, 3, 3), backend="triton", norm="layernorm", act_after_fc1="gelu",
+                  act_after_conv="relu", prefix_mode="mlp", scale=0.0, drop_path=0.1).to("meta").train()
+    x = torch.empty(6, 1 + 9, 16, device="meta", requires_grad=True)
+    out = m(x, 3)
+    assert out.device.type == "meta" and out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape and m.norm.weight.grad.shape == (16,) and m.scale.grad.device.type == "meta"
 
 
 @pytest.mark.parametrize("prefix_mlp", [False, True], ids=["skip", "mlp"])
