@@ -69,9 +69,9 @@ class Variant:
     maxnreg: Optional[int] = None
 
     def label(self) -> str:
-        keys = ("KT", "KH", "KW", "STORE_H", "STORE_GPRE", "G_DROP", "HAS_BIAS", "INPUT_PRECISION", "USE_TMA", "ACT1",
-                "ACT2", "HAS_SCALE", "HAS_DROP", "A0_DROP", "SCALED", "NORM", "HAS_LNW", "HAS_LNB", "BLOCK_M", "BLOCK_N",
-                "BLOCK_K")
+        keys = ("KT", "KH", "KW", "PREFIX", "STORE_H", "STORE_GPRE", "G_DROP", "HAS_BIAS", "INPUT_PRECISION", "USE_TMA",
+                "ACT1", "ACT2", "HAS_SCALE", "HAS_DROP", "A0_DROP", "SCALED", "NORM", "HAS_LNW", "HAS_LNB", "BLOCK_M",
+                "BLOCK_N", "BLOCK_K")
         consts = dict(self.constexprs)
         dtypes = sorted({t for _, t in self.signature if t.startswith("*")})
         parts = [f"{k}={consts[k]}" for k in keys if k in consts]
