@@ -304,9 +304,13 @@ def run_grid(
     bar = _Progress(len(active) * len(modes) * len(cases), progress)
     try:
         for case_index, case in enumerate(cases):
-            inputs = parity.make_inputs(case, seed=seed + case_index)
             # a DropPath mask comes from the device's RNG: draw the float64 one there too
-            ref64 = parity.reference64(case, inputs, device=device if case.variant.drop_path > 0 else "cpu")
+            ref_device = device if case.variant.drop_path > 0 else "cpu"
+            # one input set for every mode: ReLU gates cleared for the 16-bit ones (fp32 does not
+            # mind), d(scale) uncancelled (parity.condition_inputs)
+            inputs = parity.condition_inputs(case, parity.make_inputs(case, seed=seed + case_index),
+                                             device=ref_device)
+            ref64 = parity.reference64(case, inputs, device=ref_device)
             for mode in modes:
                 eager = None
                 eager_error = None
@@ -351,8 +355,9 @@ def run_grid(
                          "nor the scale gradient (a cancelling sum); ratio * eager + floor still does "
                          "(st_adapter_fast.parity.backstop_exempt)")
         if not any(r.backend != "reference" for r in rows):
-            notes.append("no fused backend covers the variant switches yet (docs/design.md §9): this grid "
-                         "checks only the reference -- eager PyTorch in each dtype -- against its own float64 run")
+            notes.append("no fused backend here covers the variant switches (docs/design.md §9; Triton fuses "
+                         "them: on CPU under TRITON_INTERPRET=1): this grid checked only the reference -- eager "
+                         "PyTorch in each dtype -- against its own float64 run")
     return GridResult(
         device=device, device_name=_device_name(device), backends=list(backend_names),
         unavailable=unavailable, requested_unavailable=[n for n in unavailable if requested],

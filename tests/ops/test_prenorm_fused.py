@@ -71,16 +71,6 @@ FULL_CASES = [
 PARAMS = [(c, a, m, mode) for c, a, m, modes in CASES + FULL_CASES for mode in modes]
 
 
-def _uncancelled_scale_grad(case, inputs):
-    """grad_out plus a part along the branch y, so d(scale) = sum(dO * y) does not cancel to ~1%
-    of its terms (see tests/ops/test_variants_fused.py's twin: the rule would otherwise compare
-    whose rounding cancels better)."""
-    out = parity.reference64(case, inputs, grads=False, device=DEVICE)["out"]
-    y = (out - inputs["x"]) / inputs["scale"]
-    inputs["grad_out"] = inputs["grad_out"] + y / y.abs().max()
-    terms = inputs["grad_out"] * y
-    assert terms.sum().abs() >= 0.1 * terms.abs().sum(), (terms.sum(), terms.abs().sum())
-    return inputs
 
 
 def _inputs(case, affine, mean, seed=5):
@@ -95,9 +85,7 @@ def _inputs(case, affine, mean, seed=5):
         # x is 0.25 apart, so an unrounded float64 x would put the error of the INPUT's rounding
         # (~5% here, eager's too) above the backstop and measure nothing of the statistics
         inputs["x"] = (inputs["x"] + mean).to(torch.bfloat16).double()
-    if case.variant.scale:
-        inputs = _uncancelled_scale_grad(case, inputs)
-    return inputs
+    return parity.uncancel_scale_grad(case, inputs, DEVICE)
 
 
 def _check(case, affine, mean, mode_name):

@@ -22,11 +22,9 @@ import torch.nn.functional as F
 
 from st_adapter_fast import STAdapter, ops, parity
 from st_adapter_fast.parity import Case
-from st_adapter_fast.reference import activation
 from st_adapter_fast.variants import Variant
 
 from helpers import fused_device, triton_interpreter_on
-from test_variants_fused import _uncancelled_scale_grad
 
 FULL = os.environ.get("ST_ADAPTER_FAST_FULL_GRID", "0") == "1"
 DEVICE = fused_device()
@@ -76,38 +74,11 @@ FULL_CASES = [
 MODES = ["fp32", "bf16"]
 
 
-def _clear_relu_gates(case, inputs):
-    """As tests/ops/test_variants_fused.py's, for a spatial conv: ReLU pre-activations that
-    clear zero by >= 0.5 in float64 (asserted; prefix_mode="mlp"'s prefix rows too), so no
-    16-bit rounding flips a gate."""
-    v = case.variant
-    ca = case.adapter_channels
-    signs = torch.tensor([1.0 if c % 2 == 0 else -1.0 for c in range(ca)], dtype=torch.float64)
-    if v.act_after_conv == "relu":
-        inputs["fc1_weight"] = inputs["fc1_weight"] * 0.25
-        inputs["conv_weight"] = inputs["conv_weight"] * 0.25
-        inputs["conv_bias"] = signs.roll(1) * (2.0 + inputs["conv_bias"].abs())
-        if v.prefix_mode == "mlp" and v.act_after_fc1 is None:
-            # prefix rows meet the ReLU right after fc1 (no conv, no conv bias): clear them there
-            inputs["fc1_bias"] = signs * (1.5 + inputs["fc1_bias"].abs())
-            h_prefix = inputs["x"][:, :case.prefix] @ inputs["fc1_weight"].t() + inputs["fc1_bias"]
-            assert h_prefix.abs().min() >= 0.5, h_prefix.abs().min()
-        b, t, (hh, ww) = case.batch, case.frames, case.grid
-        h = activation(v.act_after_fc1, inputs["x"][:, case.prefix:] @ inputs["fc1_weight"].t() + inputs["fc1_bias"])
-        h = h.reshape(b, t, hh, ww, ca).permute(0, 4, 1, 2, 3)
-        g = F.conv3d(h, inputs["conv_weight"], inputs["conv_bias"], padding=tuple(k // 2 for k in case.kernel),
-                     groups=ca)
-        assert g.abs().min() >= 0.5, g.abs().min()
-    return inputs
 
 
 def _check(case, mode_name, seed=5):
-    inputs = parity.make_inputs(case, seed=seed)
-    if mode_name != "fp32" and case.variant.act_after_conv == "relu":
-        assert case.bias
-        inputs = _clear_relu_gates(case, inputs)
-    if case.variant.scale:
-        inputs = _uncancelled_scale_grad(case, inputs)
+    inputs = parity.condition_inputs(case, parity.make_inputs(case, seed=seed), sixteen_bit=mode_name != "fp32",
+                                     device=DEVICE)
     if case.variant.drop_path > 0:  # the seed must drop some clips and keep others
         torch.manual_seed(parity.DROP_PATH_SEED)
         draw = ops.drop_path_draw(case.batch, case.variant.drop_path, "cpu")
@@ -127,14 +98,13 @@ def test_spatial_parity(case, mode_name):
     _check(case, mode_name)
 
 
-def test_every_switch_at_once_fp32():
+@pytest.mark.parametrize("mode_name", MODES)
+def test_every_switch_at_once(mode_name):
     """MMAction2's module (kernel (3, 3, 3), ReLU after the conv, prefix MLP, scale, DropPath)
-    with a LayerNorm before fc1 and GELU after it: every docs/design.md §9 switch in one call.
-    fp32 only: _clear_relu_gates sets its gates from x, not LN(x) (16-bit runs of the ReLU
-    switches are covered above without the norm)."""
+    with a LayerNorm before fc1 and GELU after it: every docs/design.md §9 switch in one call."""
     v = Variant(norm="layernorm", act_after_fc1="gelu", act_after_conv="relu", prefix_mode="mlp", scale=True,
                 drop_path=0.5)
-    _check(_case(v, (3, 3, 3), batch=4, frames=2, prefix=2, grid=(3, 3), noncontiguous=True), "fp32")
+    _check(_case(v, (3, 3, 3), batch=4, frames=2, prefix=2, grid=(3, 3), noncontiguous=True), mode_name)
 
 
 def test_cases_cover_the_brief():
