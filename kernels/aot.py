@@ -28,6 +28,10 @@ import triton
 
 from . import _common, adapter_bwd, adapter_fwd, adapter_layernorm, adapter_prenorm, adapter_stencil, wgrad
 
+# ST_ADAPTER_FAST_FULL_GRID=1: the norm and spatial paths in every dtype and KT too (CI: a covering
+# subset, see _dispatch_variants)
+FULL_GRID = os.environ.get("ST_ADAPTER_FAST_FULL_GRID", "0") == "1"
+
 # Shared memory a block may use (opt-in maximum): A100 163 KB, H100 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -200,9 +204,18 @@ def _dispatch_variants(arch, kts, dtypes, shapes, switches: bool = False) -> Lis
                                     dtype == torch.bfloat16 or (dtype == torch.float32 and not allow_tf32
                                                                 and (b, t, seq, c, ca) == TARGET_SHAPES["odd"])):
                                 _record_switches(x, t, wd, bd, taps, bc, wu, bu)
-                            _record_norm(x, t, wd, bd, taps, bc, wu, bu, switches and kt == switch_kt
-                                         and dtype == torch.bfloat16, kt == kts[0])
-                            if kt == switch_kt:
+                            # norm and spatial paths: bf16 (fp16 shares its tiles, registers within a
+                            # few) and IEEE fp32 on the odd shape (TF32 shares its tiles with fewer
+                            # registers than the FMA dots; unaligned is the register-hungriest path):
+                            # 620 variants to compile on A + odd otherwise, ~14 min on 2 cores
+                            odd = (b, t, seq, c, ca) == TARGET_SHAPES["odd"]
+                            primary = FULL_GRID or dtype == torch.bfloat16 or (
+                                dtype == torch.float32 and not allow_tf32 and odd)
+                            # (other KTs, the widest window with the stats: bf16 only)
+                            if (primary and kt == switch_kt) or dtype == torch.bfloat16 or FULL_GRID:
+                                _record_norm(x, t, wd, bd, taps, bc, wu, bu, switches and kt == switch_kt
+                                             and dtype == torch.bfloat16, kt == kts[0])
+                            if kt == switch_kt and primary:
                                 # spatial (kt, 3, 3): the stencils' registers do not grow with the
                                 # taps (a runtime loop), so one kernel size stands for all
                                 _record_spatial(x, t, wd, bd, torch.empty(ca, kt, 3, 3, **meta), bc, wu, bu,

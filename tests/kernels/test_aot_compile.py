@@ -11,6 +11,10 @@ to spare and KT=1 (no partials, KT=3's tiles) sits below 3. On sm_90 the bf16 va
 a second time with the weights through tensor descriptors (TileConfig.USE_TMA). `python -m
 st_adapter_fast.kernels.aot` checks every KT and shape.
 
+The norm and spatial paths (docs/design.md §9) are a covering subset here: bf16 at KT 3 and 9,
+IEEE fp32 on the odd shape at KT 3 (fp16 shares bf16's tiles, TF32 fp32's with fewer registers);
+ST_ADAPTER_FAST_FULL_GRID=1 compiles them in every dtype and KT too (620 variants instead of 499).
+
 It runs in a subprocess: AOT compilation needs triton.jit's real JITFunction, which
 TRITON_INTERPRET=1 (set for this test session on CPU) replaces.
 """
