@@ -119,7 +119,8 @@ def test_results_hold_rows_of_every_stage(dry_run):
     (parity,) = data["parity"]
     assert parity["stage"] == "parity" and parity["selected"] >= 10 and parity["counts"] == {"skipped": parity["selected"]}
     swept = rows("sweep", "sweep", status="ok")
-    assert {r["kernel"] for r in swept} == set(tuning.KERNELS) and all(r["time_ms"] > 0 for r in swept)
+    assert {r["kernel"] for r in swept} == set(tuning.SWEPT_KERNELS) and all(r["time_ms"] > 0 for r in swept)
+    assert set(tuning.SWEPT_KERNELS) | tuning.VARIANT_FAMILIES == set(tuning.KERNELS)
     for name in ("tiny-B", "tiny-C"):
         assert len(rows("op", "rest", shape_name=name, status="ok")) == 4  # eager and triton, fwd and fwd+bwd
     assert {r["provider"] for r in rows("op", "rest", shape_name="tiny", status="ok")} == {"compile", "compile-max-autotune"}
@@ -130,7 +131,7 @@ def test_tuned_table_is_what_the_dispatch_reads(dry_run):
     path = dry_run.out / "tuned_configs.json"
     table = tuning.load_tuned_table(path)
     kernels = {key.split("|")[0] for key in table}
-    assert kernels == set(tuning.KERNELS)
+    assert kernels == set(tuning.SWEPT_KERNELS)  # the variant-only families keep their defaults
     data = json.loads(path.read_text())
     assert data["version"] == tuning.TUNED_TABLE_VERSION and data["device"]
     for key in table:

@@ -71,7 +71,15 @@ def assert_fused_equals_unfused(build, forward, float64=True):
     ref64 = run_model(build, forward, "reference", False, torch.float64)
     eager = run_model(build, forward, "reference", False)
     for label, got in (("unfused", unfused), ("fuse_layernorm", fused)):
-        failed = [e for e in compare(got, ref64, eager, torch.float32, backstop=False) if not e.passed]
+        errors = compare(got, ref64, eager, torch.float32, backstop=False)
+        # a gradient that is exactly 0 (attention's key bias: softmax ignores a per-query
+        # constant; max|float64| ~1e-17) holds only rounding noise in both fp32 runs, and the
+        # rule's bound, relative to that zero, compares noise with noise (measured: 1.4e-8 vs
+        # eager's 5.6e-9 after an unrelated tile change). Held instead to the noise level of the
+        # terms: a few eager errors plus 1e-7 (a wrong kernel is off by ~1e-2).
+        zero = [e for e in errors if e.scale < 1e-12]
+        assert all(e.err <= 4 * (e.eager_err or 0.0) + 1e-7 for e in zero), format_failures(zero, label, "fp32")
+        failed = [e for e in errors if not e.passed and e.scale >= 1e-12]
         assert not failed, format_failures(failed, label, "fp32")
     # the LayerNorm affine and every adapter got gradients through the fused pair
     assert any(".ln_1.weight" in k or "norm1.weight" in k or "layer_norm1.weight" in k for k in fused)
