@@ -78,3 +78,24 @@ def assert_parity(
     errors = compare(got, ref64, eager, dtype)
     assert all(e.passed for e in errors), format_failures(errors, label, str(dtype))
     return {e.name: e.err for e in errors}
+
+
+def check_fused_switches(case: Case, inputs, mode_name: str, device: str, label: str = "") -> Dict[str, torch.Tensor]:
+    """The Triton backend on a docs/design.md §9 variant case under THE rule (backstop exempt as
+    parity.backstop_exempt says): a DropPath case's seed must drop some clips and keep others
+    (asserted), the output and every gradient against float64 and eager in the mode's dtype.
+    Returns the fused run's tensors, for the caller's own checks of which ones exist."""
+    from st_adapter_fast import ops, parity
+
+    if case.variant.drop_path > 0:
+        torch.manual_seed(parity.DROP_PATH_SEED)
+        draw = ops.drop_path_draw(case.batch, case.variant.drop_path, "cpu")
+        assert (draw == 0).any() and (draw == 1).any(), draw
+    ref64 = parity.reference64(case, inputs, device=device)
+    mode = parity.DTYPE_MODES[mode_name]
+    got = parity.run_mode(case, inputs, "triton", mode, device)
+    eager = parity.run_mode(case, inputs, "reference", mode, device)
+    assert set(got) == set(ref64)
+    errors = parity.compare(got, ref64, eager, mode.dtype, exempt=parity.backstop_exempt(case))
+    assert all(e.passed for e in errors), parity.format_failures(errors, label or case.label(), mode_name)
+    return got

@@ -21,7 +21,7 @@ from st_adapter_fast import STAdapter, ops, parity
 from st_adapter_fast.parity import Case
 from st_adapter_fast.variants import Variant
 
-from helpers import fused_device, triton_interpreter_on
+from helpers import check_fused_switches, fused_device, triton_interpreter_on
 
 FULL = os.environ.get("ST_ADAPTER_FAST_FULL_GRID", "0") == "1"
 DEVICE = fused_device()
@@ -90,20 +90,9 @@ def _inputs(case, affine, mean, seed=5):
 
 def _check(case, affine, mean, mode_name):
     inputs = _inputs(case, affine, mean)
-    if case.variant.drop_path > 0:  # the seed must drop some clips and keep others
-        torch.manual_seed(parity.DROP_PATH_SEED)
-        draw = ops.drop_path_draw(case.batch, case.variant.drop_path, "cpu")
-        assert (draw == 0).any() and (draw == 1).any(), draw
-    ref64 = parity.reference64(case, inputs, device=DEVICE)
-    mode = parity.DTYPE_MODES[mode_name]
-    got = parity.run_mode(case, inputs, "triton", mode, DEVICE)
-    eager = parity.run_mode(case, inputs, "reference", mode, DEVICE)
-    assert set(got) == set(ref64)
+    got = check_fused_switches(case, inputs, mode_name, DEVICE, case.label() + f"-{affine}-mean{mean}")
     assert ("norm_weight" in got) == (affine in ("both", "weight"))
     assert ("norm_bias" in got) == (affine in ("both", "bias"))
-    errors = parity.compare(got, ref64, eager, mode.dtype, exempt=parity.backstop_exempt(case))
-    assert all(e.passed for e in errors), parity.format_failures(errors, case.label() + f"-{affine}-mean{mean}",
-                                                                 mode_name)
 
 
 @pytest.mark.parametrize("case,affine,mean,mode_name", PARAMS,

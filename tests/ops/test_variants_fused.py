@@ -22,7 +22,7 @@ from st_adapter_fast.reference import drop_path_mask
 from st_adapter_fast.parity import Case
 from st_adapter_fast.variants import Variant
 
-from helpers import fused_device, triton_interpreter_on
+from helpers import check_fused_switches, fused_device, triton_interpreter_on
 
 FULL = os.environ.get("ST_ADAPTER_FAST_FULL_GRID", "0") == "1"
 DEVICE = fused_device()
@@ -88,17 +88,8 @@ def _check(case, mode_name, seed=5):
     # fp32 runs keep their random ReLU inputs)
     inputs = parity.condition_inputs(case, parity.make_inputs(case, seed=seed), sixteen_bit=mode_name != "fp32",
                                      device=DEVICE)
-    if case.variant.drop_path > 0:  # the seed must drop some clips and keep others
-        torch.manual_seed(parity.DROP_PATH_SEED)
-        draw = ops.drop_path_draw(case.batch, case.variant.drop_path, "cpu")
-        assert (draw == 0).any() and (draw == 1).any(), draw
-    ref64 = parity.reference64(case, inputs, device=DEVICE)
-    mode = parity.DTYPE_MODES[mode_name]
-    got = parity.run_mode(case, inputs, "triton", mode, DEVICE)
-    eager = parity.run_mode(case, inputs, "reference", mode, DEVICE)
-    assert set(got) == set(ref64) and ("scale" in got) == case.variant.scale
-    errors = parity.compare(got, ref64, eager, mode.dtype, exempt=parity.backstop_exempt(case))
-    assert all(e.passed for e in errors), parity.format_failures(errors, case.label(), mode_name)
+    got = check_fused_switches(case, inputs, mode_name, DEVICE)
+    assert ("scale" in got) == case.variant.scale
 
 
 @pytest.mark.parametrize("mode_name", MODES)
