@@ -342,10 +342,12 @@ def down_conv_forward(
         fc1_bias = fc1_bias if has_bias else None
     cfg = tuning.config_for("down_conv", kt=kt, compute_dtype=dtype, arch=arch_of(x))
     is_aligned = aligned(c, ca, *x.stride(), *fc1_weight.stride())
-    if store_h and (act1 or act2 or g_drop is not None):
+    if store_h and (act1 or act2 or g_drop is not None or norm is not None):
         # the §9 recompute stores h, g_pre and g with per-element 64-bit addresses: the bf16
         # KT=9 64x32 tile spilled ~0.5 KB (sm_80 and sm_90) at 255 registers, and unaligned the
-        # KT=3 64x64 one 16 B (sm_80) / 128 B (sm_90); 64x16 and 64x32 do not (64 rows keep wgmma)
+        # KT=3 64x64 one 16 B (sm_80) / 128 B (sm_90); 64x16 and 64x32 do not (64 rows keep wgmma).
+        # With the norm's row statistics the bf16 KT=9 64x32 recompute spilled 16 B unaligned
+        # (triton 3.6, sm_90) and sat at 253-255 registers aligned
         if kt > 3 and cfg.BLOCK_N > 16:
             cfg = dataclasses.replace(cfg, BLOCK_N=16)
         elif not is_aligned and cfg.BLOCK_N > 32:
@@ -406,6 +408,11 @@ def up_residual_forward(
         # made it spill 16 B. 64x64 does not (sm_80's 128x64: 112 registers, kept)
         cfg = dataclasses.replace(cfg, BLOCK_M=64)
     dot_fp32, precision = dot_flags(weight.dtype)
+    if precision == "tf32" and not is_aligned and cfg.BLOCK_N < 64:
+        # the unaligned fp32 tile is 64x32 for IEEE dots (FMAs: 64x64 spilled 104 B with P = 0);
+        # TF32 dots run on wgmma, where 64x32 came out "wgmma serialized" under triton 3.6 on
+        # sm_90 and 64x64 compiles to 86 registers
+        cfg = dataclasses.replace(cfg, BLOCK_N=64)
     grid = (triton.cdiv(nout, cfg.BLOCK_N), triton.cdiv(n_rows, cfg.BLOCK_M))
     use_tma, kmajor = weight_tma(cfg, weight, arch_of(res), is_aligned)
     adapter_up_residual_fwd_kernel[grid](
