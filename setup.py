@@ -134,7 +134,7 @@ setup(
     install_requires=["torch>=2.5", "einops", "numpy"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["triton>=3.6", "pytest", "pytest-benchmark", "numpy"],
+        "test": ["triton>=3.6", "pytest", "pytest-benchmark", "pytest-xdist", "numpy"],
         "bench": ["triton>=3.6", "pytest-benchmark", "matplotlib", "tqdm"],
     },
     ext_modules=ext_modules,

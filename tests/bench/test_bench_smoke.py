@@ -345,7 +345,10 @@ def test_cli_cuda_tiny(tmp_path):
 def test_pytest_benchmark_suites_run(tmp_path):
     pytest.importorskip("pytest_benchmark")
     report = tmp_path / "bench.json"
-    env = dict(os.environ, ST_ADAPTER_BENCH_SHAPES="tiny", ST_ADAPTER_BENCH_BACKENDS="eager",
+    # without pytest-xdist's worker variables: pytest-benchmark switches itself off (and writes no
+    # JSON) when it believes it runs under xdist
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(ST_ADAPTER_BENCH_SHAPES="tiny", ST_ADAPTER_BENCH_BACKENDS="eager",
                ST_ADAPTER_BENCH_QUICK="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider",
